@@ -1,0 +1,127 @@
+"""Bi-Level Routing Attention as a function of q, k, v."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import select_backend
+from .regions import PADDING_MODES, RegionGrid, Routing, route
+
+
+def _as_pair(n_win: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(n_win, int) and not isinstance(n_win, bool):
+        return n_win, n_win
+    if isinstance(n_win, Sequence) and len(n_win) == 2 and all(isinstance(n, int) for n in n_win):
+        return int(n_win[0]), int(n_win[1])
+    raise ValueError(f"n_win must be an int or a (rows, cols) pair of ints, got {n_win!r}")
+
+
+def region_grid(height: int, width: int, n_win: int | Sequence[int]) -> RegionGrid:
+    """The region grid BRA uses for an H x W map; ValueError if n_win does not fit the map."""
+    rows, cols = _as_pair(n_win)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"n_win must be positive, got {n_win!r}")
+    if rows > height or cols > width:
+        raise ValueError(
+            f"n_win={n_win!r} asks for more regions per side than the {height}x{width} map has tokens; "
+            f"use n_win <= ({height}, {width})"
+        )
+    return RegionGrid(height=height, width=width, rows=rows, cols=cols)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(
+                f"{name} must have shape (batch, height, width, heads, head_dim) (rank 5), got shape {tuple(t.shape)}; "
+                "for (batch, channels, height, width) maps use biformer.ops.BiLevelRoutingAttention"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            f"v must match q in (batch, height, width, heads) = {tuple(q.shape[:4])}, got {tuple(v.shape[:4])}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def bi_level_routing_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_win: int | Sequence[int],
+    topk: int,
+    *,
+    scale: float | None = None,
+    padding: str = "masked",
+    backend: str | None = None,
+    return_routing: bool = False,
+) -> Tensor | tuple[Tensor, Routing]:
+    """Bi-Level Routing Attention (BiFormer, CVPR 2023).
+
+    Args:
+        q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim).
+        n_win: regions per side, an int or (rows, cols); at most the map's height/width.
+        topk: key regions each query region attends to, 1 <= topk <= rows*cols.
+        scale: attention logit scale; default head_dim ** -0.5. (The original BiFormer layers use
+            (heads*head_dim) ** -0.5; `BiLevelRoutingAttention` passes that.)
+        padding: "masked" (padded tokens take no part in region means, routing or attention, so
+            the valid outputs never depend on the padding) or "legacy" (padded tokens are zeros
+            that count in region means and are attended to, as in the original release).
+        backend: force a backend by name (see `available_backends()`); None picks the fastest
+            one that can run. A forced backend that cannot run raises ValueError with the reasons.
+        return_routing: also return a `Routing` (indices, weights, logits, grid).
+
+    Returns:
+        Output shaped like v, and the `Routing` if return_routing.
+
+    Specification (what every backend computes), in plain PyTorch::
+
+        B, H, W, M, D = q.shape
+        rows, cols = n_win                     # or (n_win, n_win)
+        rh, rw = ceil(H / rows), ceil(W / cols)   # region size; R = rows*cols regions of T = rh*rw tokens
+        pad = lambda x: F.pad(x, (0, 0, 0, 0, 0, cols*rw - W, 0, rows*rh - H))  # zeros, bottom/right
+        regions = lambda x: rearrange(pad(x), "b (r h) (c w) m d -> b (r c) (h w) m d", h=rh, w=rw)
+        valid = regions(torch.ones(1, H, W, 1, 1))[0, :, :, 0, 0] > 0   # (R, T); all True in "legacy"
+        # 1. routing, on detached float32 tensors, all heads jointly
+        mean = lambda x: (regions(x.detach()).flatten(3) * valid[..., None]).sum(2) / valid.sum(1)[:, None]
+        logits = (mean(q) * scale) @ mean(k).transpose(1, 2)        # (B, R, R)
+        logits[:, :, ~valid.any(1)] = -inf                          # key regions of padding only
+        idx = logits.topk(topk, dim=-1).indices                     # (B, R, topk)
+        # 2. token attention of each query region to the tokens of its routed regions
+        qr, kr, vr = regions(q), regions(k), regions(v)
+        b = torch.arange(B)[:, None, None]
+        k_sel = rearrange(kr[b, idx], "b r k t m d -> b r m (k t) d")
+        v_sel = rearrange(vr[b, idx], "b r k t m d -> b r m (k t) d")
+        attn = (rearrange(qr, "b r t m d -> b r m t d") * scale) @ k_sel.transpose(-1, -2)
+        attn = attn.masked_fill(~rearrange(valid[idx], "b r k t -> b r 1 1 (k t)"), -inf).softmax(-1)
+        out = rearrange(attn @ v_sel, "b (r c) m (h w) d -> b (r h) (c w) m d", c=cols, h=rh)[:, :H, :W]
+
+    Work on regions that are not routed is skipped, not masked: each query region touches
+    topk*T keys, not H*W.
+    """
+    _check_inputs(q, k, v)
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    batch, height, width, heads, head_dim = q.shape
+    grid = region_grid(height, width, n_win)
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= grid.num_regions:
+        raise ValueError(
+            f"topk must be an int in [1, {grid.num_regions}] (the number of regions, {grid.rows}x{grid.cols}), got {topk!r}"
+        )
+    if scale is None:
+        scale = head_dim**-0.5
+    masked = padding == "masked"
+    routing = route(q, k, grid, topk, scale, masked)
+    attention = select_backend(backend, q, k, v, grid, topk, masked)
+    out = attention.attend(q, k, v, routing.indices, grid, scale, masked)
+    return (out, routing) if return_routing else out

@@ -1,0 +1,110 @@
+"""BRA as an nn.Module: qkv projection, routed attention, local context enhancement, output projection."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import bi_level_routing_attention
+from .regions import PADDING_MODES
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-Level Routing Attention layer.
+
+    out = proj(BRA(q, k, v) + lepe(v)), where q, k, v = qkv(x) and lepe is a depthwise conv
+    ("local context enhancement") over the value map.
+
+    Args:
+        dim: channels in and out.
+        num_heads: attention heads; must divide dim.
+        n_win: regions per side (int or (rows, cols)). A map smaller than n_win uses as many
+            regions as it has tokens per side, and topk is capped at the region count, so the layer
+            runs on any map of at least 1x1.
+        topk: routed key regions per query region.
+        qk_scale: logit scale; default dim ** -0.5 (the original's full-width scale, not per head).
+        side_dwconv: kernel of the lepe conv; 0 disables it.
+        padding: "masked" (default) or "legacy". Legacy pads the input to a multiple of n_win
+            before the qkv projection and attends to those padded tokens, as the original
+            `auto_pad=True` did, so its checkpoints run as they were trained.
+        channels_last: input/output as (B, H, W, C) if True, else (B, C, H, W).
+        backend: force an attention backend (see `biformer.ops.available_backends()`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int | tuple[int, int] = 7,
+        topk: int = 4,
+        *,
+        qk_scale: float | None = None,
+        side_dwconv: int = 3,
+        padding: str = "masked",
+        channels_last: bool = True,
+        qkv_bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must be positive and divide dim={dim}")
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
+            raise ValueError(f"side_dwconv must be 0 (off) or an odd kernel size, got {side_dwconv}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
+        self.topk = topk
+        self.scale = qk_scale or dim**-0.5
+        self.padding = padding
+        self.channels_last = channels_last
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, padding={self.padding!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        batch, height, width, channels = x.shape
+        if channels != self.dim:
+            raise ValueError(f"expected {self.dim} channels, got input of shape {tuple(x.shape)}")
+        n_win = (min(self.n_win[0], height), min(self.n_win[1], width))
+        topk = min(self.topk, n_win[0] * n_win[1])
+        if self.padding == "legacy":
+            # the original pads the normalised tokens before the projection: padded q/k/v are the biases
+            pad_bottom, pad_right = -height % n_win[0], -width % n_win[1]
+            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(3)  # each (B, H', W', M, D)
+        out = bi_level_routing_attention(
+            q, k, v, n_win, topk, scale=self.scale, padding=self.padding, backend=self.backend
+        ).flatten(3)
+        if self.lepe is not None:
+            out = out + self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.proj(out)[:, :height, :width]
+        return out if self.channels_last else out.permute(0, 3, 1, 2)
+
+
+# Original release names of the attention layer's weights -> ours. The NCHW refactor stores
+# its projections as 1x1 convs; they are the same matrices.
+_ORIGINAL_ATTENTION_NAMES = {
+    "qkv.qkv.": "qkv.",  # legacy BiLevelRoutingAttention.qkv (QKVLinear)
+    "wo.": "proj.",
+    "qkv_linear.": "qkv.",  # nchwBRA
+    "output_linear.": "proj.",
+}
+
+
+def convert_original_attention_key(key: str, value: Tensor) -> tuple[str, Tensor]:
+    """Map one key of an original BRA layer's state dict (relative to the layer) to ours."""
+    for old, new in _ORIGINAL_ATTENTION_NAMES.items():
+        if key.startswith(old):
+            if old in ("qkv_linear.", "output_linear.") and value.dim() == 4:
+                value = value.flatten(1)  # (out, in, 1, 1) conv -> (out, in) linear
+            return new + key[len(old):], value
+    return key, value
