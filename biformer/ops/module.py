@@ -69,11 +69,13 @@ class BiLevelRoutingAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, padding={self.padding!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        channel_axis = -1 if self.channels_last else 1
+        if x.dim() != 4 or x.shape[channel_axis] != self.dim:
+            layout = "(B, H, W, C)" if self.channels_last else "(B, C, H, W)"
+            raise ValueError(f"expected a {layout} input with C={self.dim} channels, got shape {tuple(x.shape)}")
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         batch, height, width, channels = x.shape
-        if channels != self.dim:
-            raise ValueError(f"expected {self.dim} channels, got input of shape {tuple(x.shape)}")
         n_win = (min(self.n_win[0], height), min(self.n_win[1], width))
         topk = min(self.topk, n_win[0] * n_win[1])
         if self.padding == "legacy":

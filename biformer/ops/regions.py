@@ -124,11 +124,11 @@ class Routing(NamedTuple):
 
 
 def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
-    """(B, H, W, M, D) -> (B, R, M*D) float32 means over each region's tokens.
+    """(B, H, W, M, D) -> (B, R, M*D) means over each region's tokens, in at least float32.
 
     masked: over the valid tokens only; legacy: over all region_h*region_w slots, padding as zeros.
     """
-    tokens = grid.to_regions(x.flatten(3).float())  # (B, R, T, C)
+    tokens = grid.to_regions(x.flatten(3).to(torch.promote_types(x.dtype, torch.float32)))  # (B, R, T, C)
     valid = grid.valid_tokens(x.device)  # (R, T)
     if masked:
         tokens = tokens.masked_fill(~valid[None, :, :, None], 0.0)
@@ -141,7 +141,7 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
     """Top-k key regions per query region from region means of q and k (all heads jointly).
 
-    Runs on detached float32 tensors: routing is a discrete choice and passes no gradient.
+    Runs on detached tensors in at least float32: routing is a discrete choice and passes no gradient.
     """
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         q_region = region_means(q.detach(), grid, masked)

@@ -1,0 +1,70 @@
+"""Bad input to the BRA op and module raises a ValueError that names the problem."""
+import pytest
+import torch
+
+from biformer.ops import BiLevelRoutingAttention, available_backends, bi_level_routing_attention
+
+
+def _qkv(shape=(1, 8, 8, 2, 4), **kw):
+    return tuple(torch.randn(shape, **kw) for _ in range(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(topk=0), r"topk must be an int in \[1, 16\]"),
+        (dict(topk=17), r"topk must be an int in \[1, 16\]"),
+        (dict(topk=2.0), r"topk must be an int"),
+        (dict(n_win=9), r"n_win=9 asks for more regions .* 8x8 map"),
+        (dict(n_win=(2, 9)), r"n_win=\(2, 9\) asks for more regions"),
+        (dict(n_win=0), r"n_win must be positive"),
+        (dict(n_win=(2, 2, 2)), r"n_win must be an int or a \(rows, cols\) pair"),
+        (dict(padding="zeros"), r"padding must be one of \('masked', 'legacy'\)"),
+        (dict(backend="nope"), r"backend='nope' is unknown"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = dict(n_win=4, topk=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        bi_level_routing_attention(*_qkv(), args.pop("n_win"), args.pop("topk"), **args)
+
+
+@pytest.mark.parametrize(
+    "q, k, v, message",
+    [
+        (torch.randn(1, 8, 8, 8), None, None, r"q must have shape \(batch, height, width, heads, head_dim\) \(rank 5\)"),
+        (None, torch.randn(1, 8, 8, 2, 5), None, r"k must have the shape of q"),
+        (None, None, torch.randn(1, 8, 7, 2, 4), r"v must match q in \(batch, height, width, heads\)"),
+        (None, None, torch.randn(1, 8, 8, 2, 4, dtype=torch.float64), r"q, k, v must share one dtype"),
+        (torch.randint(0, 3, (1, 8, 8, 2, 4)), None, None, r"q must be a floating-point tensor"),
+        (None, torch.randn(1, 8, 8, 2, 4, device="meta"), None, r"q, k, v must be on one device"),
+    ],
+)
+def test_bad_tensors(q, k, v, message):
+    dq, dk, dv = _qkv()
+    with pytest.raises(ValueError, match=message):
+        bi_level_routing_attention(dq if q is None else q, dk if k is None else k, dv if v is None else v, 4, 4)
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in available_backends()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=64, num_heads=3), r"num_heads=3 must be positive and divide dim=64"),
+        (dict(dim=64, num_heads=2, padding="same"), r"padding must be one of"),
+        (dict(dim=64, num_heads=2, side_dwconv=4), r"side_dwconv must be 0 \(off\) or an odd kernel size"),
+        (dict(dim=64, num_heads=2, topk=0), r"topk must be >= 1"),
+    ],
+)
+def test_module_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BiLevelRoutingAttention(**kwargs)
+
+
+def test_module_wrong_channels():
+    layer = BiLevelRoutingAttention(32, 2, 4, 2, channels_last=False)
+    with pytest.raises(ValueError, match=r"expected a \(B, C, H, W\) input with C=32 channels, got shape \(1, 16, 8, 8\)"):
+        layer(torch.randn(1, 16, 8, 8))

@@ -1,0 +1,38 @@
+"""BiLevelRoutingAttention module: layouts, any map size, padding modes."""
+import pytest
+import torch
+
+from biformer.ops import BiLevelRoutingAttention
+
+
+@pytest.mark.parametrize("padding", ["masked", "legacy"])
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (8, 8), (30, 33)])
+def test_any_map_size_runs_with_finite_grads(size, padding):
+    layer = BiLevelRoutingAttention(32, 2, n_win=7, topk=4, padding=padding, channels_last=False)
+    x = torch.randn(2, 32, *size, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_nchw_and_channels_last_agree():
+    torch.manual_seed(0)
+    nhwc = BiLevelRoutingAttention(32, 2, n_win=4, topk=3)
+    nchw = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    x = torch.randn(2, 13, 10, 32)
+    torch.testing.assert_close(nchw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), nhwc(x))
+
+
+def test_padding_modes_agree_only_on_divisible_maps():
+    """Divisible map: both modes are the same computation. Otherwise legacy attends to padding."""
+    torch.manual_seed(0)
+    masked = BiLevelRoutingAttention(32, 2, n_win=4, topk=3)
+    legacy = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, padding="legacy")
+    legacy.load_state_dict(masked.state_dict())
+    x = torch.randn(1, 12, 16, 32)
+    torch.testing.assert_close(masked(x), legacy(x), atol=0, rtol=0)
+    y = torch.randn(1, 13, 17, 32)
+    assert not torch.allclose(masked(y), legacy(y), atol=1e-4)
