@@ -1,0 +1,509 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023).
+
+Variants: biformer_tiny/small/base (the released ImageNet models), biformer_stl and
+biformer_stl_nchw (the paper's Swin-Tiny-layout ablations) and biformer_nano (ours, for
+32-64 px images). All load the original release files through `checkpoint_filter_fn`.
+
+Any input size from 32x32 up works: a stage whose map is smaller than n_win uses as many
+regions as the map allows, and topk is capped at the region count. `padding="masked"`
+(default) keeps padded tokens out of routing and attention; `padding="legacy"` reproduces the
+original `auto_pad=True`.
+
+Shape legend: B batch, C channels, H/W map height/width. Stages run blocks channels-last
+(B, H, W, C) and hand NCHW maps between stages.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._pretrained import PretrainedCfg
+from timm.models._registry import get_pretrained_cfg
+
+from ..ops import BiLevelRoutingAttention
+from ..ops.module import convert_original_attention_key
+
+__all__ = ["BiFormer", "checkpoint_filter_fn", "to_original_state_dict"]
+
+
+class GlobalAttention(nn.Module):
+    """Full multi-head attention with a depthwise "lepe" conv, BiFormer's last stage.
+
+    The original applies lepe to the attention input in BiFormer-T/S/B and STL, and to V in
+    the NCHW refactor (`lepe_on="value"`). Scale is head_dim ** -0.5, qkv has no bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, lepe_on: str = "input") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.num_heads = num_heads
+        self.lepe_on = lepe_on
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        batch, height, width, channels = x.shape
+        q, k, v = self.qkv(x.flatten(1, 2)).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(batch, height, width, channels)
+        out = out + self.lepe(lepe_source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """[x + dwconv3x3(x)] -> x + attn(norm1(x)) -> x + mlp(norm2(x)); pre-norm, no layer scale."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, pos_embed: bool, drop_path: float) -> None:
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if pos_embed else None
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.attn = attn
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class BiFormerStage(nn.Module):
+    """Downsampling (identity in the first stage, which follows the stem) then blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
+        x = self.downsample(x).permute(0, 2, 3, 1)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class OriginalLayout:
+    """How the original release named this variant's weights (for conversion both ways)."""
+
+    flat_blocks: bool  # "stages.i.j." (BiFormer) rather than "stages.i.blocks.j." (STL)
+    mlp_fc2_index: int  # index of the MLP's second Linear in the original nn.Sequential
+    nchw: bool  # projections stored as 1x1 convs, BRA layers named qkv_linear/output_linear
+
+
+BIFORMER_LAYOUT = OriginalLayout(flat_blocks=True, mlp_fc2_index=3, nchw=False)
+STL_LAYOUT = OriginalLayout(flat_blocks=False, mlp_fc2_index=2, nchw=False)
+STL_NCHW_LAYOUT = OriginalLayout(flat_blocks=False, mlp_fc2_index=2, nchw=True)
+
+
+def _per_stage(value, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 4
+    if len(values) != 4:
+        raise ValueError(f"{name} must be one value or four (one per stage), got {value!r}")
+    return values
+
+
+class BiFormer(nn.Module):
+    """BiFormer image classifier and dense-prediction backbone.
+
+    Args:
+        depths: blocks per stage.
+        embed_dims: channels per stage.
+        head_dim: channels per attention head in the BRA stages (heads = dim // head_dim).
+        n_win: regions per side, one value or one per stage.
+        topks: routed regions per stage; -1/-2 make the stage full attention with lepe on V /
+            on the attention input (the original's codes).
+        mlp_ratio: MLP hidden width / dim.
+        side_dwconv: kernel of the lepe convs.
+        stem: "overlap" (conv3x3/s2-BN-GELU-conv3x3/s2-BN, BiFormer) or "patch" (conv4x4/s4-BN, STL).
+        pos_embed: depthwise 3x3 conv position embedding at the start of each block.
+        padding: "masked" (default) or "legacy" (the original `auto_pad=True`).
+        backend: force a BRA backend in every layer (see biformer.ops.available_backends()).
+        original_layout: how the original release names this variant's weights.
+    """
+
+    def __init__(
+        self,
+        depths: tuple[int, ...] = (2, 2, 8, 2),
+        embed_dims: tuple[int, ...] = (64, 128, 256, 512),
+        head_dim: int = 32,
+        n_win: int | tuple[int, ...] = 7,
+        topks: tuple[int, ...] = (1, 4, 16, -2),
+        mlp_ratio: float = 3.0,
+        side_dwconv: int = 5,
+        stem: str = "overlap",
+        pos_embed: bool = True,
+        padding: str = "masked",
+        backend: str | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        original_layout: OriginalLayout = BIFORMER_LAYOUT,
+    ) -> None:
+        super().__init__()
+        depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
+        n_wins, topks = _per_stage(n_win, "n_win"), _per_stage(topks, "topks")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.original_layout = original_layout
+        self.grad_checkpointing = False
+
+        if stem == "overlap":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0] // 2),
+                nn.GELU(),
+                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0]),
+            )
+        elif stem == "patch":
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
+        else:
+            raise ValueError(f"stem must be 'overlap' or 'patch', got {stem!r}")
+
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, self.feature_info = [], []
+        for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
+            if i == 0:
+                downsample = nn.Identity()
+            elif stem == "overlap":
+                downsample = nn.Sequential(nn.Conv2d(embed_dims[i - 1], dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+            else:  # Swin-style patch merging: norm, then conv2x2/s2
+                downsample = nn.Sequential(nn.BatchNorm2d(embed_dims[i - 1]), nn.Conv2d(embed_dims[i - 1], dim, 2, stride=2))
+            if topks[i] > 0:
+                make_attn = partial(
+                    BiLevelRoutingAttention, dim, dim // head_dim, n_wins[i], topks[i],
+                    side_dwconv=side_dwconv, padding=padding, backend=backend,
+                )
+            elif topks[i] in (-1, -2):
+                make_attn = partial(GlobalAttention, dim, 8, side_dwconv, "value" if topks[i] == -1 else "input")
+            else:
+                raise ValueError(f"topks[{i}]={topks[i]}: use a positive topk, or -1/-2 for full attention")
+            blocks = [
+                Block(dim, make_attn(), mlp_ratio, pos_embed, drop_path_rates[sum(depths[:i]) + j]) for j in range(depth)
+            ]
+            stages.append(BiFormerStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_backend(self, backend: str | None) -> None:
+        """Force a BRA backend in every routing-attention layer (None: automatic dispatch)."""
+        for module in self.modules():
+            if isinstance(module, BiLevelRoutingAttention):
+                module.backend = backend
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for num_classes (0: no head, forward returns pooled features)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs (NCHW) at `indices` (last n if int, all if None), and the final features.
+
+        With norm=True the last stage's intermediate goes through the final norm, so it equals
+        forward_features.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take_indices:
+                intermediates.append(self.norm(x) if norm and index == last_index else x)
+        if intermediates_only:
+            return intermediates
+        if index == last_index:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the stages (and norm/head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or max_index < 3:
+            self.norm = nn.Identity()
+        if prune_head or max_index < 3:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint conversion: original release layout <-> ours
+# ----------------------------------------------------------------------------------------------
+
+def _original_block_key(rest: str, layout: OriginalLayout, global_stage: bool) -> str:
+    """One block-relative key of ours -> the original's name (rest is after 'stages.i.blocks.j.')."""
+    rest = re.sub(r"^mlp\.fc1\.", "mlp.0.", rest)
+    rest = re.sub(r"^mlp\.fc2\.", f"mlp.{layout.mlp_fc2_index}.", rest)
+    if not global_stage and rest.startswith("attn."):
+        names = ("qkv_linear.", "output_linear.") if layout.nchw else ("qkv.qkv.", "wo.")
+        rest = re.sub(r"^attn\.qkv\.", "attn." + names[0], rest)
+        rest = re.sub(r"^attn\.proj\.", "attn." + names[1], rest)
+    return rest
+
+
+def to_original_state_dict(state_dict: dict[str, Tensor], model: BiFormer) -> dict[str, Tensor]:
+    """Our state dict -> the original release's keys and shapes (the inverse of checkpoint_filter_fn)."""
+    layout = model.original_layout
+    global_stages = {
+        i for i, stage in enumerate(model.stages) if isinstance(stage.blocks[0].attn, GlobalAttention)
+    }
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("stem."):
+            key = "downsample_layers.0." + key[len("stem."):]
+        elif match := re.match(r"stages\.(\d+)\.downsample\.(.*)", key):
+            key = f"downsample_layers.{match[1]}.{match[2]}"
+        elif match := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key):
+            stage, block, rest = int(match[1]), match[2], match[3]
+            rest = _original_block_key(rest, layout, stage in global_stages)
+            key = f"stages.{stage}.{block}.{rest}" if layout.flat_blocks else f"stages.{stage}.blocks.{block}.{rest}"
+            if layout.nchw and value.dim() == 2:
+                value = value[:, :, None, None]  # Linear -> 1x1 conv
+        converted[key] = value
+    return converted
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: BiFormer) -> dict[str, Tensor]:
+    """Convert an original release state dict (or `{"model": state_dict}`) to our layout.
+
+    State dicts already in our layout pass through unchanged. Shapes are adapted (1x1 convs of
+    the NCHW refactor become Linear weights); `num_batches_tracked` buffers are kept if present.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    if "stem.0.weight" in state_dict:
+        return dict(state_dict)
+    own = model.state_dict()
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("downsample_layers.0."):
+            key = "stem." + key[len("downsample_layers.0."):]
+        elif match := re.match(r"downsample_layers\.(\d+)\.(.*)", key):
+            key = f"stages.{match[1]}.downsample.{match[2]}"
+        elif match := re.match(r"stages\.(\d+)\.(?:blocks\.)?(\d+)\.(.*)", key):
+            stage, block, rest = match[1], match[2], match[3]
+            rest = re.sub(r"^mlp\.0\.", "mlp.fc1.", rest)
+            rest = re.sub(r"^mlp\.[23]\.", "mlp.fc2.", rest)
+            if rest.startswith("attn."):
+                attn_key, value = convert_original_attention_key(rest[len("attn."):], value)
+                rest = "attn." + attn_key
+            key = f"stages.{stage}.blocks.{block}.{rest}"
+        target = own.get(key)
+        if target is not None and target.dim() == 2 and value.dim() == 4 and value.shape[2:] == (1, 1):
+            value = value.flatten(1)  # 1x1 conv -> Linear
+        converted[key] = value
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction, configs and registration
+# ----------------------------------------------------------------------------------------------
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TIMM_OFFLINE"))
+
+
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_pretrained_source(variant: str, pretrained_cfg, pretrained_cfg_overlay: dict | None) -> None:
+    """Fail fast, with instructions, when pretrained weights can neither be read from a file nor downloaded."""
+    cfg = pretrained_cfg or get_pretrained_cfg(variant)
+    if isinstance(cfg, PretrainedCfg):
+        cfg = cfg.to_dict()
+    cfg = {**(cfg or {}), **(pretrained_cfg_overlay or {})}
+    if cfg.get("file"):
+        if not os.path.isfile(cfg["file"]):
+            raise FileNotFoundError(f"pretrained file {cfg['file']!r} for {variant} does not exist")
+        return
+    hint = (
+        f"download the original release file ({cfg.get('url') or 'see README'}) and pass it with "
+        f"timm.create_model({variant.split('.')[0]!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
+    )
+    if not cfg.get("url"):
+        raise RuntimeError(f"{variant} has no released weights; train it or {hint}")
+    if _offline() or not _host_reachable(cfg["url"]):
+        raise RuntimeError(f"cannot download pretrained weights for {variant} (offline or host unreachable); {hint}")
+
+
+def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    if pretrained:
+        _check_pretrained_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    return build_model_with_cfg(
+        BiFormer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    # The paper's evaluation: 224x224 centre crop of a 256 resize (crop_pct 0.875), bicubic, ImageNet mean/std.
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2303.08810",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "biformer_tiny.in1k": _cfg(url="https://matix.li/e36fe9fb086c"),
+    "biformer_small.in1k": _cfg(url="https://matix.li/5bb436318902"),
+    "biformer_base.in1k": _cfg(url="https://matix.li/995db75f585d"),
+    "biformer_stl.in1k": _cfg(url="https://matix.li/4e9034a91a23"),
+    "biformer_stl_nchw.in1k": _cfg(
+        url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChWYrKbWbMgqd2Ai0/root/content"
+    ),
+    "biformer_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+})
+
+STL_ARGS = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratio=4.0, stem="patch", pos_embed=False)
+
+
+@register_model
+def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-T: 13.1M parameters, 2.2 GFLOPs at 224."""
+    return _create_biformer("biformer_tiny", pretrained, **{"depths": (2, 2, 8, 2), **kwargs})
+
+
+@register_model
+def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-S: 25.5M parameters, 4.5 GFLOPs at 224."""
+    return _create_biformer("biformer_small", pretrained, **{"depths": (4, 4, 18, 4), **kwargs})
+
+
+@register_model
+def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-B: 56.8M parameters, 9.8 GFLOPs at 224."""
+    args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
+    return _create_biformer("biformer_base", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
+    """Swin-Tiny layout with BRA (paper's ablation), legacy attention layout."""
+    return _create_biformer("biformer_stl", pretrained, **{**STL_ARGS, "original_layout": STL_LAYOUT, **kwargs})
+
+
+@register_model
+def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
+    """Swin-Tiny layout with BRA, the original's NCHW refactor (last stage: lepe on V)."""
+    args = dict(STL_ARGS, topks=(1, 4, 16, -1), original_layout=STL_NCHW_LAYOUT)
+    return _create_biformer("biformer_stl_nchw", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
+    """A small BiFormer (ours) for 32-64 px images: 4x4 regions, narrow stages, 3x3 lepe."""
+    args = dict(
+        depths=(1, 1, 3, 1), embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4, topks=(4, 4, 4, -2), side_dwconv=3
+    )
+    return _create_biformer("biformer_nano", pretrained, **{**args, **kwargs})
