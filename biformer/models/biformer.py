@@ -187,7 +187,8 @@ class BiFormer(nn.Module):
         else:
             raise ValueError(f"stem must be 'overlap' or 'patch', got {stem!r}")
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total_blocks = sum(depths)  # stochastic depth grows linearly over all blocks
+        drop_path_rates = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
         stages, self.feature_info = [], []
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
             if i == 0:
