@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction behind the `biformer train/eval/predict` commands."""

@@ -1,0 +1,107 @@
+"""Training checkpoints: safetensors weights plus a state file, each written atomically.
+
+Per epoch the trainer writes `last.safetensors` (weights; metadata: model, classes, epoch), then
+`best.safetensors` when the epoch is the best so far, then `last.state.pt` (optimizer,
+scheduler, EMA, epoch, metric history). The state file is the commit point: resuming checks that
+the weights carry the same epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..commands import UserError
+
+WEIGHTS, BEST, STATE, METRICS = "last.safetensors", "best.safetensors", "last.state.pt", "metrics.jsonl"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it only if the block completes."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as probe:
+            probe.write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise UserError(f"output folder {str(folder)!r} is not writable: {error.strerror or error}") from error
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+
+
+def weights_metadata(path: Path) -> dict[str, Any]:
+    with safe_open(path, "pt") as file:
+        return {k: json.loads(v) for k, v in (file.metadata() or {}).items()}
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    """The last committed training state in folder, or None if there is none."""
+    path = folder / STATE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights_epoch = weights_metadata(folder / WEIGHTS).get("epoch") if (folder / WEIGHTS).exists() else None
+    if weights_epoch != state["epoch"]:
+        raise UserError(
+            f"{folder / WEIGHTS} (epoch {weights_epoch}) does not match {path} (epoch {state['epoch']}); "
+            "the run was stopped while saving; start again without --resume or into another --output"
+        )
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, what: str = "checkpoint") -> None:
+    """Strictly load weights (ours or an original release file), as a user error if they do not fit."""
+    from ..models import load_checkpoint
+
+    try:
+        load_checkpoint(model, path)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"{what}: {error}") from error
+
+
+def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl (one JSON object per epoch) from the committed history."""
+    with atomic_path(folder / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def append_metrics(folder: Path, row: dict[str, Any]) -> None:
+    with open(folder / METRICS, "a") as file:
+        file.write(json.dumps(row) + "\n")
+
+
+def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
+    """Class names stored by our trainer in a weights file (None for other files)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    try:
+        return weights_metadata(Path(path)).get("classes")
+    except Exception:  # not ours or unreadable: load_weights reports it properly
+        return None
+

@@ -1,0 +1,165 @@
+"""Data sets for training and evaluation: the embedded digits, or an ImageNet-style image folder."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from torch.utils.data import Dataset
+
+from ..commands import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DIGITS_MEAN = DIGITS_STD = (0.5, 0.5, 0.5)
+
+
+class ImageListDataset(Dataset):
+    """(image, label) pairs from in-memory images or image files, with a transform."""
+
+    def __init__(self, images: list, labels: list[int], transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as file:
+                image = file.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index]
+
+
+@dataclass
+class DataSplits:
+    train: ImageListDataset
+    val: ImageListDataset
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    skipped: list[str] = field(default_factory=list)  # unreadable files, reported and left out
+
+
+def load_digits_split() -> tuple[list[Image.Image], list[int], list[Image.Image], list[int]]:
+    """scikit-learn's bundled 8x8 digits as RGB images, with a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # values 0..16 -> 0..255
+    images = [Image.fromarray(p, mode="L").convert("RGB") for p in pixels]
+    train_idx, val_idx = train_test_split(
+        np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=0
+    )
+    pick = lambda idx: ([images[i] for i in idx], [int(digits.target[i]) for i in idx])  # noqa: E731
+    return (*pick(train_idx), *pick(val_idx))
+
+
+def _scan_class_folders(root: Path, classes: list[str] | None, skipped: list[str]) -> tuple[list[str], list[Path], list[int]]:
+    if not root.is_dir():
+        raise UserError(f"data folder {str(root)!r} does not exist")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not found:
+        raise UserError(f"data folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>)")
+    if classes is None:
+        classes = found
+    else:
+        missing = sorted(set(classes) - set(found))
+        if missing:
+            raise UserError(f"class folder(s) {missing} of the training set are missing from {str(root)!r}")
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise UserError(f"{str(root)!r} has class folder(s) {extra} that the training set does not have")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError, SyntaxError) as error:
+                logger.warning("skipping unreadable image %s: %s", path, error)
+                skipped.append(str(path))
+                continue
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise UserError(f"data folder {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
+    return classes, paths, labels
+
+
+def build_datasets(
+    data: str,
+    img_size: int,
+    *,
+    auto_augment: str | None = None,
+    eval_only: bool = False,
+) -> DataSplits:
+    """Train/val data sets for `data` = "digits" or a folder with train/ and val/ (ImageNet layout).
+
+    Digits are upscaled to img_size; their training augmentation is a mild random resized crop
+    (no flips: a mirrored digit is another symbol). Folders get timm's ImageNet transforms.
+    """
+    skipped: list[str] = []
+    if data == "digits":
+        train_images, train_labels, val_images, val_labels = load_digits_split()
+        classes, mean, std = [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD
+        train_tf = create_transform(
+            img_size, is_training=True, scale=(0.75, 1.0), ratio=(0.85, 1.18), hflip=0.0, color_jitter=None,
+            auto_augment=auto_augment, interpolation="bicubic", mean=mean, std=std,
+        )
+        crop_pct = 1.0
+        val_tf = create_transform(img_size, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
+    else:
+        root = Path(data)
+        if not root.is_dir():
+            raise UserError(f"--data {data!r} is neither 'digits' nor an existing folder")
+        for part in ("val",) if eval_only else ("train", "val"):
+            if not (root / part).is_dir():
+                raise UserError(f"data folder {data!r} has no {part}/ sub-folder (expected {data}/{part}/<class>/<image>)")
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        if eval_only:
+            classes = None
+            train_images, train_labels = [], []
+        else:
+            classes, train_images, train_labels = _scan_class_folders(root / "train", None, skipped)
+        classes, val_images, val_labels = _scan_class_folders(root / "val", classes, skipped)
+        train_tf = create_transform(
+            img_size, is_training=True, auto_augment=auto_augment, interpolation="bicubic", mean=mean, std=std
+        )
+        crop_pct = 0.875
+        val_tf = create_transform(img_size, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
+    return DataSplits(
+        train=ImageListDataset(train_images, train_labels, train_tf),
+        val=ImageListDataset(val_images, val_labels, val_tf),
+        classes=classes,
+        mean=mean,
+        std=std,
+        crop_pct=crop_pct,
+        skipped=skipped,
+    )
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    """Image files named directly or found (recursively) in named folders."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise UserError(f"{item!r} is neither an image file nor a folder")
+    if not files:
+        raise UserError(f"no images found in {inputs}")
+    return files

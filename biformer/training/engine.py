@@ -1,0 +1,297 @@
+"""The training and evaluation loops, single process or DistributedDataParallel under torchrun.
+
+Exact resume: every epoch re-seeds all random generators from (seed, epoch, rank), the sampler
+shuffles by (seed, epoch), and the state at the end of each epoch (weights, optimizer,
+scheduler, EMA, BatchNorm statistics) is saved; so epoch e runs the same whether or not the
+process was restarted before it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from ..commands import UserError
+from . import checkpoint as ckpt
+from .data import build_datasets
+
+# Fault injection for the resume test: SIGKILL this process at this global training step.
+KILL_AT_STEP_ENV = "BIFORMER_SIGKILL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = torch.device(device) if device else torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if world > 1:
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        return Dist(dist.get_rank(), world, target)
+    return Dist(0, 1, target)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
+    if env.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val") -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the loader's shards on all ranks."""
+    model.eval()
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if env.main else True, file=sys.stdout):
+        images, targets = images.to(env.device), targets.to(env.device)
+        with autocast(env.device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        totals[0] += F.cross_entropy(logits, targets, reduction="sum").item()
+        totals[1] += hits[:, 0].sum().item()
+        totals[2] += hits.any(1).sum().item()
+        totals[3] += len(targets)
+    loss, top1, top5, count = all_reduce_sum(totals, env)
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
+
+
+def val_loader(dataset, batch_size: int, workers: int, env: Dist) -> DataLoader:
+    shard = Subset(dataset, range(env.rank, len(dataset), env.world))  # disjoint, nothing repeated
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False)
+
+
+def _format_row(row: dict[str, Any], epochs: int) -> str:
+    text = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_top1 {row['val_top1']:.2f}%  val_top5 {row['val_top5']:.2f}%")
+    if "ema_val_top1" in row:
+        text += f"  ema_val_top1 {row['ema_val_top1']:.2f}%"
+    return text + f"  ({row['epoch_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)"
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    env = init_distributed(args.device)
+    try:
+        return _train(args, env)
+    finally:
+        if env.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
+    output = Path(args.output)
+    if env.main:
+        ckpt.check_writable(output)
+    splits = build_datasets(args.data, args.img_size, auto_augment=args.aa)
+    if args.model not in timm.list_models(args.model):
+        raise UserError(f"--model {args.model!r} is not a registered timm model (try biformer_nano, biformer_tiny, ...)")
+    seed_everything(args.seed)
+    model = timm.create_model(args.model, num_classes=len(splits.classes), drop_path_rate=args.drop_path)
+    model.to(env.device)
+    if args.sync_bn and env.world > 1 and env.device.type == "cuda":  # SyncBatchNorm needs NCCL/GPU
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    if len(splits.train) < args.batch_size * env.world:
+        raise UserError(f"--batch-size {args.batch_size} x {env.world} process(es) exceeds the {len(splits.train)} training images")
+    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)  # drop_last: shards stay disjoint
+    train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=sampler,
+                              num_workers=args.workers, drop_last=True, persistent_workers=False)
+    eval_loader = val_loader(splits.val, args.batch_size, args.workers, env)
+
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.lr * 0.01, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=len(train_loader),
+    )
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.model_ema else None
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=len(splits.classes))
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16" and env.device.type == "cuda")
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best = 1, {"val_top1": -1.0, "epoch": 0}
+    if args.resume:
+        state = ckpt.load_state(output)
+        if state is None:
+            if env.main:
+                print(f"no checkpoint in {output} to resume from; starting at epoch 1")
+        else:
+            ckpt.load_weights(model, output / ckpt.WEIGHTS, what="--resume")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+            if env.main:
+                ckpt.write_metrics(output, history)  # drop rows of an epoch that was not committed
+                print(f"resumed from {output / ckpt.STATE}: continuing at epoch {start_epoch}")
+    if splits.skipped and env.main:
+        print(f"warning: {len(splits.skipped)} unreadable image(s) skipped (listed above)", file=sys.stderr)
+
+    ddp_model = DistributedDataParallel(model) if env.world > 1 else model
+    writer = _tensorboard(output) if env.main and args.tensorboard else None
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+    shard_log: dict[str, list[int]] = {}
+    train_start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs + 1):
+        seed_everything(args.seed + 1_000_003 * epoch + 7919 * env.rank)
+        sampler.set_epoch(epoch)
+        if args.record_shards:
+            shard_log[str(epoch)] = list(iter(sampler))[: len(train_loader) * args.batch_size]
+        ddp_model.train()
+        epoch_start = time.perf_counter()
+        sums = [0.0, 0.0, 0.0]  # loss sum, top-1 hits, images
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if env.main else True, file=sys.stdout)
+        for step, (images, targets) in enumerate(bar):
+            global_step = (epoch - 1) * len(train_loader) + step
+            if kill_at and global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            images, targets = images.to(env.device), targets.to(env.device)
+            hard_targets = targets
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with autocast(env.device, args.amp):
+                logits = ddp_model(images)
+                loss = criterion(logits.float(), targets)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or use --clip-grad")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step_update(global_step + 1)
+            if ema is not None:
+                ema.update(model, step=global_step + 1)
+            sums[0] += loss.item() * len(images)
+            sums[1] += (logits.argmax(1) == hard_targets).sum().item()
+            sums[2] += len(images)
+            elapsed = time.perf_counter() - epoch_start
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                            img_s=f"{sums[2] * env.world / elapsed:.0f}")
+        train_time = time.perf_counter() - epoch_start
+        loss_sum, hits, seen = all_reduce_sum(sums, env)
+        val = evaluate(model, eval_loader, env, args.amp)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_loss": val["loss"], "val_top1": val["top1"],
+               "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"]}
+        if mixup is None:
+            row["train_top1"] = 100 * hits / seen
+        if ema is not None:
+            ema_val = evaluate(ema.module, eval_loader, env, args.amp, desc="val (ema)")
+            row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+        row.update(epoch_time_s=time.perf_counter() - epoch_start, train_images_per_s=seen / train_time)
+        history.append(row)
+        is_best = row["val_top1"] > best["val_top1"]
+        if is_best:
+            best = {"val_top1": row["val_top1"], "epoch": epoch}
+        if env.main:
+            metadata = {"model": args.model, "classes": splits.classes, "epoch": epoch, "img_size": args.img_size,
+                        "mean": list(splits.mean), "std": list(splits.std), "crop_pct": splits.crop_pct,
+                        "val_top1": row["val_top1"]}
+            ckpt.save_weights(output / ckpt.WEIGHTS, model, metadata)
+            if is_best:
+                ckpt.save_weights(output / ckpt.BEST, model, metadata)
+            ckpt.save_state(output / ckpt.STATE, {
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "history": history, "best": best,
+                "seed": args.seed,  # with the epoch, this determines every random generator's state
+            })
+            ckpt.append_metrics(output, row)
+            if writer is not None:
+                for key, value in row.items():
+                    writer.add_scalar(key, value, epoch)
+            print(_format_row(row, args.epochs), flush=True)
+    if writer is not None:
+        writer.close()
+    if args.record_shards:
+        _record_shards(Path(args.record_shards), env, shard_log, model)
+    final = history[-1] if history else {}
+    if env.main and final:
+        minutes, seconds = divmod(time.perf_counter() - train_start, 60)
+        print(f"final validation top-1: {final['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']}); "
+              f"training wall time {int(minutes)}m{seconds:04.1f}s; checkpoints in {output}")
+        if splits.skipped:
+            print(f"{len(splits.skipped)} unreadable image(s) were skipped", file=sys.stderr)
+    return final
+
+
+def _tensorboard(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def _record_shards(folder: Path, env: Dist, shard_log: dict[str, list[int]], model: nn.Module) -> None:
+    """Debug output for the distributed test: this rank's sample indices and a digest of its weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{env.rank}.json").write_text(json.dumps({"indices": shard_log, "weights_sha256": digest.hexdigest()}))

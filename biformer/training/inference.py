@@ -1,0 +1,64 @@
+"""Models for `eval` and `predict`: built from a checkpoint (ours or an original release file)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import ImageNetInfo, resolve_data_config
+from torch import nn
+
+from ..commands import UserError
+from .checkpoint import load_weights, weights_metadata
+
+
+@dataclass
+class InferenceModel:
+    model: nn.Module
+    classes: list[str]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    classes_recorded: bool  # class names came from the checkpoint (our trainer's), not a default
+
+
+def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | None = None) -> InferenceModel:
+    """The checkpoint's model in eval mode, with its class names and preprocessing.
+
+    Our trainer's .safetensors files carry the model name, classes and preprocessing; for other
+    files (e.g. an original release .pth) pass --model; they get timm's config for that model.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {checkpoint!r} does not exist")
+    metadata = {}
+    if path.suffix == ".safetensors":
+        try:
+            metadata = weights_metadata(path)
+        except Exception as error:
+            raise UserError(f"--checkpoint {checkpoint!r} is not a readable safetensors file: {error}") from error
+    model_name = model_name or metadata.get("model")
+    if not model_name:
+        raise UserError(f"--checkpoint {checkpoint!r} does not name its model; pass --model")
+    if model_name not in timm.list_models(model_name):
+        raise UserError(f"--model {model_name!r} is not a registered timm model")
+    classes = metadata.get("classes")
+    classes_recorded = classes is not None
+    num_classes = len(classes) if classes else None
+    model = timm.create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
+    load_weights(model, path, what=f"--checkpoint {checkpoint!r} for --model {model_name}")
+    if classes is None:
+        count = model.num_classes
+        classes = (ImageNetInfo().label_names() if count == 1000 else [str(i) for i in range(count)])
+    if "img_size" in metadata:
+        size, mean, std, crop = metadata["img_size"], metadata["mean"], metadata["std"], metadata["crop_pct"]
+    else:
+        config = resolve_data_config({}, model=model)
+        size, mean, std, crop = config["input_size"][-1], config["mean"], config["std"], config["crop_pct"]
+    return InferenceModel(model.eval(), list(classes), img_size or size, tuple(mean), tuple(std), crop, classes_recorded)
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
