@@ -29,7 +29,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -233,6 +233,8 @@ def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
                             img_s=f"{sums[2] * env.world / elapsed:.0f}")
         train_time = time.perf_counter() - epoch_start
         loss_sum, hits, seen = all_reduce_sum(sums, env)
+        if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
+            distribute_bn(model, env.world, reduce=True)
         val = evaluate(model, eval_loader, env, args.amp)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"]}
