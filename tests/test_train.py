@@ -1,6 +1,7 @@
-"""`biformer train/eval/predict`: metrics, exact resume after SIGKILL, torchrun with gloo, bad input."""
+"""`biformer train/eval/predict`: metrics, checkpoints, exact resume after SIGKILL, image folders, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from safetensors.torch import load_file
 from biformer.cli import main
 from biformer.training.engine import KILL_AT_STEP_ENV
 
-# nano on the digits at 32 px: one epoch is ~22 steps of 64 images, about a second on 2 cores
-QUICK = ["--data", "digits", "--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
+TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
+DIGITS = ["--data", "digits", *TINY]
 COMPARED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")  # not the timings
+RUN_FILES = ["best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -28,138 +30,218 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An uninterrupted 2-epoch run (the reference for the resume test), run in-process."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    assert main(["train", *QUICK, "--epochs", "2", "--output", str(out)]) == 0
-    return out
-
-
-def test_metrics_and_checkpoints_written(trained, capsys):
-    rows = read_metrics(trained)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
-        assert all(isinstance(r[key], float) for r in rows)
-    assert rows[-1]["val_top1"] > 50  # two epochs already learn the digits
-    assert sorted(p.name for p in trained.iterdir()) == ["best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"]
-
-
-def test_eval_reproduces_training_accuracy(trained, capsys):
-    assert main(["eval", "--checkpoint", str(trained / "last.safetensors"), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    last = read_metrics(trained)[-1]
-    assert result["top1"] == pytest.approx(last["val_top1"], abs=1e-9)
-    assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
-    assert result["count"] == 360
-
-
-def test_resume_after_sigkill_is_exact(trained, tmp_path):
-    out = tmp_path / "killed"
-    killed = run_cli("train", *QUICK, "--epochs", "2", "--output", str(out), env={KILL_AT_STEP_ENV: "30"})  # epoch 2
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert [r["epoch"] for r in read_metrics(out)] == [1]
-    resumed = run_cli("train", *QUICK, "--epochs", "2", "--output", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "continuing at epoch 2" in resumed.stdout
-    expected, got = load_file(trained / "last.safetensors"), load_file(out / "last.safetensors")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    strip = lambda rows: [{k: r[k] for k in COMPARED} for r in rows]  # noqa: E731
-    assert strip(read_metrics(out)) == strip(read_metrics(trained))
-    assert not list(out.glob(".*tmp*"))
-
-
-def test_torchrun_two_ranks_gloo(tmp_path):
-    out, shards = tmp_path / "ddp", tmp_path / "shards"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "biformer",
-         "train", *QUICK, "--epochs", "1", "--batch-size", "32", "--output", str(out), "--record-shards", str(shards)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((shards / f"rank{r}.json").read_text()) for r in (0, 1)]
-    first, second = (set(r["indices"]["1"]) for r in ranks)
-    assert first and second and not first & second  # disjoint shards
-    assert len(first) == len(second) == 22 * 32  # 1437 images: 718 per rank, 22 full batches of 32
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"]
-    assert len(read_metrics(out)) == 1
-    assert result.stdout.count("final validation top-1") == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# image folders and bad input
-# ---------------------------------------------------------------------------------------------
-
-def make_folder(root: Path, classes=("zero", "one"), per_class=6, val_classes=None) -> Path:
+def make_folder(root: Path, classes=("zero", "one"), per_class=6, val_per_class=None, val_classes=None) -> Path:
+    """An ImageNet-layout folder of 40x40 digit PNGs: root/{train,val}/<class>/<n>.png."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for part, names in (("train", classes), ("val", val_classes or classes)):
+    for part, names, count in (("train", classes, per_class), ("val", val_classes or classes, val_per_class or per_class)):
         for label, name in enumerate(names):
             (root / part / name).mkdir(parents=True, exist_ok=True)
-            picks = np.flatnonzero(digits.target == label)[:per_class]
+            picks = np.flatnonzero(digits.target == label % 10)[(part == "val") * per_class:][:count]
             for i in picks:
                 pixels = np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).resize((40, 40)).save(root / part / name / f"{i}.png")
     return root
 
 
-def test_image_folder_with_an_unreadable_image(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch run on the digits, run in-process."""
+    out = tmp_path_factory.mktemp("digits")
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(out)]) == 0
+    return out
+
+
+def test_metrics_and_checkpoints_written(trained, capsys):
+    rows = read_metrics(trained)
+    assert [r["epoch"] for r in rows] == [1]
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "train_top1", "lr"):
+        assert isinstance(rows[0][key], float), key
+    assert rows[0]["val_top1"] > 50  # one epoch already learns the digits (chance: 10%)
+    assert 0 <= rows[0]["val_top1"] <= rows[0]["val_top5"] <= 100
+    assert sorted(p.name for p in trained.iterdir()) == RUN_FILES
+
+
+@pytest.mark.parametrize("weights", ["last.safetensors", "best.safetensors"])
+def test_eval_reproduces_training_accuracy(trained, capsys, weights):
+    assert main(["eval", "--checkpoint", str(trained / weights), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = read_metrics(trained)[-1]
+    assert result["count"] == 360  # the fixed 20% validation split of 1797 digits
+    assert result["top1"] == pytest.approx(last["val_top1"], abs=1e-9)
+    assert result["top5"] == pytest.approx(last["val_top5"], abs=1e-9)
+    assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ten_classes(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("ten"), classes=[str(i) for i in range(10)], per_class=16,
+                       val_per_class=4)
+
+
+def test_resume_after_sigkill_is_exact(ten_classes, tmp_path):
+    """Killed mid-epoch 2 (and again as if killed while saving epoch 2), resumed: same weights and metrics."""
+    common = ["train", *TINY, "--data", str(ten_classes), "--epochs", "2", "--batch-size", "16", "--model-ema"]
+    reference = tmp_path / "reference"
+    assert main([*common, "--output", str(reference)]) == 0
+    out = tmp_path / "killed"
+    killed = run_cli(*common, "--output", str(out), env={KILL_AT_STEP_ENV: "14"})  # 10 steps per epoch
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    # weights of a later epoch whose state file was never committed must not be picked up
+    shutil.copy(reference / "last.safetensors", out / "last.safetensors")
+    resumed = run_cli(*common, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "continuing at epoch 2" in resumed.stdout
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        expected, got = load_file(reference / name), load_file(out / name)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (name, key)
+    strip = lambda rows: [{k: r[k] for k in (*COMPARED, "ema_val_top1", "ema_val_loss")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(reference))
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "last_ema.safetensors"])  # no temporaries
+
+    again = run_cli(*common, "--output", str(out), "--resume")  # nothing left to do
+    assert again.returncode == 0 and "all 2 epochs were already done" in again.stdout
+    assert len(read_metrics(out)) == 2
+
+
+def test_resume_with_other_settings_or_without_resume(trained, capsys):
+    assert main(["train", *DIGITS, "--epochs", "2", "--lr", "1e-3", "--output", str(trained), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1 -> 2" in err and "--lr 0.002 -> 0.001" in err and "Traceback" not in err
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(trained)]) == 2
+    assert "already holds a training run (epoch 1); pass --resume" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(trained)] == [1]  # left as it was
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders, predict and bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_image_folder_with_unreadable_images(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     (data / "train" / "one" / "broken.jpg").write_bytes(b"not a jpeg")
+    buffer = tmp_path / "whole.jpg"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(buffer, quality=95)
+    truncated = data / "val" / "zero" / "truncated.jpg"  # a valid header: only decoding finds the problem
+    truncated.write_bytes(buffer.read_bytes()[:300])
     out = tmp_path / "out"
-    assert main(["train", *QUICK, "--data", str(data), "--epochs", "1", "--batch-size", "4", "--output", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "1 unreadable image(s) were skipped" in captured.err
+    assert main(["train", *TINY, "--data", str(data), "--epochs", "1", "--batch-size", "4", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping unreadable image {data / 'train' / 'one' / 'broken.jpg'}" in err
+    assert f"skipping unreadable image {truncated}" in err
+    assert "2 unreadable image(s) were skipped" in err
     assert len(read_metrics(out)) == 1
-    assert main(["predict", str(data / "val"), "--checkpoint", str(out / "last.safetensors"), "--json", "--topk", "1"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(lines) == 12 and {p["predictions"][0]["class"] for p in lines} <= {"zero", "one"}
+
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["count"] == 12  # 13 files, one unreadable
+    assert "1 unreadable image(s) were skipped" in captured.err
+
+    assert main(["predict", str(data / "val"), "--checkpoint", str(out / "last.safetensors"), "--json", "--topk", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(lines) == 12
+    for line in lines:
+        assert [p["class"] for p in line["predictions"]] in (["zero", "one"], ["one", "zero"])
+        assert sum(p["probability"] for p in line["predictions"]) == pytest.approx(1, abs=1e-5)
+    assert f"skipping unreadable image {truncated}" in captured.err and "1 unreadable image(s) skipped" in captured.err
+
+    image = data / "val" / "one" / sorted(os.listdir(data / "val" / "one"))[0]
+    assert main(["predict", str(image), "--checkpoint", str(out / "best.safetensors"), "--topk", "1"]) == 0
+    table = capsys.readouterr().out
+    assert str(image) in table and ("zero" in table or "one" in table) and "%" in table
 
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "neither 'digits' nor an existing folder"),
     ("empty", "has no train/ sub-folder"),
-    ("no_images", "holds no readable images"),
-    ("val_class_missing", "are missing from"),
+    ("no_class_folders", "has no class sub-folders"),
+    ("no_images", "holds no image files"),
+    ("val_class_missing", "class folder(s) ['one'] of the training set are missing from"),
 ])
 def test_bad_data_folders(tmp_path, capsys, case, message):
     data = tmp_path / "data"
     if case == "empty":
         data.mkdir()
+    elif case == "no_class_folders":
+        (data / "train").mkdir(parents=True)
+        (data / "val").mkdir()
     elif case == "no_images":
         (data / "train" / "a").mkdir(parents=True)
         (data / "val" / "a").mkdir(parents=True)
+        (data / "train" / "a" / "notes.txt").write_text("not an image")
     elif case == "val_class_missing":
         make_folder(data, val_classes=("zero",))
-    code = main(["train", *QUICK, "--data", str(data), "--epochs", "1", "--output", str(tmp_path / "out")])
-    assert code == 2
+    out = tmp_path / "out"
+    assert main(["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert err.startswith("biformer train: error: ") and message in err and "Traceback" not in err
+    assert not any(out.iterdir())  # nothing written
 
 
 def test_non_writable_output(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert main(["train", *QUICK, "--epochs", "1", "--output", str(blocker / "out")]) == 2
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(blocker / "out")]) == 2
     assert "is not writable" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["train", *DIGITS, "--epochs", "1", "--output", str(locked)]) == 2
+        assert "is not writable" in capsys.readouterr().err
 
 
 def test_checkpoint_for_another_model_or_class_count(trained, tmp_path, capsys):
     weights = str(trained / "last.safetensors")
     assert main(["eval", "--checkpoint", weights, "--model", "biformer_tiny"]) == 2
-    assert "does not fit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "another model or number of classes" in err and "Traceback" not in err
     data = make_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=2)
     assert main(["eval", "--checkpoint", weights, "--data", str(data)]) == 2
     assert "--data has 3 classes but the checkpoint has 10" in capsys.readouterr().err
     assert main(["predict", weights, "--checkpoint", str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((trained / "last.safetensors").read_bytes()[:100_000])
+    assert main(["eval", "--checkpoint", str(truncated)]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
-def test_kill_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
+    """A .pth in the original release's layout ({'model': state_dict}) evaluates like our checkpoint."""
+    import timm
+    from biformer.models.biformer import to_original_state_dict
+
+    released = tmp_path / "nano_release.pth"
+    model = timm.create_model("biformer_nano", num_classes=10)
+    torch.save({"model": to_original_state_dict(load_file(trained / "last.safetensors"), model)}, released)
+    # 10 classes: the release path has no class names, so eval checks the count only
+    assert main(["eval", "--checkpoint", str(released), "--model", "biformer_nano", "--img-size", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(read_metrics(trained)[-1]["val_top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
+    (["--model", "no_such_model"], "--model 'no_such_model' is not a registered timm model"),
+    (["--img-size", "16"], "--img-size must be at least 32"),
+    (["--batch-size", "5000"], "exceeds the 1437 training images"),
+])
+def test_bad_options(tmp_path, capsys, argv, message):
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     """An interrupted save leaves the previous file in place and no temporary file behind."""
     from biformer.training import checkpoint
 

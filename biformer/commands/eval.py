@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's / model's")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--amp", nargs="?", const="auto", choices=("none", "auto", "bf16", "fp16"), default="none",
+                        help="mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
@@ -26,20 +28,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..commands import UserError
     from ..training.data import build_datasets
-    from ..training.engine import Dist, evaluate, val_loader
-    from ..training.inference import load_for_inference, pick_device
+    from ..training.engine import Dist, UnreadableImages, evaluate, resolve_amp, resolve_device, val_loader
+    from ..training.inference import load_for_inference
 
+    env = Dist(device=resolve_device(args.device))
+    amp = resolve_amp(args.amp, env.device)
     loaded = load_for_inference(args.checkpoint, args.model, args.img_size)
     splits = build_datasets(args.data, loaded.img_size, eval_only=True)
     if len(splits.classes) != len(loaded.classes):
         raise UserError(f"--data has {len(splits.classes)} classes but the checkpoint has {len(loaded.classes)}")
     if loaded.classes_recorded and splits.classes != loaded.classes:
         raise UserError(f"--data classes {splits.classes[:5]}... differ from the checkpoint's {loaded.classes[:5]}...")
-    env = Dist(device=pick_device(args.device))
     model = loaded.model.to(env.device)
-    result = evaluate(model, val_loader(splits.val, args.batch_size, args.workers, env), env, args.amp)
-    if splits.skipped:
-        print(f"{len(splits.skipped)} unreadable image(s) were skipped")
+    unreadable = UnreadableImages()
+    result = evaluate(model, val_loader(splits.val, args.batch_size, args.workers, env), env, amp,
+                      unreadable=unreadable)
+    skipped = unreadable.count(env)
+    if skipped:
+        print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -23,18 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from timm.data import create_transform
 
     from ..commands import UserError
-    from ..training.data import list_images
-    from ..training.inference import load_for_inference, pick_device
+    from ..training.data import UNREADABLE_ERRORS, list_images
+    from ..training.engine import resolve_device
+    from ..training.inference import load_for_inference
 
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     files = list_images(args.inputs)
     loaded = load_for_inference(args.checkpoint, args.model, args.img_size)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     model = loaded.model.to(device)
     transform = create_transform(loaded.img_size, interpolation="bicubic", crop_pct=loaded.crop_pct,
                                  mean=loaded.mean, std=loaded.std)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             with Image.open(path) as image:
                 batch = transform(image.convert("RGB"))[None].to(device)
-        except (OSError, UnidentifiedImageError) as error:
+        except UNREADABLE_ERRORS as error:
             print(f"skipping unreadable image {path}: {error}", file=sys.stderr)
             skipped += 1
             continue

@@ -12,30 +12,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", default="digits", help="'digits' or a folder with train/ and val/")
     parser.add_argument("--model", default="biformer_nano", help="a biformer_* or any timm model name")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (the cosine schedule's length)")
+    parser.add_argument("--img-size", type=int, default=32, help="input size in pixels (digits are upscaled to it)")
     parser.add_argument("--output", default="runs/train", help="folder for checkpoints and metrics.jsonl")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--opt", default="adamw", help="timm optimizer name")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--min-lr", type=float, default=1e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, reached after the warm-up")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="decoupled weight decay (AdamW)")
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up from lr/100")
     parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
-    parser.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    parser.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)")
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     parser.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping")
     parser.add_argument("--model-ema", action="store_true", help="also keep and evaluate an EMA of the weights")
-    parser.add_argument("--ema-decay", type=float, default=0.998)
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                        help="mixed precision: bf16 on CPU or GPU, fp16 on GPU")
-    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (ignored on CPU)")
+    parser.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay per step")
+    parser.add_argument("--amp", nargs="?", const="auto", choices=("none", "auto", "bf16", "fp16"), default="none",
+                        help="mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="SyncBatchNorm across GPUs (on CPU, BatchNorm statistics are averaged after each epoch)")
     parser.add_argument("--workers", type=int, default=0, help="data loading processes")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete epoch in --output")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: the GPU if there is one)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, data order and augmentation")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its last complete epoch (same settings required)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                         help="also log to TensorBoard when it is installed")
     parser.add_argument("--record-shards", default=None, help=argparse.SUPPRESS)  # debug: per-rank sample log
@@ -46,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from ..commands import UserError
     from ..training.engine import train
 
-    for name in ("epochs", "img_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, least in (("epochs", 1), ("img_size", 1), ("batch_size", 1), ("workers", 0), ("warmup_epochs", 0),
+                        ("lr", 0), ("weight_decay", 0), ("mixup", 0), ("cutmix", 0), ("smoothing", 0)):
+        if getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.img_size < 32:
         raise UserError(f"--img-size must be at least 32 (BiFormer downsamples 32x), got {args.img_size}")
     train(args)

@@ -1,9 +1,11 @@
 """Training checkpoints: safetensors weights plus a state file, each written atomically.
 
-Per epoch the trainer writes `last.safetensors` (weights; metadata: model, classes, epoch), then
-`best.safetensors` when the epoch is the best so far, then `last.state.pt` (optimizer,
-scheduler, EMA, epoch, metric history). The state file is the commit point: resuming checks that
-the weights carry the same epoch.
+Per epoch the trainer writes `last.safetensors` (weights; metadata: model, classes, epoch,
+preprocessing), `best.safetensors` when the epoch is the best so far, `last_ema.safetensors`
+with --model-ema, then `last.state.pt`: weights, optimizer, scheduler, grad scaler, EMA, metric
+history and run configuration. The state file is the commit point and holds everything a
+resume needs, so a run stopped at any moment, even while saving, resumes from the last epoch
+whose state file was completed; the .safetensors files are for eval, predict and users.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from torch import nn
 
 from ..commands import UserError
 
-WEIGHTS, BEST, STATE, METRICS = "last.safetensors", "best.safetensors", "last.state.pt", "metrics.jsonl"
+WEIGHTS, BEST, EMA_WEIGHTS, STATE, METRICS = (
+    "last.safetensors", "best.safetensors", "last_ema.safetensors", "last.state.pt", "metrics.jsonl"
+)
 
 
 @contextlib.contextmanager
@@ -44,10 +48,13 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"output folder {str(folder)!r} is not writable: {error.strerror or error}") from error
 
 
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        save_file(cpu_state_dict(model), tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def weights_metadata(path: Path) -> dict[str, Any]:
@@ -65,14 +72,10 @@ def load_state(folder: Path) -> dict[str, Any] | None:
     path = folder / STATE
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights_epoch = weights_metadata(folder / WEIGHTS).get("epoch") if (folder / WEIGHTS).exists() else None
-    if weights_epoch != state["epoch"]:
-        raise UserError(
-            f"{folder / WEIGHTS} (epoch {weights_epoch}) does not match {path} (epoch {state['epoch']}); "
-            "the run was stopped while saving; start again without --resume or into another --output"
-        )
-    return state
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # only our own atomic writes produce this file: anything else is foreign
+        raise UserError(f"cannot read training state {str(path)!r}: {str(error).splitlines()[0]}") from error
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, what: str = "checkpoint") -> None:
@@ -89,19 +92,3 @@ def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl (one JSON object per epoch) from the committed history."""
     with atomic_path(folder / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-
-
-def append_metrics(folder: Path, row: dict[str, Any]) -> None:
-    with open(folder / METRICS, "a") as file:
-        file.write(json.dumps(row) + "\n")
-
-
-def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
-    """Class names stored by our trainer in a weights file (None for other files)."""
-    if not str(path).endswith(".safetensors"):
-        return None
-    try:
-        return weights_metadata(Path(path)).get("classes")
-    except Exception:  # not ours or unreadable: load_weights reports it properly
-        return None
-

@@ -1,26 +1,32 @@
 """Data sets for training and evaluation: the embedded digits, or an ImageNet-style image folder."""
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..commands import UserError
 
-logger = logging.getLogger(__name__)
-
+# what PIL raises for a file it cannot decode (truncated, corrupt, not an image)
+UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_MEAN = DIGITS_STD = (0.5, 0.5, 0.5)
 
 
 class ImageListDataset(Dataset):
-    """(image, label) pairs from in-memory images or image files, with a transform."""
+    """(image, label, problem) triples from in-memory images or image files, with a transform.
+
+    Files are decoded when they are read, not when the folder is scanned (a scan that decodes
+    would take hours on ImageNet, and one that only checks headers misses truncated files). A
+    file that cannot be decoded gives image None and problem "path: reason"; `collate_readable`
+    drops it from the batch and passes the problem on, so the caller reports and counts it.
+    """
 
     def __init__(self, images: list, labels: list[int], transform=None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -28,12 +34,23 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
         image = self.images[index]
         if not isinstance(image, Image.Image):
-            with Image.open(image) as file:
-                image = file.convert("RGB")
-        return (self.transform(image) if self.transform else image), self.labels[index]
+            try:
+                with Image.open(image) as file:
+                    image = file.convert("RGB")
+            except UNREADABLE_ERRORS as error:
+                return None, self.labels[index], f"{image}: {error}"
+        return (self.transform(image) if self.transform else image), self.labels[index], ""
+
+
+def collate_readable(samples: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Batch the readable samples: (images, labels, problems of the unreadable ones)."""
+    readable = [(image, label) for image, label, _ in samples if image is not None]
+    problems = [problem for image, _, problem in samples if image is None]
+    images, labels = default_collate(readable) if readable else (None, None)
+    return images, labels, problems
 
 
 @dataclass
@@ -44,7 +61,6 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float
-    skipped: list[str] = field(default_factory=list)  # unreadable files, reported and left out
 
 
 def load_digits_split() -> tuple[list[Image.Image], list[int], list[Image.Image], list[int]]:
@@ -62,7 +78,7 @@ def load_digits_split() -> tuple[list[Image.Image], list[int], list[Image.Image]
     return (*pick(train_idx), *pick(val_idx))
 
 
-def _scan_class_folders(root: Path, classes: list[str] | None, skipped: list[str]) -> tuple[list[str], list[Path], list[int]]:
+def _scan_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
     if not root.is_dir():
         raise UserError(f"data folder {str(root)!r} does not exist")
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -79,20 +95,11 @@ def _scan_class_folders(root: Path, classes: list[str] | None, skipped: list[str
             raise UserError(f"{str(root)!r} has class folder(s) {extra} that the training set does not have")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError) as error:
-                logger.warning("skipping unreadable image %s: %s", path, error)
-                skipped.append(str(path))
-                continue
-            paths.append(path)
-            labels.append(label)
+        found_images = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += found_images
+        labels += [label] * len(found_images)
     if not paths:
-        raise UserError(f"data folder {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"data folder {str(root)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return classes, paths, labels
 
 
@@ -108,7 +115,6 @@ def build_datasets(
     Digits are upscaled to img_size; their training augmentation is a mild random resized crop
     (no flips: a mirrored digit is another symbol). Folders get timm's ImageNet transforms.
     """
-    skipped: list[str] = []
     if data == "digits":
         train_images, train_labels, val_images, val_labels = load_digits_split()
         classes, mean, std = [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD
@@ -132,8 +138,8 @@ def build_datasets(
             classes = None
             train_images, train_labels = [], []
         else:
-            classes, train_images, train_labels = _scan_class_folders(root / "train", None, skipped)
-        classes, val_images, val_labels = _scan_class_folders(root / "val", classes, skipped)
+            classes, train_images, train_labels = _scan_class_folders(root / "train", None)
+        classes, val_images, val_labels = _scan_class_folders(root / "val", classes)
         train_tf = create_transform(
             img_size, is_training=True, auto_augment=auto_augment, interpolation="bicubic", mean=mean, std=std
         )
@@ -146,7 +152,6 @@ def build_datasets(
         mean=mean,
         std=std,
         crop_pct=crop_pct,
-        skipped=skipped,
     )
 
 

@@ -1,15 +1,15 @@
 """The training and evaluation loops, single process or DistributedDataParallel under torchrun.
 
-Exact resume: every epoch re-seeds all random generators from (seed, epoch, rank), the sampler
-shuffles by (seed, epoch), and the state at the end of each epoch (weights, optimizer,
-scheduler, EMA, BatchNorm statistics) is saved; so epoch e runs the same whether or not the
-process was restarted before it.
+Exact resume: every epoch re-seeds all random generators from (seed, epoch, rank) and the
+sampler shuffles by (seed, epoch), so the random state at the start of an epoch is a function
+of the epoch alone; the state saved at the end of each epoch (weights, optimizer, scheduler,
+grad scaler, EMA, BatchNorm statistics) holds everything else. So epoch e runs the same whether
+or not the process was restarted before it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -37,10 +37,14 @@ from tqdm import tqdm
 
 from ..commands import UserError
 from . import checkpoint as ckpt
-from .data import build_datasets
+from .data import build_datasets, collate_readable
 
 # Fault injection for the resume test: SIGKILL this process at this global training step.
 KILL_AT_STEP_ENV = "BIFORMER_SIGKILL_AT_STEP"
+# Options that shape the training trajectory: a resumed run must use the values it started with.
+RUN_OPTIONS = ("data", "model", "img_size", "batch_size", "epochs", "opt", "lr", "min_lr", "weight_decay",
+               "warmup_epochs", "drop_path", "aa", "mixup", "cutmix", "smoothing", "clip_grad", "model_ema",
+               "ema_decay", "amp", "seed")
 
 
 @dataclass(frozen=True)
@@ -54,18 +58,26 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """--device, or the GPU if there is one; a bare "cuda" means this process's GPU under torchrun."""
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    target = torch.device(device or "cpu")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    return target
+
+
 def init_distributed(device: str | None) -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() and device != "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = torch.device(device) if device else torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if world > 1:
-        if target.type == "cuda":
-            torch.cuda.set_device(target)
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-        return Dist(dist.get_rank(), world, target)
-    return Dist(0, 1, target)
+    target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world == 1:
+        return Dist(0, 1, target)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world, target)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,18 +94,53 @@ def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
     return tensor.tolist()
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto: bfloat16 on CPU and on GPUs that have it, float16 on older GPUs."""
+    if amp == "auto":
+        return "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 (or --amp) on CPU")
+    return amp
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class UnreadableImages:
+    """Reports each unreadable image once, with its path, and counts them over all ranks."""
+
+    def __init__(self) -> None:
+        self.problems: set[str] = set()
+
+    def add(self, problems: list[str]) -> None:
+        for problem in problems:
+            if problem not in self.problems:
+                self.problems.add(problem)
+                tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
+
+    def count(self, env: Dist) -> int:
+        if env.world == 1:
+            return len(self.problems)
+        gathered: list[set[str] | None] = [None] * env.world
+        dist.all_gather_object(gathered, self.problems)
+        return len(set().union(*gathered))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val") -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+             unreadable: UnreadableImages | None = None) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over the loader's shards on all ranks."""
     model.eval()
     totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if env.main else True, file=sys.stdout):
+    for images, targets, problems in tqdm(loader, desc=desc, leave=False, disable=None if env.main else True,
+                                          file=sys.stdout):
+        if unreadable is not None:
+            unreadable.add(problems)
+        if images is None:
+            continue
         images, targets = images.to(env.device), targets.to(env.device)
         with autocast(env.device, amp):
             logits = model(images)
@@ -105,12 +152,14 @@ def evaluate(model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none",
         totals[2] += hits.any(1).sum().item()
         totals[3] += len(targets)
     loss, top1, top5, count = all_reduce_sum(totals, env)
+    if count == 0:
+        raise UserError("no validation image could be read")
     return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
 
 
 def val_loader(dataset, batch_size: int, workers: int, env: Dist) -> DataLoader:
     shard = Subset(dataset, range(env.rank, len(dataset), env.world))  # disjoint, nothing repeated
-    return DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False)
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate_readable)
 
 
 def _format_row(row: dict[str, Any], epochs: int) -> str:
@@ -130,25 +179,53 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _run_config(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
+    return {**{name: getattr(args, name) for name in RUN_OPTIONS}, "world_size": env.world}
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], output: Path) -> None:
+    changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'number of processes'} "
+               f"{saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    if changed:
+        raise UserError(f"--resume: the run in {str(output)!r} was started with other settings ({'; '.join(changed)}); "
+                        "resume with the original settings, or train into another --output")
+
+
 def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
     output = Path(args.output)
     if env.main:
         ckpt.check_writable(output)
-    splits = build_datasets(args.data, args.img_size, auto_augment=args.aa)
+    state = ckpt.load_state(output) if env.main else None
+    if env.world > 1:  # only rank 0 need see the output folder (other machines may not share it)
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0)
+        state = shared[0]
+    if state is not None and not args.resume:
+        raise UserError(f"--output {str(output)!r} already holds a training run (epoch {state['epoch']}); "
+                        "pass --resume to continue it, or choose another --output")
+    amp = resolve_amp(args.amp, env.device)
+    config = _run_config(args, env)
+    if state is not None:
+        _check_same_run(state["config"], config, output)
     if args.model not in timm.list_models(args.model):
         raise UserError(f"--model {args.model!r} is not a registered timm model (try biformer_nano, biformer_tiny, ...)")
+    splits = build_datasets(args.data, args.img_size, auto_augment=args.aa)
     seed_everything(args.seed)
     model = timm.create_model(args.model, num_classes=len(splits.classes), drop_path_rate=args.drop_path)
     model.to(env.device)
-    if args.sync_bn and env.world > 1 and env.device.type == "cuda":  # SyncBatchNorm needs NCCL/GPU
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.sync_bn and env.world > 1:
+        if env.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif env.main:  # SyncBatchNorm has no CPU kernel; BatchNorm statistics are averaged after each epoch
+            print("note: --sync-bn is ignored on CPU", file=sys.stderr)
 
     if len(splits.train) < args.batch_size * env.world:
-        raise UserError(f"--batch-size {args.batch_size} x {env.world} process(es) exceeds the {len(splits.train)} training images")
+        raise UserError(f"--batch-size {args.batch_size} x {env.world} process(es) exceeds the "
+                        f"{len(splits.train)} training images")
     sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)  # drop_last: shards stay disjoint
-    train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.workers, drop_last=True, persistent_workers=False)
+    train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              drop_last=True, collate_fn=collate_readable)
     eval_loader = val_loader(splits.val, args.batch_size, args.workers, env)
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
@@ -166,30 +243,29 @@ def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
         criterion = LabelSmoothingCrossEntropy(args.smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16" and env.device.type == "cuda")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
 
     history: list[dict[str, Any]] = []
     start_epoch, best = 1, {"val_top1": -1.0, "epoch": 0}
-    if args.resume:
-        state = ckpt.load_state(output)
-        if state is None:
-            if env.main:
-                print(f"no checkpoint in {output} to resume from; starting at epoch 1")
-        else:
-            ckpt.load_weights(model, output / ckpt.WEIGHTS, what="--resume")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-            if env.main:
-                ckpt.write_metrics(output, history)  # drop rows of an epoch that was not committed
-                print(f"resumed from {output / ckpt.STATE}: continuing at epoch {start_epoch}")
-    if splits.skipped and env.main:
-        print(f"warning: {len(splits.skipped)} unreadable image(s) skipped (listed above)", file=sys.stderr)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        if env.main:
+            print(f"resumed from {output / ckpt.STATE}: " + (f"continuing at epoch {start_epoch}" if start_epoch <= args.epochs
+                                                             else f"all {args.epochs} epochs were already done"))
+    elif args.resume and env.main:
+        print(f"no checkpoint in {output} to resume from; starting at epoch 1")
+    if env.main:
+        ckpt.write_metrics(output, history)  # drops rows of an epoch that was not committed
 
     ddp_model = DistributedDataParallel(model) if env.world > 1 else model
     writer = _tensorboard(output) if env.main and args.tensorboard else None
+    unreadable = UnreadableImages()
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     shard_log: dict[str, list[int]] = {}
     train_start = time.perf_counter()
@@ -201,20 +277,30 @@ def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
         ddp_model.train()
         epoch_start = time.perf_counter()
         sums = [0.0, 0.0, 0.0]  # loss sum, top-1 hits, images
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if env.main else True, file=sys.stdout)
-        for step, (images, targets) in enumerate(bar):
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=None if env.main else True,
+                   file=sys.stdout)
+        for step, (images, targets, problems) in enumerate(bar):
             global_step = (epoch - 1) * len(train_loader) + step
             if kill_at and global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            unreadable.add(problems)
+            if images is not None and mixup is not None and len(images) % 2:  # mixup pairs images up
+                images, targets = images[:-1], targets[:-1]
+            if images is None or len(images) == 0:
+                # every rank must take every step together under DDP, so only a lone process can skip one
+                if env.world > 1:
+                    raise UserError(f"no image of a training batch could be read (epoch {epoch}, step {step})")
+                continue
             images, targets = images.to(env.device), targets.to(env.device)
             hard_targets = targets
             if mixup is not None:
                 images, targets = mixup(images, targets)
-            with autocast(env.device, args.amp):
+            with autocast(env.device, amp):
                 logits = ddp_model(images)
                 loss = criterion(logits.float(), targets)
             if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or use --clip-grad")
+                raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step}: training diverged; "
+                                "lower --lr or set --clip-grad, then --resume")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad:
@@ -235,48 +321,57 @@ def _train(args: argparse.Namespace, env: Dist) -> dict[str, Any]:
         loss_sum, hits, seen = all_reduce_sum(sums, env)
         if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
             distribute_bn(model, env.world, reduce=True)
-        val = evaluate(model, eval_loader, env, args.amp)
+        val = evaluate(model, eval_loader, env, amp, unreadable=unreadable)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"]}
         if mixup is None:
             row["train_top1"] = 100 * hits / seen
         if ema is not None:
-            ema_val = evaluate(ema.module, eval_loader, env, args.amp, desc="val (ema)")
+            ema_val = evaluate(ema.module, eval_loader, env, amp, desc="val (ema)")
             row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
         row.update(epoch_time_s=time.perf_counter() - epoch_start, train_images_per_s=seen / train_time)
         history.append(row)
-        is_best = row["val_top1"] > best["val_top1"]
-        if is_best:
+        if row["val_top1"] > best["val_top1"]:
             best = {"val_top1": row["val_top1"], "epoch": epoch}
         if env.main:
-            metadata = {"model": args.model, "classes": splits.classes, "epoch": epoch, "img_size": args.img_size,
-                        "mean": list(splits.mean), "std": list(splits.std), "crop_pct": splits.crop_pct,
-                        "val_top1": row["val_top1"]}
-            ckpt.save_weights(output / ckpt.WEIGHTS, model, metadata)
-            if is_best:
-                ckpt.save_weights(output / ckpt.BEST, model, metadata)
+            _save_epoch(output, args, splits, model, ema, row, best["epoch"] == epoch)
             ckpt.save_state(output / ckpt.STATE, {
-                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "model": ckpt.cpu_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "history": history, "best": best,
-                "seed": args.seed,  # with the epoch, this determines every random generator's state
+                "config": config,  # with the epoch, the seed determines every random generator's state
             })
-            ckpt.append_metrics(output, row)
+            ckpt.write_metrics(output, history)
             if writer is not None:
                 for key, value in row.items():
                     writer.add_scalar(key, value, epoch)
-            print(_format_row(row, args.epochs), flush=True)
+            tqdm.write(_format_row(row, args.epochs), file=sys.stdout)
     if writer is not None:
         writer.close()
     if args.record_shards:
         _record_shards(Path(args.record_shards), env, shard_log, model)
+    skipped = unreadable.count(env)
     final = history[-1] if history else {}
     if env.main and final:
         minutes, seconds = divmod(time.perf_counter() - train_start, 60)
         print(f"final validation top-1: {final['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']}); "
-              f"training wall time {int(minutes)}m{seconds:04.1f}s; checkpoints in {output}")
-        if splits.skipped:
-            print(f"{len(splits.skipped)} unreadable image(s) were skipped", file=sys.stderr)
+              f"training wall time {int(minutes)}m{seconds:04.1f}s; checkpoints in {output}", flush=True)
+    if env.main and skipped:
+        print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
     return final
+
+
+def _save_epoch(output: Path, args: argparse.Namespace, splits, model: nn.Module, ema: ModelEmaV3 | None,
+                row: dict[str, Any], is_best: bool) -> None:
+    """The .safetensors files for eval/predict, with what they need to rebuild the model and its inputs."""
+    metadata = {"model": args.model, "classes": splits.classes, "epoch": row["epoch"], "img_size": args.img_size,
+                "mean": list(splits.mean), "std": list(splits.std), "crop_pct": splits.crop_pct,
+                "val_top1": row["val_top1"]}
+    ckpt.save_weights(output / ckpt.WEIGHTS, model, metadata)
+    if is_best:
+        ckpt.save_weights(output / ckpt.BEST, model, metadata)
+    if ema is not None:
+        ckpt.save_weights(output / ckpt.EMA_WEIGHTS, ema.module, {**metadata, "val_top1": row["ema_val_top1"]})
 
 
 def _tensorboard(output: Path):
@@ -290,6 +385,7 @@ def _tensorboard(output: Path):
 def _record_shards(folder: Path, env: Dist, shard_log: dict[str, list[int]], model: nn.Module) -> None:
     """Debug output for the distributed test: this rank's sample indices and a digest of its weights."""
     import hashlib
+    import json
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):

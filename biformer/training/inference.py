@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-import torch
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
@@ -28,7 +27,8 @@ def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | 
     """The checkpoint's model in eval mode, with its class names and preprocessing.
 
     Our trainer's .safetensors files carry the model name, classes and preprocessing; for other
-    files (e.g. an original release .pth) pass --model; they get timm's config for that model.
+    files (e.g. an original release .pth) pass --model; they get timm's config for that model and
+    as many classes as their classifier has (ImageNet's names for 1000).
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -46,8 +46,7 @@ def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | 
         raise UserError(f"--model {model_name!r} is not a registered timm model")
     classes = metadata.get("classes")
     classes_recorded = classes is not None
-    num_classes = len(classes) if classes else None
-    model = timm.create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
+    model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(path, model_name))
     load_weights(model, path, what=f"--checkpoint {checkpoint!r} for --model {model_name}")
     if classes is None:
         count = model.num_classes
@@ -60,5 +59,16 @@ def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | 
     return InferenceModel(model.eval(), list(classes), img_size or size, tuple(mean), tuple(std), crop, classes_recorded)
 
 
-def pick_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def _head_size(path: Path, model_name: str) -> int:
+    """Output size of the classifier in a checkpoint without metadata (the model's default if absent)."""
+    from ..models import read_state_dict
+
+    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "head"
+    default = timm.models.get_pretrained_cfg_value(model_name, "num_classes") or 1000
+    try:
+        state_dict = read_state_dict(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"--checkpoint {str(path)!r}: {error}") from error
+    head = state_dict.get(f"{classifier}.weight")
+    return head.shape[0] if head is not None and head.ndim >= 1 else default
