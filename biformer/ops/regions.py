@@ -128,14 +128,16 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
 
     masked: over the valid tokens only; legacy: over all region_h*region_w slots, padding as zeros.
     """
-    tokens = grid.to_regions(x.flatten(3).to(torch.promote_types(x.dtype, torch.float32)))  # (B, R, T, C)
-    valid = grid.valid_tokens(x.device)  # (R, T)
-    if masked:
-        tokens = tokens.masked_fill(~valid[None, :, :, None], 0.0)
-        count = valid.sum(-1).clamp(min=1)
-    else:
-        count = torch.full((grid.num_regions,), grid.tokens_per_region, device=x.device)
-    return tokens.sum(2) / count[None, :, None].to(tokens.dtype)
+    x = x.flatten(3).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, W, C)
+    # masked: zeros (never the test noise) in the padding, so that they add nothing to the sums
+    pad = (0, 0, 0, grid.padded_width - grid.width, 0, grid.padded_height - grid.height)
+    padded = F.pad(x, pad) if masked else grid.pad(x)
+    # pooling the channels-last map reads each token once, without copying the map into region order
+    means = F.avg_pool2d(padded.permute(0, 3, 1, 2), (grid.region_h, grid.region_w)).flatten(2).transpose(1, 2)
+    if masked and grid.is_padded:  # the pool divided by T; divide by the valid tokens instead
+        count = grid.valid_tokens(x.device).sum(-1).clamp(min=1)
+        means = means * (grid.tokens_per_region / count[None, :, None].to(means.dtype))
+    return means
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:

@@ -9,17 +9,22 @@ A backend is a module-level object with
     is_available() -> bool                    (can it be imported/used on this machine at all)
     not_supported_reasons(q, k, v, grid, topk, masked) -> list[str]   (empty: it can run)
     attend(q, k, v, indices, grid, scale, masked) -> Tensor            (B, H, W, M, Dv)
-Backends are listed best first; auto-dispatch takes the first one that can run.
+and optionally
+    is_fast_for(q, k, v, grid, topk, masked) -> bool   (auto-dispatch takes it only where True)
+    unavailable_reason() -> str                        (why is_available() is False)
+Backends are listed best first; auto-dispatch takes the first one that can run and is fast for
+the inputs, else the first one that can run.
 """
 from __future__ import annotations
 
 import logging
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from ..regions import RegionGrid
-from . import reference
+from . import dense, indexed, reference, triton_attention
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,11 @@ class Backend(Protocol):
     ) -> Tensor: ...
 
 
-# Priority order, best first.
-BACKENDS: dict[str, Backend] = {reference.name: reference}
+# Priority order, best first: the fused Triton kernels on CUDA; dense attention with a block mask
+# where the map is small next to the routed keys; the gather-free indexed backend; the reference.
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend for backend in (triton_attention, dense, indexed, reference)
+}
 
 
 def available_backends() -> list[str]:
@@ -51,8 +59,14 @@ def _unsupported_reasons(
     backend: Backend, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
 ) -> list[str]:
     if not backend.is_available():
-        return ["not available on this machine"]
+        explain = getattr(backend, "unavailable_reason", None)
+        return [explain() if explain else "not available on this machine"]
     return backend.not_supported_reasons(q, k, v, grid, topk, masked)
+
+
+def _debug(message: str, *args: object) -> None:
+    if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls (fullgraph would break)
+        logger.debug(message, *args)
 
 
 def select_backend(
@@ -67,9 +81,17 @@ def select_backend(
         if reasons:
             raise ValueError(f"backend={requested!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
+    runnable = []
     for name, backend in BACKENDS.items():
         reasons = _unsupported_reasons(backend, q, k, v, grid, topk, masked)
-        if not reasons:
+        if reasons:
+            _debug("BRA backend %s skipped: %s", name, "; ".join(reasons))
+            continue
+        is_fast_for = getattr(backend, "is_fast_for", None)
+        if is_fast_for is None or is_fast_for(q, k, v, grid, topk, masked):
             return backend
-        logger.debug("BRA backend %s skipped: %s", name, "; ".join(reasons))
+        _debug("BRA backend %s skipped: slower than the next for these inputs", name)
+        runnable.append(backend)
+    if runnable:
+        return runnable[0]
     raise RuntimeError("no BRA backend can run these inputs")  # unreachable: the reference runs everything

@@ -1,0 +1,217 @@
+"""Indexed backend: routed attention in chunks of query regions, keys and values read by index.
+
+The reference copies every routed region topk times (a (B, R, K, T, M, D) tensor) and its
+backward scatters that copy back with an accumulating index_put. Here a chunk of query regions
+gathers its own tokens and those of its routed regions straight from the (B, H, W, M, D) maps,
+which stay in cache, computes softmax attention with batched matmuls, and writes its output rows
+back in place; the backward recomputes (or reuses) the probabilities and adds the key/value
+gradients back with `index_add_`. Nothing of size topk x (q, k or v) is ever allocated and q, k,
+v are never copied into another layout, so memory stays linear in tokens for any topk.
+
+Both directions are `torch.library` custom ops: torch.compile keeps each as one call and compiles
+what is around it. Half precision is computed in float32.
+
+Shape legend: B batch, H/W (padded) map, M heads, D head dim, R regions, T tokens per region,
+K topk, P = B*R query regions, n regions in a chunk.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..regions import RegionGrid
+from ._export import exporting_reasons
+
+name = "indexed"
+
+# Bytes of per-chunk temporaries (scores, probabilities, gathered keys/values and their
+# gradients); small enough to stay in cache, large enough for efficient batched matmuls.
+CHUNK_BYTES = 8 << 20
+
+
+def is_available() -> bool:
+    return True
+
+
+def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
+    return exporting_reasons()
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+    head_dim = q.shape[-1]
+    keys = indices.shape[-1] * grid.tokens_per_region
+    # keep the probabilities for the backward where they are no bigger than q and k: that saves
+    # a matmul and a softmax; otherwise recompute them, so that memory stays ~ q, k, v
+    keep_probs = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and keys <= 2 * head_dim
+    bias = None
+    if masked and grid.is_padded:
+        bias = torch.zeros(grid.num_regions, grid.tokens_per_region, dtype=_compute_dtype(q.dtype), device=q.device)
+        bias.masked_fill_(~grid.valid_tokens(q.device), float("-inf"))
+    out, _ = torch.ops.biformer.indexed_attention(
+        grid.pad(q), grid.pad(k), grid.pad(v), indices, grid.region_h, grid.region_w, bias, scale, keep_probs
+    )
+    return out[:, : grid.height, : grid.width]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _HeadRows(NamedTuple):
+    """A (B, H, W, M, D) map as a (rows, D) matrix: token n's head m is row n * token_stride + m."""
+
+    matrix: Tensor
+    token_stride: int
+
+
+def _head_rows(x: Tensor) -> _HeadRows:
+    """A view where the layout allows (contiguous maps, and q/k/v unbound from a packed qkv), else a copy."""
+    batch, height, width, heads, dim = x.shape
+    strides = x.stride()
+    if (strides[4] == 1 and strides[3] == dim and strides[2] % dim == 0
+            and strides[1] == width * strides[2] and strides[0] == height * strides[1]):
+        token_stride = strides[2] // dim
+        rows = (batch * height * width - 1) * token_stride + heads
+        return _HeadRows(x.as_strided((rows, dim), (dim, 1)), token_stride)
+    return _HeadRows(x.contiguous().view(-1, dim), heads)
+
+
+class _Plan:
+    """Which map tokens each query region reads and writes, and how the query regions are chunked."""
+
+    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int) -> None:
+        batch, height, width, self.heads, qk_dim = q.shape
+        v_dim = v.shape[-1]
+        num_regions, topk = indices.shape[1:]
+        self.tokens = region_h * region_w
+        self.dtype = _compute_dtype(q.dtype)
+        device = q.device
+        rows = torch.arange(height, device=device).view(-1, region_h, 1, 1)
+        cols = torch.arange(width, device=device).view(1, 1, -1, region_w)
+        region_tokens = (rows * width + cols).permute(0, 2, 1, 3).reshape(num_regions, self.tokens)  # (R, T)
+        batch_base = torch.arange(batch, device=device).view(batch, 1, 1) * (height * width)
+        self.query_tokens = (batch_base + region_tokens).flatten(0, 1)  # (P, T)
+        self.key_tokens = (batch_base[..., None] + region_tokens[indices]).flatten(0, 1).flatten(1)  # (P, K*T)
+        self.key_regions = indices.flatten(0, 1)  # (P, K)
+        self.head = torch.arange(self.heads, device=device).view(1, -1, 1)
+        keys = topk * self.tokens
+        per_region = self.heads * (3 * self.tokens * keys + 2 * (keys + self.tokens) * (qk_dim + v_dim))
+        self.step = max(1, CHUNK_BYTES // (per_region * torch.finfo(self.dtype).bits // 8))
+
+    def chunks(self) -> range:
+        return range(0, self.query_tokens.shape[0], self.step)
+
+    def rows(self, tokens: Tensor, token_stride: int) -> Tensor:
+        """(n, L) map tokens -> (n*M*L,) head rows, head-major per region."""
+        return (tokens[:, None, :] * token_stride + self.head).flatten()
+
+    def gather(self, x: _HeadRows, tokens: Tensor) -> Tensor:
+        """(n, L) map tokens -> (n*M, L, D) per-head matrices in the compute dtype."""
+        picked = x.matrix.index_select(0, self.rows(tokens, x.token_stride))
+        return picked.view(tokens.shape[0] * self.heads, tokens.shape[1], -1).to(self.dtype)
+
+    def probabilities(self, q: Tensor, k: Tensor, bias: Tensor | None, regions: Tensor, scale: float) -> Tensor:
+        """Softmax of the scaled scores (n*M, T, K*T) of query matrices q against gathered keys k."""
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        if bias is not None:  # (R, T) per key region, the same for every head and query
+            scores = scores.view(-1, self.heads, self.tokens, scores.shape[-1])
+            scores += bias[regions].view(regions.shape[0], 1, 1, -1)
+            scores = scores.flatten(0, 1)
+        return torch.softmax(scores, dim=-1)
+
+
+@torch.library.custom_op("biformer::indexed_attention", mutates_args=())
+def indexed_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int, bias: Tensor | None,
+    scale: float, keep_probs: bool,
+) -> tuple[Tensor, Tensor]:
+    """Routed attention on a map whose height/width are multiples of the region size.
+
+    q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv); bias
+    (R, T) is added to the logits of each key region's tokens (-inf masks padded tokens). Also
+    returns the probabilities (B*R*M, T, K*T) for the backward if keep_probs, else an empty tensor.
+    """
+    plan = _Plan(q, v, indices, region_h, region_w)
+    q_rows, k_rows, v_rows = _head_rows(q), _head_rows(k), _head_rows(v)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    out_rows = out.view(-1, v.shape[-1])
+    keys = indices.shape[-1] * plan.tokens
+    probs = q.new_empty((plan.query_tokens.shape[0] * plan.heads, plan.tokens, keys) if keep_probs else (0,),
+                        dtype=plan.dtype)
+    for start in plan.chunks():
+        chunk = slice(start, start + plan.step)
+        query_tokens, key_tokens = plan.query_tokens[chunk], plan.key_tokens[chunk]
+        chunk_probs = plan.probabilities(plan.gather(q_rows, query_tokens), plan.gather(k_rows, key_tokens), bias,
+                                         plan.key_regions[chunk], scale)
+        chunk_out = torch.bmm(chunk_probs, plan.gather(v_rows, key_tokens))
+        out_rows.index_copy_(0, plan.rows(query_tokens, plan.heads), chunk_out.flatten(0, 1).to(out.dtype))
+        if keep_probs:
+            probs[start * plan.heads: start * plan.heads + chunk_probs.shape[0]] = chunk_probs
+    return out, probs
+
+
+@indexed_attention.register_fake
+def _(q, k, v, indices, region_h, region_w, bias, scale, keep_probs):
+    tokens = region_h * region_w
+    probs_shape = (indices.shape[0] * indices.shape[1] * q.shape[3], tokens, indices.shape[2] * tokens)
+    return v.new_empty(v.shape), q.new_empty(probs_shape if keep_probs else (0,), dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("biformer::indexed_attention_backward", mutates_args=())
+def indexed_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int,
+    bias: Tensor | None, probs: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `indexed_attention` for q, k, v; probabilities are recomputed where probs is empty."""
+    plan = _Plan(q, v, indices, region_h, region_w)
+    q_rows, k_rows, v_rows, grad_rows = _head_rows(q), _head_rows(k), _head_rows(v), _head_rows(grad_out)
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every token is in exactly one query region
+    # key/value gradients accumulate over the query regions routed to them (in float32 for half inputs)
+    grad_k = torch.zeros(k.shape, dtype=plan.dtype, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=plan.dtype, device=v.device)
+    grad_q_rows, grad_k_rows, grad_v_rows = (t.view(-1, t.shape[-1]) for t in (grad_q, grad_k, grad_v))
+    for start in plan.chunks():
+        chunk = slice(start, start + plan.step)
+        query_tokens, key_tokens = plan.query_tokens[chunk], plan.key_tokens[chunk]
+        q_chunk, grad_chunk = plan.gather(q_rows, query_tokens), plan.gather(grad_rows, query_tokens)
+        k_routed, v_routed = plan.gather(k_rows, key_tokens), plan.gather(v_rows, key_tokens)
+        if probs.numel():
+            chunk_probs = probs[start * plan.heads: start * plan.heads + q_chunk.shape[0]]
+        else:
+            chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.key_regions[chunk], scale)
+        grad_v_routed = torch.bmm(chunk_probs.transpose(1, 2), grad_chunk)
+        grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
+        # softmax backward, times the logit scale that both q and k gradients carry
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, chunk_probs, -1, plan.dtype).mul_(scale)
+        grad_q_rows.index_copy_(0, plan.rows(query_tokens, plan.heads),
+                                torch.bmm(grad_scores, k_routed).flatten(0, 1).to(q.dtype))
+        grad_k_routed = torch.bmm(grad_scores.transpose(1, 2), q_chunk)
+        key_rows = plan.rows(key_tokens, plan.heads)
+        grad_k_rows.index_add_(0, key_rows, grad_k_routed.flatten(0, 1))
+        grad_v_rows.index_add_(0, key_rows, grad_v_routed.flatten(0, 1))
+    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+@indexed_attention_backward.register_fake
+def _(grad_out, q, k, v, indices, region_h, region_w, bias, probs, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, indices, region_h, region_w, bias, scale, keep_probs = inputs
+    ctx.save_for_backward(q, k, v, indices, bias, output[1])
+    ctx.region_size, ctx.scale = (region_h, region_w), scale
+    ctx.set_materialize_grads(False)  # the probabilities get no gradient: do not allocate zeros for them
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_probs: Tensor | None):
+    if grad_out is None:
+        return (None,) * 9
+    q, k, v, indices, bias, probs = ctx.saved_tensors
+    grads = indexed_attention_backward(grad_out, q, k, v, indices, *ctx.region_size, bias, probs, ctx.scale)
+    return *grads, None, None, None, None, None, None
+
+
+indexed_attention.register_autograd(_backward, setup_context=_setup_context)

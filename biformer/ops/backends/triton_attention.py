@@ -1,0 +1,195 @@
+"""Triton backend: fused routed attention, forward and backward, on CUDA.
+
+Each forward program takes a tile of query tokens (one region, a slice of a large one, or several
+tiny ones), walks their routed regions loading keys and values by index with an online softmax,
+and writes the output and the log-sum-exp; the (B, R, K, T, M, D) gathered tensor of the reference
+never exists. The backward recomputes the probabilities from the log-sum-exp: one kernel for dq
+(query-centric, like the forward) and one for dk/dv (key-centric, over the query regions that
+routed to each key region), so no atomics and deterministic results. See `_triton_kernels`.
+
+Registered as `torch.library` custom ops, so torch.compile keeps them as single calls. float32
+uses IEEE matmuls (not TF32) so that it matches the reference to 1e-4. TRITON_INTERPRET=1 runs the
+kernels on CPU tensors, for tests without a GPU (slow; never picked automatically).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..regions import RegionGrid
+from ._export import exporting_reasons
+
+name = "triton"
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+TILE = 64  # query/key tile rows (tokens) of the forward and dq kernels
+
+
+# looked up once: torch.compile cannot trace importlib
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def is_available() -> bool:
+    return TRITON_INSTALLED and (torch.cuda.is_available() or _interpreting())
+
+
+def unavailable_reason() -> str:
+    if not TRITON_INSTALLED:
+        return "the triton package is not installed"
+    return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, for testing)"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
+    reasons = exporting_reasons()
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        reasons.append(f"inputs are on {q.device.type}; Triton kernels run on CUDA (on CPU only under TRITON_INTERPRET=1)")
+    if q.dtype not in DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {[str(d) for d in DTYPES]}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {MAX_HEAD_DIM}")
+    return reasons
+
+
+def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> bool:
+    return q.device.type == "cuda"  # the interpreter is for testing, far slower than the CPU backends
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+    out, _ = torch.ops.biformer.triton_routed_attention(q, k, v, indices, grid.rows, grid.cols, scale, masked)
+    return out
+
+
+def _kernels() -> ModuleType:
+    from . import _triton_kernels  # compiled or interpreted as TRITON_INTERPRET says at first import
+
+    return _triton_kernels
+
+
+def _head_dim_block(dim: int) -> int:
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+def _strides(x: Tensor) -> tuple[int, int, int, int]:
+    """(batch, row, column, head) strides; the kernels need the head dim contiguous."""
+    return x.stride()[:4]
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Geometry:
+    """Region sizes and the tile layout of one call (see `_triton_kernels`)."""
+
+    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, rows: int, cols: int) -> None:
+        self.batch, self.height, self.width, self.heads, self.qk_dim = q.shape
+        self.v_dim = v.shape[-1]
+        self.num_regions, self.topk = indices.shape[1:]
+        self.cols = cols
+        self.region_h, self.region_w = math.ceil(self.height / rows), math.ceil(self.width / cols)
+        tokens_p2 = 1 << (self.region_h * self.region_w - 1).bit_length()
+        self.tokens_p2 = tokens_p2
+        self.slots = max(1, TILE // tokens_p2)  # regions packed per query tile
+        self.chunks = max(1, tokens_p2 // TILE)  # tiles per region
+        self.query_tiles = math.ceil(self.num_regions / self.slots) * self.chunks
+        self.key_tile = max(16, min(tokens_p2, TILE))
+        self.key_chunks = max(1, tokens_p2 // self.key_tile)
+
+    def constants(self, masked: bool, dtype: torch.dtype) -> dict:
+        return dict(
+            HEADS=self.heads, R=self.num_regions, COLS=self.cols, REGION_H=self.region_h, REGION_W=self.region_w,
+            D=self.qk_dim, DV=self.v_dim, BLOCK_D=_head_dim_block(self.qk_dim), BLOCK_DV=_head_dim_block(self.v_dim),
+            MASKED=masked, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            WIDEN=_interpreting() and dtype == torch.bfloat16,
+        )
+
+
+@torch.library.custom_op("biformer::triton_routed_attention", mutates_args=())
+def triton_routed_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, rows: int, cols: int, scale: float, masked: bool
+) -> tuple[Tensor, Tensor]:
+    """q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv), lse (B, M, H, W)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    geo = _Geometry(q, v, indices, rows, cols)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse = torch.empty(geo.batch, geo.heads, geo.height, geo.width, dtype=torch.float32, device=q.device)
+    _kernels()._routed_attention_fwd[(geo.query_tiles, geo.batch * geo.heads)](
+        q, k, v, out, lse, indices.contiguous(), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        scale, geo.height, geo.width, TOPK=geo.topk, TILE=TILE, T_P=geo.tokens_p2, G=geo.slots,
+        CHUNKS=geo.chunks, **geo.constants(masked, q.dtype),
+    )
+    return out, lse
+
+
+@triton_routed_attention.register_fake
+def _(q, k, v, indices, rows, cols, scale, masked):
+    batch, height, width, heads, _ = q.shape
+    return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
+
+
+@torch.library.custom_op("biformer::triton_routed_attention_backward", mutates_args=())
+def triton_routed_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
+    rows: int, cols: int, scale: float, masked: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
+    geo = _Geometry(q, v, indices, rows, cols)
+    # delta_i = sum_j p_ij dp_ij = dO_i . O_i, per query token and head: (B, M, H, W)
+    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
+    # inverse routing, CSR: the query regions of batch b that routed to key region j are
+    # routed_by[start[b*R + j] : start[b*R + j + 1]]
+    batch, num_regions, topk = indices.shape
+    key_regions = indices.flatten(1)
+    order = torch.argsort(key_regions, dim=1, stable=True)
+    routed_by = (order // topk).flatten().contiguous()
+    counts = torch.bincount((key_regions + num_regions * torch.arange(batch, device=q.device)[:, None]).flatten(),
+                            minlength=batch * num_regions)
+    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kernels, constants = _kernels(), geo.constants(masked, q.dtype)
+    kernels._routed_attention_bwd_dq[(geo.query_tiles, batch * geo.heads)](
+        q, k, v, grad_out, grad_q, lse, delta, indices.contiguous(),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_q),
+        scale, geo.height, geo.width, TOPK=topk, TILE=TILE, T_P=geo.tokens_p2, G=geo.slots, CHUNKS=geo.chunks,
+        **constants,
+    )
+    kernels._routed_attention_bwd_dkv[(num_regions * geo.key_chunks, batch * geo.heads)](
+        q, k, v, grad_out, grad_k, grad_v, lse, delta, routed_by, start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_k), *_strides(grad_v),
+        scale, geo.height, geo.width, KEY_TILE=geo.key_tile, CHUNKS=geo.key_chunks, **constants,
+    )
+    return grad_q, grad_k, grad_v
+
+
+@triton_routed_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, indices, rows, cols, scale, masked):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, indices, rows, cols, scale, masked = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices)
+    ctx.geometry = (rows, cols, scale, masked)
+    ctx.set_materialize_grads(False)  # the log-sum-exp gets no gradient
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
+    if grad_out is None:
+        return (None,) * 8
+    q, k, v, out, lse, indices = ctx.saved_tensors
+    grads = triton_routed_attention_backward(grad_out, q, k, v, out, lse, indices, *ctx.geometry)
+    return *grads, None, None, None, None, None
+
+
+triton_routed_attention.register_autograd(_backward, setup_context=_setup_context)
