@@ -1,0 +1,160 @@
+"""`biformer bench op`: every BRA backend against the reference, interleaved, on BiFormer's stage shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..ops import bi_level_routing_attention
+from ..ops.backends import BACKENDS, select_backend
+from ..ops.functional import region_grid
+from .measure import interleaved_median_seconds, peak_memory_bytes
+
+REFERENCE = "reference"
+AUTO = "auto"  # automatic dispatch; the note says what it picked
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """One BRA layer's input: (batch, height, width, dim) map, heads, regions per side, topk."""
+
+    name: str
+    batch: int
+    height: int
+    width: int
+    dim: int
+    heads: int
+    n_win: int
+    topk: int
+
+    @classmethod
+    def parse(cls, text: str, batch: int) -> "OpShape":
+        """'H,W,DIM,HEADS,N_WIN,TOPK' or 'NAME=...'; ValueError naming the expected form."""
+        name, _, spec = text.rpartition("=")
+        try:
+            height, width, dim, heads, n_win, topk = (int(part) for part in spec.split(","))
+        except ValueError:
+            raise ValueError(f"shape {text!r} is not [NAME=]H,W,DIM,HEADS,N_WIN,TOPK (six integers)") from None
+        if min(height, width, dim, heads, n_win, topk) < 1 or dim % heads:
+            raise ValueError(f"shape {text!r}: sizes must be positive and HEADS must divide DIM")
+        return cls(name or spec, batch, height, width, dim, heads, n_win, topk)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def attention_flops(self) -> int:
+        """FLOPs (2 per multiply-add) of the token attention's forward: q.k and p.v, each query
+        against the topk*T keys of its routed regions, T the tokens of a (ceil-sized) region."""
+        grid = region_grid(self.height, self.width, self.n_win)
+        keys = self.topk * grid.tokens_per_region
+        return 2 * self.batch * self.height * self.width * keys * 2 * self.dim
+
+
+def stage_shapes(batch: int = 8) -> list[OpShape]:
+    """BiFormer-T/S (same widths, different depths) BRA stages at 224x224 input; stage 4 is full attention."""
+    return [
+        OpShape("T/S stage1", batch, 56, 56, 64, 2, 7, 1),
+        OpShape("T/S stage2", batch, 28, 28, 128, 4, 7, 4),
+        OpShape("T/S stage3", batch, 14, 14, 256, 8, 7, 16),
+    ]
+
+
+COLUMNS = (
+    "shape", "backend", "fwd_ms", "ref_fwd_ms", "fwd_speedup", "fwd_bwd_ms", "ref_fwd_bwd_ms", "fwd_bwd_speedup",
+    "fwd_tflop_s", "fwd_bwd_tflop_s", "peak_mb", "ref_peak_mb", "peak_per_io", "max_abs_err", "note",
+)
+# a backward does 2.5x the forward's matmul work (dV, dP, dQ, dK and the recomputed scores): the
+# usual flash-attention convention for achieved throughput
+BACKWARD_FLOP_FACTOR = 2.5
+
+
+def bench_op(
+    shapes: list[OpShape],
+    backends: list[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    padding: str = "masked",
+    repeats: int = 10,
+    warmup: int = 2,
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per (shape, backend other than the reference), each beside the reference, same run.
+
+    Times are medians of interleaved rounds of the whole op (routing included); the forward runs
+    without autograd, forward+backward from a leaf qkv tensor, as in a layer. peak_mb is the
+    memory allocated during forward+backward on top of the inputs; peak_per_io is the whole
+    footprint (that peak plus qkv and the output gradient) over the bytes of q, k, v, output and
+    their gradients. max_abs_err compares output and q/k/v gradients with the reference.
+    fwd_tflop_s / fwd_bwd_tflop_s: the token attention's FLOPs (`OpShape.attention_flops`) over
+    the measured time, which includes routing: the op's achieved rate.
+    """
+    rows = []
+    for shape in shapes:
+        generator = torch.Generator(device).manual_seed(0)
+        qkv = torch.randn(shape.batch, shape.height, shape.width, 3, shape.heads, shape.head_dim,
+                          generator=generator, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], generator=generator, device=device, dtype=dtype)
+        scale = shape.dim**-0.5  # BiFormer's layers scale by the full width
+
+        def op(backend: str) -> torch.Tensor:
+            q, k, v = qkv.unbind(3)
+            return bi_level_routing_attention(q, k, v, shape.n_win, shape.topk, scale=scale, padding=padding,
+                                              backend=None if backend == AUTO else backend)
+
+        def forward(backend: str) -> None:
+            with torch.no_grad():
+                op(backend)
+
+        def forward_backward(backend: str) -> None:
+            qkv.grad = None
+            op(backend).backward(grad_out)
+
+        def outputs(backend: str) -> list[torch.Tensor]:
+            qkv.grad = None
+            out = op(backend)
+            out.backward(grad_out)
+            return [out.detach(), qkv.grad]
+
+        grid = region_grid(shape.height, shape.width, shape.n_win)
+        q, k, v = qkv.detach().unbind(3)
+        runnable, notes = [], {}
+        for name in dict.fromkeys([REFERENCE, *backends]):
+            try:
+                chosen = select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked")
+                runnable.append(name)
+                if name == AUTO:
+                    notes[name] = f"picked {chosen.name}"
+            except ValueError as error:
+                notes[name] = f"skipped: {error}"
+        reference_outputs = outputs(REFERENCE)
+        errors = {name: max((a.float() - b.float()).abs().max().item()
+                            for a, b in zip(outputs(name), reference_outputs)) for name in runnable}
+        forward_s = interleaved_median_seconds({n: (lambda n=n: forward(n)) for n in runnable}, device, repeats, warmup,
+                                               desc=f"{shape.name} forward")
+        train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in runnable}, device,
+                                             repeats, warmup, desc=f"{shape.name} forward+backward")
+        peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory else None for n in runnable}
+        qkv.grad = None
+        io_bytes = 2 * (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v, out and their gradients
+        inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()
+        for name in [n for n in runnable if n != REFERENCE] or [REFERENCE]:
+            rows.append(dict(
+                shape=shape.name, backend=name,
+                fwd_ms=1e3 * forward_s[name], ref_fwd_ms=1e3 * forward_s[REFERENCE],
+                fwd_speedup=forward_s[REFERENCE] / forward_s[name],
+                fwd_bwd_ms=1e3 * train_s[name], ref_fwd_bwd_ms=1e3 * train_s[REFERENCE],
+                fwd_bwd_speedup=train_s[REFERENCE] / train_s[name],
+                fwd_tflop_s=shape.attention_flops() / forward_s[name] / 1e12,
+                fwd_bwd_tflop_s=(1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train_s[name] / 1e12,
+                peak_mb=_mb(peaks[name]), ref_peak_mb=_mb(peaks[REFERENCE]),
+                peak_per_io=None if peaks[name] is None else (peaks[name] + inputs_bytes) / io_bytes,
+                max_abs_err=errors[name], note=notes.get(name),
+            ))
+        rows += [dict(shape=shape.name, backend=n, note=note) for n, note in notes.items() if n not in runnable]
+    return rows
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 2**20

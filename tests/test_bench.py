@@ -1,0 +1,62 @@
+"""`biformer bench`: smoke tests on tiny shapes, CSV output, and bad input."""
+import csv
+
+import pytest
+
+from biformer.cli import main
+
+
+def test_bench_op_table_and_csv(tmp_path, capsys):
+    path = tmp_path / "op.csv"
+    code = main(["bench", "op", "--shape", "tiny=8,8,16,2,4,2", "--shape", "9,11,16,2,3,4", "--batch", "2",
+                 "--repeats", "2", "--warmup", "1", "--threads", "1", "--backends", "indexed", "dense",
+                 "--csv", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fwd_bwd_speedup" in out and "tiny" in out
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["shape"], r["backend"]) for r in rows] == [
+        ("tiny", "indexed"), ("tiny", "dense"), ("9,11,16,2,3,4", "indexed"), ("9,11,16,2,3,4", "dense")]
+    for row in rows:
+        assert float(row["fwd_ms"]) > 0 and float(row["ref_fwd_bwd_ms"]) > 0
+        assert float(row["max_abs_err"]) < 1e-4  # each backend is checked against the reference
+        assert float(row["peak_mb"]) > 0  # fwd+bwd allocates at least the output and gradients
+
+
+def test_bench_op_reports_a_backend_that_cannot_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["bench", "op", "--shape", "8,8,16,2,4,2", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                 "--no-memory", "--backends", "triton", "indexed"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "indexed" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "op", "--shape", "8,8,16"], "six integers"),
+    (["bench", "op", "--shape", "8,8,16,3,4,2"], "HEADS must divide DIM"),
+    (["bench", "op", "--shape", "8,8,16,2,9,2"], "N_WIN <= H"),
+    (["bench", "op", "--backends", "nope"], "unknown backend"),
+    (["bench", "op", "--repeats", "0"], "--repeats"),
+    (["bench", "op", "--csv", "/no/such/folder/x.csv"], "does not exist"),
+    (["bench", "model", "biformer_tiny:fast"], "unknown option"),
+    (["bench", "model", "--backend", "nope"], "unknown --backend"),
+    (["bench", "model", "no_such_model"], "unknown model"),
+    (["bench", "model", "resnet18:backend=indexed"], "BiFormer models only"),
+])
+def test_bench_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("biformer bench: error:") and message in err
+
+
+def test_bench_model_smoke(tmp_path, capsys):
+    path = tmp_path / "model.csv"
+    code = main(["bench", "model", "biformer_nano", "biformer_nano:backend=reference", "--img-size", "32",
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--csv", str(path)])
+    assert code == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [r["model"] for r in rows] == ["biformer_nano", "biformer_nano:backend=reference"]
+    for row in rows:
+        assert float(row["infer_img_s"]) > 0 and float(row["train_img_s"]) > 0 and float(row["gflops"]) > 0
+        assert float(row["infer_gflop_s"]) == pytest.approx(float(row["gflops"]) * float(row["infer_img_s"]))
