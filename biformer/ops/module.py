@@ -1,11 +1,25 @@
 """BRA as an nn.Module: qkv projection, routed attention, local context enhancement, output projection."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import bi_level_routing_attention
-from .regions import PADDING_MODES
+from .regions import PADDING_MODES, Routing
+
+
+class RecordedRouting(NamedTuple):
+    """What one forward of a recording layer routed, for visualisation (tensors detached).
+
+    q, k: (B, H', W', M, D) as passed to the op (H', W' include the legacy padding, if any).
+    """
+
+    routing: Routing
+    q: Tensor
+    k: Tensor
+    scale: float
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -28,7 +42,12 @@ class BiLevelRoutingAttention(nn.Module):
             `auto_pad=True` did, so its checkpoints run as they were trained.
         channels_last: input/output as (B, H, W, C) if True, else (B, C, H, W).
         backend: force an attention backend (see `biformer.ops.available_backends()`).
+
+    Set `record_routing = True` to make forward keep its last routing and q, k in `last_routing`
+    (a `RecordedRouting`), e.g. to draw which regions a query attends to.
     """
+
+    record_routing: bool = False
 
     def __init__(
         self,
@@ -64,6 +83,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)
+        self.last_routing: RecordedRouting | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, padding={self.padding!r}"
@@ -84,8 +104,13 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(3)  # each (B, H', W', M, D)
         out = bi_level_routing_attention(
-            q, k, v, n_win, topk, scale=self.scale, padding=self.padding, backend=self.backend
-        ).flatten(3)
+            q, k, v, n_win, topk, scale=self.scale, padding=self.padding, backend=self.backend,
+            return_routing=self.record_routing,
+        )
+        if self.record_routing:
+            out, routing = out
+            self.last_routing = RecordedRouting(routing, q.detach(), k.detach(), self.scale)
+        out = out.flatten(3)
         if self.lepe is not None:
             out = out + self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out)[:, :height, :width]

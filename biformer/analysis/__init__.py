@@ -1,0 +1,1 @@
+"""Looking inside BiFormer: FLOP counts, the paper's complexity trade-off, routing pictures, checkpoint conversion."""

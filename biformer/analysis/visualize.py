@@ -1,0 +1,240 @@
+"""Pictures of routing: which regions a query attends to, and its token-level attention.
+
+The figure is composed with PIL at exact pixel positions (see `panel_origin`), so what is drawn
+where can be checked: row 0 holds the input with the query marked, the routed regions (full
+colour, outlined; the rest dimmed) and the token attention heatmap; the rows below hold the
+heatmap for a grid of queries, like the paper's figure of the last block of stage 3.
+
+Coordinates: queries are (x, y) pixels of the model input (the image resized to the input size);
+a token of a stage with stride s covers s x s input pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from ..ops import BiLevelRoutingAttention
+from ..ops.module import RecordedRouting
+from .files import atomic_output
+
+SKIMAGE_PREFIX = "skimage:"
+SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "camera", "cat", "rocket", "immunohistochemistry", "hubble_deep_field")
+ROUTED_COLOR = (255, 196, 0)
+QUERY_COLOR = (0, 200, 255)
+DIM = 0.35  # brightness of what is not routed
+MARGIN, TITLE_HEIGHT, COLUMNS = 8, 16, 3
+
+
+def load_image(spec: str) -> Image.Image:
+    """An RGB image from a file path or a bundled scikit-image sample ('skimage:astronaut')."""
+    if spec.startswith(SKIMAGE_PREFIX):
+        name = spec[len(SKIMAGE_PREFIX):]
+        if name not in SKIMAGE_SAMPLES:
+            raise ValueError(f"unknown sample {spec!r}; bundled samples: "
+                             + ", ".join(SKIMAGE_PREFIX + s for s in SKIMAGE_SAMPLES))
+        import skimage.data
+
+        return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    try:
+        with Image.open(spec) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"image {spec!r} does not exist") from error
+    except OSError as error:
+        raise ValueError(f"image {spec!r} cannot be read: {error}") from error
+
+
+def preprocess(image: Image.Image, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, Tensor]:
+    """Resize to (H, W); return the resized uint8 (H, W, 3) image and the normalised (1, 3, H, W) input."""
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BICUBIC)
+    pixels = np.array(image, dtype=np.uint8)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)
+    tensor = (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return pixels, tensor[None]
+
+
+def bra_block(model: nn.Module, stage: int, block: int) -> BiLevelRoutingAttention:
+    """The BRA layer of model.stages[stage].blocks[block] (negative indices allowed)."""
+    try:
+        attention = model.stages[stage].blocks[block].attn
+    except (IndexError, AttributeError) as error:
+        depths = [len(s.blocks) for s in model.stages]
+        raise ValueError(f"block {stage}.{block} does not exist; blocks per stage: {depths}") from error
+    if not isinstance(attention, BiLevelRoutingAttention):
+        raise ValueError(f"block {stage}.{block} uses {type(attention).__name__}, not routing attention; "
+                         "choose a block of a BRA stage")
+    return attention
+
+
+def capture_routing(model: nn.Module, inputs: Tensor, layer: BiLevelRoutingAttention) -> RecordedRouting:
+    """Run model on inputs and return what `layer` routed (batch element 0 is what is drawn)."""
+    layer.record_routing, layer.last_routing = True, None
+    try:
+        with torch.no_grad():
+            model(inputs)
+        record = layer.last_routing
+    finally:
+        layer.record_routing, layer.last_routing = False, None
+    if record is None:
+        raise RuntimeError("the chosen layer did not run in the forward pass")
+    return record
+
+
+@dataclass(frozen=True)
+class QueryView:
+    """What one query token sees. Pixel boxes are (x0, y0, x1, y1) in input pixels, clipped to the image."""
+
+    query: tuple[int, int]
+    query_region: int
+    routed: list[int]  # key region indices, best first
+    attention: np.ndarray  # (H_img, W_img) float, the head-averaged attention of the query (sums to 1)
+    boxes: dict[int, tuple[int, int, int, int]]  # region index -> box
+
+
+def query_view(record: RecordedRouting, query: tuple[int, int], stride: int, image_size: tuple[int, int]) -> QueryView:
+    """Routing and token attention (mean over heads) of the token under input pixel query = (x, y)."""
+    grid = record.routing.grid
+    x, y = query
+    row, col = y // stride, x // stride
+    region = (row // grid.region_h) * grid.cols + col // grid.region_w
+    routed = record.routing.indices[0, region]  # (K,)
+    q_token = record.q[0, row, col].float()  # (M, D)
+    k_routed = grid.to_regions(record.k.float())[0, routed]  # (K, T, M, D)
+    logits = torch.einsum("md,ktmd->mkt", q_token, k_routed) * record.scale
+    valid = grid.valid_tokens(logits.device)[routed]  # (K, T)
+    weights = logits.masked_fill(~valid, float("-inf")).flatten(1).softmax(-1).mean(0).view_as(valid)
+    token_map = torch.zeros(grid.num_regions, grid.tokens_per_region)
+    token_map[routed] = weights.cpu()
+    token_map = grid.from_regions(token_map[None, :, :, None])[0, :, :, 0]  # (H', W')
+    # one token covers stride x stride pixels; the legacy padding beyond the image is cut off
+    pixels = token_map.repeat_interleave(stride, 0).repeat_interleave(stride, 1)[: image_size[0], : image_size[1]]
+    height, width = image_size
+
+    def box(index: int) -> tuple[int, int, int, int]:
+        r, c = divmod(index, grid.cols)
+        y0, x0 = r * grid.region_h * stride, c * grid.region_w * stride
+        return (min(x0, width), min(y0, height), min(x0 + grid.region_w * stride, width), min(y0 + grid.region_h * stride, height))
+
+    indices = routed.tolist()
+    return QueryView(query, region, indices, pixels.numpy() / stride**2,
+                     {i: box(i) for i in set(indices) | {region}})
+
+
+def _scaled(box: tuple[int, int, int, int], scale: int) -> tuple[int, int, int, int]:
+    return tuple(v * scale for v in box)
+
+
+def _outline(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], color: tuple[int, int, int], width: int) -> None:
+    x0, y0, x1, y1 = box
+    if x1 > x0 and y1 > y0:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=width)
+
+
+def _marker(draw: ImageDraw.ImageDraw, query: tuple[int, int], scale: int) -> None:
+    cx, cy = (query[0] + 0.5) * scale, (query[1] + 0.5) * scale
+    radius = max(3, 2 * scale)
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=QUERY_COLOR, width=max(1, scale))
+    draw.point((cx, cy), fill=QUERY_COLOR)
+
+
+def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Image.Image:
+    """Routed regions in full colour with outlines, everything else dimmed; query region outlined apart."""
+    shown = (pixels * DIM).astype(np.uint8)
+    for index in view.routed:
+        x0, y0, x1, y1 = view.boxes[index]
+        shown[y0:y1, x0:x1] = pixels[y0:y1, x0:x1]
+    image = _upscale(shown, scale)
+    draw = ImageDraw.Draw(image)
+    line = max(1, scale)
+    for index in view.routed:
+        _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, line)
+    _outline(draw, _scaled(view.boxes[view.query_region], scale), QUERY_COLOR, line)
+    _marker(draw, view.query, scale)
+    return image
+
+
+def attention_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Image.Image:
+    """The query's token attention as a heatmap over the dimmed image, routed regions outlined.
+
+    Colours span the weights' range over the routed tokens, so near-uniform attention (random
+    weights) still shows its structure; tokens outside the routed regions stay uncoloured.
+    """
+    routed = np.zeros(view.attention.shape, dtype=bool)
+    for index in view.routed:
+        x0, y0, x1, y1 = view.boxes[index]
+        routed[y0:y1, x0:x1] = True
+    low, high = float(view.attention[routed].min()), float(view.attention[routed].max())
+    heat = np.where(routed, 0.1 + 0.9 * (view.attention - low) / max(high - low, 1e-12), 0.0)
+    colored = colormaps["inferno"](heat)[..., :3] * 255
+    alpha = 0.25 + 0.75 * heat[..., None]
+    shown = (pixels * DIM * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
+    image = _upscale(shown, scale)
+    draw = ImageDraw.Draw(image)
+    for index in view.routed:
+        _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, 1)
+    _marker(draw, view.query, scale)
+    return image
+
+
+def _upscale(pixels: np.ndarray, scale: int) -> Image.Image:
+    image = Image.fromarray(pixels)
+    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def display_scale(image_size: tuple[int, int], panel_size: int) -> int:
+    """Integer upscaling so panels are about panel_size pixels on their long side (at least 1)."""
+    return max(1, panel_size // max(image_size))
+
+
+def panel_origin(row: int, col: int, panel: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (x, y) of the panel at (row, col) in the figure; panel = (width, height) in figure pixels."""
+    return MARGIN + col * (panel[0] + MARGIN), row * (TITLE_HEIGHT + panel[1] + MARGIN) + TITLE_HEIGHT + MARGIN
+
+
+def figure_size(panel: tuple[int, int], grid_queries: int) -> tuple[int, int]:
+    rows = 1 + math.ceil(grid_queries / COLUMNS)
+    return MARGIN + COLUMNS * (panel[0] + MARGIN), rows * (TITLE_HEIGHT + panel[1] + MARGIN) + MARGIN
+
+
+def grid_queries(image_size: tuple[int, int], per_side: int) -> list[tuple[int, int]]:
+    """per_side x per_side queries evenly spread over the image, as (x, y)."""
+    height, width = image_size
+    return [(int((j + 0.5) * width / per_side), int((i + 0.5) * height / per_side))
+            for i in range(per_side) for j in range(per_side)]
+
+
+def render_figure(
+    pixels: np.ndarray, record: RecordedRouting, stride: int, query: tuple[int, int],
+    grid: Sequence[tuple[int, int]], title: str, panel_size: int = 256,
+) -> Image.Image:
+    image_size = pixels.shape[:2]
+    scale = display_scale(image_size, panel_size)
+    panel = (image_size[1] * scale, image_size[0] * scale)
+    figure = Image.new("RGB", figure_size(panel, len(grid)), "white")
+    draw = ImageDraw.Draw(figure)
+    main = query_view(record, query, stride, image_size)
+    input_panel = _upscale(pixels, scale)
+    _marker(ImageDraw.Draw(input_panel), query, scale)
+    top = [(input_panel, f"{title}, query {query}"),
+           (routed_regions_panel(pixels, main, scale), f"{len(main.routed)} routed regions"),
+           (attention_panel(pixels, main, scale), "token attention, mean of heads")]
+    cells = [(attention_panel(pixels, query_view(record, q, stride, image_size), scale), f"query {q}") for q in grid]
+    for position, (panel_image, caption) in enumerate(top + cells):
+        row, col = (0, position) if position < COLUMNS else (1 + (position - COLUMNS) // COLUMNS, (position - COLUMNS) % COLUMNS)
+        x, y = panel_origin(row, col, panel)
+        figure.paste(panel_image, (x, y))
+        draw.text((x, y - TITLE_HEIGHT + 2), caption, fill="black")
+    return figure
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    with atomic_output(path) as temp:
+        image.save(temp, format="PNG")

@@ -1,0 +1,62 @@
+"""`biformer complexity`: the paper's FLOPs trade-off over the region count S, with measured times."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "complexity", help="BRA FLOPs and time against the number of regions (paper Eq. 9)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tabulate and plot the routing and token-attention FLOPs of one BRA layer for every S "
+                    "(regions per side) that divides the map, the analytic optimum S*, and the measured "
+                    "time of bi_level_routing_attention for each S.",
+    )
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(56, 56), help="map size in tokens")
+    parser.add_argument("--dim", type=int, default=64, help="channels C")
+    parser.add_argument("--topk", type=int, default=4, help="routed regions k")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads for the timing (default C // 32)")
+    parser.add_argument("--output", default="complexity.png", help="PNG plot to write")
+    parser.add_argument("--csv", default=None, help="also write the table as CSV")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per S (median reported)")
+    parser.add_argument("--no-time", action="store_true", help="FLOPs only, skip the timing")
+    parser.add_argument("--device", default="cpu", help="device for the timing")
+    parser.add_argument("--backend", default=None, help="force a BRA backend for the timing")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.complexity import complexity_table, format_table, optimal_regions_per_side, plot_complexity, write_csv
+
+    height, width = args.size
+    heads = args.heads or max(1, args.dim // 32)
+    for name, value in (("--size H", height), ("--size W", width), ("--dim", args.dim), ("--topk", args.topk),
+                        ("--repeats", args.repeats), ("--heads", heads)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if args.dim % heads:
+        raise UserError(f"--heads {heads} must divide --dim {args.dim}")
+    if not args.output.lower().endswith(".png"):
+        raise UserError(f"--output must name a .png file, got {args.output!r}")
+    for path in filter(None, (args.output, args.csv)):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"the folder of {path!r} does not exist; create it first")
+    try:
+        rows = complexity_table(height, width, args.dim, args.topk, heads=heads, measure=not args.no_time,
+                                repeats=args.repeats, device=args.device, backend=args.backend)
+    except ValueError as error:  # e.g. a forced backend that cannot run
+        raise UserError(str(error)) from error
+    if not rows:
+        raise UserError(f"no S divides {height}x{width} with S^2 >= topk={args.topk}; lower --topk or change --size")
+    print(f"BRA on a {height}x{width} map, C={args.dim}, k={args.topk}"
+          + ("" if args.no_time else f", timing {heads} heads on {args.device}"))
+    print(format_table(rows, optimal_regions_per_side(height, width, args.topk)))
+    plot_complexity(rows, height, width, args.dim, args.topk, args.output)
+    print(f"wrote {args.output}")
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    return 0

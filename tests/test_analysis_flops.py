@@ -1,0 +1,64 @@
+"""FLOP counting: one BRA layer against a hand count, and the paper's table for BiFormer-T/S/B."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import biformer  # noqa: F401  (registers the models)
+from biformer.analysis.flops import count_flops, format_report
+from biformer.ops import BiLevelRoutingAttention
+
+
+class _Wrapper(nn.Module):
+    """(B, C, H, W) image -> BRA layer, so count_flops can feed it like a model."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("height,width", [(16, 20), (15, 18)], ids=["whole-regions", "padded"])
+def test_bra_layer_matches_hand_count(height, width):
+    dim, heads, n_win, topk, kernel, batch = 64, 2, 4, 3, 3, 2
+    layer = BiLevelRoutingAttention(dim, heads, n_win, topk, side_dwconv=kernel, channels_last=False)
+    report = count_flops(_Wrapper(layer), (height, width), batch=batch, in_chans=dim)
+    # hand count, multiply-adds; regions are ceil-sized and the padded slots of routed regions are
+    # attended to (masked), so the attention works on the padded grid
+    region_h, region_w = -(-height // n_win), -(-width // n_win)
+    regions, tokens = n_win * n_win, region_h * region_w
+    pixels = height * width
+    paper = report.by_kind("paper")
+    assert paper["routing"] == batch * regions * regions * dim  # (R, C) @ (C, R) on region means
+    assert paper["region attention"] == batch * regions * tokens * topk * tokens * 2 * dim  # q.k and attn.v
+    assert paper["linear"] == batch * pixels * (3 * dim * dim + dim * dim)  # qkv and proj
+    assert paper["convolution"] == batch * pixels * dim * kernel * kernel  # depthwise lepe
+    assert set(paper) == {"routing", "region attention", "linear", "convolution"}
+    assert report.total_params == sum(p.numel() for p in layer.parameters())
+    # the complete count adds at least the biases and the attention softmax to the doubled paper count
+    complete = report.by_kind("complete")
+    scores = batch * heads * regions * tokens * topk * tokens  # one logit per head, query and routed key slot
+    assert complete["region attention"] == 2 * paper["region attention"] + 5 * scores  # scale + softmax
+    assert complete["linear"] == 2 * paper["linear"] + batch * pixels * 4 * dim
+    assert report.uncounted_ops == []
+
+
+def test_counting_restores_a_forced_backend():
+    layer = BiLevelRoutingAttention(32, 2, 2, 2, backend=None, channels_last=False)
+    count_flops(_Wrapper(layer), (8, 8), in_chans=32)
+    assert layer.backend is None
+
+
+@pytest.mark.parametrize("name,params,flops", [
+    ("biformer_tiny", "13.1M", "2.2G"), ("biformer_small", "25.5M", "4.5G"), ("biformer_base", "56.8M", "9.8G"),
+])
+def test_paper_table(name, params, flops):
+    report = count_flops(timm.create_model(name), (224, 224))
+    text = format_report(report, name)
+    assert f"{params} parameters, {flops} FLOPs (paper convention" in text
+    by_kind = report.by_kind("paper")
+    assert by_kind["region attention"] > 0 and by_kind["full attention"] > 0 and by_kind["routing"] > 0
+    assert [g for g in report.paper if g.startswith("stages.")] == [f"stages.{i}" for i in range(4)]
+    assert 1.9 < report.total_complete / report.total_paper < 2.2

@@ -1,0 +1,134 @@
+"""The analysis commands end to end: flops, complexity, convert, visualize."""
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import biformer  # noqa: F401  (registers the models)
+from biformer.analysis.visualize import COLUMNS, DIM, MARGIN, TITLE_HEIGHT
+from biformer.cli import main
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def test_flops_prints_stages_kinds_and_what_is_not_counted(capsys):
+    assert main(["flops", "biformer_nano", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "biformer_nano at 64x64" in out and "paper convention" in out
+    for part in ("stem", "stages.0", "stages.3", "region attention", "routing", "not counted"):
+        assert part in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["flops", "no_such_model"], "unknown model"),
+    (["flops", "biformer_nano", "--img-size", "1", "2", "3"], "--img-size"),
+    (["complexity", "--output", "plot.jpg"], ".png"),
+    (["complexity", "--size", "7", "7", "--topk", "50"], "no S divides"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_complexity_writes_plot_table_and_csv(tmp_path, capsys):
+    png, csv = tmp_path / "c.png", tmp_path / "c.csv"
+    assert main(["complexity", "--size", "16", "16", "--dim", "32", "--topk", "4", "--repeats", "1",
+                 "--output", str(png), "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "fewest FLOPs" in out and "S* = " in out
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+    assert len(csv.read_text().splitlines()) == 1 + 4  # S = 2, 4, 8, 16
+
+
+def test_convert_round_trip_is_bitwise_exact(golden_dir, tmp_path, capsys):
+    golden = golden_dir / "biformer_tiny" / "weights.safetensors"
+    ours, release, back = tmp_path / "ours.safetensors", tmp_path / "release.pth", tmp_path / "back.safetensors"
+    assert main(["convert", str(golden), str(ours)]) == 0  # original layout -> ours (model inferred)
+    assert main(["convert", str(ours), str(release)]) == 0  # .safetensors -> .pth: original layout
+    assert main(["convert", str(release), str(back), "--to", "original", "--model", "biformer_tiny"]) == 0
+    original = load_file(golden)
+    converted = load_file(ours)
+    assert "stem.0.weight" in converted and "downsample_layers.0.0.weight" not in converted
+    model = timm.create_model("biformer_tiny")
+    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)  # loads in our layout
+    for restored in (torch.load(release, weights_only=True)["model"], load_file(back)):
+        assert restored.keys() == original.keys()
+        for key, value in original.items():
+            assert restored[key].dtype == value.dtype and restored[key].shape == value.shape
+            assert torch.equal(restored[key].view(torch.int16), value.view(torch.int16)), key
+    assert "biformer_tiny" in capsys.readouterr().out
+    (tmp_path / "plain").touch()  # written files get the permissions of any new file, not mkstemp's 0600
+    assert ours.stat().st_mode == release.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+class NotATensor:
+    pass
+
+
+def test_convert_refuses_pickled_objects(tmp_path, capsys):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": NotATensor()}, evil)
+    assert main(["convert", str(evil), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("biformer convert: error:") and "refused for safety" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [evil]  # nothing written
+
+
+def test_convert_refuses_wrong_model(golden_dir, tmp_path, capsys):
+    golden = golden_dir / "biformer_tiny" / "weights.safetensors"
+    assert main(["convert", str(golden), str(tmp_path / "x.safetensors"), "--model", "biformer_small"]) == 2
+    assert "does not fit biformer_small" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_visualize_draws_the_routed_regions(tmp_path, capsys):
+    torch.manual_seed(1)
+    model = timm.create_model("biformer_nano", num_classes=10).eval()
+    checkpoint = tmp_path / "nano.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    size, panel_scale, query = 64, 2, (40, 20)
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "random.png")
+    out = tmp_path / "routing.png"
+    assert main(["visualize", "--model", "biformer_nano", "--checkpoint", str(checkpoint), "--image",
+                 str(tmp_path / "random.png"), "--img-size", str(size), "--query", *map(str, query),
+                 "--block", "1.0", "--panel-size", str(size * panel_scale), "--grid", "2", "--output", str(out)]) == 0
+    capsys.readouterr()
+
+    # routing of the query's region, from the model itself: stage 1 has an 8x8 map (stride 8) cut into
+    # 4x4 regions of 2x2 tokens, i.e. 16x16-pixel regions
+    layer = model.stages[1].blocks[0].attn
+    inputs = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)
+    inputs = (inputs - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    layer.record_routing = True
+    with torch.no_grad():
+        model(inputs[None])
+    region_px, per_side = 16, 4
+    query_region = (query[1] // region_px) * per_side + query[0] // region_px
+    routed = set(layer.last_routing.routing.indices[0, query_region].tolist())
+    assert len(routed) == 4
+
+    panel = size * panel_scale
+    with Image.open(out) as image:
+        rows = 1 + math.ceil(4 / COLUMNS)  # top row + a 2x2 query grid
+        assert image.size == (MARGIN + COLUMNS * (panel + MARGIN), rows * (TITLE_HEIGHT + panel + MARGIN) + MARGIN)
+        drawn = np.asarray(image.convert("RGB"))
+    # the routed-regions panel is row 0, column 1: routed regions in full colour, the others dimmed
+    left, top = MARGIN + (panel + MARGIN), TITLE_HEIGHT + MARGIN
+    shown = drawn[top:top + panel, left:left + panel]
+    original = pixels.repeat(panel_scale, 0).repeat(panel_scale, 1)
+    dimmed = (pixels * DIM).astype(np.uint8).repeat(panel_scale, 0).repeat(panel_scale, 1)
+    border = 2 * panel_scale  # outlines
+    for region in range(per_side * per_side):
+        if region == query_region:
+            continue  # holds the query marker
+        r, c = divmod(region, per_side)
+        box = np.s_[r * region_px * panel_scale + border:(r + 1) * region_px * panel_scale - border,
+                    c * region_px * panel_scale + border:(c + 1) * region_px * panel_scale - border]
+        expected = original if region in routed else dimmed
+        assert np.array_equal(shown[box], expected[box]), f"region {region} ({'routed' if region in routed else 'not routed'})"
