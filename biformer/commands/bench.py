@@ -19,18 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     op = kinds.add_parser(
-        "op", help="each BRA backend beside the reference on BiFormer-T/S stage shapes",
+        "op", help="each BRA backend beside the original release's algorithm on BiFormer-T/S stage shapes",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Forward, forward+backward and peak memory of bi_level_routing_attention (routing included) "
-                    "for each backend, beside the reference (the original release's gather algorithm).",
+                    "for each backend, beside the original release's gather algorithm (backend 'original'); "
+                    "max_abs_err is each backend's largest difference from the reference backend.",
     )
     op.add_argument("--backends", nargs="+", default=None, metavar="NAME",
-                    help="backends to compare with the reference, 'auto' for automatic dispatch "
+                    help="backends to compare with the original, 'auto' for automatic dispatch "
                          "(default: auto and every registered one)")
     op.add_argument("--shape", action="append", default=None, metavar="[NAME=]H,W,DIM,HEADS,N_WIN,TOPK",
                     help="a layer shape (repeatable); default: the BiFormer-T/S stages at 224x224")
     op.add_argument("--batch", type=int, default=8)
     op.add_argument("--padding", choices=("masked", "legacy"), default="masked")
+    op.add_argument("--no-baseline", action="store_true",
+                    help="leave the original algorithm out (it needs regions x topk copies of k and v)")
     _common_options(op, repeats=10)
     op.set_defaults(run=run_op)
     model = kinds.add_parser(
@@ -129,10 +132,11 @@ def run_op(args: argparse.Namespace) -> int:
             raise UserError(f"shape {shape.name!r}: need N_WIN <= H, W and TOPK <= N_WIN^2")
     with _threads(args.threads):
         threads = torch.get_num_threads()
-        rows = bench_op(shapes, backends, device, dtype, args.padding, args.repeats, args.warmup, not args.no_memory)
+        rows = bench_op(shapes, backends, device, dtype, args.padding, args.repeats, args.warmup, not args.no_memory,
+                        baseline=not args.no_baseline)
     _report(rows, COLUMNS, args.csv,
             f"BRA op, {args.dtype}, padding={args.padding}, {device}, {threads} threads, "
-            f"median of {args.repeats} interleaved rounds (ms; speedup = reference / backend)")
+            f"median of {args.repeats} interleaved rounds (ms; speedup = original / backend)")
     return 0
 
 

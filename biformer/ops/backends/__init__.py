@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..regions import RegionGrid
-from . import dense, indexed, reference, triton_attention
+from . import dense, indexed, original, reference, triton_attention
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class Backend(Protocol):
 
 
 # Priority order, best first: the fused Triton kernels on CUDA; dense attention with a block mask
-# where the map is small next to the routed keys; the gather-free indexed backend; the reference.
+# where the map is small next to the routed keys; the gather-free indexed backend; the reference;
+# the original release's algorithm, a benchmark baseline that dispatch never reaches.
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (triton_attention, dense, indexed, reference)
+    backend.name: backend for backend in (triton_attention, dense, indexed, reference, original)
 }
 
 
