@@ -48,3 +48,8 @@ def test_bad_block_and_sample_names(nano):
     with pytest.raises(ValueError, match="skimage:astronaut"):
         vis.load_image("skimage:nope")
     assert vis.load_image("skimage:chelsea").mode == "RGB"
+    with pytest.raises(ValueError, match="0..1796"):
+        vis.load_image("digits:1797")
+    digit = vis.load_image("digits:0")  # the first digit of scikit-learn's set is a 0: a ring, dark in the middle
+    pixels = np.asarray(digit)[..., 0].astype(int)
+    assert digit.size == (8, 8) and pixels[:, 1:7].max() == 240 and pixels[3:5, 3:5].max() < 100

@@ -86,6 +86,24 @@ def test_convert_refuses_wrong_model(golden_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_visualize_a_checkpoint_of_our_trainer_on_a_digit(tmp_path, capsys):
+    """Model, input size and normalisation come from the checkpoint's metadata, as `train` writes them."""
+    from biformer.training.checkpoint import save_weights
+
+    model = timm.create_model("biformer_nano", num_classes=10)
+    checkpoint = tmp_path / "best.safetensors"
+    save_weights(checkpoint, model, {"model": "biformer_nano", "classes": [str(i) for i in range(10)], "epoch": 1,
+                                     "img_size": 48, "mean": [0.1] * 3, "std": [0.3] * 3, "crop_pct": 1.0})
+    out = tmp_path / "digit.png"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--image", "digits:3", "--query", "20", "30",
+                 "--block", "0.0", "--grid", "0", "--panel-size", "96", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # stage 1 of a 48x48 input: a 12x12 map (stride 4) in 4x4 regions of 3x3 tokens
+    assert "biformer_nano stage 1 block 1: 4x4 regions of 3x3 tokens (stride 4)" in printed
+    with Image.open(out) as image:
+        assert image.size == (MARGIN + COLUMNS * (96 + MARGIN), TITLE_HEIGHT + 96 + 2 * MARGIN)
+
+
 def test_visualize_draws_the_routed_regions(tmp_path, capsys):
     torch.manual_seed(1)
     model = timm.create_model("biformer_nano", num_classes=10).eval()

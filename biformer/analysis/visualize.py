@@ -25,6 +25,7 @@ from ..ops.module import RecordedRouting
 from .files import atomic_output
 
 SKIMAGE_PREFIX = "skimage:"
+DIGITS_PREFIX = "digits:"
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "camera", "cat", "rocket", "immunohistochemistry", "hubble_deep_field")
 ROUTED_COLOR = (255, 196, 0)
 QUERY_COLOR = (0, 200, 255)
@@ -33,15 +34,24 @@ MARGIN, TITLE_HEIGHT, COLUMNS = 8, 16, 3
 
 
 def load_image(spec: str) -> Image.Image:
-    """An RGB image from a file path or a bundled scikit-image sample ('skimage:astronaut')."""
+    """An RGB image from a file path, a bundled scikit-image sample ('skimage:astronaut') or one of
+    scikit-learn's bundled 8x8 digits ('digits:N', N in 0..1796, the data set the main job trains on)."""
     if spec.startswith(SKIMAGE_PREFIX):
         name = spec[len(SKIMAGE_PREFIX):]
         if name not in SKIMAGE_SAMPLES:
             raise ValueError(f"unknown sample {spec!r}; bundled samples: "
-                             + ", ".join(SKIMAGE_PREFIX + s for s in SKIMAGE_SAMPLES))
+                             + ", ".join(SKIMAGE_PREFIX + s for s in SKIMAGE_SAMPLES) + f", {DIGITS_PREFIX}N")
         import skimage.data
 
         return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    if spec.startswith(DIGITS_PREFIX):
+        from ..training.data import digit_image
+
+        index = spec[len(DIGITS_PREFIX):]
+        try:
+            return digit_image(int(index))
+        except (ValueError, IndexError):
+            raise ValueError(f"{spec!r}: write {DIGITS_PREFIX}N with N in 0..1796") from None
     try:
         with Image.open(spec) as image:
             return image.convert("RGB")

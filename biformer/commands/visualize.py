@@ -6,6 +6,8 @@ import os
 
 from . import UserError
 
+DEFAULT_MODEL = "biformer_tiny"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,16 +17,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "token attention; below: the attention of a grid of queries (or of every --query given). "
                     "Works with random weights or a checkpoint (original or our layout).",
     )
-    parser.add_argument("--model", default="biformer_tiny", help="biformer_* model name")
-    parser.add_argument("--checkpoint", default=None, help=".pth or .safetensors weights (default: random, --seed)")
+    parser.add_argument("--model", default=None,
+                        help=f"biformer_* model name (default: the checkpoint's, else {DEFAULT_MODEL})")
+    parser.add_argument("--checkpoint", default=None,
+                        help="our trainer's .safetensors, or a .pth/.safetensors with --model (default: random, --seed)")
     parser.add_argument("--image", default="skimage:astronaut",
-                        help="image file or bundled sample: skimage:astronaut, skimage:chelsea, skimage:coffee, ...")
+                        help="image file or bundled sample: skimage:astronaut, skimage:chelsea, skimage:coffee, ..., "
+                             "or digits:N (a digit of the main job's data set)")
     parser.add_argument("--query", type=int, nargs=2, metavar=("X", "Y"), action="append", required=True,
                         help="query pixel of the model input; repeat for several (the first is drawn on top)")
     parser.add_argument("--block", default="2.-1",
                         help="STAGE.BLOCK (0-based, negative from the end); default: last block of stage 3")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N", default=None,
-                        help="model input H W (one value: square); default: the model's input size")
+                        help="model input H W (one value: square); default: the checkpoint's or model's input size")
     parser.add_argument("--grid", type=int, default=3, help="with one --query, also draw a GRID x GRID query grid")
     parser.add_argument("--panel-size", type=int, default=256, help="approximate panel size in pixels")
     parser.add_argument("--padding", choices=("masked", "legacy"), default="masked")
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import biformer  # noqa: F401  (registers the models)
 
     from ..analysis import visualize as vis
-    from ..models import load_checkpoint, read_state_dict
+    from ..training.inference import load_for_inference
 
     stage, block = _parse_block(args.block)
     if not args.output.lower().endswith(".png"):
@@ -59,29 +64,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--img-size takes one or two sizes of at least 32 (H W), got {args.img_size}")
     if args.grid < 0 or args.panel_size < 1:
         raise UserError("--grid must be >= 0 and --panel-size >= 1")
-    if not args.model.startswith("biformer") or not timm.is_model(args.model):
+    if args.model is not None and (not args.model.startswith("biformer") or not timm.is_model(args.model)):
         raise UserError(f"--model must be a BiFormer: {', '.join(timm.list_models('biformer*'))}; got {args.model!r}")
     try:
         image = vis.load_image(args.image)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from error
 
-    kwargs = {"padding": args.padding}
-    if args.checkpoint:
-        try:  # the classifier size comes from the checkpoint
-            head = read_state_dict(args.checkpoint).get("head.weight")
-        except (FileNotFoundError, ValueError) as error:
-            raise UserError(str(error)) from error
-        kwargs["num_classes"] = head.shape[0] if head is not None else 0
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, **kwargs).eval()
-    if args.checkpoint:
-        try:
-            load_checkpoint(model, args.checkpoint)
-        except ValueError as error:
-            raise UserError(str(error)) from error
-    cfg = model.pretrained_cfg
-    size = tuple(args.img_size * 2 if args.img_size and len(args.img_size) == 1 else args.img_size or cfg["input_size"][1:])
+    if args.checkpoint:  # our trainer's files name their model and preprocessing; others need --model
+        loaded = load_for_inference(args.checkpoint, args.model, padding=args.padding)
+        model, model_name, mean, std = loaded.model, loaded.model_name, loaded.mean, loaded.std
+        default_size = (loaded.img_size, loaded.img_size)
+    else:
+        model_name = args.model or DEFAULT_MODEL
+        model = timm.create_model(model_name, padding=args.padding).eval()
+        cfg = model.pretrained_cfg
+        mean, std, default_size = cfg["mean"], cfg["std"], cfg["input_size"][1:]
+    size = tuple(args.img_size * 2 if args.img_size and len(args.img_size) == 1 else args.img_size or default_size)
     for x, y in args.query:
         if not (0 <= x < size[1] and 0 <= y < size[0]):
             raise UserError(f"--query {x} {y} lies outside the {size[1]}x{size[0]} (W x H) model input")
@@ -91,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from error
     stage_index = stage % len(model.stages)
     stride = model.feature_info[stage_index]["reduction"]
-    pixels, inputs = vis.preprocess(image, size, cfg["mean"], cfg["std"])
+    pixels, inputs = vis.preprocess(image, size, mean, std)
     record = vis.capture_routing(model, inputs, layer)
     queries = [tuple(q) for q in args.query]
     grid = queries[1:] if len(queries) > 1 else vis.grid_queries(size, args.grid)
     block_index = block % len(model.stages[stage_index].blocks)
     caption = f"stage {stage_index + 1} block {block_index + 1}"  # short enough for a 224-pixel panel
-    title = f"{args.model} {caption}" + ("" if args.checkpoint else " (random weights)")
+    title = f"{model_name} {caption}" + ("" if args.checkpoint else " (random weights)")
     figure = vis.render_figure(pixels, record, stride, queries[0], grid, caption, args.panel_size)
     vis.save_png(figure, args.output)
     regions = record.routing.grid

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 from timm.data import ImageNetInfo, resolve_data_config
@@ -15,6 +16,7 @@ from .checkpoint import load_weights, weights_metadata
 @dataclass
 class InferenceModel:
     model: nn.Module
+    model_name: str
     classes: list[str]
     img_size: int
     mean: tuple[float, ...]
@@ -23,8 +25,11 @@ class InferenceModel:
     classes_recorded: bool  # class names came from the checkpoint (our trainer's), not a default
 
 
-def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | None = None) -> InferenceModel:
-    """The checkpoint's model in eval mode, with its class names and preprocessing.
+def load_for_inference(
+    checkpoint: str, model_name: str | None, img_size: int | None = None, **model_kwargs: Any
+) -> InferenceModel:
+    """The checkpoint's model in eval mode, with its class names and preprocessing; model_kwargs
+    go to timm.create_model (e.g. padding).
 
     Our trainer's .safetensors files carry the model name, classes and preprocessing; for other
     files (e.g. an original release .pth) pass --model; they get timm's config for that model and
@@ -46,7 +51,8 @@ def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | 
         raise UserError(f"--model {model_name!r} is not a registered timm model")
     classes = metadata.get("classes")
     classes_recorded = classes is not None
-    model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(path, model_name))
+    model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(path, model_name),
+                              **model_kwargs)
     load_weights(model, path, what=f"--checkpoint {checkpoint!r} for --model {model_name}")
     if classes is None:
         count = model.num_classes
@@ -56,8 +62,8 @@ def load_for_inference(checkpoint: str, model_name: str | None, img_size: int | 
     else:
         config = resolve_data_config({}, model=model)
         size, mean, std, crop = config["input_size"][-1], config["mean"], config["std"], config["crop_pct"]
-    return InferenceModel(model.eval(), list(classes), img_size or size, tuple(mean), tuple(std), crop, classes_recorded)
-
+    return InferenceModel(model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std), crop,
+                          classes_recorded)
 
 
 def _head_size(path: Path, model_name: str) -> int:
