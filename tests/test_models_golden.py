@@ -115,8 +115,12 @@ def test_truncated_and_unsafe_files_are_refused(release_file, tmp_path):
         read_state_dict(truncated_st)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": {"w": torch.ones(1)}, "args": _Custom()}, unsafe)
-    with pytest.raises(ValueError, match="refused for safety"):
+    with pytest.raises(ValueError, match=r"refused for safety.*Unsupported global.*_Custom"):
         read_state_dict(unsafe)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x80\x02not a pickle" * 8)  # a pickle protocol header, then junk
+    with pytest.raises(ValueError, match="corrupt or not a PyTorch checkpoint"):
+        read_state_dict(garbage)
 
 
 class _Custom:

@@ -32,9 +32,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not a class it refused: bytes that are no pickle at all
+            raise ValueError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint") from error
         raise ValueError(
             f"checkpoint {path!r} holds objects other than plain tensors, refused for safety "
-            f"(only weights_only pickles and safetensors are loaded): {str(error).splitlines()[0]}"
+            f"(only weights_only pickles and safetensors are loaded): {_unsupported_global(error)}"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"checkpoint {path!r} is corrupt or truncated: {str(error).splitlines()[0]}") from error
@@ -45,6 +47,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
         raise ValueError(f"checkpoint {path!r} is not a state dict of tensors (nor {{'model': state_dict}})")
     return checkpoint
+
+
+def _unsupported_global(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that names the refused class."""
+    return next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
