@@ -95,7 +95,7 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
-        x = self.downsample(x).permute(0, 2, 3, 1)
+        x = self.downsample(x).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) memory: channels-last convs and adds
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
