@@ -1,7 +1,9 @@
 """Reference backend: gather the routed regions' tokens, then dense attention per query region.
 
-This is the original release's algorithm (each routed region is copied K times). It is the
-specification the other backends are tested against, and it runs on every device and dtype.
+The original release's gather (each routed region is copied K times), written plainly: advanced
+indexing, then one SDPA call per query region (4-D, so the ONNX exporter takes it). It is the
+specification the other backends are tested against, and it runs on every device and dtype;
+`original` keeps the release's own expand/gather/matmul form as the benchmark baseline.
 """
 from __future__ import annotations
 
