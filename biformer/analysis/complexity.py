@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..ops import bi_level_routing_attention
-from .files import atomic_output
+from ..files import atomic_output
 
 
 @dataclass(frozen=True)

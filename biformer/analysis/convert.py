@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import checkpoint_filter_fn, read_state_dict, to_original_state_dict
-from .files import atomic_output
+from ..files import atomic_output
 
 LAYOUTS = ("original", "ours")
 TORCH_EXTENSIONS = (".pth", ".pt")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..ops import BiLevelRoutingAttention
 from ..ops.module import RecordedRouting
-from .files import atomic_output
+from ..files import atomic_output
 
 SKIMAGE_PREFIX = "skimage:"
 DIGITS_PREFIX = "digits:"

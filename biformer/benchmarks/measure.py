@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..analysis.files import atomic_output
+from ..files import atomic_output
 
 
 def synchronize(device: torch.device) -> None:

@@ -9,11 +9,10 @@ whose state file was completed; the .safetensors files are for eval, predict and
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,27 +20,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..commands import UserError
+from ..files import atomic_output
 
 WEIGHTS, BEST, EMA_WEIGHTS, STATE, METRICS = (
     "last.safetensors", "best.safetensors", "last_ema.safetensors", "last.state.pt", "metrics.jsonl"
 )
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it only if the block completes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".write-test") as probe:
+        with atomic_output(folder / ".write-test") as probe:
             probe.write_bytes(b"")
         (folder / ".write-test").unlink()
     except OSError as error:
@@ -53,7 +42,7 @@ def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         save_file(cpu_state_dict(model), tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
@@ -63,7 +52,7 @@ def weights_metadata(path: Path) -> dict[str, Any]:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -90,5 +79,5 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, what: str = "chec
 
 def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl (one JSON object per epoch) from the committed history."""
-    with atomic_path(folder / METRICS) as tmp:
+    with atomic_output(folder / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))

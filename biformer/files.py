@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -17,7 +18,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(handle)
     try:
-        yield temp
+        yield Path(temp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private: give it the permissions of a new file
