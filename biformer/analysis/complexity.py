@@ -16,18 +16,17 @@ i.e. O((HW)^(4/3)) instead of full attention's O((HW)^2). S* does not depend on 
 """
 from __future__ import annotations
 
-import csv
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from ..ops import bi_level_routing_attention
+from ..benchmarks.measure import interleaved_median_seconds
+from ..benchmarks.measure import write_csv as write_table_csv
 from ..files import atomic_output
+from ..ops import bi_level_routing_attention
 
 
 @dataclass(frozen=True)
@@ -85,18 +84,12 @@ def measure_bra_ms(
     q, k, v = torch.randn(3, batch, height, width, heads, dim // heads, device=device).unbind(0)
 
     def run() -> None:
-        bi_level_routing_attention(q, k, v, regions_per_side, topk, backend=backend)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        with torch.no_grad():
+            bi_level_routing_attention(q, k, v, regions_per_side, topk, backend=backend)
 
-    times = []
-    with torch.no_grad():
-        run()  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    seconds = interleaved_median_seconds({"bra": run}, torch.device(device), repeats, warmup=1,
+                                         desc=f"S={regions_per_side}")
+    return 1e3 * seconds["bra"]
 
 
 def complexity_table(
@@ -143,10 +136,8 @@ def _si(value: float) -> str:
 
 
 def write_csv(rows: Sequence[ComplexityRow], path: str) -> None:
-    with atomic_output(path) as temp, open(temp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    table = [asdict(r) for r in rows]
+    write_table_csv(table, list(table[0]), path)
 
 
 def plot_complexity(

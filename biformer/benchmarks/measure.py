@@ -74,6 +74,10 @@ def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int | Non
     return peak
 
 
+def megabytes(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows of dicts as an aligned text table; floats to 3 significant figures, None as '-'."""
 

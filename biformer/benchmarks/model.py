@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BiLevelRoutingAttention
-from .measure import interleaved_median_seconds, peak_memory_bytes
+from .measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
 # BiFormer-T (2.2 GFLOPs) and -S (4.5) with timm models of about the same FLOPs.
 DEFAULT_MODELS = (
@@ -152,11 +152,7 @@ def bench_models(
             train_img_s=train_rate,
             infer_gflop_s=gflops[label] * infer_rate,
             train_gflop_s=None if train_rate is None else 3 * gflops[label] * train_rate,
-            infer_peak_mb=_mb(peak_memory_bytes(inference[label], device)) if memory else None,
-            train_peak_mb=_mb(peak_memory_bytes(steps[label], device)) if memory and train else None,
+            infer_peak_mb=megabytes(peak_memory_bytes(inference[label], device)) if memory else None,
+            train_peak_mb=megabytes(peak_memory_bytes(steps[label], device)) if memory and train else None,
         ))
     return rows
-
-
-def _mb(value: int | None) -> float | None:
-    return None if value is None else value / 2**20

@@ -10,7 +10,7 @@ import torch
 from ..ops import bi_level_routing_attention
 from ..ops.backends import BACKENDS, select_backend
 from ..ops.functional import region_grid
-from .measure import interleaved_median_seconds, peak_memory_bytes
+from .measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
 BASELINE = "original"  # the original release's gather algorithm (biformer.ops.backends.original)
 REFERENCE = "reference"  # the specification: max_abs_err is measured against it
@@ -111,11 +111,7 @@ def bench_op(
             with torch.no_grad():
                 op(backend)
 
-        def forward_backward(backend: str) -> None:
-            qkv.grad = None
-            op(backend).backward(grad_out)
-
-        def outputs(backend: str) -> list[torch.Tensor]:
+        def forward_backward(backend: str) -> list[torch.Tensor]:
             qkv.grad = None
             out = op(backend)
             out.backward(grad_out)
@@ -132,17 +128,17 @@ def bench_op(
                     notes[name] = f"picked {chosen.name}"
             except ValueError as error:
                 notes[name] = f"skipped: {error}"
-        reference_outputs = outputs(REFERENCE)
+        reference_outputs = forward_backward(REFERENCE)
         errors = {name: max((a.float() - b.float()).abs().max().item()
-                            for a, b in zip(outputs(name), reference_outputs)) for name in runnable}
+                            for a, b in zip(forward_backward(name), reference_outputs)) for name in runnable}
         forward_s = interleaved_median_seconds({n: (lambda n=n: forward(n)) for n in runnable}, device, repeats, warmup,
                                                desc=f"{shape.name} forward")
         train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in runnable}, device,
                                              repeats, warmup, desc=f"{shape.name} forward+backward")
         peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory else None for n in runnable}
         qkv.grad = None
-        io_bytes = 2 * (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v, out and their gradients
-        inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()
+        inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v and the output gradient
+        io_bytes = 2 * inputs_bytes  # q, k, v, out and their gradients
         base = BASELINE if BASELINE in runnable else None
         for name in [n for n in runnable if n != BASELINE]:
             rows.append(dict(
@@ -153,13 +149,9 @@ def bench_op(
                 fwd_bwd_speedup=base and train_s[base] / train_s[name],
                 fwd_tflop_s=shape.attention_flops() / forward_s[name] / 1e12,
                 fwd_bwd_tflop_s=(1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train_s[name] / 1e12,
-                peak_mb=_mb(peaks[name]), orig_peak_mb=base and _mb(peaks[base]),
+                peak_mb=megabytes(peaks[name]), orig_peak_mb=base and megabytes(peaks[base]),
                 peak_per_io=None if peaks[name] is None else (peaks[name] + inputs_bytes) / io_bytes,
                 max_abs_err=errors[name], note=notes.get(name),
             ))
         rows += [dict(shape=shape.name, backend=n, note=note) for n, note in notes.items() if n not in runnable]
     return rows
-
-
-def _mb(value: int | None) -> float | None:
-    return None if value is None else value / 2**20
