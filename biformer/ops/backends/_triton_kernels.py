@@ -52,6 +52,35 @@ def _query_slots(tile, TILE: tl.constexpr, T_P: tl.constexpr, G: tl.constexpr, C
 
 
 @triton.jit
+def _key_mask(kh, kw, in_tile, H, W, MASKED: tl.constexpr):
+    """(attend, load) masks of a key tile: attend to real slots, padded tokens excluded if MASKED
+    (legacy mode attends to them as zeros); load only tokens inside the map."""
+    inside = (kh < H) & (kw < W)
+    attend = in_tile
+    if MASKED:
+        attend = attend & inside
+    return attend, attend & inside
+
+
+@triton.jit
+def _row_offsets(b, h, w, m, s_b, s_h, s_w, s_m, cols):
+    """Offsets of tokens (h, w), head m, channels cols of a (B, H, W, M, C) map with the given strides."""
+    return b * s_b + h[:, None] * s_h + w[:, None] * s_w + m * s_m + cols[None, :]
+
+
+@triton.jit
+def _load_rows(PTR, b, h, w, m, s_b, s_h, s_w, s_m, cols, WIDTH, ok):
+    return tl.load(PTR + _row_offsets(b, h, w, m, s_b, s_h, s_w, s_m, cols),
+                   mask=ok[:, None] & (cols[None, :] < WIDTH), other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, values, b, h, w, m, s_b, s_h, s_w, s_m, cols, WIDTH, ok):
+    tl.store(PTR + _row_offsets(b, h, w, m, s_b, s_h, s_w, s_m, cols), values.to(PTR.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < WIDTH))
+
+
+@triton.jit
 def _routed_attention_fwd(
     Q, K, V, O, LSE, IDX,
     sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m, sv_b, sv_h, sv_w, sv_m, so_b, so_h, so_w, so_m,
@@ -70,8 +99,7 @@ def _routed_attention_fwd(
     query_ok = (region < R) & (token < T) & (h < H) & (w < W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + w[:, None] * sq_w + m * sq_m + d[None, :],
-                mask=query_ok[:, None] & (d[None, :] < D), other=0.0)
+    q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
 
     key_slot, key_region_row, key_token_base = _query_slots(tile, TILE, T_P, G, CHUNKS)  # column j's slot
     same_slot = slot[:, None] == key_slot[None, :]
@@ -84,12 +112,8 @@ def _routed_attention_fwd(
         for chunk in range(CHUNKS):
             key_token = key_token_base % TILE + chunk * TILE
             kh, kw = _token_coords(key_region, key_token, COLS, REGION_H, REGION_W)
-            inside = (kh < H) & (kw < W)
-            key_ok = (key_region_row < R) & (key_token < T)
-            if MASKED:
-                key_ok = key_ok & inside
-            k = tl.load(K + b * sk_b + kh[:, None] * sk_h + kw[:, None] * sk_w + m * sk_m + d[None, :],
-                        mask=(key_ok & inside)[:, None] & (d[None, :] < D), other=0.0)
+            key_ok, load_ok = _key_mask(kh, kw, (key_region_row < R) & (key_token < T), H, W, MASKED)
+            k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
             s = _dot(q, tl.trans(k), PRECISION, WIDEN) * scale
             s = tl.where(same_slot & key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,14 +121,12 @@ def _routed_attention_fwd(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * sv_b + kh[:, None] * sv_h + kw[:, None] * sv_w + m * sv_m + dv[None, :],
-                        mask=(key_ok & inside)[:, None] & (dv[None, :] < DV), other=0.0)
+            v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, WIDEN)
             m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + b * so_b + h[:, None] * so_h + w[:, None] * so_w + m * so_m + dv[None, :],
-             out.to(O.dtype.element_ty), mask=query_ok[:, None] & (dv[None, :] < DV))
+    _store_rows(O, out, b, h, w, m, so_b, so_h, so_w, so_m, dv, DV, query_ok)
     lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
     tl.store(LSE + ((b * HEADS + m) * H + h) * W + w, lse, mask=query_ok)
 
@@ -129,10 +151,8 @@ def _routed_attention_bwd_dq(
     query_ok = (region < R) & (token < T) & (h < H) & (w < W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + w[:, None] * sq_w + m * sq_m + d[None, :],
-                mask=query_ok[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdo_b + h[:, None] * sdo_h + w[:, None] * sdo_w + m * sdo_m + dv[None, :],
-                 mask=query_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
+    do = _load_rows(DO, b, h, w, m, sdo_b, sdo_h, sdo_w, sdo_m, dv, DV, query_ok)
     stat = ((b * HEADS + m) * H + h) * W + w
     lse = tl.load(LSE + stat, mask=query_ok, other=0.0)
     delta = tl.load(DELTA + stat, mask=query_ok, other=0.0)
@@ -146,22 +166,16 @@ def _routed_attention_bwd_dq(
         for chunk in range(CHUNKS):
             key_token = key_token_base % TILE + chunk * TILE
             kh, kw = _token_coords(key_region, key_token, COLS, REGION_H, REGION_W)
-            inside = (kh < H) & (kw < W)
-            key_ok = (key_region_row < R) & (key_token < T)
-            if MASKED:
-                key_ok = key_ok & inside
-            k = tl.load(K + b * sk_b + kh[:, None] * sk_h + kw[:, None] * sk_w + m * sk_m + d[None, :],
-                        mask=(key_ok & inside)[:, None] & (d[None, :] < D), other=0.0)
-            v = tl.load(V + b * sv_b + kh[:, None] * sv_h + kw[:, None] * sv_w + m * sv_m + dv[None, :],
-                        mask=(key_ok & inside)[:, None] & (dv[None, :] < DV), other=0.0)
+            key_ok, load_ok = _key_mask(kh, kw, (key_region_row < R) & (key_token < T), H, W, MASKED)
+            k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
+            v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
             s = _dot(q, tl.trans(k), PRECISION, WIDEN) * scale
             allowed = same_slot & key_ok[None, :] & query_ok[:, None]
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PRECISION, WIDEN)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION, WIDEN)
-    tl.store(DQ + b * sdq_b + h[:, None] * sdq_h + w[:, None] * sdq_w + m * sdq_m + d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=query_ok[:, None] & (d[None, :] < D))
+    _store_rows(DQ, dq * scale, b, h, w, m, sdq_b, sdq_h, sdq_w, sdq_m, d, D, query_ok)
 
 
 @triton.jit
@@ -183,16 +197,11 @@ def _routed_attention_bwd_dkv(
     key_region = tile // CHUNKS
     key_token = (tile % CHUNKS) * KEY_TILE + tl.arange(0, KEY_TILE)
     kh, kw = _token_coords(key_region, key_token, COLS, REGION_H, REGION_W)
-    inside = (kh < H) & (kw < W)
-    key_ok = key_token < T
-    if MASKED:
-        key_ok = key_ok & inside
+    key_ok, load_ok = _key_mask(kh, kw, key_token < T, H, W, MASKED)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b * sk_b + kh[:, None] * sk_h + kw[:, None] * sk_w + m * sk_m + d[None, :],
-                mask=(key_ok & inside)[:, None] & (d[None, :] < D), other=0.0)
-    v = tl.load(V + b * sv_b + kh[:, None] * sv_h + kw[:, None] * sv_w + m * sv_m + dv[None, :],
-                mask=(key_ok & inside)[:, None] & (dv[None, :] < DV), other=0.0)
+    k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
+    v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
     dk = tl.zeros((KEY_TILE, BLOCK_D), tl.float32)
     dvacc = tl.zeros((KEY_TILE, BLOCK_DV), tl.float32)
     start = tl.load(ROUTED_BY_START + b * R + key_region)
@@ -203,10 +212,8 @@ def _routed_attention_bwd_dkv(
             token = chunk * KEY_TILE + tl.arange(0, KEY_TILE)
             h, w = _token_coords(query_region, token, COLS, REGION_H, REGION_W)
             query_ok = (token < T) & (h < H) & (w < W)
-            q = tl.load(Q + b * sq_b + h[:, None] * sq_h + w[:, None] * sq_w + m * sq_m + d[None, :],
-                        mask=query_ok[:, None] & (d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdo_b + h[:, None] * sdo_h + w[:, None] * sdo_w + m * sdo_m + dv[None, :],
-                         mask=query_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
+            do = _load_rows(DO, b, h, w, m, sdo_b, sdo_h, sdo_w, sdo_m, dv, DV, query_ok)
             stat = ((b * HEADS + m) * H + h) * W + w
             lse = tl.load(LSE + stat, mask=query_ok, other=0.0)
             delta = tl.load(DELTA + stat, mask=query_ok, other=0.0)
@@ -217,8 +224,5 @@ def _routed_attention_bwd_dkv(
             dp_t = _dot(v, tl.trans(do), PRECISION, WIDEN)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _dot(ds_t.to(q.dtype), q, PRECISION, WIDEN)
-    store_ok = key_ok & inside
-    tl.store(DK + b * sdk_b + kh[:, None] * sdk_h + kw[:, None] * sdk_w + m * sdk_m + d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=store_ok[:, None] & (d[None, :] < D))
-    tl.store(DV_OUT + b * sdv_b + kh[:, None] * sdv_h + kw[:, None] * sdv_w + m * sdv_m + dv[None, :],
-             dvacc.to(DV_OUT.dtype.element_ty), mask=store_ok[:, None] & (dv[None, :] < DV))
+    _store_rows(DK, dk * scale, b, kh, kw, m, sdk_b, sdk_h, sdk_w, sdk_m, d, D, load_ok)
+    _store_rows(DV_OUT, dvacc, b, kh, kw, m, sdv_b, sdv_h, sdv_w, sdv_m, dv, DV, load_ok)
