@@ -86,6 +86,19 @@ def test_cpu_backend_half_precision(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_inside_autocast(backend):
+    # training loops often call backward() inside the autocast region: the backward must still work
+    case = CASES[1]
+    qk, v = _qkv(case, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(case, backend, "masked", qk, v)
+    qk32, v32 = (t.detach().float().requires_grad_() for t in (qk, v))
+    want = _run(case, "reference", "masked", qk32, v32)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, atol=HALF_TOLERANCE[torch.bfloat16], rtol=HALF_TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_padding_is_never_read(backend):
     case = (1, 13, 17, 2, 8, (3, 4), 5)
     qk, v = _qkv(case)

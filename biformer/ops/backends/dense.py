@@ -54,7 +54,8 @@ def region_block_bias(indices: Tensor, grid: RegionGrid, masked: bool, dtype: to
     blocked = torch.full((batch, num_regions, num_regions), float("-inf"), dtype=dtype, device=indices.device)
     blocked.scatter_(2, indices, 0.0)  # blocked[b, query region, key region] = 0 where routed
     bias = blocked.view(batch, rows, 1, cols, 1, rows, 1, cols, 1)
-    bias = bias.expand(batch, rows, region_h, cols, region_w, rows, region_h, cols, region_w).reshape(batch, tokens, tokens)
+    bias = bias.expand(batch, rows, region_h, cols, region_w, rows, region_h, cols, region_w)
+    bias = bias.reshape(batch, tokens, tokens)
     if masked and grid.is_padded:
         inside = torch.zeros(grid.padded_height, grid.padded_width, dtype=torch.bool, device=indices.device)
         inside[: grid.height, : grid.width] = True

@@ -79,13 +79,18 @@ def _head_rows(x: Tensor) -> _HeadRows:
 
 
 class _Plan:
-    """Which map tokens each query region reads and writes, and how the query regions are chunked."""
+    """Which head rows each query region reads and writes, and how the query regions are chunked.
+
+    Row indices are computed once per call for all query regions (a chunk slices them), per token
+    stride: q, k and v unbound from one packed qkv share one.
+    """
 
     def __init__(self, q: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int) -> None:
         batch, height, width, self.heads, qk_dim = q.shape
         v_dim = v.shape[-1]
         num_regions, topk = indices.shape[1:]
         self.tokens = region_h * region_w
+        self.keys = topk * self.tokens
         self.dtype = _compute_dtype(q.dtype)
         device = q.device
         rows = torch.arange(height, device=device).view(-1, region_h, 1, 1)
@@ -96,21 +101,26 @@ class _Plan:
         self.key_tokens = (batch_base[..., None] + region_tokens[indices]).flatten(0, 1).flatten(1)  # (P, K*T)
         self.key_regions = indices.flatten(0, 1)  # (P, K)
         self.head = torch.arange(self.heads, device=device).view(1, -1, 1)
-        keys = topk * self.tokens
-        per_region = self.heads * (3 * self.tokens * keys + 2 * (keys + self.tokens) * (qk_dim + v_dim))
+        self._rows: dict[tuple[str, int], Tensor] = {}
+        per_region = self.heads * (3 * self.tokens * self.keys + 2 * (self.keys + self.tokens) * (qk_dim + v_dim))
         self.step = max(1, CHUNK_BYTES // (per_region * torch.finfo(self.dtype).bits // 8))
 
     def chunks(self) -> range:
         return range(0, self.query_tokens.shape[0], self.step)
 
-    def rows(self, tokens: Tensor, token_stride: int) -> Tensor:
-        """(n, L) map tokens -> (n*M*L,) head rows, head-major per region."""
-        return (tokens[:, None, :] * token_stride + self.head).flatten()
+    def rows(self, side: str, token_stride: int, start: int) -> Tensor:
+        """Head rows, head-major per region, of the chunk at `start`: side "query" (n*M*T,) or "key" (n*M*K*T,)."""
+        key = (side, token_stride)
+        if key not in self._rows:
+            tokens = self.query_tokens if side == "query" else self.key_tokens
+            self._rows[key] = (tokens[:, None, :] * token_stride + self.head).flatten()
+        per_region = self.heads * (self.tokens if side == "query" else self.keys)
+        return self._rows[key][start * per_region: (start + self.step) * per_region]
 
-    def gather(self, x: _HeadRows, tokens: Tensor) -> Tensor:
-        """(n, L) map tokens -> (n*M, L, D) per-head matrices in the compute dtype."""
-        picked = x.matrix.index_select(0, self.rows(tokens, x.token_stride))
-        return picked.view(tokens.shape[0] * self.heads, tokens.shape[1], -1).to(self.dtype)
+    def gather(self, x: _HeadRows, side: str, start: int) -> Tensor:
+        """A chunk's per-head matrices (n*M, L, D) in the compute dtype, L = T (query) or K*T (key)."""
+        picked = x.matrix.index_select(0, self.rows(side, x.token_stride, start))
+        return picked.view(-1, self.tokens if side == "query" else self.keys, picked.shape[-1]).to(self.dtype)
 
     def probabilities(self, q: Tensor, k: Tensor, bias: Tensor | None, regions: Tensor, scale: float) -> Tensor:
         """Softmax of the scaled scores (n*M, T, K*T) of query matrices q against gathered keys k."""
@@ -133,23 +143,22 @@ def indexed_attention(
     (R, T) is added to the logits of each key region's tokens (-inf masks padded tokens). Also
     returns the probabilities (B*R*M, T, K*T) for the backward if keep_probs, else an empty tensor.
     """
-    plan = _Plan(q, v, indices, region_h, region_w)
-    q_rows, k_rows, v_rows = _head_rows(q), _head_rows(k), _head_rows(v)
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    out_rows = out.view(-1, v.shape[-1])
-    keys = indices.shape[-1] * plan.tokens
-    probs = q.new_empty((plan.query_tokens.shape[0] * plan.heads, plan.tokens, keys) if keep_probs else (0,),
-                        dtype=plan.dtype)
-    for start in plan.chunks():
-        chunk = slice(start, start + plan.step)
-        query_tokens, key_tokens = plan.query_tokens[chunk], plan.key_tokens[chunk]
-        chunk_probs = plan.probabilities(plan.gather(q_rows, query_tokens), plan.gather(k_rows, key_tokens), bias,
-                                         plan.key_regions[chunk], scale)
-        chunk_out = torch.bmm(chunk_probs, plan.gather(v_rows, key_tokens))
-        out_rows.index_copy_(0, plan.rows(query_tokens, plan.heads), chunk_out.flatten(0, 1).to(out.dtype))
-        if keep_probs:
-            probs[start * plan.heads: start * plan.heads + chunk_probs.shape[0]] = chunk_probs
-    return out, probs
+    with torch.autocast(q.device.type, enabled=False):  # the op picks its compute dtype itself
+        plan = _Plan(q, v, indices, region_h, region_w)
+        q_rows, k_rows, v_rows = _head_rows(q), _head_rows(k), _head_rows(v)
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        out_rows = out.view(-1, v.shape[-1])
+        keys = indices.shape[-1] * plan.tokens
+        probs = q.new_empty((plan.query_tokens.shape[0] * plan.heads, plan.tokens, keys) if keep_probs else (0,),
+                            dtype=plan.dtype)
+        for start in plan.chunks():
+            q_chunk, k_routed = plan.gather(q_rows, "query", start), plan.gather(k_rows, "key", start)
+            chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.key_regions[start: start + plan.step], scale)
+            chunk_out = torch.bmm(chunk_probs, plan.gather(v_rows, "key", start))
+            out_rows.index_copy_(0, plan.rows("query", v.shape[3], start), chunk_out.flatten(0, 1).to(out.dtype))
+            if keep_probs:
+                probs[start * plan.heads: start * plan.heads + chunk_probs.shape[0]] = chunk_probs
+        return out, probs
 
 
 @indexed_attention.register_fake
@@ -165,33 +174,33 @@ def indexed_attention_backward(
     bias: Tensor | None, probs: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `indexed_attention` for q, k, v; probabilities are recomputed where probs is empty."""
-    plan = _Plan(q, v, indices, region_h, region_w)
-    q_rows, k_rows, v_rows, grad_rows = _head_rows(q), _head_rows(k), _head_rows(v), _head_rows(grad_out)
-    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every token is in exactly one query region
-    # key/value gradients accumulate over the query regions routed to them (in float32 for half inputs)
-    grad_k = torch.zeros(k.shape, dtype=plan.dtype, device=k.device)
-    grad_v = torch.zeros(v.shape, dtype=plan.dtype, device=v.device)
-    grad_q_rows, grad_k_rows, grad_v_rows = (t.view(-1, t.shape[-1]) for t in (grad_q, grad_k, grad_v))
-    for start in plan.chunks():
-        chunk = slice(start, start + plan.step)
-        query_tokens, key_tokens = plan.query_tokens[chunk], plan.key_tokens[chunk]
-        q_chunk, grad_chunk = plan.gather(q_rows, query_tokens), plan.gather(grad_rows, query_tokens)
-        k_routed, v_routed = plan.gather(k_rows, key_tokens), plan.gather(v_rows, key_tokens)
-        if probs.numel():
-            chunk_probs = probs[start * plan.heads: start * plan.heads + q_chunk.shape[0]]
-        else:
-            chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.key_regions[chunk], scale)
-        grad_v_routed = torch.bmm(chunk_probs.transpose(1, 2), grad_chunk)
-        grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
-        # softmax backward, times the logit scale that both q and k gradients carry
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, chunk_probs, -1, plan.dtype).mul_(scale)
-        grad_q_rows.index_copy_(0, plan.rows(query_tokens, plan.heads),
-                                torch.bmm(grad_scores, k_routed).flatten(0, 1).to(q.dtype))
-        grad_k_routed = torch.bmm(grad_scores.transpose(1, 2), q_chunk)
-        key_rows = plan.rows(key_tokens, plan.heads)
-        grad_k_rows.index_add_(0, key_rows, grad_k_routed.flatten(0, 1))
-        grad_v_rows.index_add_(0, key_rows, grad_v_routed.flatten(0, 1))
-    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # also when autograd runs it inside an autocast region
+        plan = _Plan(q, v, indices, region_h, region_w)
+        q_rows, k_rows, v_rows, grad_rows = _head_rows(q), _head_rows(k), _head_rows(v), _head_rows(grad_out)
+        grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every token is in exactly one query region
+        # key/value gradients accumulate over the query regions routed to them (in float32 for half inputs)
+        grad_k = torch.zeros(k.shape, dtype=plan.dtype, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=plan.dtype, device=v.device)
+        grad_q_rows, grad_k_rows, grad_v_rows = (t.view(-1, t.shape[-1]) for t in (grad_q, grad_k, grad_v))
+        for start in plan.chunks():
+            q_chunk, grad_chunk = plan.gather(q_rows, "query", start), plan.gather(grad_rows, "query", start)
+            k_routed, v_routed = plan.gather(k_rows, "key", start), plan.gather(v_rows, "key", start)
+            if probs.numel():
+                chunk_probs = probs[start * plan.heads: start * plan.heads + q_chunk.shape[0]]
+            else:
+                regions = plan.key_regions[start: start + plan.step]
+                chunk_probs = plan.probabilities(q_chunk, k_routed, bias, regions, scale)
+            grad_v_routed = torch.bmm(chunk_probs.transpose(1, 2), grad_chunk)
+            grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
+            # softmax backward, times the logit scale that both q and k gradients carry
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, chunk_probs, -1, plan.dtype).mul_(scale)
+            grad_q_rows.index_copy_(0, plan.rows("query", q.shape[3], start),
+                                    torch.bmm(grad_scores, k_routed).flatten(0, 1).to(q.dtype))
+            grad_k_routed = torch.bmm(grad_scores.transpose(1, 2), q_chunk)
+            key_rows = plan.rows("key", k.shape[3], start)
+            grad_k_rows.index_add_(0, key_rows, grad_k_routed.flatten(0, 1))
+            grad_v_rows.index_add_(0, key_rows, grad_v_routed.flatten(0, 1))
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 @indexed_attention_backward.register_fake
