@@ -111,8 +111,8 @@ class BiLevelRoutingAttention(nn.Module):
             out, routing = out
             self.last_routing = RecordedRouting(routing, q.detach(), k.detach(), self.scale)
         out = out.flatten(3)
-        if self.lepe is not None:
-            out = out + self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if self.lepe is not None:  # added into the conv's output: backends may keep `out` for their backward
+            out = self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).add_(out)
         out = self.proj(out)[:, :height, :width]
         return out if self.channels_last else out.permute(0, 3, 1, 2)
 
