@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..regions import RegionGrid
@@ -131,6 +132,14 @@ class _Plan:
             scores = scores.flatten(0, 1)
         return torch.softmax(scores, dim=-1)
 
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, regions: Tensor, scale: float) -> Tensor:
+        """Softmax attention (n*M, T, Dv) in one fused call, for a forward that keeps no probabilities."""
+        n = regions.shape[0]
+        mask = None if bias is None else bias[regions].view(n, 1, 1, -1)
+        as_regions = lambda t: t.view(n, self.heads, t.shape[1], t.shape[2])  # noqa: E731
+        out = F.scaled_dot_product_attention(as_regions(q), as_regions(k), as_regions(v), attn_mask=mask, scale=scale)
+        return out.flatten(0, 1)
+
 
 @torch.library.custom_op("biformer::indexed_attention", mutates_args=())
 def indexed_attention(
@@ -153,11 +162,14 @@ def indexed_attention(
                             dtype=plan.dtype)
         for start in plan.chunks():
             q_chunk, k_routed = plan.gather(q_rows, "query", start), plan.gather(k_rows, "key", start)
-            chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.key_regions[start: start + plan.step], scale)
-            chunk_out = torch.bmm(chunk_probs, plan.gather(v_rows, "key", start))
-            out_rows.index_copy_(0, plan.rows("query", v.shape[3], start), chunk_out.flatten(0, 1).to(out.dtype))
+            v_routed, regions = plan.gather(v_rows, "key", start), plan.key_regions[start: start + plan.step]
             if keep_probs:
+                chunk_probs = plan.probabilities(q_chunk, k_routed, bias, regions, scale)
                 probs[start * plan.heads: start * plan.heads + chunk_probs.shape[0]] = chunk_probs
+                chunk_out = torch.bmm(chunk_probs, v_routed)
+            else:  # fused: scores and probabilities never leave the cache
+                chunk_out = plan.attention(q_chunk, k_routed, v_routed, bias, regions, scale)
+            out_rows.index_copy_(0, plan.rows("query", v.shape[3], start), chunk_out.flatten(0, 1).to(out.dtype))
         return out, probs
 
 
