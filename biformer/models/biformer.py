@@ -34,6 +34,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
 from ..ops import BiLevelRoutingAttention
+from ..ops.inplace import add_into
 from ..ops.module import convert_original_attention_key
 
 __all__ = ["BiFormer", "checkpoint_filter_fn", "to_original_state_dict"]
@@ -62,7 +63,7 @@ class GlobalAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(batch, height, width, channels)
-        out = self.lepe(lepe_source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).add_(out)  # SDPA's backward keeps `out`
+        out = add_into(self.lepe(lepe_source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
         return self.proj(out)
 
 
@@ -79,12 +80,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
-        # residuals are added into the branch outputs, fresh tensors that no backward needs: one
-        # allocation less per add (on CPU, fresh pages cost more than the add)
         if self.pos_embed is not None:
-            x = self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).add_(x)
-        x = self.drop_path(self.attn(self.norm1(x))).add_(x)
-        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
+            x = add_into(self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), x)
+        x = add_into(self.drop_path(self.attn(self.norm1(x))), x)
+        return add_into(self.drop_path(self.mlp(self.norm2(x))), x)
 
 
 class BiFormerStage(nn.Module):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import bi_level_routing_attention
+from .inplace import add_into
 from .regions import PADDING_MODES, Routing
 
 
@@ -111,8 +112,8 @@ class BiLevelRoutingAttention(nn.Module):
             out, routing = out
             self.last_routing = RecordedRouting(routing, q.detach(), k.detach(), self.scale)
         out = out.flatten(3)
-        if self.lepe is not None:  # added into the conv's output: backends may keep `out` for their backward
-            out = self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).add_(out)
+        if self.lepe is not None:  # into the conv's output, never `out`: a backend may keep it for its backward
+            out = add_into(self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
         out = self.proj(out)[:, :height, :width]
         return out if self.channels_last else out.permute(0, 3, 1, 2)
 
