@@ -34,7 +34,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
 from ..ops import BiLevelRoutingAttention
-from ..ops.inplace import add_into
+from ..ops.inplace import InplaceGELU, add_into
 from ..ops.module import convert_original_attention_key
 
 __all__ = ["BiFormer", "checkpoint_filter_fn", "to_original_state_dict"]
@@ -76,7 +76,7 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.norm2 = LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=InplaceGELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
@@ -179,7 +179,7 @@ class BiFormer(nn.Module):
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
                 nn.BatchNorm2d(embed_dims[0] // 2),
-                nn.GELU(),
+                InplaceGELU(),
                 nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
                 nn.BatchNorm2d(embed_dims[0]),
             )

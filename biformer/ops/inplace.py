@@ -1,8 +1,8 @@
-"""In-place sums where autograd records nothing."""
+"""In-place sums and activations where autograd records nothing."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def add_into(fresh: Tensor, other: Tensor) -> Tensor:
@@ -15,3 +15,13 @@ def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad):
         return fresh + other
     return fresh.add_(other)
+
+
+class InplaceGELU(nn.GELU):
+    """nn.GELU that overwrites its input where autograd records nothing; for inputs no one else
+    holds (a linear's or a norm's fresh output), such as the MLP's hidden layer, a block's largest tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
