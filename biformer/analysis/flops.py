@@ -50,8 +50,11 @@ SDPA_OPS = _optional_ops(
 MATMUL_OPS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 NORM_OPS = _optional_ops("native_layer_norm", "native_batch_norm", "_native_batch_norm_legit",
                          "_native_batch_norm_legit_no_training", "native_group_norm")
-ACTIVATION_OPS = _optional_ops("gelu", "relu", "silu", "sigmoid", "tanh", "hardswish", "erf", "exp")
-ELEMENTWISE_OPS = _optional_ops("add", "sub", "mul", "div", "neg", "clamp", "pow", "rsqrt", "sqrt", "reciprocal")
+# each with its in-place form, which inference runs where it can overwrite a fresh tensor
+_ACTIVATIONS = ("gelu", "relu", "silu", "sigmoid", "tanh", "hardswish", "erf", "exp")
+_ELEMENTWISE = ("add", "sub", "mul", "div", "neg", "clamp", "pow", "rsqrt", "sqrt", "reciprocal")
+ACTIVATION_OPS = _optional_ops(*_ACTIVATIONS, *(name + "_" for name in _ACTIVATIONS))
+ELEMENTWISE_OPS = _optional_ops(*_ELEMENTWISE, *(name + "_" for name in _ELEMENTWISE))
 # region means of routing pool the map: a sum per input element (the divide is folded in)
 REDUCTION_OPS = _optional_ops("sum", "mean", "avg_pool2d")
 # ops that move, copy, index or compare values but do no arithmetic
