@@ -48,3 +48,40 @@ def test_module_under_bfloat16_autocast_close_to_float32():
     assert out.dtype == torch.bfloat16
     # bfloat16 keeps ~3 significant digits; routing may flip only on near-ties, which random data lacks
     torch.testing.assert_close(out.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_add_into_is_in_place_only_where_autograd_records_nothing():
+    from biformer.ops.inplace import add_into
+
+    a, b = torch.randn(3), torch.randn(3)
+    with torch.no_grad():
+        total = add_into(a.clone(), b)
+        assert torch.equal(total, a + b)
+        fresh = a.clone()
+        assert add_into(fresh, b) is fresh  # written into the fresh tensor
+        low = a.to(torch.bfloat16)
+        assert add_into(low, b).dtype == torch.float32  # promoted as `+` would, not rounded into bfloat16
+    leaf = a.clone().requires_grad_()
+    fresh = leaf * 1
+    total = add_into(fresh, b)
+    assert total is not fresh
+    total.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones(3))
+
+
+def test_inplace_gelu_equals_gelu_and_keeps_autograd():
+    from biformer.ops.inplace import InplaceGELU
+
+    x = torch.randn(4, 5)
+    want = torch.nn.functional.gelu(x)
+    with torch.inference_mode():
+        fresh = x.clone()
+        got = InplaceGELU()(fresh)
+        assert got is fresh and torch.equal(got, want)
+    leaf = x.clone().requires_grad_()
+    out = InplaceGELU()(leaf)
+    assert torch.equal(out, want) and torch.equal(leaf.detach(), x)  # the input is left alone
+    out.sum().backward()
+    leaf_ref = x.clone().requires_grad_()
+    torch.nn.functional.gelu(leaf_ref).sum().backward()
+    assert torch.equal(leaf.grad, leaf_ref.grad)

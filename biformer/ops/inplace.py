@@ -12,7 +12,8 @@ def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     add. With autograd recording, the sum stays out of place: an in-place add on a view (a permuted
     conv output, a linear's reshaped output) would cost two extra copies in the backward.
     """
-    if torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad):
+    recording = torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad)
+    if recording or torch.promote_types(fresh.dtype, other.dtype) != fresh.dtype:  # never round the sum down
         return fresh + other
     return fresh.add_(other)
 
