@@ -5,6 +5,10 @@ import torch
 from torch import Tensor, nn
 
 
+def _autograd_records(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     """fresh + other, written into `fresh` (a tensor no one else holds) when autograd records nothing.
 
@@ -12,8 +16,8 @@ def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     add. With autograd recording, the sum stays out of place: an in-place add on a view (a permuted
     conv output, a linear's reshaped output) would cost two extra copies in the backward.
     """
-    recording = torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad)
-    if recording or torch.promote_types(fresh.dtype, other.dtype) != fresh.dtype:  # never round the sum down
+    rounds_down = torch.promote_types(fresh.dtype, other.dtype) != fresh.dtype  # `fresh` too narrow for the sum
+    if _autograd_records(fresh, other) or rounds_down:
         return fresh + other
     return fresh.add_(other)
 
@@ -23,6 +27,6 @@ class InplaceGELU(nn.GELU):
     holds (a linear's or a norm's fresh output), such as the MLP's hidden layer, a block's largest tensor."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if _autograd_records(x):
             return super().forward(x)
         return torch.ops.aten.gelu_(x, approximate=self.approximate)

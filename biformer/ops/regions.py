@@ -129,12 +129,10 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
     masked: over the valid tokens only; legacy: over all region_h*region_w slots, padding as zeros.
     """
     x = x.flatten(3).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, W, C)
-    if not grid.is_padded:
-        padded = x
-    elif masked:  # zeros (never the test noise) in the padding, so that they add nothing to the sums
+    if masked and grid.is_padded:  # zeros (never the test noise) in the padding, so that they add nothing to the sums
         padded = F.pad(x, (0, 0, 0, grid.padded_width - grid.width, 0, grid.padded_height - grid.height))
     else:
-        padded = grid.pad(x)
+        padded = grid.pad(x)  # x itself where the map needs no padding
     # pooling the channels-last map reads each token once, without copying the map into region order
     means = F.avg_pool2d(padded.permute(0, 3, 1, 2), (grid.region_h, grid.region_w)).flatten(2).transpose(1, 2)
     if masked and grid.is_padded:  # the pool divided by T; divide by the valid tokens instead

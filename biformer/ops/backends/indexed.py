@@ -115,13 +115,17 @@ class _Plan:
         if key not in self._rows:
             tokens = self.query_tokens if side == "query" else self.key_tokens
             self._rows[key] = (tokens[:, None, :] * token_stride + self.head).flatten()
-        per_region = self.heads * (self.tokens if side == "query" else self.keys)
+        per_region = self.heads * self._length(side)
         return self._rows[key][start * per_region: (start + self.step) * per_region]
 
     def gather(self, x: _HeadRows, side: str, start: int) -> Tensor:
         """A chunk's per-head matrices (n*M, L, D) in the compute dtype, L = T (query) or K*T (key)."""
         picked = x.matrix.index_select(0, self.rows(side, x.token_stride, start))
-        return picked.view(-1, self.tokens if side == "query" else self.keys, picked.shape[-1]).to(self.dtype)
+        return picked.view(-1, self._length(side), picked.shape[-1]).to(self.dtype)
+
+    def _length(self, side: str) -> int:
+        """Tokens per query region: T on the query side, K*T on the key side."""
+        return self.tokens if side == "query" else self.keys
 
     def probabilities(self, q: Tensor, k: Tensor, bias: Tensor | None, regions: Tensor, scale: float) -> Tensor:
         """Softmax of the scaled scores (n*M, T, K*T) of query matrices q against gathered keys k."""
@@ -157,8 +161,7 @@ def indexed_attention(
         q_rows, k_rows, v_rows = _head_rows(q), _head_rows(k), _head_rows(v)
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         out_rows = out.view(-1, v.shape[-1])
-        keys = indices.shape[-1] * plan.tokens
-        probs = q.new_empty((plan.query_tokens.shape[0] * plan.heads, plan.tokens, keys) if keep_probs else (0,),
+        probs = q.new_empty((plan.query_tokens.shape[0] * plan.heads, plan.tokens, plan.keys) if keep_probs else (0,),
                             dtype=plan.dtype)
         for start in plan.chunks():
             q_chunk, k_routed = plan.gather(q_rows, "query", start), plan.gather(k_rows, "key", start)
