@@ -85,3 +85,49 @@ def test_inplace_gelu_equals_gelu_and_keeps_autograd():
     leaf_ref = x.clone().requires_grad_()
     torch.nn.functional.gelu(leaf_ref).sum().backward()
     assert torch.equal(leaf.grad, leaf_ref.grad)
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape,layout", [((2, 6, 9, 11), "channels_last_slice"), ((1, 3, 1, 2), "nchw"), ((2, 4, 13, 6), "nchw")])
+def test_depthwise_conv_equals_float64_conv_in_output_and_gradients(kernel, shape, layout):
+    from biformer.ops.depthwise import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    batch, channels, height, width = shape
+    conv = DepthwiseConv2d(channels, kernel)
+    if layout == "nchw":
+        x = torch.randn(shape)
+    else:  # as the lepe conv reads v: a channel slice of a (B, H, W, 3C) qkv tensor
+        x = torch.randn(batch, height, width, 3 * channels)[..., 2 * channels:].permute(0, 3, 1, 2)
+    x.requires_grad_()
+    out = conv(x)
+    assert ("_DepthwiseConv" in type(out.grad_fn).__name__) == (kernel > 3)  # sliced weight gradient only where needed
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    x64 = x.detach().double().requires_grad_()
+    weight64, bias64 = conv.weight.detach().double().requires_grad_(), conv.bias.detach().double().requires_grad_()
+    want = torch.nn.functional.conv2d(x64, weight64, bias64, padding=kernel // 2, groups=channels)
+    want.backward(grad_out.double())
+    for got, expected in ((out, want), (x.grad, x64.grad), (conv.weight.grad, weight64.grad), (conv.bias.grad, bias64.grad)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_under_autocast_and_input_errors():
+    from biformer.ops.depthwise import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(8, 5)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    conv(x).square().sum().backward()
+    want_weight_grad, want_x_grad = conv.weight.grad.clone(), x.grad.clone()
+    conv.zero_grad(), x.grad.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        assert out.dtype == torch.bfloat16  # as nn.Conv2d under autocast
+        out.float().square().sum().backward()  # backward inside the autocast region, as training loops do
+    assert conv.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(conv.weight.grad, want_weight_grad, rtol=5e-2, atol=5e-1)
+    torch.testing.assert_close(x.grad, want_x_grad, rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        DepthwiseConv2d(8, 4)

@@ -34,6 +34,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
 from ..ops import BiLevelRoutingAttention
+from ..ops.depthwise import DepthwiseConv2d
 from ..ops.inplace import InplaceGELU, add_into
 from ..ops.module import convert_original_attention_key
 
@@ -54,7 +55,7 @@ class GlobalAttention(nn.Module):
         self.num_heads = num_heads
         self.lepe_on = lepe_on
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.lepe = DepthwiseConv2d(dim, side_dwconv)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
@@ -72,7 +73,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, pos_embed: bool, drop_path: float) -> None:
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if pos_embed else None
+        self.pos_embed = DepthwiseConv2d(dim, 3) if pos_embed else None
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.norm2 = LayerNorm(dim, eps=1e-6)

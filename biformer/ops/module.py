@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .depthwise import DepthwiseConv2d
 from .functional import bi_level_routing_attention
 from .inplace import add_into
 from .regions import PADDING_MODES, Routing
@@ -82,7 +83,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.channels_last = channels_last
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
+        self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)
         self.last_routing: RecordedRouting | None = None
 
