@@ -5,9 +5,9 @@ kernel (BiFormer's lepe) falls to a path 5-15x slower, and a bias gradient compu
 takes that path too. The weight gradient is a sum of shifted products, so it splits by kernel
 columns: columns [j0, j1) are the weight gradient of a (kh, j1 - j0) conv over the padded map's
 columns from j0 on. Each slice takes the fast kernel; the input gradient is the conv of the
-output gradient with the flipped kernel, the bias gradient a plain sum. The forward pads once
-(channels-last, so a strided input such as a slice of qkv is read once) and the backward slices
-that padded map without copies. Results equal nn.Conv2d's up to summation order.
+output gradient with the flipped kernel, the bias gradient a plain sum. The backward pads the
+map once (channels-last, so a strided input such as a slice of qkv is read once) and slices that
+padded map without copies. Results equal nn.Conv2d's up to summation order.
 
 Shape legend: B batch, C channels, H/W map height/width, kh/kw kernel height/width.
 """
@@ -45,19 +45,18 @@ def depthwise_weight_grad(grad: Tensor, padded: Tensor, weight: Tensor) -> Tenso
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        pad_h, pad_w = _same_padding(weight)
-        padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-        ctx.save_for_backward(padded, weight)
-        return F.conv2d(padded, weight, bias, groups=x.shape[1])
+        ctx.save_for_backward(x, weight)  # x, not the padded map: no tensor kept beyond what nn.Conv2d keeps
+        return F.conv2d(x, weight, bias, padding=_same_padding(weight), groups=x.shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        padded, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # a stride-1 "same" conv's transpose: the flipped kernel
             grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=_same_padding(weight), groups=weight.shape[0])
         if ctx.needs_input_grad[1]:
-            grad_weight = depthwise_weight_grad(grad, padded, weight)
+            pad_h, pad_w = _same_padding(weight)
+            grad_weight = depthwise_weight_grad(grad, F.pad(x, (pad_w, pad_w, pad_h, pad_h)), weight)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias
