@@ -60,3 +60,16 @@ def test_bench_model_smoke(tmp_path, capsys):
     for row in rows:
         assert float(row["infer_img_s"]) > 0 and float(row["train_img_s"]) > 0 and float(row["gflops"]) > 0
         assert float(row["infer_gflop_s"]) == pytest.approx(float(row["gflops"]) * float(row["infer_img_s"]))
+
+
+def test_cpu_peak_memory_measures_without_profiler_log_lines():
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from biformer.benchmarks.measure import peak_memory_bytes; "
+        "print(peak_memory_bytes(lambda: torch.empty(1 << 20), torch.device('cpu')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert int(done.stdout) >= 4 << 20  # the 1 Mi-float tensor was seen
+    assert "profiler_start" not in done.stderr and "USDT" not in done.stderr, done.stderr

@@ -61,7 +61,8 @@ def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int | Non
         from torch._C._profiler import _EventType
     except ImportError:  # private API of torch's profiler; moved in some future release
         return None
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's GPU probe would log an error on CPU-only hosts
+    # above kineto's ERROR (4) and USDT (5) levels: its GPU probe errs on CPU-only hosts and it logs every start/stop
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
