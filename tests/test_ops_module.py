@@ -131,3 +131,16 @@ def test_depthwise_conv_under_autocast_and_input_errors():
     torch.testing.assert_close(x.grad, want_x_grad, rtol=5e-2, atol=5e-2)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         DepthwiseConv2d(8, 4)
+
+
+def test_depthwise_conv_compiles_with_its_sliced_backward():
+    from biformer.ops.depthwise import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(4, 5)
+    x = torch.randn(2, 4, 9, 7, requires_grad=True)
+    torch.compile(conv, fullgraph=True)(x).square().sum().backward()
+    oracle = [t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias)]
+    torch.nn.functional.conv2d(*oracle, padding=2, groups=4).square().sum().backward()
+    for got, want in zip((x.grad, conv.weight.grad, conv.bias.grad), oracle):
+        torch.testing.assert_close(got.double(), want.grad, rtol=1e-5, atol=1e-5)
