@@ -1,11 +1,13 @@
 """Bi-Level Routing Attention: functional op, module and backends."""
 from .backends import available_backends
+from .depthwise import DepthwiseConv2d
 from .functional import bi_level_routing_attention, region_grid
 from .module import BiLevelRoutingAttention
 from .regions import RegionGrid, Routing
 
 __all__ = [
     "BiLevelRoutingAttention",
+    "DepthwiseConv2d",
     "RegionGrid",
     "Routing",
     "available_backends",
