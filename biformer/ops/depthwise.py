@@ -46,7 +46,7 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)  # x, not the padded map: no tensor kept beyond what nn.Conv2d keeps
-        return F.conv2d(x, weight, bias, padding=_same_padding(weight), groups=x.shape[1])
+        return F.conv2d(x, weight, bias, padding=_same_padding(weight), groups=weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

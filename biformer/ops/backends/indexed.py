@@ -109,6 +109,14 @@ class _Plan:
     def chunks(self) -> range:
         return range(0, self.query_tokens.shape[0], self.step)
 
+    def routed_regions(self, start: int) -> Tensor:
+        """(n, K) key regions routed for the chunk at `start`."""
+        return self.key_regions[start: start + self.step]
+
+    def probability_rows(self, start: int) -> slice:
+        """The chunk at `start`'s (n*M) matrices in the kept (P*M, T, K*T) probabilities."""
+        return slice(start * self.heads, (start + self.step) * self.heads)
+
     def rows(self, side: str, token_stride: int, start: int) -> Tensor:
         """Head rows, head-major per region, of the chunk at `start`: side "query" (n*M*T,) or "key" (n*M*K*T,)."""
         key = (side, token_stride)
@@ -165,10 +173,10 @@ def indexed_attention(
                             dtype=plan.dtype)
         for start in plan.chunks():
             q_chunk, k_routed = plan.gather(q_rows, "query", start), plan.gather(k_rows, "key", start)
-            v_routed, regions = plan.gather(v_rows, "key", start), plan.key_regions[start: start + plan.step]
+            v_routed, regions = plan.gather(v_rows, "key", start), plan.routed_regions(start)
             if keep_probs:
                 chunk_probs = plan.probabilities(q_chunk, k_routed, bias, regions, scale)
-                probs[start * plan.heads: start * plan.heads + chunk_probs.shape[0]] = chunk_probs
+                probs[plan.probability_rows(start)] = chunk_probs
                 chunk_out = torch.bmm(chunk_probs, v_routed)
             else:  # fused: scores and probabilities never leave the cache
                 chunk_out = plan.attention(q_chunk, k_routed, v_routed, bias, regions, scale)
@@ -201,10 +209,9 @@ def indexed_attention_backward(
             q_chunk, grad_chunk = plan.gather(q_rows, "query", start), plan.gather(grad_rows, "query", start)
             k_routed, v_routed = plan.gather(k_rows, "key", start), plan.gather(v_rows, "key", start)
             if probs.numel():
-                chunk_probs = probs[start * plan.heads: start * plan.heads + q_chunk.shape[0]]
+                chunk_probs = probs[plan.probability_rows(start)]
             else:
-                regions = plan.key_regions[start: start + plan.step]
-                chunk_probs = plan.probabilities(q_chunk, k_routed, bias, regions, scale)
+                chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.routed_regions(start), scale)
             grad_v_routed = torch.bmm(chunk_probs.transpose(1, 2), grad_chunk)
             grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
             # softmax backward, times the logit scale that both q and k gradients carry
