@@ -87,6 +87,50 @@ def test_inplace_gelu_equals_gelu_and_keeps_autograd():
     assert torch.equal(leaf.grad, leaf_ref.grad)
 
 
+class _SdpaDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the query dtype of every CPU flash-attention forward that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_sdpa_computes_half_training_in_float32_and_matches_float64(dtype, with_mask):
+    from biformer.ops.sdpa import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(2, 1, 20, 20, dtype=torch.float64).masked_fill_(torch.rand(2, 1, 20, 20) < 0.3, float("-inf"))
+    mask[..., 0] = 0  # every query keeps a key
+    grad_out = torch.randn(2, 3, 20, 8, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*leaves64, attn_mask=mask if with_mask else None, scale=0.3)
+    want.backward(grad_out)
+
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    attn_mask = mask.to(dtype) if with_mask else None
+    with _SdpaDtypes() as training, torch.autocast("cpu", dtype=dtype):  # autocast must not cast them back down
+        out = scaled_dot_product_attention(*leaves, attn_mask=attn_mask, scale=0.3)
+    out.backward(grad_out.to(dtype))
+    assert training.dtypes == [torch.float32] and out.dtype == dtype
+    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(out.double(), want, **tolerance)
+    for leaf, leaf64 in zip(leaves, leaves64):
+        assert leaf.grad.dtype == dtype
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, **tolerance)
+
+    with _SdpaDtypes() as inference, torch.no_grad():  # the half forward is the faster one: kept
+        scaled_dot_product_attention(*leaves, attn_mask=attn_mask, scale=0.3)
+    assert inference.dtypes == [dtype]
+
+
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape,layout", [((2, 6, 9, 11), "channels_last_slice"), ((1, 3, 1, 2), "nchw"), ((2, 4, 13, 6), "nchw")])
 def test_depthwise_conv_equals_float64_conv_in_output_and_gradients(kernel, shape, layout):

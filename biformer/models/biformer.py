@@ -23,7 +23,6 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -37,6 +36,7 @@ from ..ops import BiLevelRoutingAttention
 from ..ops.depthwise import DepthwiseConv2d
 from ..ops.inplace import InplaceGELU, add_into
 from ..ops.module import convert_original_attention_key
+from ..ops.sdpa import scaled_dot_product_attention
 
 __all__ = ["BiFormer", "checkpoint_filter_fn", "to_original_state_dict"]
 
@@ -61,7 +61,7 @@ class GlobalAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         batch, height, width, channels = x.shape
         q, k, v = self.qkv(x.flatten(1, 2)).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+        out = scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(batch, height, width, channels)
         out = add_into(self.lepe(lepe_source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)

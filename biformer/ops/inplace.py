@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 
-def _autograd_records(*tensors: Tensor) -> bool:
+def autograd_records(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -17,7 +17,7 @@ def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     conv output, a linear's reshaped output) would cost two extra copies in the backward.
     """
     rounds_down = torch.promote_types(fresh.dtype, other.dtype) != fresh.dtype  # `fresh` too narrow for the sum
-    if _autograd_records(fresh, other) or rounds_down:
+    if autograd_records(fresh, other) or rounds_down:
         return fresh + other
     return fresh.add_(other)
 
@@ -27,6 +27,6 @@ class InplaceGELU(nn.GELU):
     holds (a linear's or a norm's fresh output), such as the MLP's hidden layer, a block's largest tensor."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _autograd_records(x):
+        if autograd_records(x):
             return super().forward(x)
         return torch.ops.aten.gelu_(x, approximate=self.approximate)

@@ -9,11 +9,11 @@ to 16 of 49), one fused SDPA call is faster than skipping the unrouted work.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from ..regions import RegionGrid
+from ..sdpa import scaled_dot_product_attention
 
 name = "dense"
 
@@ -67,6 +67,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, s
     # (B, H', W', M, D) padded map -> (B, M, N, D) views: SDPA reads the strided heads in place
     q_map, k_map, v_map = (rearrange(grid.pad(t), "b h w m d -> b m (h w) d") for t in (q, k, v))
     bias = region_block_bias(indices, grid, masked, q.dtype)[:, None]  # (B, 1, N, N), shared by the heads
-    out = F.scaled_dot_product_attention(q_map, k_map, v_map, attn_mask=bias, scale=scale)
+    out = scaled_dot_product_attention(q_map, k_map, v_map, attn_mask=bias, scale=scale)
     out = rearrange(out, "b m (h w) d -> b h w m d", h=grid.padded_height)
     return out[:, : grid.height, : grid.width]
