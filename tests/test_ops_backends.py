@@ -85,6 +85,21 @@ def test_cpu_backend_half_precision(backend, dtype):
         torch.testing.assert_close(g.float(), w, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_backend_half_precision_inference(backend, dtype, case):
+    """Without gradients a backend may compute half inputs in their own dtype: still within tolerance."""
+    *_, n_win, topk = case
+    qk, v = _qkv(case, dtype)
+    q, k = qk.detach().unbind(3)
+    with torch.inference_mode():
+        got = bi_level_routing_attention(q, k, v.detach(), n_win, topk, scale=0.3, backend=backend)
+    want = bi_level_routing_attention(q.float(), k.float(), v.detach().float(), n_win, topk, scale=0.3, backend="reference")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_inside_autocast(backend):
     # training loops often call backward() inside the autocast region: the backward must still work
