@@ -73,3 +73,40 @@ def test_cpu_peak_memory_measures_without_profiler_log_lines():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert int(done.stdout) >= 4 << 20  # the 1 Mi-float tensor was seen
     assert "profiler_start" not in done.stderr and "USDT" not in done.stderr, done.stderr
+
+
+def _load_tool(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_bound_tool_frees_bra_and_reads_its_attention_shapes():
+    import timm
+    import torch
+
+    tool = _load_tool("bra_training_bound")
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_nano").eval()
+    images = torch.randn(2, 3, 32, 32)
+    # nano at 32x32: stage maps 8x8, 4x4, 2x2 (one region per side where the map is smaller than n_win)
+    shapes = tool.attention_shapes(model, images)
+    layers = [m for m in model.modules() if isinstance(m, tool.BiLevelRoutingAttention)]
+    assert len(shapes) == len(layers) > 0
+    for (regions, heads, tokens, keys, dim), layer in zip(shapes, layers):
+        assert heads == layer.num_heads and dim == layer.dim // heads and keys % tokens == 0
+
+    layer = layers[0]
+    x = torch.randn(2, 5, 6, layer.dim)
+    with tool.free_bra(), torch.no_grad():
+        free = layer(x)
+    v = layer.qkv(x).unflatten(-1, (3, -1)).unbind(3)[2]  # out = v, then lepe and the projection as usual
+    want = layer.proj(v + layer.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    torch.testing.assert_close(free, want)
+    with torch.no_grad():
+        assert not torch.allclose(layer(x), free)  # the real op is back
