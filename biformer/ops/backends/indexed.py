@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..regions import RegionGrid
 from ..inplace import autograd_records
+from ..regions import RegionGrid
 from ._export import exporting_reasons
 
 name = "indexed"
