@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .inplace import autograd_records
+
 FAST_WEIGHT_GRAD_WIDTH = 3  # widest depthwise kernel oneDNN's weight-gradient kernel serves fast
 
 
@@ -78,8 +80,7 @@ class DepthwiseConv2d(nn.Conv2d):
         sliced = (
             x.device.type == "cpu"
             and self.kernel_size[1] > FAST_WEIGHT_GRAD_WIDTH
-            and torch.is_grad_enabled()
-            and self.weight.requires_grad
+            and autograd_records(self.weight)
         )
         if not sliced:
             return super().forward(x)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .inplace import autograd_records
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def scaled_dot_product_attention(
@@ -21,7 +21,7 @@ def scaled_dot_product_attention(
     while its half forward is the faster one, so only training takes the float32 detour. The result
     is cast back to the inputs' dtype; autocast is off inside so it cannot cast them down again.
     """
-    if q.device.type == "cpu" and q.dtype in _HALF and autograd_records(q, k, v):
+    if q.device.type == "cpu" and q.dtype in HALF_DTYPES and autograd_records(q, k, v):
         with torch.autocast("cpu", enabled=False):
             mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)

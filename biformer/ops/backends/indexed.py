@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..inplace import autograd_records
 from ..regions import RegionGrid
+from ..sdpa import HALF_DTYPES
 from ._export import exporting_reasons
 
 name = "indexed"
@@ -62,7 +63,7 @@ def _compute_dtype(dtype: torch.dtype, train: bool) -> torch.dtype:
     """Half inputs are computed in float32 where gradients follow (the backward is in float32), and
     in their own dtype at inference: on CPU that uses the bfloat16 matmul units (BiFormer-T/S stage
     shapes, 2 threads: 25-30% faster forward than in float32)."""
-    return torch.float32 if train and dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if train and dtype in HALF_DTYPES else dtype
 
 
 class _HeadRows(NamedTuple):

@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..inplace import autograd_records
 from ..regions import RegionGrid
 from ._export import exporting_reasons
 
@@ -71,8 +72,7 @@ def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, ma
     matmuls run about 10% faster."""
     if q.device.type != "cuda":
         return False
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return not training or grid.tokens_per_region >= 16
+    return not autograd_records(q, k, v) or grid.tokens_per_region >= 16
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
