@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import biformer  # noqa: F401  (registers the models)
 import biformer.ops.module as bra_module
+from biformer.benchmarks.measure import interleaved_median_seconds
 from biformer.ops import BiLevelRoutingAttention
 
 
@@ -59,13 +60,7 @@ def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return interleaved_median_seconds({"run": fn}, torch.device("cpu"), repeats, warmup=1)["run"] * 1e3
 
 
 def attention_flop(shape: tuple[int, int, int, int, int]) -> float:
