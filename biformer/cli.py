@@ -7,7 +7,7 @@ import pkgutil
 import sys
 
 from . import commands
-from .commands import UserError
+from .errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

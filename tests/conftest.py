@@ -1,8 +1,19 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers declared once: a test that reads the golden data is `golden`; `gpu` tests skip without CUDA."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "golden_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.golden)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from . import UserError
+from ..errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
 

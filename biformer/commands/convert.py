@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import UserError
+from ..errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

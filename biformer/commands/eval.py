@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands import UserError
     from ..training.data import build_datasets
     from ..training.engine import Dist, UnreadableImages, evaluate, resolve_amp, resolve_device, val_loader
     from ..training.inference import load_for_inference

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from timm.data import create_transform
 
-    from ..commands import UserError
     from ..training.data import UNREADABLE_ERRORS, list_images
     from ..training.engine import resolve_device
     from ..training.inference import load_for_inference

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -45,7 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands import UserError
     from ..training.engine import train
 
     for name, least in (("epochs", 1), ("img_size", 1), ("batch_size", 1), ("workers", 0), ("warmup_epochs", 0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import UserError
+from ..errors import UserError
 
 DEFAULT_MODEL = "biformer_tiny"
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..commands import UserError
+from ..errors import UserError
 from ..files import atomic_output
 
 WEIGHTS, BEST, EMA_WEIGHTS, STATE, METRICS = (

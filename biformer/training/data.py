@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset, default_collate
 
-from ..commands import UserError
+from ..errors import UserError
 
 # what PIL raises for a file it cannot decode (truncated, corrupt, not an image)
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from ..commands import UserError
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .data import build_datasets, collate_readable
 

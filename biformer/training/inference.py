@@ -9,7 +9,7 @@ import timm
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
-from ..commands import UserError
+from ..errors import UserError
 from .checkpoint import load_weights, weights_metadata
 
 

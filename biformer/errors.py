@@ -1,0 +1,9 @@
+"""Exceptions shared by the library and the command line (this module imports nothing of ours)."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix from the message alone (bad path, option, data or checkpoint).
+
+    Library functions raise it for input they cannot use; the command line prints the message as
+    one line and exits with status 2, without a traceback.
+    """
