@@ -7,3 +7,7 @@ class UserError(Exception):
     Library functions raise it for input they cannot use; the command line prints the message as
     one line and exits with status 2, without a traceback.
     """
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be used: corrupt, unsafe to unpickle, or made for another model."""

@@ -67,7 +67,7 @@ def test_cpu_peak_memory_measures_without_profiler_log_lines():
     import sys
 
     script = (
-        "import torch; from biformer.benchmarks.measure import peak_memory_bytes; "
+        "import torch; from biformer.measure import peak_memory_bytes; "
         "print(peak_memory_bytes(lambda: torch.empty(1 << 20), torch.device('cpu')))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)

@@ -88,7 +88,7 @@ def test_convert_refuses_wrong_model(golden_dir, tmp_path, capsys):
 
 def test_visualize_a_checkpoint_of_our_trainer_on_a_digit(tmp_path, capsys):
     """Model, input size and normalisation come from the checkpoint's metadata, as `train` writes them."""
-    from biformer.training.checkpoint import save_weights
+    from biformer.checkpoints import save_weights
 
     model = timm.create_model("biformer_nano", num_classes=10)
     checkpoint = tmp_path / "best.safetensors"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import biformer  # noqa: F401  (registers the models)
-from biformer.models import checkpoint_filter_fn, load_checkpoint, read_state_dict, to_original_state_dict
+from biformer.checkpoints import checkpoint_filter_fn, load_checkpoint, read_state_dict, to_original_state_dict
 
 PARAMETERS = {"biformer_tiny": 13_142_760, "biformer_small": 25_536_232, "biformer_base": 56_804_968}
 STL_MINI = dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_classes=10)

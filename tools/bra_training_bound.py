@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import biformer  # noqa: F401  (registers the models)
 import biformer.ops.module as bra_module
-from biformer.benchmarks.measure import interleaved_median_seconds
+from biformer.measure import interleaved_median_seconds
 from biformer.ops import BiLevelRoutingAttention
 
 

@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from ..benchmarks.measure import interleaved_median_seconds
-from ..benchmarks.measure import write_csv as write_table_csv
+from ..measure import interleaved_median_seconds
+from ..measure import write_csv as write_table_csv
 from ..files import atomic_output
 from ..ops import bi_level_routing_attention
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BiLevelRoutingAttention
-from .measure import interleaved_median_seconds, megabytes, peak_memory_bytes
+from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
 # BiFormer-T (2.2 GFLOPs) and -S (4.5) with timm models of about the same FLOPs.
 DEFAULT_MODELS = (

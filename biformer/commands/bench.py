@@ -102,7 +102,7 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 def _report(rows: list[dict], columns: tuple[str, ...], csv_path: str | None, title: str) -> None:
-    from ..benchmarks.measure import format_table, write_csv
+    from ..measure import format_table, write_csv
 
     shown = [c for c in columns if any(row.get(c) is not None for row in rows)]
     print(title)

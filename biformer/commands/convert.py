@@ -23,13 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import biformer  # noqa: F401  (registers the models)
-
-    from ..analysis.convert import convert_file
+    from ..checkpoints.original import convert_file
 
     try:
         model, source, target = convert_file(args.input, args.output, to=args.to, model_name=args.model)
-    except (FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:
         raise UserError(str(error)) from error
     print(f"{args.input} ({model}, {source} layout) -> {args.output} ({target} layout)")
     return 0

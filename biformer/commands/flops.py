@@ -25,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import timm
 
-    import biformer  # noqa: F401  (registers the models)
-
     from ..analysis.flops import count_flops, format_report
 
     if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
 from ..errors import UserError
 
 DEFAULT_MODEL = "biformer_tiny"
@@ -48,12 +50,9 @@ def _parse_block(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     import timm
-    import torch
-
-    import biformer  # noqa: F401  (registers the models)
 
     from ..analysis import visualize as vis
-    from ..training.inference import load_for_inference
+    from ..checkpoints.restore import restore_model
 
     stage, block = _parse_block(args.block)
     if not args.output.lower().endswith(".png"):
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     if args.checkpoint:  # our trainer's files name their model and preprocessing; others need --model
-        loaded = load_for_inference(args.checkpoint, args.model, padding=args.padding)
+        loaded = restore_model(args.checkpoint, args.model, padding=args.padding)
         model, model_name, mean, std = loaded.model, loaded.model_name, loaded.mean, loaded.std
         default_size = (loaded.img_size, loaded.img_size)
     else:

@@ -14,13 +14,7 @@ Shape legend: B batch, C channels, H/W map height/width. Stages run blocks chann
 """
 from __future__ import annotations
 
-import os
-import re
-import socket
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -28,17 +22,15 @@ from torch import Tensor, nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
+from timm.models._features import feature_take_indices  # timm has no public name for it
 
+from ..checkpoints.original import check_release_source, checkpoint_filter_fn
 from ..ops import BiLevelRoutingAttention
 from ..ops.depthwise import DepthwiseConv2d
 from ..ops.inplace import InplaceGELU, add_into
-from ..ops.module import convert_original_attention_key
 from ..ops.sdpa import scaled_dot_product_attention
 
-__all__ = ["BiFormer", "checkpoint_filter_fn", "to_original_state_dict"]
+__all__ = ["BiFormer"]
 
 
 class GlobalAttention(nn.Module):
@@ -105,20 +97,6 @@ class BiFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-@dataclass(frozen=True)
-class OriginalLayout:
-    """How the original release named this variant's weights (for conversion both ways)."""
-
-    flat_blocks: bool  # "stages.i.j." (BiFormer) rather than "stages.i.blocks.j." (STL)
-    mlp_fc2_index: int  # index of the MLP's second Linear in the original nn.Sequential
-    nchw: bool  # projections stored as 1x1 convs, BRA layers named qkv_linear/output_linear
-
-
-BIFORMER_LAYOUT = OriginalLayout(flat_blocks=True, mlp_fc2_index=3, nchw=False)
-STL_LAYOUT = OriginalLayout(flat_blocks=False, mlp_fc2_index=2, nchw=False)
-STL_NCHW_LAYOUT = OriginalLayout(flat_blocks=False, mlp_fc2_index=2, nchw=True)
-
-
 def _per_stage(value, name: str) -> tuple:
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 4
     if len(values) != 4:
@@ -142,7 +120,6 @@ class BiFormer(nn.Module):
         pos_embed: depthwise 3x3 conv position embedding at the start of each block.
         padding: "masked" (default) or "legacy" (the original `auto_pad=True`).
         backend: force a BRA backend in every layer (see biformer.ops.available_backends()).
-        original_layout: how the original release names this variant's weights.
     """
 
     def __init__(
@@ -163,7 +140,6 @@ class BiFormer(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        original_layout: OriginalLayout = BIFORMER_LAYOUT,
     ) -> None:
         super().__init__()
         depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
@@ -173,7 +149,6 @@ class BiFormer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.original_layout = original_layout
         self.grad_checkpointing = False
 
         if stem == "overlap":
@@ -225,12 +200,6 @@ class BiFormer(nn.Module):
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-
-    def set_backend(self, backend: str | None) -> None:
-        """Force a BRA backend in every routing-attention layer (None: automatic dispatch)."""
-        for module in self.modules():
-            if isinstance(module, BiLevelRoutingAttention):
-                module.backend = backend
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -320,114 +289,12 @@ class BiFormer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint conversion: original release layout <-> ours
-# ----------------------------------------------------------------------------------------------
-
-def _original_block_key(rest: str, layout: OriginalLayout, global_stage: bool) -> str:
-    """One block-relative key of ours -> the original's name (rest is after 'stages.i.blocks.j.')."""
-    rest = re.sub(r"^mlp\.fc1\.", "mlp.0.", rest)
-    rest = re.sub(r"^mlp\.fc2\.", f"mlp.{layout.mlp_fc2_index}.", rest)
-    if not global_stage and rest.startswith("attn."):
-        names = ("qkv_linear.", "output_linear.") if layout.nchw else ("qkv.qkv.", "wo.")
-        rest = re.sub(r"^attn\.qkv\.", "attn." + names[0], rest)
-        rest = re.sub(r"^attn\.proj\.", "attn." + names[1], rest)
-    return rest
-
-
-def to_original_state_dict(state_dict: dict[str, Tensor], model: BiFormer) -> dict[str, Tensor]:
-    """Our state dict -> the original release's keys and shapes (the inverse of checkpoint_filter_fn)."""
-    layout = model.original_layout
-    global_stages = {
-        i for i, stage in enumerate(model.stages) if isinstance(stage.blocks[0].attn, GlobalAttention)
-    }
-    converted = {}
-    for key, value in state_dict.items():
-        if key.startswith("stem."):
-            key = "downsample_layers.0." + key[len("stem."):]
-        elif match := re.match(r"stages\.(\d+)\.downsample\.(.*)", key):
-            key = f"downsample_layers.{match[1]}.{match[2]}"
-        elif match := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key):
-            stage, block, rest = int(match[1]), match[2], match[3]
-            rest = _original_block_key(rest, layout, stage in global_stages)
-            key = f"stages.{stage}.{block}.{rest}" if layout.flat_blocks else f"stages.{stage}.blocks.{block}.{rest}"
-            if layout.nchw and value.dim() == 2:
-                value = value[:, :, None, None]  # Linear -> 1x1 conv
-        converted[key] = value
-    return converted
-
-
-def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: BiFormer) -> dict[str, Tensor]:
-    """Convert an original release state dict (or `{"model": state_dict}`) to our layout.
-
-    State dicts already in our layout pass through unchanged. Shapes are adapted (1x1 convs of
-    the NCHW refactor become Linear weights); `num_batches_tracked` buffers are kept if present.
-    """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if "stem.0.weight" in state_dict:
-        return dict(state_dict)
-    own = model.state_dict()
-    converted = {}
-    for key, value in state_dict.items():
-        if key.startswith("downsample_layers.0."):
-            key = "stem." + key[len("downsample_layers.0."):]
-        elif match := re.match(r"downsample_layers\.(\d+)\.(.*)", key):
-            key = f"stages.{match[1]}.downsample.{match[2]}"
-        elif match := re.match(r"stages\.(\d+)\.(?:blocks\.)?(\d+)\.(.*)", key):
-            stage, block, rest = match[1], match[2], match[3]
-            rest = re.sub(r"^mlp\.0\.", "mlp.fc1.", rest)
-            rest = re.sub(r"^mlp\.[23]\.", "mlp.fc2.", rest)
-            if rest.startswith("attn."):
-                attn_key, value = convert_original_attention_key(rest[len("attn."):], value)
-                rest = "attn." + attn_key
-            key = f"stages.{stage}.blocks.{block}.{rest}"
-        target = own.get(key)
-        if target is not None and target.dim() == 2 and value.dim() == 4 and value.shape[2:] == (1, 1):
-            value = value.flatten(1)  # 1x1 conv -> Linear
-        converted[key] = value
-    return converted
-
-
-# ----------------------------------------------------------------------------------------------
 # Construction, configs and registration
 # ----------------------------------------------------------------------------------------------
 
-def _offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TIMM_OFFLINE"))
-
-
-def _host_reachable(url: str, timeout: float = 3.0) -> bool:
-    host = urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _check_pretrained_source(variant: str, pretrained_cfg, pretrained_cfg_overlay: dict | None) -> None:
-    """Fail fast, with instructions, when pretrained weights can neither be read from a file nor downloaded."""
-    cfg = pretrained_cfg or get_pretrained_cfg(variant)
-    if isinstance(cfg, PretrainedCfg):
-        cfg = cfg.to_dict()
-    cfg = {**(cfg or {}), **(pretrained_cfg_overlay or {})}
-    if cfg.get("file"):
-        if not os.path.isfile(cfg["file"]):
-            raise FileNotFoundError(f"pretrained file {cfg['file']!r} for {variant} does not exist")
-        return
-    hint = (
-        f"download the original release file ({cfg.get('url') or 'see README'}) and pass it with "
-        f"timm.create_model({variant.split('.')[0]!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
-    )
-    if not cfg.get("url"):
-        raise RuntimeError(f"{variant} has no released weights; train it or {hint}")
-    if _offline() or not _host_reachable(cfg["url"]):
-        raise RuntimeError(f"cannot download pretrained weights for {variant} (offline or host unreachable); {hint}")
-
-
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
     if pretrained:
-        _check_pretrained_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        check_release_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     return build_model_with_cfg(
         BiFormer,
         variant,
@@ -493,13 +360,13 @@ def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
     """Swin-Tiny layout with BRA (paper's ablation), legacy attention layout."""
-    return _create_biformer("biformer_stl", pretrained, **{**STL_ARGS, "original_layout": STL_LAYOUT, **kwargs})
+    return _create_biformer("biformer_stl", pretrained, **{**STL_ARGS, **kwargs})
 
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
     """Swin-Tiny layout with BRA, the original's NCHW refactor (last stage: lepe on V)."""
-    args = dict(STL_ARGS, topks=(1, 4, 16, -1), original_layout=STL_NCHW_LAYOUT)
+    args = dict(STL_ARGS, topks=(1, 4, 16, -1))
     return _create_biformer("biformer_stl_nchw", pretrained, **{**args, **kwargs})
 
 

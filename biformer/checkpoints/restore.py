@@ -1,4 +1,4 @@
-"""Models for `eval` and `predict`: built from a checkpoint (ours or an original release file)."""
+"""A ready-to-run model from a checkpoint file (ours or an original release file), for eval, predict and visualize."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,11 +10,11 @@ from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
 from ..errors import UserError
-from .checkpoint import load_weights, weights_metadata
+from .files import load_checkpoint, read_metadata, read_state_dict
 
 
 @dataclass
-class InferenceModel:
+class RestoredModel:
     model: nn.Module
     model_name: str
     classes: list[str]
@@ -25,35 +25,33 @@ class InferenceModel:
     classes_recorded: bool  # class names came from the checkpoint (our trainer's), not a default
 
 
-def load_for_inference(
+def restore_model(
     checkpoint: str, model_name: str | None, img_size: int | None = None, **model_kwargs: Any
-) -> InferenceModel:
+) -> RestoredModel:
     """The checkpoint's model in eval mode, with its class names and preprocessing; model_kwargs
     go to timm.create_model (e.g. padding).
 
-    Our trainer's .safetensors files carry the model name, classes and preprocessing; for other
-    files (e.g. an original release .pth) pass --model; they get timm's config for that model and
-    as many classes as their classifier has (ImageNet's names for 1000).
+    Our .safetensors files (from `train` or `convert`) name their model, and our trainer's also carry
+    classes and preprocessing; for other files (e.g. an original release .pth) pass --model. They get
+    timm's config for that model and as many classes as their classifier has (ImageNet's names for 1000).
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise UserError(f"--checkpoint {checkpoint!r} does not exist")
-    metadata = {}
-    if path.suffix == ".safetensors":
-        try:
-            metadata = weights_metadata(path)
-        except Exception as error:
-            raise UserError(f"--checkpoint {checkpoint!r} is not a readable safetensors file: {error}") from error
+    metadata = read_metadata(path)
     model_name = model_name or metadata.get("model")
     if not model_name:
         raise UserError(f"--checkpoint {checkpoint!r} does not name its model; pass --model")
     if model_name not in timm.list_models(model_name):
         raise UserError(f"--model {model_name!r} is not a registered timm model")
     classes = metadata.get("classes")
-    classes_recorded = classes is not None
     model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(path, model_name),
                               **model_kwargs)
-    load_weights(model, path, what=f"--checkpoint {checkpoint!r} for --model {model_name}")
+    try:
+        load_checkpoint(model, path)
+    except ValueError as error:
+        raise UserError(f"--checkpoint {checkpoint!r} for --model {model_name}: {error}") from error
+    classes_recorded = classes is not None
     if classes is None:
         count = model.num_classes
         classes = (ImageNetInfo().label_names() if count == 1000 else [str(i) for i in range(count)])
@@ -62,19 +60,13 @@ def load_for_inference(
     else:
         config = resolve_data_config({}, model=model)
         size, mean, std, crop = config["input_size"][-1], config["mean"], config["std"], config["crop_pct"]
-    return InferenceModel(model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std), crop,
-                          classes_recorded)
+    return RestoredModel(model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std), crop,
+                         classes_recorded)
 
 
 def _head_size(path: Path, model_name: str) -> int:
     """Output size of the classifier in a checkpoint without metadata (the model's default if absent)."""
-    from ..models import read_state_dict
-
     classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "head"
     default = timm.models.get_pretrained_cfg_value(model_name, "num_classes") or 1000
-    try:
-        state_dict = read_state_dict(path)
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(f"--checkpoint {str(path)!r}: {error}") from error
-    head = state_dict.get(f"{classifier}.weight")
+    head = read_state_dict(path).get(f"{classifier}.weight")
     return head.shape[0] if head is not None and head.ndim >= 1 else default

@@ -1,4 +1,4 @@
-"""Timing, peak memory and result tables shared by the benchmarks."""
+"""Measuring: interleaved median timing, peak memory, and tables of results (used by benchmarks and analysis)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..files import atomic_output
+from .files import atomic_output
 
 
 def synchronize(device: torch.device) -> None:
