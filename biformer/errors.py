@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used: corrupt, unsafe to unpickle, or made for another model."""
+
+
+class OutputError(UserError, OSError):
+    """An output file that cannot be written (missing or read-only folder, full disk)."""

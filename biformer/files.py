@@ -7,15 +7,23 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    Raises OutputError (a UserError and an OSError) naming `path` when it cannot be written.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+        raise OutputError(f"cannot write {path!r}: its folder {folder!r} does not exist; create it first")
+    try:
+        handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as error:
+        raise OutputError(f"cannot write {path!r}: {error.strerror or error}") from error
     os.close(handle)
     try:
         yield Path(temp)
@@ -23,7 +31,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private: give it the permissions of a new file
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+        if isinstance(error, OSError) and not isinstance(error, OutputError):  # full disk, read-only target
+            raise OutputError(f"cannot write {path!r}: {error.strerror or error}") from error
         raise
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """OutputError naming `option` unless a file could be written at `path` now (checked before long work)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{option} {path!r}: the folder {folder!r} does not exist; create it first")
+    try:
+        handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    except OSError as error:
+        raise OutputError(f"{option} {path!r} cannot be written: {error.strerror or error}") from error
+    os.close(handle)
+    os.unlink(temp)

@@ -9,9 +9,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm import tqdm
-
 from .files import atomic_output
+from .progress import progress
 
 
 def synchronize(device: torch.device) -> None:
@@ -32,7 +31,7 @@ def interleaved_median_seconds(
             run()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in tqdm(range(repeats), desc=desc, unit="round", leave=False):
+    for _ in progress(range(repeats), desc=desc, unit="round"):
         for name, run in runs.items():
             start = time.perf_counter()
             run()

@@ -1,5 +1,8 @@
 """The analysis commands end to end: flops, complexity, convert, visualize."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import biformer  # noqa: F401  (registers the models)
 from biformer.analysis.visualize import COLUMNS, DIM, MARGIN, TITLE_HEIGHT
+from biformer.checkpoints import load_checkpoint
 from biformer.cli import main
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -54,8 +58,11 @@ def test_convert_round_trip_is_bitwise_exact(golden_dir, tmp_path, capsys):
     original = load_file(golden)
     converted = load_file(ours)
     assert "stem.0.weight" in converted and "downsample_layers.0.0.weight" not in converted
-    model = timm.create_model("biformer_tiny")
-    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)  # loads in our layout
+    # our layout loads strictly and gives the original's logits
+    model = load_checkpoint(timm.create_model("biformer_tiny").eval(), ours)
+    io = load_file(golden_dir / "biformer_tiny" / "io.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["x224.input"]), io["x224.logits"], atol=1e-4, rtol=0)
     for restored in (torch.load(release, weights_only=True)["model"], load_file(back)):
         assert restored.keys() == original.keys()
         for key, value in original.items():
@@ -150,3 +157,71 @@ def test_visualize_draws_the_routed_regions(tmp_path, capsys):
                     c * region_px * panel_scale + border:(c + 1) * region_px * panel_scale - border]
         expected = original if region in routed else dimmed
         assert np.array_equal(shown[box], expected[box]), f"region {region} ({'routed' if region in routed else 'not routed'})"
+
+
+@pytest.mark.slow
+def test_every_file_convert_writes_loads_in_predict_and_visualize(golden_dir, tmp_path, capsys):
+    """`convert` writes our weight files (JSON metadata naming the model): eval, predict and visualize read
+    them, in either layout, and the release .pth with --model."""
+    golden = golden_dir / "biformer_tiny" / "weights.safetensors"
+    ours, back, release = tmp_path / "ours.safetensors", tmp_path / "back.safetensors", tmp_path / "release.pth"
+    assert main(["convert", str(golden), str(ours)]) == 0
+    assert main(["convert", str(ours), str(back), "--to", "original"]) == 0
+    assert main(["convert", str(ours), str(release)]) == 0
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    predictions = []
+    for checkpoint, model in ((ours, []), (back, []), (back, ["--model", "biformer_tiny"]),
+                              (release, ["--model", "biformer_tiny"])):
+        capsys.readouterr()
+        assert main(["predict", str(image), "--checkpoint", str(checkpoint), *model, "--json", "--topk", "3"]) == 0, \
+            capsys.readouterr().err
+        predictions.append(capsys.readouterr().out)
+    assert len(set(predictions)) == 1  # the same weights whatever the file
+    assert main(["visualize", "--checkpoint", str(back), "--query", "10", "10", "--grid", "0", "--panel-size", "64",
+                 "--img-size", "64", "--output", str(tmp_path / "v.png")]) == 0
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder whose files cannot be created, as on a read-only file system (root writes anywhere else)."""
+    import errno
+    import tempfile
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return folder
+
+
+@pytest.mark.parametrize("command", [
+    ["visualize", "--model", "biformer_nano", "--img-size", "32", "--query", "1", "1", "--output", "{folder}/v.png"],
+    ["complexity", "--size", "8", "8", "--dim", "16", "--no-time", "--output", "{folder}/c.png"],
+    ["complexity", "--size", "8", "8", "--dim", "16", "--no-time", "--output", "{tmp}/c.png", "--csv", "{folder}/c.csv"],
+    ["convert", "{golden}", "{folder}/ours.safetensors"],
+    ["bench", "op", "--shape", "8,8,16,1,2,2", "--repeats", "1", "--csv", "{folder}/b.csv"],
+])
+def test_unwritable_output_is_one_line_and_exit_2(command, read_only_folder, tmp_path, capsys):
+    golden = Path(__file__).resolve().parents[2] / "shared" / "golden" / "biformer_tiny" / "weights.safetensors"
+    argv = [word.format(folder=read_only_folder, tmp=tmp_path, golden=golden) for word in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"biformer {command[0]}: error: ") and "Read-only file system" in err, err
+    assert "Traceback" not in err and list(read_only_folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_complexity_progress_writes_no_escape_codes_when_redirected(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "biformer", "complexity", "--size", "16", "16", "--dim", "32",
+                             "--topk", "4", "--repeats", "2", "--output", str(tmp_path / "c.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for stream in (result.stdout, result.stderr):
+        assert "\x1b[" not in stream and "\r" not in stream, repr(stream[-500:])

@@ -1,17 +1,53 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written and print what their comments say; its commands write no tracked file."""
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXAMPLES = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PRINT_LINE = re.compile(r"^\s*print\(.*\)\s*#\s*(?P<expected>.+)$")
+
+
+def expected_prints(example: str) -> list[str]:
+    """The comment after each print() call: what that call prints. A print() without one is an error."""
+    expected = []
+    for line in example.splitlines():
+        if re.match(r"^\s*print\(", line):
+            match = PRINT_LINE.match(line)
+            assert match, f"README print() without its output as a comment: {line.strip()}"
+            expected.append(match["expected"].strip())
+    return expected
 
 
 def test_readme_has_examples():
-    assert EXAMPLES
+    assert len(EXAMPLES) >= 2 and all(expected_prints(example) for example in EXAMPLES)
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_readme_example_runs(index):
-    exec(compile(EXAMPLES[index], f"README.md example {index}", "exec"), {})
+def test_readme_example_prints_what_it_says(index):
+    printed = []
+    scope = {"print": lambda *values: printed.append(" ".join(str(value) for value in values))}
+    exec(compile(EXAMPLES[index], f"README.md example {index}", "exec"), scope)
+    assert printed == expected_prints(EXAMPLES[index])
+
+
+def _shell_commands() -> list[list[str]]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    commands = []
+    for block in blocks:
+        for command in re.split(r"&&|\n(?!\s)", block.replace("\\\n", " ")):
+            if command.strip():
+                commands.append(shlex.split(command))
+    return commands
+
+
+def test_readme_commands_do_not_overwrite_the_repository():
+    """An example run by a reader must not change tracked files (the pictures the README shows among them)."""
+    shown = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)) | set(re.findall(r"\]\((docs/[^)]+)\)", README))
+    written = [words[i + 1] for words in _shell_commands() for i, word in enumerate(words[:-1]) if word == "--output"]
+    assert written, "the README's commands write no --output: the check below would be empty"
+    for path in written:
+        assert path not in shown and not path.startswith("docs/"), f"a README command overwrites {path}"

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
+from ..files import atomic_output
 from ..measure import interleaved_median_seconds
 from ..measure import write_csv as write_table_csv
-from ..files import atomic_output
 from ..ops import bi_level_routing_attention
+from ..progress import progress
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def complexity_table(
     """One row per valid S: Eq. 9's terms and (if measure) the measured time of our op."""
     rows = []
     sizes = valid_regions_per_side(height, width, topk)
-    for s in tqdm(sizes, desc="regions per side", unit="S", disable=not measure, leave=False):
+    for s in progress(sizes, desc="regions per side", unit="S", enabled=measure):
         cost = bra_cost(height, width, dim, topk, s)
         time_ms = (
             measure_bra_ms(height, width, dim, heads, topk, s, repeats=repeats, device=device, backend=backend)

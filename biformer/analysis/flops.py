@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from ..ops import BiLevelRoutingAttention
+from ..progress import progress as progress_bar
 
 aten = torch.ops.aten
 
@@ -267,7 +267,7 @@ def count_flops(
     try:
         device = next(model.parameters()).device
         inputs = torch.randn(batch, in_chans, *input_size, device=device)
-        with tqdm(total=2, desc="counting FLOPs", unit="pass", leave=False, disable=not progress) as bar:
+        with progress_bar(total=2, desc="counting FLOPs", unit="pass", enabled=progress) as bar:
             paper, _ = _count(model, inputs, PAPER_FORMULAS, PAPER_OPS)
             bar.update()
             complete, ran = _count(model, inputs, COMPLETE_FORMULAS, None)

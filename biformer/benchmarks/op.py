@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..ops import bi_level_routing_attention
-from ..ops.backends import BACKENDS, select_backend
+from ..ops.backends import select_backend
 from ..ops.functional import region_grid
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
@@ -94,64 +94,76 @@ def bench_op(
     the measured time, which includes routing: the op's achieved rate. baseline=False leaves the
     original out (its orig_* columns empty), for maps where its gather does not fit in memory.
     """
+    candidates = list(dict.fromkeys([BASELINE] * baseline + backends))
+    return [row for shape in shapes
+            for row in _bench_shape(shape, candidates, device, dtype, padding, repeats, warmup, memory)]
+
+
+def _runnable(shape: OpShape, candidates: list[str], qkv: torch.Tensor, padding: str) -> tuple[list[str], dict[str, str]]:
+    """The candidates that can run this shape, and a note for each that cannot (or what auto picked)."""
+    grid = region_grid(shape.height, shape.width, shape.n_win)
+    q, k, v = qkv.detach().unbind(3)
+    runnable, notes = [], {}
+    for name in candidates:
+        try:
+            chosen = select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked")
+            runnable.append(name)
+            if name == AUTO:
+                notes[name] = f"picked {chosen.name}"
+        except ValueError as error:
+            notes[name] = f"skipped: {error}"
+    return runnable, notes
+
+
+def _bench_shape(shape: OpShape, candidates: list[str], device: torch.device, dtype: torch.dtype, padding: str,
+                 repeats: int, warmup: int, memory: bool) -> list[dict[str, Any]]:
     rows = []
-    for shape in shapes:
-        generator = torch.Generator(device).manual_seed(0)
-        qkv = torch.randn(shape.batch, shape.height, shape.width, 3, shape.heads, shape.head_dim,
-                          generator=generator, device=device, dtype=dtype, requires_grad=True)
-        grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], generator=generator, device=device, dtype=dtype)
-        scale = shape.dim**-0.5  # BiFormer's layers scale by the full width
+    generator = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(shape.batch, shape.height, shape.width, 3, shape.heads, shape.head_dim,
+                      generator=generator, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], generator=generator, device=device, dtype=dtype)
+    scale = shape.dim**-0.5  # BiFormer's layers scale by the full width
 
-        def op(backend: str) -> torch.Tensor:
-            q, k, v = qkv.unbind(3)
-            return bi_level_routing_attention(q, k, v, shape.n_win, shape.topk, scale=scale, padding=padding,
-                                              backend=None if backend == AUTO else backend)
+    def op(backend: str) -> torch.Tensor:
+        q, k, v = qkv.unbind(3)
+        return bi_level_routing_attention(q, k, v, shape.n_win, shape.topk, scale=scale, padding=padding,
+                                          backend=None if backend == AUTO else backend)
 
-        def forward(backend: str) -> None:
-            with torch.no_grad():
-                op(backend)
+    def forward(backend: str) -> None:
+        with torch.no_grad():
+            op(backend)
 
-        def forward_backward(backend: str) -> list[torch.Tensor]:
-            qkv.grad = None
-            out = op(backend)
-            out.backward(grad_out)
-            return [out.detach(), qkv.grad]
-
-        grid = region_grid(shape.height, shape.width, shape.n_win)
-        q, k, v = qkv.detach().unbind(3)
-        runnable, notes = [], {}
-        for name in dict.fromkeys([BASELINE] * baseline + backends):
-            try:
-                chosen = select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked")
-                runnable.append(name)
-                if name == AUTO:
-                    notes[name] = f"picked {chosen.name}"
-            except ValueError as error:
-                notes[name] = f"skipped: {error}"
-        reference_outputs = forward_backward(REFERENCE)
-        errors = {name: max((a.float() - b.float()).abs().max().item()
-                            for a, b in zip(forward_backward(name), reference_outputs)) for name in runnable}
-        forward_s = interleaved_median_seconds({n: (lambda n=n: forward(n)) for n in runnable}, device, repeats, warmup,
-                                               desc=f"{shape.name} forward")
-        train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in runnable}, device,
-                                             repeats, warmup, desc=f"{shape.name} forward+backward")
-        peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory else None for n in runnable}
+    def forward_backward(backend: str) -> list[torch.Tensor]:
         qkv.grad = None
-        inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v and the output gradient
-        io_bytes = 2 * inputs_bytes  # q, k, v, out and their gradients
-        base = BASELINE if BASELINE in runnable else None
-        for name in [n for n in runnable if n != BASELINE]:
-            rows.append(dict(
-                shape=shape.name, backend=name,
-                fwd_ms=1e3 * forward_s[name], orig_fwd_ms=base and 1e3 * forward_s[base],
-                fwd_speedup=base and forward_s[base] / forward_s[name],
-                fwd_bwd_ms=1e3 * train_s[name], orig_fwd_bwd_ms=base and 1e3 * train_s[base],
-                fwd_bwd_speedup=base and train_s[base] / train_s[name],
-                fwd_tflop_s=shape.attention_flops() / forward_s[name] / 1e12,
-                fwd_bwd_tflop_s=(1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train_s[name] / 1e12,
-                peak_mb=megabytes(peaks[name]), orig_peak_mb=base and megabytes(peaks[base]),
-                peak_per_io=None if peaks[name] is None else (peaks[name] + inputs_bytes) / io_bytes,
-                max_abs_err=errors[name], note=notes.get(name),
-            ))
-        rows += [dict(shape=shape.name, backend=n, note=note) for n, note in notes.items() if n not in runnable]
+        out = op(backend)
+        out.backward(grad_out)
+        return [out.detach(), qkv.grad]
+
+    runnable, notes = _runnable(shape, candidates, qkv, padding)
+    reference_outputs = forward_backward(REFERENCE)
+    errors = {name: max((a.float() - b.float()).abs().max().item()
+                        for a, b in zip(forward_backward(name), reference_outputs)) for name in runnable}
+    forward_s = interleaved_median_seconds({n: (lambda n=n: forward(n)) for n in runnable}, device, repeats, warmup,
+                                           desc=f"{shape.name} forward")
+    train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in runnable}, device,
+                                         repeats, warmup, desc=f"{shape.name} forward+backward")
+    peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory else None for n in runnable}
+    qkv.grad = None
+    inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v and the output gradient
+    io_bytes = 2 * inputs_bytes  # q, k, v, out and their gradients
+    base = BASELINE if BASELINE in runnable else None
+    for name in [n for n in runnable if n != BASELINE]:
+        rows.append(dict(
+            shape=shape.name, backend=name,
+            fwd_ms=1e3 * forward_s[name], orig_fwd_ms=base and 1e3 * forward_s[base],
+            fwd_speedup=base and forward_s[base] / forward_s[name],
+            fwd_bwd_ms=1e3 * train_s[name], orig_fwd_bwd_ms=base and 1e3 * train_s[base],
+            fwd_bwd_speedup=base and train_s[base] / train_s[name],
+            fwd_tflop_s=shape.attention_flops() / forward_s[name] / 1e12,
+            fwd_bwd_tflop_s=(1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train_s[name] / 1e12,
+            peak_mb=megabytes(peaks[name]), orig_peak_mb=base and megabytes(peaks[base]),
+            peak_per_io=None if peaks[name] is None else (peaks[name] + inputs_bytes) / io_bytes,
+            max_abs_err=errors[name], note=notes.get(name),
+        ))
+    rows += [dict(shape=shape.name, backend=n, note=note) for n, note in notes.items() if n not in runnable]
     return rows

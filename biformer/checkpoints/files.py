@@ -119,7 +119,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if isinstance(model, BiFormer):
         state_dict = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    # release files have no BatchNorm step counters; load_state_dict fills them in (they feed no output)
+    missing = sorted(k for k in set(own) - set(state_dict) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from typing import Iterator
 
 from ..errors import UserError
+from ..files import check_writable
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -76,8 +76,8 @@ def _setup(args: argparse.Namespace):
         raise UserError(f"--warmup must be at least 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
-        raise UserError(f"the folder of --csv {args.csv!r} does not exist; create it first")
+    if args.csv:
+        check_writable(args.csv, "--csv")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..errors import UserError
+from ..files import check_writable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--heads {heads} must divide --dim {args.dim}")
     if not args.output.lower().endswith(".png"):
         raise UserError(f"--output must name a .png file, got {args.output!r}")
-    for path in filter(None, (args.output, args.csv)):
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"the folder of {path!r} does not exist; create it first")
+    for option, path in (("--output", args.output), ("--csv", args.csv)):
+        if path:
+            check_writable(path, option)
     try:
         rows = complexity_table(height, width, args.dim, args.topk, heads=heads, measure=not args.no_time,
                                 repeats=args.repeats, device=args.device, backend=args.backend)

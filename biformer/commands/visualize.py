@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from ..errors import UserError
+from ..files import check_writable
 
 DEFAULT_MODEL = "biformer_tiny"
 
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     stage, block = _parse_block(args.block)
     if not args.output.lower().endswith(".png"):
         raise UserError(f"--output must name a .png file, got {args.output!r}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UserError(f"the folder of {args.output!r} does not exist; create it first")
+    check_writable(args.output, "--output")
     if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 32):
         raise UserError(f"--img-size takes one or two sizes of at least 32 (H W), got {args.img_size}")
     if args.grid < 0 or args.panel_size < 1:
