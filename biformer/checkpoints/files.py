@@ -112,11 +112,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises CheckpointError (a ValueError) listing missing/unexpected keys or mismatched shapes:
     never a partial load.
     """
-    from ..models.biformer import BiFormer
-    from .original import checkpoint_filter_fn
+    from .original import ORIGINAL_MARKER, checkpoint_filter_fn
 
     state_dict = read_state_dict(path)
-    if isinstance(model, BiFormer):
+    if ORIGINAL_MARKER in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
     # release files have no BatchNorm step counters; load_state_dict fills them in (they feed no output)

@@ -31,6 +31,7 @@ from ..ops import BiLevelRoutingAttention
 from .files import read_metadata, read_state_dict, save_weights
 
 LAYOUTS = ("original", "ours")
+OURS_MARKER, ORIGINAL_MARKER = "stem.0.weight", "downsample_layers.0.0.weight"  # a key only that layout has
 TORCH_EXTENSIONS = (".pth", ".pt")
 
 
@@ -107,7 +108,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
-    if "stem.0.weight" in state_dict:
+    if OURS_MARKER in state_dict:
         return dict(state_dict)
     own = model.state_dict()
     converted = {}
@@ -126,12 +127,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 
 def detect_layout(state_dict: dict[str, Tensor]) -> str:
-    if "stem.0.weight" in state_dict:
+    if OURS_MARKER in state_dict:
         return "ours"
-    if "downsample_layers.0.0.weight" in state_dict:
+    if ORIGINAL_MARKER in state_dict:
         return "original"
-    raise CheckpointError("the file is neither a BiFormer checkpoint in the original layout "
-                          "(downsample_layers.0.0.weight) nor in ours (stem.0.weight)")
+    raise CheckpointError(f"the file is neither a BiFormer checkpoint in the original layout ({ORIGINAL_MARKER}) "
+                          f"nor in ours ({OURS_MARKER})")
 
 
 def _expected_shapes(model_name: str, num_classes: int, layout: str) -> tuple[nn.Module, dict[str, torch.Size]]:
