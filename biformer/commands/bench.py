@@ -5,8 +5,22 @@ import argparse
 import contextlib
 from typing import Iterator
 
+import torch
+
+from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
+from ..benchmarks.model import (
+    DEFAULT_MODELS,
+    ModelEntry,
+    bench_models,
+    build_models,
+    read_flops_table,
+)
+from ..benchmarks.op import AUTO, OpShape, bench_op, stage_shapes
+from ..benchmarks.op import COLUMNS as OP_COLUMNS
 from ..errors import UserError
 from ..files import check_writable
+from ..measure import format_table, write_csv
+from ..ops.backends import BACKENDS
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -67,8 +81,6 @@ def _common_options(parser: argparse.ArgumentParser, repeats: int) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    import torch
-
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -90,8 +102,6 @@ def _setup(args: argparse.Namespace):
 @contextlib.contextmanager
 def _threads(count: int | None) -> Iterator[None]:
     """torch's CPU thread count set for the benchmark, restored afterwards (the CLI may run in-process)."""
-    import torch
-
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -102,8 +112,6 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 def _report(rows: list[dict], columns: tuple[str, ...], csv_path: str | None, title: str) -> None:
-    from ..measure import format_table, write_csv
-
     shown = [c for c in columns if any(row.get(c) is not None for row in rows)]
     print(title)
     print(format_table(rows, shown))
@@ -113,11 +121,6 @@ def _report(rows: list[dict], columns: tuple[str, ...], csv_path: str | None, ti
 
 
 def run_op(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..benchmarks.op import AUTO, COLUMNS, OpShape, bench_op, stage_shapes
-    from ..ops.backends import BACKENDS
-
     device, dtype = _setup(args)
     backends = args.backends or [AUTO, *BACKENDS]
     unknown = [b for b in backends if b not in BACKENDS and b != AUTO]
@@ -134,18 +137,13 @@ def run_op(args: argparse.Namespace) -> int:
         threads = torch.get_num_threads()
         rows = bench_op(shapes, backends, device, dtype, args.padding, args.repeats, args.warmup, not args.no_memory,
                         baseline=not args.no_baseline)
-    _report(rows, COLUMNS, args.csv,
+    _report(rows, OP_COLUMNS, args.csv,
             f"BRA op, {args.dtype}, padding={args.padding}, {device}, {threads} threads, "
             f"median of {args.repeats} interleaved rounds (ms; speedup = original / backend)")
     return 0
 
 
 def run_model(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..benchmarks.model import COLUMNS, DEFAULT_MODELS, ModelEntry, bench_models, build_models, read_flops_table
-    from ..ops.backends import BACKENDS
-
     device, dtype = _setup(args)
     if args.img_size < 32:
         raise UserError(f"--img-size must be at least 32, got {args.img_size}")
@@ -161,7 +159,7 @@ def run_model(args: argparse.Namespace) -> int:
         threads = torch.get_num_threads()
         rows = bench_models(models, device, dtype, args.batch, args.img_size, args.repeats, args.warmup,
                             train=not args.no_train, memory=not args.no_memory, flops=flops)
-    _report(rows, COLUMNS, args.csv,
+    _report(rows, MODEL_COLUMNS, args.csv,
             f"models at {args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
             f"{threads} threads, median of {args.repeats} interleaved rounds")
     return 0

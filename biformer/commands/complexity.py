@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..analysis.complexity import (
+    complexity_table,
+    format_table,
+    optimal_regions_per_side,
+    plot_complexity,
+    write_csv,
+)
 from ..errors import UserError
 from ..files import check_writable
 
@@ -29,8 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.complexity import complexity_table, format_table, optimal_regions_per_side, plot_complexity, write_csv
-
     height, width = args.size
     heads = args.heads or max(1, args.dim // 32)
     for name, value in (("--size H", height), ("--size W", width), ("--dim", args.dim), ("--topk", args.topk),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..checkpoints.original import convert_file
 from ..errors import UserError
 from ..files import check_writable
 
@@ -24,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints.original import convert_file
-
     check_writable(args.output, "output")
     try:
         model, source, target = convert_file(args.input, args.output, to=args.to, model_name=args.model)

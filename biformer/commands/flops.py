@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..analysis.flops import count_flops, format_report
 from ..errors import UserError
 
 
@@ -24,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import timm
-
-    from ..analysis.flops import count_flops, format_report
 
     if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 1):
         raise UserError(f"--img-size takes one or two positive sizes (H W), got {args.img_size}")
