@@ -1,7 +1,6 @@
 """FLOP counting: one BRA layer against a hand count, and the paper's table for BiFormer-T/S/B."""
 import pytest
 import timm
-import torch
 from torch import nn
 
 import biformer  # noqa: F401  (registers the models)

@@ -12,18 +12,24 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from biformer.cli import main
-from biformer.training.engine import KILL_AT_STEP_ENV
+from biformer.cli import build_parser, main
+from biformer.commands.train import config_from_args
+from biformer.errors import UserError
+from biformer.training.config import TrainConfig
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
 COMPARED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")  # not the timings
 RUN_FILES = ["best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"]
+HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")  # `biformer train` with test callbacks
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "biformer", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_python("-m", "biformer", *args)
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -53,6 +59,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_metrics_and_checkpoints_written(trained, capsys):
     rows = read_metrics(trained)
     assert [r["epoch"] for r in rows] == [1]
@@ -63,6 +70,7 @@ def test_metrics_and_checkpoints_written(trained, capsys):
     assert sorted(p.name for p in trained.iterdir()) == RUN_FILES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["last.safetensors", "best.safetensors"])
 def test_eval_reproduces_training_accuracy(trained, capsys, weights):
     assert main(["eval", "--checkpoint", str(trained / weights), "--json"]) == 0
@@ -84,13 +92,14 @@ def ten_classes(tmp_path_factory):
                        val_per_class=4)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(ten_classes, tmp_path):
     """Killed mid-epoch 2 (and again as if killed while saving epoch 2), resumed: same weights and metrics."""
     common = ["train", *TINY, "--data", str(ten_classes), "--epochs", "2", "--batch-size", "16", "--model-ema"]
     reference = tmp_path / "reference"
     assert main([*common, "--output", str(reference)]) == 0
     out = tmp_path / "killed"
-    killed = run_cli(*common, "--output", str(out), env={KILL_AT_STEP_ENV: "14"})  # 10 steps per epoch
+    killed = run_python(str(HOOKED_TRAIN), "--kill-at-step", "14", *common[1:], "--output", str(out))  # 10 per epoch
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [r["epoch"] for r in read_metrics(out)] == [1]
     # weights of a later epoch whose state file was never committed must not be picked up
@@ -112,6 +121,7 @@ def test_resume_after_sigkill_is_exact(ten_classes, tmp_path):
     assert len(read_metrics(out)) == 2
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_or_without_resume(trained, capsys):
     assert main(["train", *DIGITS, "--epochs", "2", "--lr", "1e-3", "--output", str(trained), "--resume"]) == 2
     err = capsys.readouterr().err
@@ -125,6 +135,7 @@ def test_resume_with_other_settings_or_without_resume(trained, capsys):
 # image folders, predict and bad input
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_image_folder_with_unreadable_images(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     (data / "train" / "one" / "broken.jpg").write_bytes(b"not a jpeg")
@@ -164,10 +175,13 @@ def test_image_folder_with_unreadable_images(tmp_path, capsys):
     ("missing", "neither 'digits' nor an existing folder"),
     ("empty", "has no train/ sub-folder"),
     ("no_class_folders", "has no class sub-folders"),
-    ("no_images", "holds no image files"),
+    ("no_images", "class folder '{data}/train/a' holds no image files"),
+    ("empty_train_class", "class folder '{data}/train/two' holds no image files"),
+    ("empty_val_class", "class folder '{data}/val/one' holds no image files"),
     ("val_class_missing", "class folder(s) ['one'] of the training set are missing from"),
 ])
 def test_bad_data_folders(tmp_path, capsys, case, message):
+    """Reported before anything is written: --output is not even created."""
     data = tmp_path / "data"
     if case == "empty":
         data.mkdir()
@@ -178,13 +192,19 @@ def test_bad_data_folders(tmp_path, capsys, case, message):
         (data / "train" / "a").mkdir(parents=True)
         (data / "val" / "a").mkdir(parents=True)
         (data / "train" / "a" / "notes.txt").write_text("not an image")
+    elif case.startswith("empty_"):  # e.g. a class whose images were not copied yet
+        make_folder(data, classes=("zero", "one", "two"))
+        part, name = ("train", "two") if case == "empty_train_class" else ("val", "one")
+        for image in (data / part / name).iterdir():
+            image.unlink()
     elif case == "val_class_missing":
         make_folder(data, val_classes=("zero",))
     out = tmp_path / "out"
-    assert main(["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(out)]) == 2
+    argv = ["train", *TINY, "--data", str(data), "--epochs", "1", "--batch-size", "4", "--output", str(out)]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("biformer train: error: ") and message in err and "Traceback" not in err
-    assert not any(out.iterdir())  # nothing written
+    assert err.startswith("biformer train: error: ") and message.format(data=data) in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_non_writable_output(tmp_path, capsys):
@@ -199,6 +219,7 @@ def test_non_writable_output(tmp_path, capsys):
         assert "is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_model_or_class_count(trained, tmp_path, capsys):
     weights = str(trained / "last.safetensors")
     assert main(["eval", "--checkpoint", weights, "--model", "biformer_tiny"]) == 2
@@ -215,10 +236,11 @@ def test_checkpoint_for_another_model_or_class_count(trained, tmp_path, capsys):
     assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
     """A .pth in the original release's layout ({'model': state_dict}) evaluates like our checkpoint."""
     import timm
-    from biformer.models.biformer import to_original_state_dict
+    from biformer.checkpoints import to_original_state_dict
 
     released = tmp_path / "nano_release.pth"
     model = timm.create_model("biformer_nano", num_classes=10)
@@ -232,18 +254,31 @@ def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
     (["--model", "no_such_model"], "--model 'no_such_model' is not a registered timm model"),
-    (["--img-size", "16"], "--img-size must be at least 32"),
+    (["--img-size", "16"], "--img-size must be at least 32 (BiFormer downsamples 32x), got 16"),
+    (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
     (["--batch-size", "5000"], "exceeds the 1437 training images"),
 ])
 def test_bad_options(tmp_path, capsys, argv, message):
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # checked before the output folder is created
+
+
+def test_config_is_the_command_line():
+    """Every TrainConfig field is a `biformer train` option with the field's default; built in code, it checks too."""
+    assert config_from_args(build_parser().parse_args(["train"])) == TrainConfig()
+    with pytest.raises(UserError, match="--epochs must be at least 1, got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(UserError, match="--amp must be one of none, auto, bf16, fp16, got 'fp32'"):
+        TrainConfig(amp="fp32")
+    assert "output" not in TrainConfig().run_options() and TrainConfig().run_options()["lr"] == 2e-3
 
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     """An interrupted save leaves the previous file in place and no temporary file behind."""
-    from biformer.training import checkpoint
+    from biformer.checkpoints import files
 
     target = tmp_path / "last.safetensors"
     target.write_bytes(b"previous")
@@ -252,8 +287,8 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(files, "save_file", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_weights(target, torch.nn.Linear(2, 2), {"epoch": 1})
+        files.save_weights(target, torch.nn.Linear(2, 2), {"epoch": 1})
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]

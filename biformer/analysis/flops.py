@@ -19,18 +19,17 @@ custom op FlopCounterMode cannot see into, does not hide the attention.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops import BiLevelRoutingAttention
+from ..ops import BiLevelRoutingAttention, use_backend
 from ..progress import progress as progress_bar
 
 aten = torch.ops.aten
@@ -209,20 +208,6 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def reference_backend(model: nn.Module) -> Iterator[None]:
-    """Force the reference backend on every BRA layer (restored afterwards)."""
-    layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
-    saved = [layer.backend for layer in layers]
-    try:
-        for layer in layers:
-            layer.backend = "reference"
-        yield
-    finally:
-        for layer, backend in zip(layers, saved):
-            layer.backend = backend
-
-
 def _group_of(model: nn.Module, name: str) -> str:
     """'stages.2.blocks.0.attn' -> 'stages.2'; 'stem.0' -> 'stem'; '' (the model itself) -> '(top level)'."""
     if not name:
@@ -242,7 +227,7 @@ def _count(model: nn.Module, inputs: torch.Tensor, formulas: dict, counted_ops: 
     modules = {f"{root}.{name}" if name else root: (name, module) for name, module in model.named_modules()}
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=formulas)
     recorder = _OpRecorder()
-    with torch.no_grad(), reference_backend(model), counter, recorder:
+    with torch.no_grad(), use_backend(model, "reference"), counter, recorder:
         model(inputs)
     cumulative = counter.get_flop_counts()  # module path -> op -> FLOPs, parents include their children
     result: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BiLevelRoutingAttention
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
+from ..ops import BiLevelRoutingAttention, use_backend
 
 # BiFormer-T (2.2 GFLOPs) and -S (4.5) with timm models of about the same FLOPs.
 DEFAULT_MODELS = (
@@ -66,24 +66,18 @@ def read_flops_table(path: str) -> dict[str, float]:
 
 
 def build_models(entries: list[ModelEntry], device: torch.device) -> dict[ModelEntry, nn.Module]:
-    """Each entry's model (random weights), its BRA layers forced to the entry's backend; ValueError if impossible."""
+    """Each entry's model (random weights); ValueError for an unknown model, or a backend for one without BRA."""
     return {entry: _build(entry, device) for entry in entries}
 
 
 def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     import timm
 
-    import biformer  # noqa: F401  (registers the models)
-
     if not timm.is_model(entry.name):
         raise ValueError(f"unknown model {entry.name!r}; see timm.list_models()")
     model = timm.create_model(entry.name, pretrained=False).to(device)
-    layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
-    if entry.backend is not None:
-        if not layers:
-            raise ValueError(f"{entry.label}: backend= applies to BiFormer models only; {entry.name} has no BRA layer")
-        for layer in layers:
-            layer.backend = entry.backend
+    if entry.backend is not None and not any(isinstance(m, BiLevelRoutingAttention) for m in model.modules()):
+        raise ValueError(f"{entry.label}: backend= applies to BiFormer models only; {entry.name} has no BRA layer")
     return model
 
 
@@ -124,14 +118,14 @@ def bench_models(
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         models[entry.label] = model
 
-        def infer(model=model, runner=runner) -> None:
+        def infer(model=model, runner=runner, backend=entry.backend) -> None:
             model.eval()
-            with torch.inference_mode(), autocast:
+            with use_backend(model, backend), torch.inference_mode(), autocast:
                 runner(images)
 
-        def step(model=model, runner=runner, optimizer=optimizer) -> None:
+        def step(model=model, runner=runner, optimizer=optimizer, backend=entry.backend) -> None:
             model.train()
-            with autocast:
+            with use_backend(model, backend), autocast:
                 loss = F.cross_entropy(runner(images), labels)
             loss.backward()
             optimizer.step()

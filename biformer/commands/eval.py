@@ -28,13 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints.restore import restore_model
     from ..training.data import build_datasets
-    from ..training.engine import Dist, UnreadableImages, evaluate, resolve_amp, resolve_device, val_loader
-    from ..training.inference import load_for_inference
+    from ..training.engine import UnreadableImages, evaluate, val_loader
+    from ..training.runtime import Dist, resolve_amp, resolve_device
 
     env = Dist(device=resolve_device(args.device))
     amp = resolve_amp(args.amp, env.device)
-    loaded = load_for_inference(args.checkpoint, args.model, args.img_size)
+    loaded = restore_model(args.checkpoint, args.model, args.img_size)
     splits = build_datasets(args.data, loaded.img_size, eval_only=True)
     if len(splits.classes) != len(loaded.classes):
         raise UserError(f"--data has {len(splits.classes)} classes but the checkpoint has {len(loaded.classes)}")

@@ -28,14 +28,14 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from timm.data import create_transform
 
+    from ..checkpoints.restore import restore_model
     from ..training.data import UNREADABLE_ERRORS, list_images
-    from ..training.engine import resolve_device
-    from ..training.inference import load_for_inference
+    from ..training.runtime import resolve_device
 
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     files = list_images(args.inputs)
-    loaded = load_for_inference(args.checkpoint, args.model, args.img_size)
+    loaded = restore_model(args.checkpoint, args.model, args.img_size)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
     transform = create_transform(loaded.img_size, interpolation="bicubic", crop_pct=loaded.crop_pct,

@@ -110,10 +110,10 @@ def _scan_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str
     paths, labels = [], []
     for label, name in enumerate(classes):
         found_images = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found_images:  # as torchvision's ImageFolder: a class without images is a mistake, not a class
+            raise UserError(f"class folder {str(root / name)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         paths += found_images
         labels += [label] * len(found_images)
-    if not paths:
-        raise UserError(f"data folder {str(root)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return classes, paths, labels
 
 
