@@ -1,4 +1,6 @@
 """Bad input to the BRA op and module raises a ValueError that names the problem."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def _qkv(shape=(1, 8, 8, 2, 4), **kw):
         (dict(n_win=(2, 9)), r"n_win=\(2, 9\) asks for more regions"),
         (dict(n_win=0), r"n_win must be positive"),
         (dict(n_win=(2, 2, 2)), r"n_win must be an int or a \(rows, cols\) pair"),
-        (dict(padding="zeros"), r"padding must be one of \('masked', 'legacy'\)"),
+        (dict(padding="zeros"), r"padding must be one of \('masked', 'legacy', 'legacy_nchw'\)"),
         (dict(backend="nope"), r"backend='nope' is unknown"),
     ],
 )
@@ -38,6 +40,10 @@ def test_bad_arguments(kwargs, message):
         (None, None, torch.randn(1, 8, 8, 2, 4, dtype=torch.float64), r"q, k, v must share one dtype"),
         (torch.randint(0, 3, (1, 8, 8, 2, 4)), None, None, r"q must be a floating-point tensor"),
         (None, torch.randn(1, 8, 8, 2, 4, device="meta"), None, r"q, k, v must be on one device"),
+        (torch.randn(1, 0, 28, 2, 4), torch.randn(1, 0, 28, 2, 4), torch.randn(1, 0, 28, 2, 4),
+         r"q has an empty map: shape \(1, 0, 28, 2, 4\)"),
+        (torch.randn(2, 8, 0, 2, 4), torch.randn(2, 8, 0, 2, 4), torch.randn(2, 8, 0, 2, 4),
+         r"q has an empty map: shape \(2, 8, 0, 2, 4\)"),
     ],
 )
 def test_bad_tensors(q, k, v, message):
@@ -46,8 +52,15 @@ def test_bad_tensors(q, k, v, message):
         bi_level_routing_attention(dq if q is None else q, dk if k is None else k, dv if v is None else v, 4, 4)
 
 
-def test_available_backends_lists_reference():
-    assert "reference" in available_backends()
+def test_available_backends_are_those_that_can_run(monkeypatch):
+    """All but triton run anywhere; triton only with CUDA or under TRITON_INTERPRET=1, listed first."""
+    everywhere = ["dense", "indexed", "reference", "original"]  # in dispatch priority order
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert available_backends() == everywhere
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton = ["triton"] if importlib.util.find_spec("triton") else []
+    assert available_backends() == triton + everywhere
 
 
 @pytest.mark.parametrize(

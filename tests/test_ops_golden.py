@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from biformer.ops import BiLevelRoutingAttention
+from biformer.ops import BiLevelRoutingAttention, use_backend
+from biformer.ops.backends import BACKENDS
 from biformer.ops.module import convert_original_attention_key
 
 ATOL = 1e-4
@@ -63,5 +64,17 @@ def test_nchw_matches_original(golden_dir, stage, padding):
     data, config = _load_case(golden_dir, f"nchw_stage{stage}")
     layer = _build(data, config, channels_last=False, padding=padding)
     out, grad = _run(layer, data)
+    torch.testing.assert_close(out, data["output"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad, data["grad_input"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "triton"])  # the CPU backends
+def test_nchw_odd_map_matches_original_in_legacy_nchw_mode(golden_dir, backend):
+    # 30x33 map, n_win 7: the original NCHW layer cuts it into 8x9 regions of 4x4 tokens, zero-pads
+    # q, k, v to 32x36, takes region means over the map's tokens only and attends to the padded keys
+    data, config = _load_case(golden_dir, "nchw_odd")
+    layer = _build(data, config, channels_last=False, padding="legacy_nchw")
+    with use_backend(layer, backend):
+        out, grad = _run(layer, data)
     torch.testing.assert_close(out, data["output"], atol=ATOL, rtol=0)
     torch.testing.assert_close(grad, data["grad_input"], atol=ATOL, rtol=0)

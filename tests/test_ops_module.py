@@ -1,11 +1,14 @@
 """BiLevelRoutingAttention module: layouts, any map size, padding modes."""
 import pytest
 import torch
+from torch import nn
 
-from biformer.ops import BiLevelRoutingAttention
+from biformer.ops import BiLevelRoutingAttention, use_backend
+from biformer.ops.backends import reference
+from biformer.ops.regions import PADDING_MODES
 
 
-@pytest.mark.parametrize("padding", ["masked", "legacy"])
+@pytest.mark.parametrize("padding", PADDING_MODES)
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (8, 8), (30, 33)])
 def test_any_map_size_runs_with_finite_grads(size, padding):
     layer = BiLevelRoutingAttention(32, 2, n_win=7, topk=4, padding=padding, channels_last=False)
@@ -17,25 +20,54 @@ def test_any_map_size_runs_with_finite_grads(size, padding):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-def test_nchw_and_channels_last_agree():
+@pytest.mark.parametrize("padding", PADDING_MODES)
+def test_nchw_and_channels_last_agree(padding):
     torch.manual_seed(0)
-    nhwc = BiLevelRoutingAttention(32, 2, n_win=4, topk=3)
-    nchw = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, channels_last=False)
+    nhwc = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, padding=padding)
+    nchw = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, padding=padding, channels_last=False)
     nchw.load_state_dict(nhwc.state_dict())
     x = torch.randn(2, 13, 10, 32)
     torch.testing.assert_close(nchw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), nhwc(x))
 
 
 def test_padding_modes_agree_only_on_divisible_maps():
-    """Divisible map: both modes are the same computation. Otherwise legacy attends to padding."""
+    """Divisible map: every mode is the same computation. Otherwise the legacy modes attend to padding
+    (and "legacy_nchw" cuts the map into 4x5 regions of 4x4 tokens, not 4x4 regions of 4x5)."""
     torch.manual_seed(0)
     masked = BiLevelRoutingAttention(32, 2, n_win=4, topk=3)
-    legacy = BiLevelRoutingAttention(32, 2, n_win=4, topk=3, padding="legacy")
-    legacy.load_state_dict(masked.state_dict())
+    legacy = {mode: BiLevelRoutingAttention(32, 2, n_win=4, topk=3, padding=mode) for mode in ("legacy", "legacy_nchw")}
+    for layer in legacy.values():
+        layer.load_state_dict(masked.state_dict())
     x = torch.randn(1, 12, 16, 32)
-    torch.testing.assert_close(masked(x), legacy(x), atol=0, rtol=0)
     y = torch.randn(1, 13, 17, 32)
-    assert not torch.allclose(masked(y), legacy(y), atol=1e-4)
+    for layer in legacy.values():
+        torch.testing.assert_close(masked(x), layer(x), atol=0, rtol=0)
+        assert not torch.allclose(masked(y), layer(y), atol=1e-4)
+    assert not torch.allclose(legacy["legacy"](y), legacy["legacy_nchw"](y), atol=1e-4)
+
+
+def test_use_backend_forces_a_backend_and_restores_each_layers_own(monkeypatch):
+    calls = []
+    attend = reference.attend
+
+    def counted_attend(*args):
+        calls.append(args)
+        return attend(*args)
+
+    monkeypatch.setattr(reference, "attend", counted_attend)
+    layers = [BiLevelRoutingAttention(16, 2, 2, 2, backend="indexed"), BiLevelRoutingAttention(16, 2, 2, 2)]
+    model = nn.Sequential(layers[0], nn.Sequential(nn.Identity(), layers[1]))
+    with use_backend(model, "reference"):
+        assert [layer.backend for layer in layers] == ["reference", "reference"]
+        model(torch.randn(1, 6, 6, 16))
+    assert len(calls) == 2 and [layer.backend for layer in layers] == ["indexed", None]
+    with pytest.raises(RuntimeError, match="inside the block"), use_backend(model, None):
+        assert [layer.backend for layer in layers] == [None, None]  # automatic dispatch
+        raise RuntimeError("inside the block")
+    assert [layer.backend for layer in layers] == ["indexed", None]
+    with pytest.raises(ValueError, match=r"backend='fast' is unknown; choose one of \["), use_backend(model, "fast"):
+        pass
+    assert [layer.backend for layer in layers] == ["indexed", None]
 
 
 def test_module_under_bfloat16_autocast_close_to_float32():

@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABL
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
 if [[ $what == op || $what == all ]]; then
-  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops_backends.py -k cuda 2>&1 | tee "$out/pytest.log" | tail -3
+  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops_backends.py -m gpu 2>&1 | tee "$out/pytest.log" | tail -3
   for dtype in float32 bfloat16; do
     python3 -m biformer bench op --device cuda --dtype $dtype --batch 64 --repeats 30 --warmup 3 \
       --backends triton --csv "$out/op_$dtype.csv"

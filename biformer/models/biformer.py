@@ -118,7 +118,8 @@ class BiFormer(nn.Module):
         side_dwconv: kernel of the lepe convs.
         stem: "overlap" (conv3x3/s2-BN-GELU-conv3x3/s2-BN, BiFormer) or "patch" (conv4x4/s4-BN, STL).
         pos_embed: depthwise 3x3 conv position embedding at the start of each block.
-        padding: "masked" (default) or "legacy" (the original `auto_pad=True`).
+        padding: "masked" (default), "legacy" (the original `auto_pad=True`) or "legacy_nchw" (the
+            original NCHW layer's padding; what biformer_stl_nchw's "legacy" means).
         backend: force a BRA backend in every layer (see biformer.ops.available_backends()).
     """
 
@@ -365,8 +366,14 @@ def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
-    """Swin-Tiny layout with BRA, the original's NCHW refactor (last stage: lepe on V)."""
+    """Swin-Tiny layout with BRA, the original's NCHW refactor (last stage: lepe on V).
+
+    Its `padding="legacy"` is the NCHW layer's own ("legacy_nchw": floor-sized regions, zero padding
+    after the projection), which differs from the other variants' `auto_pad=True` on padded maps.
+    """
     args = dict(STL_ARGS, topks=(1, 4, 16, -1))
+    if kwargs.get("padding") == "legacy":
+        kwargs["padding"] = "legacy_nchw"
     return _create_biformer("biformer_stl_nchw", pretrained, **{**args, **kwargs})
 
 

@@ -2,7 +2,7 @@
 from .backends import available_backends
 from .depthwise import DepthwiseConv2d
 from .functional import bi_level_routing_attention, region_grid
-from .module import BiLevelRoutingAttention
+from .module import BiLevelRoutingAttention, use_backend
 from .regions import RegionGrid, Routing
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "available_backends",
     "bi_level_routing_attention",
     "region_grid",
+    "use_backend",
 ]

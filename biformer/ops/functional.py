@@ -1,13 +1,13 @@
 """Bi-Level Routing Attention as a function of q, k, v."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from .backends import select_backend
-from .regions import PADDING_MODES, RegionGrid, Routing, route
+from .regions import RegionGrid, Routing, padding_mode, route
 
 
 def _as_pair(n_win: int | Sequence[int]) -> tuple[int, int]:
@@ -18,8 +18,9 @@ def _as_pair(n_win: int | Sequence[int]) -> tuple[int, int]:
     raise ValueError(f"n_win must be an int or a (rows, cols) pair of ints, got {n_win!r}")
 
 
-def region_grid(height: int, width: int, n_win: int | Sequence[int]) -> RegionGrid:
-    """The region grid BRA uses for an H x W map; ValueError if n_win does not fit the map."""
+def region_grid(height: int, width: int, n_win: int | Sequence[int], padding: str = "masked") -> RegionGrid:
+    """The region grid BRA uses for an H x W map in padding mode `padding` (see
+    `biformer.ops.regions.PADDING_MODES`); ValueError if n_win does not fit the map."""
     rows, cols = _as_pair(n_win)
     if rows < 1 or cols < 1:
         raise ValueError(f"n_win must be positive, got {n_win!r}")
@@ -28,7 +29,12 @@ def region_grid(height: int, width: int, n_win: int | Sequence[int]) -> RegionGr
             f"n_win={n_win!r} asks for more regions per side than the {height}x{width} map has tokens; "
             f"use n_win <= ({height}, {width})"
         )
-    return RegionGrid(height=height, width=width, rows=rows, cols=cols)
+    if padding_mode(padding).floor_regions:  # as many floor-sized regions as cover the map
+        region_h, region_w = height // rows, width // cols
+        rows, cols = math.ceil(height / region_h), math.ceil(width / region_w)
+    else:
+        region_h, region_w = math.ceil(height / rows), math.ceil(width / cols)
+    return RegionGrid(height=height, width=width, rows=rows, cols=cols, region_h=region_h, region_w=region_w)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -48,6 +54,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"v must match q in (batch, height, width, heads) = {tuple(q.shape[:4])}, got {tuple(v.shape[:4])}"
         )
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q has an empty map: shape {tuple(q.shape)} is (batch, height, width, heads, head_dim)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
     if not (q.device == k.device == v.device):
@@ -71,12 +79,19 @@ def bi_level_routing_attention(
     Args:
         q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim).
         n_win: regions per side, an int or (rows, cols); at most the map's height/width.
-        topk: key regions each query region attends to, 1 <= topk <= rows*cols.
+        topk: key regions each query region attends to, 1 <= topk <= the number of regions
+            (rows*cols; more in "legacy_nchw" mode where the map is not divisible).
         scale: attention logit scale; default head_dim ** -0.5. (The original BiFormer layers use
             (heads*head_dim) ** -0.5; `BiLevelRoutingAttention` passes that.)
-        padding: "masked" (padded tokens take no part in region means, routing or attention, so
-            the valid outputs never depend on the padding) or "legacy" (padded tokens are zeros
-            that count in region means and are attended to, as in the original release).
+        padding: how the map, zero-padded at the bottom/right to whole regions, is treated
+            (`biformer.ops.regions.PADDING_MODES`):
+            "masked": padded tokens take no part in region means, routing or attention, so the
+            valid outputs never depend on the padding;
+            "legacy": padded tokens count in region means and are attended to (the original
+            legacy layer with auto_pad=True);
+            "legacy_nchw": the original NCHW layer: regions of floor(H / rows) x floor(W / cols)
+            tokens, as many as cover the map (a 30x33 map with n_win=7: 8x9 regions of 4x4),
+            region means over the map's tokens only, padded keys attended to.
         backend: force a backend by name (see `available_backends()`); None picks the fastest
             one that can run. A forced backend that cannot run raises ValueError with the reasons.
         return_routing: also return a `Routing` (indices, weights, logits, grid).
@@ -89,13 +104,17 @@ def bi_level_routing_attention(
         B, H, W, M, D = q.shape
         rows, cols = n_win                     # or (n_win, n_win)
         rh, rw = ceil(H / rows), ceil(W / cols)   # region size; R = rows*cols regions of T = rh*rw tokens
+        # "legacy_nchw": rh, rw = H // rows, W // cols; then rows, cols = ceil(H / rh), ceil(W / rw)
         pad = lambda x: F.pad(x, (0, 0, 0, 0, 0, cols*rw - W, 0, rows*rh - H))  # zeros, bottom/right
         regions = lambda x: rearrange(pad(x), "b (r h) (c w) m d -> b (r c) (h w) m d", h=rh, w=rw)
-        valid = regions(torch.ones(1, H, W, 1, 1))[0, :, :, 0, 0] > 0   # (R, T); all True in "legacy"
+        inside = regions(torch.ones(1, H, W, 1, 1))[0, :, :, 0, 0] > 0  # (R, T) slots inside the map
+        valid = inside if padding == "masked" else torch.ones_like(inside)   # attended keys
+        counted = inside if padding != "legacy" else torch.ones_like(inside)  # tokens in region means
         # 1. routing, on detached float32 tensors, all heads jointly
-        mean = lambda x: (regions(x.detach()).flatten(3) * valid[..., None]).sum(2) / valid.sum(1)[:, None]
+        total = lambda x: (regions(x.detach()).flatten(3) * counted[..., None]).sum(2)   # (B, R, C)
+        mean = lambda x: total(x) / counted.sum(1).clamp(min=1)[:, None]
         logits = (mean(q) * scale) @ mean(k).transpose(1, 2)        # (B, R, R)
-        logits[:, :, ~valid.any(1)] = -inf                          # key regions of padding only
+        logits[:, :, ~counted.any(1)] = -inf                        # key regions of padding only
         idx = logits.topk(topk, dim=-1).indices                     # (B, R, topk)
         # 2. token attention of each query region to the tokens of its routed regions
         qr, kr, vr = regions(q), regions(k), regions(v)
@@ -110,18 +129,16 @@ def bi_level_routing_attention(
     topk*T keys, not H*W.
     """
     _check_inputs(q, k, v)
-    if padding not in PADDING_MODES:
-        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    mode = padding_mode(padding)
     batch, height, width, heads, head_dim = q.shape
-    grid = region_grid(height, width, n_win)
+    grid = region_grid(height, width, n_win, padding)
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= grid.num_regions:
         raise ValueError(
             f"topk must be an int in [1, {grid.num_regions}] (the number of regions, {grid.rows}x{grid.cols}), got {topk!r}"
         )
     if scale is None:
         scale = head_dim**-0.5
-    masked = padding == "masked"
-    routing = route(q, k, grid, topk, scale, masked)
-    attention = select_backend(backend, q, k, v, grid, topk, masked)
-    out = attention.attend(q, k, v, routing.indices, grid, scale, masked)
+    routing = route(q, k, grid, topk, scale, mode.mask_routing)
+    attention = select_backend(backend, q, k, v, grid, topk, mode.mask_attention)
+    out = attention.attend(q, k, v, routing.indices, grid, scale, mode.mask_attention)
     return (out, routing) if return_routing else out

@@ -1,21 +1,23 @@
 """BRA as an nn.Module: qkv projection, routed attention, local context enhancement, output projection."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Iterator, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import check_backend_name
 from .depthwise import DepthwiseConv2d
 from .functional import bi_level_routing_attention
 from .inplace import add_into
-from .regions import PADDING_MODES, Routing
+from .regions import Routing, padding_mode
 
 
 class RecordedRouting(NamedTuple):
     """What one forward of a recording layer routed, for visualisation (tensors detached).
 
-    q, k: (B, H', W', M, D) as passed to the op (H', W' include the legacy padding, if any).
+    q, k: (B, H', W', M, D) as passed to the op (H', W' include the "legacy" mode's padding, if any).
     """
 
     routing: Routing
@@ -39,9 +41,12 @@ class BiLevelRoutingAttention(nn.Module):
         topk: routed key regions per query region.
         qk_scale: logit scale; default dim ** -0.5 (the original's full-width scale, not per head).
         side_dwconv: kernel of the lepe conv; 0 disables it.
-        padding: "masked" (default) or "legacy". Legacy pads the input to a multiple of n_win
-            before the qkv projection and attends to those padded tokens, as the original
-            `auto_pad=True` did, so its checkpoints run as they were trained.
+        padding: "masked" (default), "legacy" or "legacy_nchw" (see `bi_level_routing_attention`),
+            the last two so that the original checkpoints run as they were trained. "legacy" pads
+            the input to a multiple of n_win before the qkv projection and attends to those padded
+            tokens, as the original layer's `auto_pad=True` did; "legacy_nchw" is the original NCHW
+            layer: floor-sized regions, q, k, v zero-padded after the projection, region means
+            over the map's tokens only, padded keys attended to.
         channels_last: input/output as (B, H, W, C) if True, else (B, C, H, W).
         backend: force an attention backend (see `biformer.ops.available_backends()`).
 
@@ -68,8 +73,7 @@ class BiLevelRoutingAttention(nn.Module):
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must be positive and divide dim={dim}")
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        padding_mode(padding)  # ValueError naming the modes
         if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
             raise ValueError(f"side_dwconv must be 0 (off) or an odd kernel size, got {side_dwconv}")
         if topk < 1:
@@ -119,21 +123,20 @@ class BiLevelRoutingAttention(nn.Module):
         return out if self.channels_last else out.permute(0, 3, 1, 2)
 
 
-# Original release names of the attention layer's weights -> ours. The NCHW refactor stores
-# its projections as 1x1 convs; they are the same matrices.
-_ORIGINAL_ATTENTION_NAMES = {
-    "qkv.qkv.": "qkv.",  # legacy BiLevelRoutingAttention.qkv (QKVLinear)
-    "wo.": "proj.",
-    "qkv_linear.": "qkv.",  # nchwBRA
-    "output_linear.": "proj.",
-}
+@contextlib.contextmanager
+def use_backend(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Force attention backend `name` (None: automatic dispatch) on every `BiLevelRoutingAttention`
+    in `model` inside the `with` block; each layer gets its own setting back on exit, also on errors.
 
-
-def convert_original_attention_key(key: str, value: Tensor) -> tuple[str, Tensor]:
-    """Map one key of an original BRA layer's state dict (relative to the layer) to ours."""
-    for old, new in _ORIGINAL_ATTENTION_NAMES.items():
-        if key.startswith(old):
-            if old in ("qkv_linear.", "output_linear.") and value.dim() == 4:
-                value = value.flatten(1)  # (out, in, 1, 1) conv -> (out, in) linear
-            return new + key[len(old):], value
-    return key, value
+    ValueError if `name` is no registered backend (whether it can run is checked at the forward).
+    """
+    check_backend_name(name)
+    layers = [module for module in model.modules() if isinstance(module, BiLevelRoutingAttention)]
+    saved = [layer.backend for layer in layers]
+    try:
+        for layer in layers:
+            layer.backend = name
+        yield
+    finally:
+        for layer, backend in zip(layers, saved):
+            layer.backend = backend

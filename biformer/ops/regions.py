@@ -1,57 +1,67 @@
-"""Region grid geometry and region-to-region routing, shared by every backend.
+"""Region grid geometry, padding modes and region-to-region routing, shared by every backend.
 
 Shape legend: B batch, H/W map height/width, M heads, D head dim, C = M*D channels,
 R regions (rows*cols), T tokens per region (region_h*region_w), K routed regions (topk).
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-PADDING_MODES = ("masked", "legacy")
 
-# Test hook: when set, padding is filled with noise of this magnitude instead of zeros, to prove
-# that masked mode never reads it. Only ever set through `_fill_padding_with_noise`.
-_padding_noise: float | None = None
+@dataclass(frozen=True)
+class Padding:
+    """How a padding mode cuts the map into regions and treats the padded tokens.
+
+    The map is always padded with zeros at the bottom/right to whole regions.
+    floor_regions: regions of floor(H / n_win) x floor(W / n_win) tokens, as many as cover the map
+        (so possibly more than n_win per side); else n_win per side of ceil(H / n_win) x ceil(W / n_win).
+    mask_routing: region means are over the map's tokens only (and key regions of padding only are
+        never routed); else the padded zeros count in the means.
+    mask_attention: attention skips padded keys; else it attends to them as zeros.
+    """
+
+    floor_regions: bool
+    mask_routing: bool
+    mask_attention: bool
 
 
-@contextlib.contextmanager
-def _fill_padding_with_noise(magnitude: float) -> Iterator[None]:
-    global _padding_noise
-    previous, _padding_noise = _padding_noise, magnitude
-    try:
-        yield
-    finally:
-        _padding_noise = previous
+PADDING_MODES: dict[str, Padding] = {
+    # padded tokens take no part in routing or attention: the outputs never depend on them
+    "masked": Padding(floor_regions=False, mask_routing=True, mask_attention=True),
+    # the original legacy layer with auto_pad=True: padded zeros count in the means and are attended to
+    "legacy": Padding(floor_regions=False, mask_routing=False, mask_attention=False),
+    # the original NCHW layer: floor-sized regions, means over the map's tokens, padded zeros attended to
+    "legacy_nchw": Padding(floor_regions=True, mask_routing=True, mask_attention=False),
+}
+
+
+def padding_mode(name: str) -> Padding:
+    """The rules of padding mode `name`; ValueError naming the modes if there is no such mode."""
+    if name not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {tuple(PADDING_MODES)}, got {name!r}")
+    return PADDING_MODES[name]
 
 
 @dataclass(frozen=True)
 class RegionGrid:
     """An H x W map cut into rows x cols regions of region_h x region_w tokens.
 
-    region_h = ceil(H / rows), region_w = ceil(W / cols); the map is padded at the bottom/right
-    to rows*region_h x cols*region_w, so some regions may hold padding (or only padding).
+    The map is padded at the bottom/right to rows*region_h x cols*region_w, so some regions may
+    hold padding (or, with ceil-sized regions, only padding). `region_grid` builds it per padding mode.
     """
 
     height: int
     width: int
     rows: int
     cols: int
-
-    @property
-    def region_h(self) -> int:
-        return math.ceil(self.height / self.rows)
-
-    @property
-    def region_w(self) -> int:
-        return math.ceil(self.width / self.cols)
+    region_h: int
+    region_w: int
 
     @property
     def padded_height(self) -> int:
@@ -81,18 +91,12 @@ class RegionGrid:
         return rearrange(valid, "(r h) (c w) -> (r c) (h w)", h=self.region_h, w=self.region_w)
 
     def pad(self, x: Tensor) -> Tensor:
-        """(B, H, W, ...) -> (B, padded_H, padded_W, ...), zeros (or the test noise) in the padding."""
+        """(B, H, W, ...) -> (B, padded_H, padded_W, ...), zeros in the padding."""
         pad_bottom, pad_right = self.padded_height - self.height, self.padded_width - self.width
         if not (pad_bottom or pad_right):
             return x
         trailing = [0, 0] * (x.dim() - 3)
-        padded = F.pad(x, trailing + [0, pad_right, 0, pad_bottom])
-        if _padding_noise is not None:
-            inside = torch.zeros_like(padded, dtype=torch.bool)
-            inside[:, : self.height, : self.width] = True
-            noise = torch.randn_like(padded) * _padding_noise
-            padded = torch.where(inside, padded, noise)
-        return padded
+        return F.pad(x, trailing + [0, pad_right, 0, pad_bottom])
 
     def to_regions(self, x: Tensor) -> Tensor:
         """(B, H, W, *rest) -> (B, R, T, *rest), padding as needed."""
@@ -126,19 +130,18 @@ class Routing(NamedTuple):
 def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
     """(B, H, W, M, D) -> (B, R, M*D) means over each region's tokens, in at least float32.
 
-    masked: over the valid tokens only; legacy: over all region_h*region_w slots, padding as zeros.
+    masked: over the map's tokens only, never reading the padding (regions of padding only get
+    zeros); else over all region_h*region_w slots, the padding counting as zeros.
     """
     x = x.flatten(3).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, W, C)
-    if masked and grid.is_padded:  # zeros (never the test noise) in the padding, so that they add nothing to the sums
-        padded = F.pad(x, (0, 0, 0, grid.padded_width - grid.width, 0, grid.padded_height - grid.height))
-    else:
-        padded = grid.pad(x)  # x itself where the map needs no padding
-    # pooling the channels-last map reads each token once, without copying the map into region order
-    means = F.avg_pool2d(padded.permute(0, 3, 1, 2), (grid.region_h, grid.region_w)).flatten(2).transpose(1, 2)
-    if masked and grid.is_padded:  # the pool divided by T; divide by the valid tokens instead
-        count = grid.valid_tokens(x.device).sum(-1).clamp(min=1)
-        means = means * (grid.tokens_per_region / count[None, :, None].to(means.dtype))
-    return means
+    if not masked:
+        x = grid.pad(x)  # x itself where the map needs no padding
+    # pooling the channels-last map reads each token once, without copying the map into region order;
+    # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map
+    means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, C, r, c)
+    # no window starts beyond the map: the regions there (padding only) get zeros
+    means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
+    return means.flatten(2).transpose(1, 2)
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:

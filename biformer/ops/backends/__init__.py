@@ -12,8 +12,11 @@ A backend is a module-level object with
 and optionally
     is_fast_for(q, k, v, grid, topk, masked) -> bool   (auto-dispatch takes it only where True)
     unavailable_reason() -> str                        (why is_available() is False)
-Backends are listed best first; auto-dispatch takes the first one that can run and is fast for
-the inputs, else the first one that can run.
+`masked`: padded keys take no part in attention (else they are attended to as zeros). The
+padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
+grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes
+regions differently. Backends are listed best first; auto-dispatch takes the first one that can
+run and is fast for the inputs, else the first one that can run.
 """
 from __future__ import annotations
 
@@ -56,6 +59,12 @@ def available_backends() -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.is_available()]
 
 
+def check_backend_name(name: str | None) -> None:
+    """ValueError unless `name` is a registered backend or None (automatic dispatch)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(BACKENDS)} or None for automatic")
+
+
 def _unsupported_reasons(
     backend: Backend, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
 ) -> list[str]:
@@ -74,9 +83,8 @@ def select_backend(
     requested: str | None, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
 ) -> Backend:
     """The requested backend (ValueError with reasons if it cannot run), else the best that can."""
+    check_backend_name(requested)
     if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend={requested!r} is unknown; choose one of {sorted(BACKENDS)} or None for automatic")
         backend = BACKENDS[requested]
         reasons = _unsupported_reasons(backend, q, k, v, grid, topk, masked)
         if reasons:

@@ -76,7 +76,9 @@ def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, ma
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
-    out, _ = torch.ops.biformer.triton_routed_attention(q, k, v, indices, grid.rows, grid.cols, scale, masked)
+    out, _ = torch.ops.biformer.triton_routed_attention(
+        q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
+    )
     return out
 
 
@@ -102,12 +104,11 @@ def _unit_last(x: Tensor) -> Tensor:
 class _Geometry:
     """Region sizes and the tile layout of one call (see `_triton_kernels`)."""
 
-    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, rows: int, cols: int) -> None:
+    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int) -> None:
         self.batch, self.height, self.width, self.heads, self.qk_dim = q.shape
         self.v_dim = v.shape[-1]
         self.num_regions, self.topk = indices.shape[1:]
-        self.cols = cols
-        self.region_h, self.region_w = math.ceil(self.height / rows), math.ceil(self.width / cols)
+        self.cols, self.region_h, self.region_w = cols, region_h, region_w
         tokens_p2 = 1 << (self.region_h * self.region_w - 1).bit_length()
         self.tokens_p2 = tokens_p2
         self.slots = max(1, TILE // tokens_p2)  # regions packed per query tile
@@ -131,11 +132,14 @@ class _Geometry:
 
 @torch.library.custom_op("biformer::triton_routed_attention", mutates_args=())
 def triton_routed_attention(
-    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, rows: int, cols: int, scale: float, masked: bool
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int, scale: float,
+    masked: bool,
 ) -> tuple[Tensor, Tensor]:
-    """q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv), lse (B, M, H, W)."""
+    """q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv), lse (B, M, H, W).
+
+    Regions of region_h x region_w tokens, `cols` to a row, cover the map from its top left."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    geo = _Geometry(q, v, indices, rows, cols)
+    geo = _Geometry(q, v, indices, cols, region_h, region_w)
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     lse = torch.empty(geo.batch, geo.heads, geo.height, geo.width, dtype=torch.float32, device=q.device)
     _kernels()._routed_attention_fwd[(geo.query_tiles, geo.batch * geo.heads)](
@@ -147,7 +151,7 @@ def triton_routed_attention(
 
 
 @triton_routed_attention.register_fake
-def _(q, k, v, indices, rows, cols, scale, masked):
+def _(q, k, v, indices, cols, region_h, region_w, scale, masked):
     batch, height, width, heads, _ = q.shape
     return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
 
@@ -155,10 +159,10 @@ def _(q, k, v, indices, rows, cols, scale, masked):
 @torch.library.custom_op("biformer::triton_routed_attention_backward", mutates_args=())
 def triton_routed_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
-    rows: int, cols: int, scale: float, masked: bool,
+    cols: int, region_h: int, region_w: int, scale: float, masked: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
-    geo = _Geometry(q, v, indices, rows, cols)
+    geo = _Geometry(q, v, indices, cols, region_h, region_w)
     # delta_i = sum_j p_ij dp_ij = dO_i . O_i, per query token and head: (B, M, H, W)
     delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
     # inverse routing, CSR: the query regions of batch b that routed to key region j are
@@ -187,24 +191,24 @@ def triton_routed_attention_backward(
 
 
 @triton_routed_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, indices, rows, cols, scale, masked):
+def _(grad_out, q, k, v, out, lse, indices, cols, region_h, region_w, scale, masked):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, indices, rows, cols, scale, masked = inputs
+    q, k, v, indices, cols, region_h, region_w, scale, masked = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, indices)
-    ctx.geometry = (rows, cols, scale, masked)
+    ctx.geometry = (cols, region_h, region_w, scale, masked)
     ctx.set_materialize_grads(False)  # the log-sum-exp gets no gradient
 
 
 def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
-        return (None,) * 8
+        return (None,) * 9
     q, k, v, out, lse, indices = ctx.saved_tensors
     grads = triton_routed_attention_backward(grad_out, q, k, v, out, lse, indices, *ctx.geometry)
-    return *grads, None, None, None, None, None
+    return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
 
 triton_routed_attention.register_autograd(_backward, setup_context=_setup_context)
