@@ -62,6 +62,7 @@ def test_bench_model_smoke(tmp_path, capsys):
         assert float(row["infer_gflop_s"]) == pytest.approx(float(row["gflops"]) * float(row["infer_img_s"]))
 
 
+@pytest.mark.slow
 def test_cpu_peak_memory_measures_without_profiler_log_lines():
     import subprocess
     import sys

@@ -49,6 +49,7 @@ def test_complexity_writes_plot_table_and_csv(tmp_path, capsys):
     assert len(csv.read_text().splitlines()) == 1 + 4  # S = 2, 4, 8, 16
 
 
+@pytest.mark.slow
 def test_convert_round_trip_is_bitwise_exact(golden_dir, tmp_path, capsys):
     golden = golden_dir / "biformer_tiny" / "weights.safetensors"
     ours, release, back = tmp_path / "ours.safetensors", tmp_path / "release.pth", tmp_path / "back.safetensors"

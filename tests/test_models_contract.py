@@ -95,6 +95,7 @@ def test_any_input_size_runs(model_name, padding, size):
     assert out.shape == (1, 3) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_compile_equals_eager(model_name):
     """Compiled at one block per stage (same layers, less compile time on CI)."""
     torch.manual_seed(0)
@@ -118,3 +119,14 @@ def test_paper_input_sizes_run():
     with torch.no_grad():
         for size in [(256, 320), (512, 512)]:
             assert model(torch.randn(1, 3, *size)).shape == (1, 1000)
+
+
+def test_stl_nchw_legacy_padding_is_the_nchw_layers_own():
+    """The NCHW refactor padded differently from auto_pad=True (floor-sized regions): "legacy" means its rule."""
+    from biformer.ops import BiLevelRoutingAttention
+
+    for name, expected in (("biformer_stl_nchw", "legacy_nchw"), ("biformer_stl", "legacy"), ("biformer_tiny", "legacy")):
+        with torch.device("meta"):
+            model = timm.create_model(name, padding="legacy")
+        layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
+        assert layers and {layer.padding for layer in layers} == {expected}, name

@@ -8,6 +8,7 @@ import biformer  # noqa: F401  (registers the models)
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX EXTRA NOT INSTALLED: export not checked")
 
 
+@pytest.mark.slow
 def test_biformer_tiny_exports_and_matches(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("biformer_tiny").eval()

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biformer.checkpoints.original import attention_layer_state_dict
 from biformer.ops import BiLevelRoutingAttention, use_backend
 from biformer.ops.backends import BACKENDS
-from biformer.ops.module import convert_original_attention_key
 
 ATOL = 1e-4
 
@@ -23,9 +23,8 @@ def _build(data, config, channels_last, padding="legacy"):
         config["dim"], config["num_heads"], config["n_win"], config["topk"],
         side_dwconv=config["side_dwconv"], padding=padding, channels_last=channels_last,
     )
-    weights = dict(
-        convert_original_attention_key(key.removeprefix("weight."), value)
-        for key, value in data.items() if key.startswith("weight.")
+    weights = attention_layer_state_dict(
+        {key.removeprefix("weight."): value for key, value in data.items() if key.startswith("weight.")}
     )
     layer.load_state_dict(weights, strict=True)
     return layer

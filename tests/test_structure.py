@@ -89,6 +89,7 @@ def test_light_imports_leave_timm_out(code):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_models_register_whichever_is_imported_first():
     for code in ("import biformer, timm", "import timm, biformer", "import biformer.ops; from timm import create_model"):
         check = f"{code}; import timm; assert timm.is_model('biformer_tiny') and timm.is_model('biformer_nano')"

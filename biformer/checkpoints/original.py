@@ -100,6 +100,15 @@ def _our_block_key(rest: str) -> str:
     return rest
 
 
+def attention_layer_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One original BRA layer's state dict (keys relative to the layer) in our names; 1x1 convs as Linear weights."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = _our_block_key("attn." + key).removeprefix("attn.")
+        converted[key] = value.flatten(1) if value.dim() == 4 and value.shape[2:] == (1, 1) else value
+    return converted
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """An original release state dict (or `{"model": state_dict}`) -> our layout (timm's pretrained filter).
 
