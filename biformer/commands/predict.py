@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+import torch
+from PIL import Image
+
 from ..errors import UserError
 
 
@@ -24,8 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
     from timm.data import create_transform
 
     from ..checkpoints.restore import restore_model
