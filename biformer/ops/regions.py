@@ -139,8 +139,8 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
     # pooling the channels-last map reads each token once, without copying the map into region order;
     # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map
     means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, C, r, c)
-    # no window starts beyond the map: the regions there (padding only) get zeros
-    means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
+    if means.shape[-2:] != (grid.rows, grid.cols):  # no window starts beyond the map: regions of padding get zeros
+        means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
     return means.flatten(2).transpose(1, 2)
 
 
