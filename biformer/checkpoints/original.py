@@ -11,6 +11,9 @@ The release names its classification weights (`{"model": state_dict}` .pth files
 | BRA `attn.qkv`, `attn.proj`        | `attn.qkv.qkv`, `attn.wo`; in the NCHW refactor (STL-NCHW) the 1x1 convs `attn.qkv_linear`, `attn.output_linear` |
 
 Our layout is recognised by `stem.0.weight`, the original's by `downsample_layers.0.0.weight`.
+The original detection/segmentation code (mmdet/mmseg) saves `{"state_dict": {"backbone.<key>", "neck.…",
+"decode_head.…" / "bbox_head.…"}}`: its backbone keys are the classification layout plus
+`extra_norms.i` (one LayerNorm2d per stage output), which are our dense backbone's `norms.i`.
 Values are never cast or copied beyond making them contiguous, so a round trip is bitwise exact.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .files import read_metadata, read_state_dict, save_weights
 
 LAYOUTS = ("original", "ours")
 OURS_MARKER, ORIGINAL_MARKER = "stem.0.weight", "downsample_layers.0.0.weight"  # a key only that layout has
+MM_BACKBONE_PREFIX = "backbone."  # mmdet/mmseg checkpoints: the backbone's keys under this prefix
 TORCH_EXTENSIONS = (".pth", ".pt")
 
 
@@ -133,6 +137,17 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
             value = value.flatten(1)  # 1x1 conv -> Linear
         converted[key] = value
     return converted
+
+
+def split_detection_checkpoint(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]] | None:
+    """(the backbone's state dict, extra norms named `norms.i`, and the other parts' names) of an mmdet/mmseg
+    state dict; None if `state_dict` is not one (it has no `backbone.` keys)."""
+    if not any(key.startswith(MM_BACKBONE_PREFIX) for key in state_dict):
+        return None
+    backbone = {re.sub(r"^extra_norms\.(\d+)\.", r"norms.\1.", key.removeprefix(MM_BACKBONE_PREFIX)): value
+                for key, value in state_dict.items() if key.startswith(MM_BACKBONE_PREFIX)}
+    others = sorted({key.split(".", 1)[0] for key in state_dict if not key.startswith(MM_BACKBONE_PREFIX)})
+    return backbone, others
 
 
 def detect_layout(state_dict: dict[str, Tensor]) -> str:

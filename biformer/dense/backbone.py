@@ -1,0 +1,132 @@
+"""The BiFormer dense-prediction backbone: four feature maps at strides 4/8/16/32, each layer-normed.
+
+As in the original detection/segmentation code, each stage's output passes through its own
+LayerNorm2d ("extra norms", eps 1e-6) before it leaves for the neck, while the un-normed map goes
+on to the next stage; the classifier's final norm and head are not part of it.
+
+Shape legend: B batch, C_i channels of stage i, H/W input height/width.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+
+from ..checkpoints.files import read_state_dict
+from ..checkpoints.original import checkpoint_filter_fn, split_detection_checkpoint
+from ..errors import CheckpointError
+
+REDUCTIONS = (4, 8, 16, 32)
+# a classification checkpoint's parts that a backbone has no use for: the final norm and the classifier
+CLASSIFIER_PARTS = ("norm", "head")
+
+
+class DenseBackbone(nn.Module):
+    """(B, 3, H, W) -> [(B, C_i, ceil(H / s_i), ceil(W / s_i)) for s_i in 4, 8, 16, 32], H, W >= 32.
+
+    Built from a BiFormer classifier's stem and stages; `norms.i` are the original's `extra_norms.i`.
+    """
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.stages = classifier.stem, classifier.stages
+        self.out_channels = [info["num_chs"] for info in classifier.feature_info]
+        self.reductions = list(REDUCTIONS)
+        self.norms = nn.ModuleList(LayerNorm2d(channels, eps=1e-6) for channels in self.out_channels)
+        self.checkpoint_report: CheckpointReport | None = None
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage, norm in zip(self.stages, self.norms):
+            x = stage(x)  # un-normed: the next stage's input
+            features.append(norm(x))
+        return features
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """What a backbone took from a checkpoint file, and what it left."""
+
+    path: str
+    kind: str
+    loaded: int
+    unused: dict[str, int] = field(default_factory=dict)  # part of the file -> tensors not used
+    initial: list[str] = field(default_factory=list)  # backbone tensors kept at their initial values
+
+    def __str__(self) -> str:
+        text = f"{self.path} ({self.kind}): {self.loaded} tensors loaded"
+        if self.unused:
+            text += "; not used: " + ", ".join(f"{part} ({count})" for part, count in self.unused.items())
+        if self.initial:
+            text += f"; at their initial values (weight 1, bias 0): {', '.join(self.initial)}"
+        return text
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def load_backbone_checkpoint(backbone: DenseBackbone, path: str | os.PathLike) -> CheckpointReport:
+    """Load a classification checkpoint (the original release's or ours) or an original mmdet/mmseg one into
+    `backbone`; CheckpointError naming the keys if the rest does not fit exactly."""
+    state_dict = read_state_dict(path)
+    detection = split_detection_checkpoint(state_dict)
+    if detection is not None:
+        state_dict, other_parts = detection
+        kind = "detection/segmentation checkpoint, its backbone"
+        unused: Counter[str] = Counter({part: 0 for part in other_parts})
+    else:
+        kind, unused = "classification checkpoint", Counter()
+    state_dict = checkpoint_filter_fn(state_dict, backbone)
+    own = backbone.state_dict()
+    if detection is None:
+        unused.update(_part(key) for key in state_dict if _part(key) in CLASSIFIER_PARTS)
+        state_dict = {key: value for key, value in state_dict.items() if _part(key) not in CLASSIFIER_PARTS}
+    # a classification checkpoint has no extra norms (they start as the identity); BatchNorm step counters feed no output
+    initial = [] if detection is not None else sorted(
+        {".".join(key.split(".")[:2]) for key in own if key not in state_dict and _part(key) == "norms"})
+    missing = sorted(key for key in set(own) - set(state_dict)
+                     if not key.endswith("num_batches_tracked") and ".".join(key.split(".")[:2]) not in initial)
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{key}: file {tuple(state_dict[key].shape)} vs backbone {tuple(own[key].shape)}"
+                  for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
+    if missing or unexpected or mismatched:
+        problems = [f"{len(items)} {name} ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})"
+                    for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatches", mismatched)) if items]
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit this backbone: {'; '.join(problems)}. "
+                              "Is it for another variant?")
+    backbone.load_state_dict(state_dict, strict=False)  # strict but for the keys reported above
+    return CheckpointReport(os.fspath(path), kind, len(state_dict), dict(unused), initial)
+
+
+def create_backbone(
+    name: str,
+    *,
+    n_win: int | tuple[int, ...] | None = None,
+    padding: str = "masked",
+    checkpoint: str | os.PathLike | None = None,
+    **model_kwargs: Any,
+) -> DenseBackbone:
+    """The dense backbone of BiFormer variant `name` (e.g. "biformer_tiny").
+
+    n_win: regions per side in the BRA stages (the original configs: 16 for 1333x800 COCO detection,
+        8 for 512x512 ADE20K segmentation); None keeps the variant's (7, its ImageNet setting).
+    padding: "masked" or "legacy" (the original's `auto_pad=True`, which its dense configs use).
+    checkpoint: weights to load (see `load_backbone_checkpoint`); what was used is in `.checkpoint_report`.
+    model_kwargs: more arguments of the BiFormer model (drop_path_rate, ...).
+    """
+    if not name.startswith("biformer") or not timm.is_model(name):
+        raise ValueError(f"{name!r} is not a BiFormer variant; choose one of {', '.join(timm.list_models('biformer*'))}")
+    if n_win is not None:
+        model_kwargs["n_win"] = n_win
+    backbone = DenseBackbone(timm.create_model(name, num_classes=0, padding=padding, **model_kwargs))
+    if checkpoint is not None:
+        backbone.checkpoint_report = load_backbone_checkpoint(backbone, checkpoint)
+    return backbone
