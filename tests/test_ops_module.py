@@ -220,3 +220,22 @@ def test_depthwise_conv_compiles_with_its_sliced_backward():
     torch.nn.functional.conv2d(*oracle, padding=2, groups=4).square().sum().backward()
     for got, want in zip((x.grad, conv.weight.grad, conv.bias.grad), oracle):
         torch.testing.assert_close(got.double(), want.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", list(PADDING_MODES))
+@pytest.mark.parametrize("size, region_size, n_win", [((56, 56), 8, (7, 7)), ((30, 33), 8, (4, 5)), ((5, 3), 8, (1, 1))])
+def test_region_size_gives_the_grid_it_implies(size, region_size, n_win, padding):
+    """With region_size the grid follows from each map: the same output as the n_win it implies."""
+    torch.manual_seed(0)
+    by_size = BiLevelRoutingAttention(32, 2, topk=1, padding=padding, region_size=region_size)
+    by_count = BiLevelRoutingAttention(32, 2, n_win=n_win, topk=1, padding=padding)
+    by_count.load_state_dict(by_size.state_dict())
+    assert by_size.regions_per_side(*size) == n_win
+    x = torch.randn(2, *size, 32)
+    torch.testing.assert_close(by_size(x), by_count(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("region_size", [0, 2.5, True])
+def test_region_size_must_be_a_positive_int(region_size):
+    with pytest.raises(ValueError, match="region_size must be a positive int"):
+        BiLevelRoutingAttention(32, 2, region_size=region_size)

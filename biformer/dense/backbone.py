@@ -110,6 +110,7 @@ def create_backbone(
     name: str,
     *,
     n_win: int | tuple[int, ...] | None = None,
+    region_size: int | tuple[int | None, ...] | None = None,
     padding: str = "masked",
     checkpoint: str | os.PathLike | None = None,
     **model_kwargs: Any,
@@ -118,14 +119,17 @@ def create_backbone(
 
     n_win: regions per side in the BRA stages (the original configs: 16 for 1333x800 COCO detection,
         8 for 512x512 ADE20K segmentation); None keeps the variant's (7, its ImageNet setting).
+    region_size: tokens per region side (one value, or one per stage); if given, n_win follows from each
+        input's size instead, so that the attention's cost stays linear in pixels at any resolution.
     padding: "masked" or "legacy" (the original's `auto_pad=True`, which its dense configs use).
     checkpoint: weights to load (see `load_backbone_checkpoint`); what was used is in `.checkpoint_report`.
     model_kwargs: more arguments of the BiFormer model (drop_path_rate, ...).
     """
     if not name.startswith("biformer") or not timm.is_model(name):
         raise ValueError(f"{name!r} is not a BiFormer variant; choose one of {', '.join(timm.list_models('biformer*'))}")
-    if n_win is not None:
-        model_kwargs["n_win"] = n_win
+    for option, value in (("n_win", n_win), ("region_size", region_size)):
+        if value is not None:
+            model_kwargs[option] = value
     backbone = DenseBackbone(timm.create_model(name, num_classes=0, padding=padding, **model_kwargs))
     if checkpoint is not None:
         backbone.checkpoint_report = load_backbone_checkpoint(backbone, checkpoint)

@@ -112,6 +112,8 @@ class BiFormer(nn.Module):
         embed_dims: channels per stage.
         head_dim: channels per attention head in the BRA stages (heads = dim // head_dim).
         n_win: regions per side, one value or one per stage.
+        region_size: tokens per region side, one value or one per stage; if given, n_win follows from
+            each input's size (see BiLevelRoutingAttention), as dense prediction at any resolution wants.
         topks: routed regions per stage; -1/-2 make the stage full attention with lepe on V /
             on the attention input (the original's codes).
         mlp_ratio: MLP hidden width / dim.
@@ -129,6 +131,7 @@ class BiFormer(nn.Module):
         embed_dims: tuple[int, ...] = (64, 128, 256, 512),
         head_dim: int = 32,
         n_win: int | tuple[int, ...] = 7,
+        region_size: int | tuple[int | None, ...] | None = None,
         topks: tuple[int, ...] = (1, 4, 16, -2),
         mlp_ratio: float = 3.0,
         side_dwconv: int = 5,
@@ -145,6 +148,7 @@ class BiFormer(nn.Module):
         super().__init__()
         depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
         n_wins, topks = _per_stage(n_win, "n_win"), _per_stage(topks, "topks")
+        region_sizes = _per_stage(region_size, "region_size")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         self.num_classes = num_classes
@@ -178,7 +182,7 @@ class BiFormer(nn.Module):
             if topks[i] > 0:
                 make_attn = partial(
                     BiLevelRoutingAttention, dim, dim // head_dim, n_wins[i], topks[i],
-                    side_dwconv=side_dwconv, padding=padding, backend=backend,
+                    side_dwconv=side_dwconv, padding=padding, backend=backend, region_size=region_sizes[i],
                 )
             elif topks[i] in (-1, -2):
                 make_attn = partial(GlobalAttention, dim, 8, side_dwconv, "value" if topks[i] == -1 else "input")

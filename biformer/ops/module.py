@@ -39,6 +39,9 @@ class BiLevelRoutingAttention(nn.Module):
             regions as it has tokens per side, and topk is capped at the region count, so the layer
             runs on any map of at least 1x1.
         topk: routed key regions per query region.
+        region_size: if given, n_win follows from each input instead: as many regions per side as
+            regions of at most region_size x region_size tokens need, so that the attention's cost
+            stays linear in the map's size at any resolution.
         qk_scale: logit scale; default dim ** -0.5 (the original's full-width scale, not per head).
         side_dwconv: kernel of the lepe conv; 0 disables it.
         padding: "masked" (default), "legacy" or "legacy_nchw" (see `bi_level_routing_attention`),
@@ -69,6 +72,7 @@ class BiLevelRoutingAttention(nn.Module):
         channels_last: bool = True,
         qkv_bias: bool = True,
         backend: str | None = None,
+        region_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
@@ -78,6 +82,10 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"side_dwconv must be 0 (off) or an odd kernel size, got {side_dwconv}")
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        if region_size is not None and (isinstance(region_size, bool) or not isinstance(region_size, int)
+                                        or region_size < 1):
+            raise ValueError(f"region_size must be a positive int (tokens per region side) or None, got {region_size!r}")
+        self.region_size = region_size
         self.dim = dim
         self.num_heads = num_heads
         self.n_win = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
@@ -92,7 +100,14 @@ class BiLevelRoutingAttention(nn.Module):
         self.last_routing: RecordedRouting | None = None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, padding={self.padding!r}"
+        regions = f"region_size={self.region_size}" if self.region_size is not None else f"n_win={self.n_win}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, {regions}, topk={self.topk}, padding={self.padding!r}"
+
+    def regions_per_side(self, height: int, width: int) -> tuple[int, int]:
+        """The region grid of an H x W map: n_win, at most the map's size; with region_size, what that size needs."""
+        if self.region_size is not None:
+            return -(-height // self.region_size), -(-width // self.region_size)
+        return min(self.n_win[0], height), min(self.n_win[1], width)
 
     def forward(self, x: Tensor) -> Tensor:
         channel_axis = -1 if self.channels_last else 1
@@ -102,7 +117,7 @@ class BiLevelRoutingAttention(nn.Module):
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         batch, height, width, channels = x.shape
-        n_win = (min(self.n_win[0], height), min(self.n_win[1], width))
+        n_win = self.regions_per_side(height, width)
         topk = min(self.topk, n_win[0] * n_win[1])
         if self.padding == "legacy":
             # the original pads the normalised tokens before the projection: padded q/k/v are the biases
