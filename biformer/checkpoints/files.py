@@ -10,7 +10,7 @@ import json
 import os
 import pickle
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +29,10 @@ def _require_file(path: str) -> None:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 
 
+def _unreadable_safetensors(path: str, error: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r} is not a readable safetensors file (corrupt or truncated?): {error}")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Tensors of a .safetensors file or a .pth/.pt file (plain tensors only, `{"model": ...}` unwrapped).
 
@@ -41,8 +45,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             return load_file(path)
         except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file (corrupt or truncated?): "
-                                  f"{error}") from error
+            raise _unreadable_safetensors(path, error) from error
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -85,8 +88,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(path, "pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file (corrupt or truncated?): "
-                              f"{error}") from error
+        raise _unreadable_safetensors(path, error) from error
     return {key: _decode(value) for key, value in metadata.items()}
 
 
@@ -106,27 +108,37 @@ def _listing(name: str, items: list[str]) -> str:
     return f"{len(items)} {name} ({', '.join(items[:8])}{', ...' if len(items) > 8 else ''})" if items else ""
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint (ours or the original release layout, .pth or .safetensors) strictly into model.
+def check_fits(state_dict: dict[str, Tensor], module: nn.Module, source: str | os.PathLike, target: str, hint: str,
+               may_miss: Callable[[str], bool] = lambda key: False) -> None:
+    """CheckpointError listing the missing and unexpected keys and the mismatched shapes, unless `state_dict`
+    fits `module`'s exactly. Keys `may_miss` accepts may be missing, and so may BatchNorm step counters:
+    release files have none, load_state_dict fills them in, and they feed no output."""
+    own = module.state_dict()
+    missing = sorted(k for k in set(own) - set(state_dict) if not k.endswith("num_batches_tracked") and not may_miss(k))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        problems = "; ".join(filter(None, (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
+                                           _listing("shape mismatches", mismatched))))
+        raise CheckpointError(f"checkpoint {os.fspath(source)!r} does not fit {target}: {problems}. {hint}")
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str | os.PathLike) -> nn.Module:
+    """Load a state dict read from `source` (ours or in the original release layout) strictly into model.
 
     Raises CheckpointError (a ValueError) listing missing/unexpected keys or mismatched shapes:
     never a partial load.
     """
     from .original import ORIGINAL_MARKER, checkpoint_filter_fn
 
-    state_dict = read_state_dict(path)
     if ORIGINAL_MARKER in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)
-    own = model.state_dict()
-    # release files have no BatchNorm step counters; load_state_dict fills them in (they feed no output)
-    missing = sorted(k for k in set(own) - set(state_dict) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        problems = "; ".join(filter(None, (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
-                                           _listing("shape mismatches", mismatched))))
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}: {problems}. "
-                              "Is it for another model or number of classes?")
+    check_fits(state_dict, model, source, type(model).__name__, "Is it for another model or number of classes?")
     model.load_state_dict(state_dict)
     return model
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint file (.pth or .safetensors, ours or the original release's) strictly into model."""
+    return load_weights(model, read_state_dict(path), path)

@@ -7,10 +7,10 @@ from typing import Any
 
 import timm
 from timm.data import ImageNetInfo, resolve_data_config
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UserError
-from .files import load_checkpoint, read_metadata, read_state_dict
+from .files import load_weights, read_metadata, read_state_dict
 
 
 @dataclass
@@ -45,10 +45,11 @@ def restore_model(
     if model_name not in timm.list_models(model_name):
         raise UserError(f"--model {model_name!r} is not a registered timm model")
     classes = metadata.get("classes")
-    model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(path, model_name),
+    state_dict = read_state_dict(path)  # read once: it also gives the class count of files without metadata
+    model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(state_dict, model_name),
                               **model_kwargs)
     try:
-        load_checkpoint(model, path)
+        load_weights(model, state_dict, path)
     except ValueError as error:
         raise UserError(f"--checkpoint {checkpoint!r} for --model {model_name}: {error}") from error
     classes_recorded = classes is not None
@@ -64,9 +65,9 @@ def restore_model(
                          classes_recorded)
 
 
-def _head_size(path: Path, model_name: str) -> int:
+def _head_size(state_dict: dict[str, Tensor], model_name: str) -> int:
     """Output size of the classifier in a checkpoint without metadata (the model's default if absent)."""
     classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "head"
     default = timm.models.get_pretrained_cfg_value(model_name, "num_classes") or 1000
-    head = read_state_dict(path).get(f"{classifier}.weight")
+    head = state_dict.get(f"{classifier}.weight")
     return head.shape[0] if head is not None and head.ndim >= 1 else default

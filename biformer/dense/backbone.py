@@ -17,9 +17,8 @@ import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from ..checkpoints.files import read_state_dict
+from ..checkpoints.files import check_fits, read_state_dict
 from ..checkpoints.original import checkpoint_filter_fn, split_detection_checkpoint
-from ..errors import CheckpointError
 
 REDUCTIONS = (4, 8, 16, 32)
 # a classification checkpoint's parts that a backbone has no use for: the final norm and the classifier
@@ -72,6 +71,11 @@ def _part(key: str) -> str:
     return key.split(".", 1)[0]
 
 
+def _layer(key: str) -> str:
+    """'norms.2.weight' -> 'norms.2'."""
+    return ".".join(key.split(".")[:2])
+
+
 def load_backbone_checkpoint(backbone: DenseBackbone, path: str | os.PathLike) -> CheckpointReport:
     """Load a classification checkpoint (the original release's or ours) or an original mmdet/mmseg one into
     `backbone`; CheckpointError naming the keys if the rest does not fit exactly."""
@@ -84,25 +88,15 @@ def load_backbone_checkpoint(backbone: DenseBackbone, path: str | os.PathLike) -
     else:
         kind, unused = "classification checkpoint", Counter()
     state_dict = checkpoint_filter_fn(state_dict, backbone)
-    own = backbone.state_dict()
     if detection is None:
         unused.update(_part(key) for key in state_dict if _part(key) in CLASSIFIER_PARTS)
         state_dict = {key: value for key, value in state_dict.items() if _part(key) not in CLASSIFIER_PARTS}
-    # a classification checkpoint has no extra norms (they start as the identity); BatchNorm step counters feed no output
+    # a classification checkpoint has no extra norms: they keep their initial values (the identity)
     initial = [] if detection is not None else sorted(
-        {".".join(key.split(".")[:2]) for key in own if key not in state_dict and _part(key) == "norms"})
-    missing = sorted(key for key in set(own) - set(state_dict)
-                     if not key.endswith("num_batches_tracked") and ".".join(key.split(".")[:2]) not in initial)
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{key}: file {tuple(state_dict[key].shape)} vs backbone {tuple(own[key].shape)}"
-                  for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{len(items)} {name} ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})"
-                    for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("shape mismatches", mismatched)) if items]
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit this backbone: {'; '.join(problems)}. "
-                              "Is it for another variant?")
-    backbone.load_state_dict(state_dict, strict=False)  # strict but for the keys reported above
+        {_layer(key) for key in backbone.state_dict() if key not in state_dict and _part(key) == "norms"})
+    check_fits(state_dict, backbone, path, "this backbone", "Is it for another variant?",
+               may_miss=lambda key: _layer(key) in initial)
+    backbone.load_state_dict(state_dict, strict=False)  # strict but for the keys check_fits lets pass
     return CheckpointReport(os.fspath(path), kind, len(state_dict), dict(unused), initial)
 
 
