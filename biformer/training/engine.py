@@ -53,8 +53,8 @@ from .runtime import (
 class Callbacks:
     """Hooks into a training run, called on every rank; they do nothing unless a subclass overrides them."""
 
-    def on_epoch_start(self, epoch: int, sample_indices: list[int]) -> None:
-        """Epoch `epoch` (from 1) begins; this rank trains on the samples `sample_indices`, in that order."""
+    def on_epoch_start(self, epoch: int, loaders: Loaders) -> None:
+        """Epoch `epoch` (from 1) begins; `loaders.epoch_indices()` lists the samples this rank trains on."""
 
     def on_step(self, global_step: int) -> None:
         """Training step `global_step` (counted from 0 over all epochs) is about to run."""
@@ -348,7 +348,7 @@ def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
     env = run.env
     seed_everything(run.config.seed + 1_000_003 * epoch + 7919 * env.rank)
     run.loaders.sampler.set_epoch(epoch)
-    run.callbacks.on_epoch_start(epoch, run.loaders.epoch_indices())
+    run.callbacks.on_epoch_start(epoch, run.loaders)
     epoch_start = time.perf_counter()
     loss_sum, hits, seen = train_one_epoch(run, epoch)
     train_time = time.perf_counter() - epoch_start
