@@ -253,7 +253,7 @@ def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
-    (["--model", "no_such_model"], "--model 'no_such_model' is not a registered timm model"),
+    (["--model", "no_such_model"], "--model 'no_such_model' is neither a registered timm model"),
     (["--img-size", "16"], "--img-size must be at least 32 (BiFormer downsamples 32x), got 16"),
     (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
     (["--workers", "-1"], "--workers must be at least 0, got -1"),

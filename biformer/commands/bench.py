@@ -1,12 +1,15 @@
-"""`biformer bench`: speed and memory of the BRA backends (`op`) and of whole models (`model`)."""
+"""`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), and the process
+memory of dense prediction (`dense`)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
 
+from ..benchmarks import dense as dense_bench
 from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
 from ..benchmarks.model import (
     DEFAULT_MODELS,
@@ -68,6 +71,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="MODEL,GMACS table (multiply-adds per image) to use instead of counting")
     _common_options(model, repeats=5)
     model.set_defaults(run=run_model)
+    _register_dense(kinds)
+
+
+def _register_dense(kinds: argparse._SubParsersAction) -> None:
+    dense = kinds.add_parser(
+        "dense", help="peak process memory (RSS) of segmentation inference and backbone training, on CPU",
+        description=f"Each case runs in a fresh Python process, whose peak RSS is the case's own; over_loaded_mb "
+                    f"is the peak less the RSS right after the model was built and the input made (MB: 2**20 bytes). "
+                    f"inference: {dense_bench.INFERENCE_MODEL}, {dense_bench.CITYSCAPES_CLASSES} classes, eval, "
+                    f"no autograd, at 1x3x1024x2048 (target: peak at most {dense_bench.INFERENCE_TARGET_MB:.0f} MB). "
+                    f"training: a BiFormer dense backbone with n_win {dense_bench.TRAINING_N_WIN}, forward and backward "
+                    f"at 2x3x600x500, with our BRA backends and with the original release's algorithm (target: at "
+                    f"most {dense_bench.TRAINING_TARGET_MB:.0f} MB over the loaded model). Linux only.",
+    )
+    dense.add_argument("--case", choices=(*dense_bench.CASES, "all"), default="all", help="what to measure (default: all)")
+    dense.add_argument("--model", default=None, metavar="NAME",
+                       help="with --case inference a segmentation model (default "
+                            f"{dense_bench.INFERENCE_MODEL}); with --case training a BiFormer variant (default "
+                            f"{dense_bench.TRAINING_MODEL})")
+    dense.add_argument("--input", default=None, metavar="B,H,W",
+                       help="batch and image size instead of the case's (with --case inference or training)")
+    dense.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    dense.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    dense.set_defaults(run=run_dense)
 
 
 def _common_options(parser: argparse.ArgumentParser, repeats: int) -> None:
@@ -162,4 +189,47 @@ def run_model(args: argparse.Namespace) -> int:
     _report(rows, MODEL_COLUMNS, args.csv,
             f"models at {args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
             f"{threads} threads, median of {args.repeats} interleaved rounds")
+    return 0
+
+
+def _dense_input(text: str, case: str) -> tuple[int, int, int, int]:
+    try:
+        batch, height, width = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--input {text!r}: expected B,H,W, three integers (e.g. 1,512,1024)") from None
+    multiple = 32 if case == "inference" else 1  # the segmentation models take multiples of their stride
+    if batch < 1 or min(height, width) < 32 or height % multiple or width % multiple:
+        raise UserError(f"--input {text!r}: need B >= 1 and H, W >= 32" + " and multiples of 32" * (multiple > 1))
+    return batch, 3, height, width
+
+
+def _check_dense_model(name: str, case: str) -> None:
+    import timm
+
+    from ..dense import is_segmentation_model
+
+    if case == "inference" and not is_segmentation_model(name):
+        raise UserError(f"--model {name!r} is no segmentation model; use HEAD_BACKBONE, e.g. upernet_biformer_small")
+    if case == "training" and not (name.startswith("biformer") and timm.is_model(name)):
+        raise UserError(f"--model {name!r} is no BiFormer variant; use e.g. biformer_tiny or biformer_small")
+
+
+def run_dense(args: argparse.Namespace) -> int:
+    if not sys.platform.startswith("linux"):
+        raise UserError("bench dense reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.case == "all" and (args.model or args.input):
+        raise UserError("--model and --input apply to one case: add --case inference or --case training")
+    if args.csv:
+        check_writable(args.csv, "--csv")
+    if args.model:
+        _check_dense_model(args.model, args.case)
+    shape = _dense_input(args.input, args.case) if args.input else None
+    rows = dense_bench.bench_dense(dense_bench.default_cases(args.case, args.model, shape), args.threads)
+    _report(rows, dense_bench.COLUMNS, args.csv,
+            f"dense prediction on CPU, {rows[0]['threads']} threads, each case in a fresh process; MB = 2**20 bytes")
+    if any(row["backend"] == dense_bench.ORIGINAL for row in rows):
+        print("backend original: the release's gather algorithm, which a user of the original code measured at "
+              "5.8 GB over its loaded model")
     return 0

@@ -1,4 +1,4 @@
-"""`biformer eval`: loss, top-1 and top-5 of a checkpoint on a data set's validation split."""
+"""`biformer eval`: a checkpoint's metrics on a data set's validation split (top-1/top-5, or mIoU/aAcc)."""
 from __future__ import annotations
 
 import argparse
@@ -12,45 +12,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate a checkpoint (ours, or an original release file with --model) on the validation "
-                    "split of --data (digits, or a folder with val/<class>/*).",
+                    "split of --data: classifiers on digits or a folder with val/<class>/*; segmentation models "
+                    "(sfpn_*, upernet_*) on digit-scenes, a folder with images/val, masks/val and classes.txt, or "
+                    "ADE20K's ADEChallengeData2016 folder.",
     )
     parser.add_argument("--checkpoint", required=True, help=".safetensors from `biformer train`, or a release .pth")
     parser.add_argument("--model", default=None, help="model name (read from our checkpoints when omitted)")
-    parser.add_argument("--data", default="digits", help="'digits' or a folder with val/")
-    parser.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's / model's")
+    parser.add_argument("--data", default=None, help="default: digits for classifiers, digit-scenes for segmentation")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="default: the checkpoint's / model's (segmentation: the shorter side images are resized to)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--amp", nargs="?", const="auto", choices=("none", "auto", "bf16", "fp16"), default="none",
                         help="mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs")
     parser.add_argument("--device", default=None)
+    segmentation = parser.add_argument_group("segmentation")
+    segmentation.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                              help="the whole (padded) image at once, or a sliding window")
+    segmentation.add_argument("--window", type=int, default=None, help="sliding window size (default: --img-size)")
+    segmentation.add_argument("--stride", type=int, default=None, help="sliding window stride (default: 2/3 window)")
+    segmentation.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints.restore import restore_model
-    from ..training.data import build_datasets
-    from ..training.engine import UnreadableImages, evaluate, val_loader
+    from ..dense.restore import is_segmentation_checkpoint
     from ..training.runtime import Dist, resolve_amp, resolve_device
 
     env = Dist(device=resolve_device(args.device))
     amp = resolve_amp(args.amp, env.device)
-    loaded = restore_model(args.checkpoint, args.model, args.img_size)
-    splits = build_datasets(args.data, loaded.img_size, eval_only=True)
-    if len(splits.classes) != len(loaded.classes):
-        raise UserError(f"--data has {len(splits.classes)} classes but the checkpoint has {len(loaded.classes)}")
-    if loaded.classes_recorded and splits.classes != loaded.classes:
-        raise UserError(f"--data classes {splits.classes[:5]}... differ from the checkpoint's {loaded.classes[:5]}...")
-    model = loaded.model.to(env.device)
+    if is_segmentation_checkpoint(args.checkpoint, args.model):
+        result, text = _segmentation(args, env, amp)
+    else:
+        if args.mode != "whole" or args.flip or args.window or args.stride:
+            raise UserError("--mode, --window, --stride and --flip are for segmentation models; leave them out")
+        result, text = _classification(args, env, amp)
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def _check_classes(found: list[str], saved: list[str], recorded: bool = True) -> None:
+    if len(found) != len(saved):
+        raise UserError(f"--data has {len(found)} classes but the checkpoint has {len(saved)}")
+    if recorded and found != saved:
+        raise UserError(f"--data classes {found[:5]}... differ from the checkpoint's {saved[:5]}...")
+
+
+def _evaluate(task, splits, model, args: argparse.Namespace, env, amp: str) -> dict:
+    from ..training.task import UnreadableImages, val_loader
+
     unreadable = UnreadableImages()
-    result = evaluate(model, val_loader(splits.val, args.batch_size, args.workers, env), env, amp,
-                      unreadable=unreadable)
+    loader = val_loader(splits.val, args.batch_size, args.workers, env, task.collate)
+    result = task.evaluate(model.to(env.device), loader, env, amp, unreadable=unreadable)
     skipped = unreadable.count(env)
     if skipped:
         print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{args.checkpoint}: val_loss {result['loss']:.4f}  val_top1 {result['top1']:.2f}%  "
-              f"val_top5 {result['top5']:.2f}%  ({result['count']} images)")
-    return 0
+    return result
+
+
+def _classification(args: argparse.Namespace, env, amp: str) -> tuple[dict, str]:
+    from ..checkpoints.restore import restore_model
+    from ..training.classification import ClassificationTask
+
+    task = ClassificationTask()
+    loaded = restore_model(args.checkpoint, args.model, args.img_size)
+    splits = task.build_datasets(args.data or "digits", loaded.img_size, eval_only=True)
+    _check_classes(splits.classes, loaded.classes, loaded.classes_recorded)
+    result = _evaluate(task, splits, loaded.model, args, env, amp)
+    return result, (f"{args.checkpoint}: val_loss {result['loss']:.4f}  val_top1 {result['top1']:.2f}%  "
+                    f"val_top5 {result['top5']:.2f}%  ({result['count']} images)")
+
+
+def _segmentation(args: argparse.Namespace, env, amp: str) -> tuple[dict, str]:
+    from ..dense.metrics import iou_table
+    from ..dense.restore import restore_segmentation_model
+    from ..training.segmentation import SegmentationTask
+
+    loaded = restore_segmentation_model(args.checkpoint, args.img_size)
+    task = SegmentationTask(mode=args.mode, window=args.window or loaded.img_size, stride=args.stride, flip=args.flip)
+    splits = task.build_datasets(args.data or "digit-scenes", loaded.img_size, eval_only=True)
+    _check_classes(splits.classes, loaded.classes)
+    result = _evaluate(task, splits, loaded.model, args, env, amp)
+    return result, (f"{args.checkpoint}: mIoU {result['miou']:.2f}%  aAcc {result['aacc']:.2f}%  "
+                    f"val_loss {result['loss']:.4f}  ({result['count']} images)\n"
+                    + iou_table(loaded.classes, result["class_iou"]))

@@ -32,8 +32,11 @@ def flag(name: str) -> str:
 class TrainConfig:
     """A training run; the fields are listed in the order `biformer train --help` shows them."""
 
-    data: str = option("digits", "'digits' or a folder with train/ and val/", shapes_run=True)
-    model: str = option("biformer_nano", "a biformer_* or any timm model name", shapes_run=True)
+    data: str = option("digits", "classification: 'digits' or a folder with train/ and val/; segmentation: "
+                                 "'digit-scenes', a folder with images/, masks/ and classes.txt, or ADE20K",
+                       shapes_run=True)
+    model: str = option("biformer_nano", "a biformer_* or any timm model name; sfpn_<backbone> or "
+                                         "upernet_<backbone> for semantic segmentation", shapes_run=True)
     epochs: int = option(30, "training epochs (the cosine schedule's length)", shapes_run=True, least=1)
     img_size: int = option(32, "input size in pixels (digits are upscaled to it)", shapes_run=True, least=32,
                            why=" (BiFormer downsamples 32x)")
@@ -44,7 +47,8 @@ class TrainConfig:
     min_lr: float = option(1e-5, "learning rate at the end of the cosine decay", shapes_run=True)
     weight_decay: float = option(0.05, "decoupled weight decay (AdamW)", shapes_run=True, least=0)
     warmup_epochs: int = option(2, "linear warm-up from lr/100", shapes_run=True, least=0)
-    drop_path: float = option(0.0, "stochastic depth rate", shapes_run=True)
+    drop_path: float | None = option(None, "stochastic depth rate (default: 0 for classifiers, the original "
+                                           "configs' rate for sfpn_/upernet_ models)", shapes_run=True, least=0)
     aa: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)",
                             shapes_run=True)
     mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0)
@@ -68,7 +72,7 @@ class TrainConfig:
         for spec in fields(self):
             value, least = getattr(self, spec.name), spec.metadata["least"]
             choices = spec.metadata["cli"].get("choices")
-            if least is not None and value < least:
+            if least is not None and value is not None and value < least:
                 raise UserError(f"{flag(spec.name)} must be at least {least}{spec.metadata['why']}, got {value}")
             if choices is not None and value not in choices:
                 raise UserError(f"{flag(spec.name)} must be one of {', '.join(choices)}, got {value!r}")

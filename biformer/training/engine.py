@@ -23,22 +23,20 @@ from typing import Any
 import timm
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoints.files import cpu_state_dict, save_weights
 from ..errors import UserError
 from . import checkpoint as ckpt
+from ..dense.segmentation import is_segmentation_model
+from .classification import ClassificationTask
 from .config import TrainConfig, flag
-from .data import DataSplits, build_datasets, collate_readable
 from .runtime import (
     Dist,
     all_reduce_sum,
@@ -48,6 +46,8 @@ from .runtime import (
     resolve_amp,
     seed_everything,
 )
+from .segmentation import SegmentationTask
+from .task import Objective, Task, UnreadableImages, val_loader
 
 
 class Callbacks:
@@ -63,57 +63,14 @@ class Callbacks:
         """The last epoch is committed; `model` is this rank's model (not the DDP wrapper)."""
 
 
-class UnreadableImages:
-    """Reports each unreadable image once, with its path, and counts them over all ranks."""
-
-    def __init__(self) -> None:
-        self.problems: set[str] = set()
-
-    def add(self, problems: list[str]) -> None:
-        for problem in problems:
-            if problem not in self.problems:
-                self.problems.add(problem)
-                tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
-
-    def count(self, env: Dist) -> int:
-        if env.world == 1:
-            return len(self.problems)
-        gathered: list[set[str] | None] = [None] * env.world
-        dist.all_gather_object(gathered, self.problems)
-        return len(set().union(*gathered))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
-             unreadable: UnreadableImages | None = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over the loader's shards on all ranks."""
-    model.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
-    for images, targets, problems in tqdm(loader, desc=desc, leave=False, disable=None if env.main else True,
-                                          file=sys.stdout):
-        if unreadable is not None:
-            unreadable.add(problems)
-        if images is None:
-            continue
-        images, targets = images.to(env.device), targets.to(env.device)
-        with autocast(env.device, amp):
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        totals[0] += F.cross_entropy(logits, targets, reduction="sum").item()
-        totals[1] += hits[:, 0].sum().item()
-        totals[2] += hits.any(1).sum().item()
-        totals[3] += len(targets)
-    loss, top1, top5, count = all_reduce_sum(totals, env)
-    if count == 0:
-        raise UserError("no validation image could be read")
-    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
-
-
-def val_loader(dataset, batch_size: int, workers: int, env: Dist) -> DataLoader:
-    shard = Subset(dataset, range(env.rank, len(dataset), env.world))  # disjoint, nothing repeated
-    return DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate_readable)
+def task_for_model(name: str) -> Task:
+    """The task a model name implies: sfpn_*/upernet_* segment, any other timm model classifies."""
+    if is_segmentation_model(name):
+        return SegmentationTask()
+    if name in timm.list_models(name):
+        return ClassificationTask()
+    raise UserError(f"--model {name!r} is neither a registered timm model (biformer_nano, biformer_tiny, ...) nor "
+                    "a segmentation model (sfpn_<backbone>, upernet_<backbone>, e.g. sfpn_biformer_tiny)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +88,7 @@ class Loaders:
         return list(iter(self.sampler))[: len(self.train) * self.train.batch_size]
 
 
-def build_loaders(splits: DataSplits, config: TrainConfig, env: Dist) -> Loaders:
+def build_loaders(splits, config: TrainConfig, env: Dist, collate) -> Loaders:
     """Training batches from a disjoint shard per rank, reshuffled each epoch; the validation shards."""
     if len(splits.train) < config.batch_size * env.world:
         raise UserError(f"--batch-size {config.batch_size} x {env.world} process(es) exceeds the "
@@ -139,13 +96,13 @@ def build_loaders(splits: DataSplits, config: TrainConfig, env: Dist) -> Loaders
     sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=config.seed, drop_last=True)  # drop_last: shards stay disjoint
     train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler,
-                              num_workers=config.workers, drop_last=True, collate_fn=collate_readable)
-    return Loaders(sampler, train_loader, val_loader(splits.val, config.batch_size, config.workers, env))
+                              num_workers=config.workers, drop_last=True, collate_fn=collate)
+    return Loaders(sampler, train_loader, val_loader(splits.val, config.batch_size, config.workers, env, collate))
 
 
-def build_model(config: TrainConfig, env: Dist, num_classes: int) -> nn.Module:
+def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) -> nn.Module:
     seed_everything(config.seed)  # the initial weights
-    model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path)
+    model = task.build_model(config, num_classes)
     model.to(env.device)
     if config.sync_bn and env.world > 1:
         if env.device.type == "cuda":
@@ -205,35 +162,19 @@ def build_optimization(model: nn.Module, config: TrainConfig, steps_per_epoch: i
 
 
 @dataclass
-class Objective:
-    """The classification loss, on mixed-up batches with --mixup/--cutmix."""
-
-    criterion: nn.Module
-    mixup: Mixup | None
-
-
-def build_objective(config: TrainConfig, num_classes: int) -> Objective:
-    if config.mixup > 0 or config.cutmix > 0:
-        return Objective(SoftTargetCrossEntropy(), Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
-                                                         label_smoothing=config.smoothing, num_classes=num_classes))
-    if config.smoothing > 0:
-        return Objective(LabelSmoothingCrossEntropy(config.smoothing), None)
-    return Objective(nn.CrossEntropyLoss(), None)
-
-
-@dataclass
 class Progress:
     """The committed part of a run: the last epoch done, a metrics row per epoch, the best epoch."""
 
+    metric: str  # the metrics-row key that picks the best epoch
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=lambda: {"val_top1": -1.0, "epoch": 0})
+    best: dict[str, Any] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
         self.epoch = row["epoch"]
         self.history.append(row)
-        if row["val_top1"] > self.best["val_top1"]:
-            self.best = {"val_top1": row["val_top1"], "epoch": row["epoch"]}
+        if row[self.metric] > self.best.get(self.metric, -1.0):
+            self.best = {self.metric: row[self.metric], "epoch": row["epoch"]}
 
 
 @dataclass
@@ -243,7 +184,8 @@ class Run:
     config: TrainConfig
     env: Dist
     amp: str
-    splits: DataSplits
+    task: Task
+    splits: Any
     loaders: Loaders
     model: nn.Module  # evaluated, saved and averaged into the EMA
     step_model: nn.Module  # what a training step calls: `model`, wrapped in DDP under torchrun
@@ -282,21 +224,20 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None) -> dict[str, 
 def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Progress]:
     """Check the options, the data and an earlier run before --output is created, then build the run."""
     amp = resolve_amp(config.amp, env.device)
-    if config.model not in timm.list_models(config.model):
-        raise UserError(f"--model {config.model!r} is not a registered timm model "
-                        "(try biformer_nano, biformer_tiny, ...)")
+    task = task_for_model(config.model)
+    task.check_config(config)
     state = load_run(config, env)
-    splits = build_datasets(config.data, config.img_size, auto_augment=config.aa)
-    loaders = build_loaders(splits, config, env)
+    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa)
+    loaders = build_loaders(splits, config, env, task.collate)
     if env.main:
         ckpt.check_writable(config.output)
-    model = build_model(config, env, len(splits.classes))
+    model = build_model(config, env, len(splits.classes), task)
     optimization = build_optimization(model, config, len(loaders.train), amp, env)
-    progress = restore(state, model, optimization, config, env)
+    progress = restore(state, model, optimization, config, env, task.metric)
     if env.main:
         ckpt.write_metrics(config.output, progress.history)  # drops rows of an epoch that was not committed
-    run = Run(config, env, amp, splits, loaders, model, distributed_model(model, env), optimization,
-              build_objective(config, len(splits.classes)), callbacks)
+    run = Run(config, env, amp, task, splits, loaders, model, distributed_model(model, env), optimization,
+              task.build_objective(config, len(splits.classes), model), callbacks)
     return run, progress
 
 
@@ -327,15 +268,15 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
 
 
 def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimization, config: TrainConfig,
-            env: Dist) -> Progress:
+            env: Dist, metric: str) -> Progress:
     """Load a resumed run's weights and optimization state; its progress (none for a new run)."""
     if state is None:
         if config.resume and env.main:
             print(f"no checkpoint in {config.output} to resume from; starting at epoch 1")
-        return Progress()
+        return Progress(metric)
     model.load_state_dict(state["model"])
     optimization.load_state_dict(state)
-    progress = Progress(state["epoch"], state["history"], state["best"])
+    progress = Progress(metric, state["epoch"], state["history"], state["best"])
     if env.main:
         print(f"resumed from {config.output / ckpt.STATE}: " + (
             f"continuing at epoch {progress.epoch + 1}" if progress.epoch < config.epochs
@@ -345,77 +286,76 @@ def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimi
 
 def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """Train one epoch and validate: the epoch's metrics row."""
-    env = run.env
+    env, task = run.env, run.task
     seed_everything(run.config.seed + 1_000_003 * epoch + 7919 * env.rank)
     run.loaders.sampler.set_epoch(epoch)
     run.callbacks.on_epoch_start(epoch, run.loaders)
     epoch_start = time.perf_counter()
-    loss_sum, hits, seen = train_one_epoch(run, epoch)
+    loss_sum, hits, counted, seen = train_one_epoch(run, epoch)
     train_time = time.perf_counter() - epoch_start
     if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
         distribute_bn(run.model, env.world, reduce=True)
-    val = evaluate(run.model, run.loaders.val, env, run.amp, unreadable=run.unreadable)
-    row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_loss": val["loss"], "val_top1": val["top1"],
-           "val_top5": val["top5"], "lr": run.optimization.optimizer.param_groups[0]["lr"]}
+    row = {"epoch": epoch, "train_loss": loss_sum / seen,
+           **_val_columns(task, task.evaluate(run.model, run.loaders.val, env, run.amp, unreadable=run.unreadable)),
+           "lr": run.optimization.optimizer.param_groups[0]["lr"]}
     if run.objective.mixup is None:
-        row["train_top1"] = 100 * hits / seen
+        row[task.train_accuracy] = 100 * hits / counted
     if run.optimization.ema is not None:
-        ema_val = evaluate(run.optimization.ema.module, run.loaders.val, env, run.amp, desc="val (ema)")
-        row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+        ema_val = task.evaluate(run.optimization.ema.module, run.loaders.val, env, run.amp, desc="val (ema)")
+        row.update({f"ema_{key}": value for key, value in _val_columns(task, ema_val).items()})
     row.update(epoch_time_s=time.perf_counter() - epoch_start, train_images_per_s=seen / train_time)
     return row
 
 
+def _val_columns(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    return {f"val_{key}": result[key] for key in ("loss", *task.metric_columns())}
+
+
 def train_one_epoch(run: Run, epoch: int) -> list[float]:
-    """One pass over this rank's shard: [loss sum, top-1 hits, images], summed over all ranks."""
-    env, loader, objective = run.env, run.loaders.train, run.objective
+    """One pass over this rank's shard: [loss sum, accuracy hits, accuracy count, images], summed over all ranks."""
+    env, loader, objective, task = run.env, run.loaders.train, run.objective, run.task
     run.step_model.train()
     start = time.perf_counter()
-    sums = [0.0, 0.0, 0.0]
+    sums = [0.0, 0.0, 0.0, 0.0]
     bar = tqdm(loader, desc=f"epoch {epoch}/{run.config.epochs}", leave=False, disable=None if env.main else True,
                file=sys.stdout)
     for step, (images, targets, problems) in enumerate(bar):
         global_step = (epoch - 1) * len(loader) + step
         run.callbacks.on_step(global_step)
         run.unreadable.add(problems)
-        if images is not None and objective.mixup is not None and len(images) % 2:  # mixup pairs images up
-            images, targets = images[:-1], targets[:-1]
+        if images is not None:
+            images, targets, hard_targets = task.prepare(images.to(env.device), targets.to(env.device), objective)
         if images is None or len(images) == 0:
             # every rank must take every step together under DDP, so only a lone process can skip one
             if env.world > 1:
                 raise UserError(f"no image of a training batch could be read (epoch {epoch}, step {step})")
             continue
-        images, targets = images.to(env.device), targets.to(env.device)
-        hard_targets = targets
-        if objective.mixup is not None:
-            images, targets = objective.mixup(images, targets)
         with autocast(env.device, run.amp):
-            logits = run.step_model(images)
-            loss = objective.criterion(logits.float(), targets)
+            outputs = run.step_model(images)
+            loss = task.loss(outputs, targets, objective)
         if not math.isfinite(loss.item()):
             raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step}: training diverged; "
                             "lower --lr or set --clip-grad, then --resume")
         run.optimization.step(loss, run.model, global_step, run.config.clip_grad)
-        sums[0] += loss.item() * len(images)
-        sums[1] += (logits.argmax(1) == hard_targets).sum().item()
-        sums[2] += len(images)
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
-                        img_s=f"{sums[2] * env.world / (time.perf_counter() - start):.0f}")
+        hits, counted = task.hits(outputs, hard_targets)
+        for index, value in enumerate((loss.item() * len(images), hits, counted, len(images))):
+            sums[index] += value
+        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", acc=f"{100 * sums[1] / max(sums[2], 1):.1f}%",
+                        img_s=f"{sums[3] * env.world / (time.perf_counter() - start):.0f}")
     return all_reduce_sum(sums, env)
 
 
 def commit_epoch(run: Run, progress: Progress) -> None:
     """Write the epoch's weights, then its state file (the commit point, see checkpoint), then the metrics."""
-    config, splits, model, ema = run.config, run.splits, run.model, run.optimization.ema
+    config, model, ema, metric = run.config, run.model, run.optimization.ema, run.task.metric
     row = progress.history[-1]
-    metadata = {"model": config.model, "classes": splits.classes, "epoch": row["epoch"], "img_size": config.img_size,
-                "mean": list(splits.mean), "std": list(splits.std), "crop_pct": splits.crop_pct,
-                "val_top1": row["val_top1"]}  # what eval and predict need to rebuild the model and its inputs
+    # what eval and predict need to rebuild the model and its inputs
+    metadata = {**run.task.metadata(run.splits, config), "epoch": row["epoch"], metric: row[metric]}
     save_weights(config.output / ckpt.WEIGHTS, model, metadata)
     if progress.best["epoch"] == row["epoch"]:
         save_weights(config.output / ckpt.BEST, model, metadata)
     if ema is not None:
-        save_weights(config.output / ckpt.EMA_WEIGHTS, ema.module, {**metadata, "val_top1": row["ema_val_top1"]})
+        save_weights(config.output / ckpt.EMA_WEIGHTS, ema.module, {**metadata, metric: row[f"ema_{metric}"]})
     ckpt.save_state(config.output / ckpt.STATE, {
         "epoch": row["epoch"], "model": cpu_state_dict(model), **run.optimization.state_dict(),
         "history": progress.history, "best": progress.best,
@@ -425,28 +365,26 @@ def commit_epoch(run: Run, progress: Progress) -> None:
 
 
 def report(run: Run, progress: Progress, wall_time_s: float) -> None:
-    """The final line, and how many unreadable images were skipped."""
+    """The final summary, and how many unreadable images were skipped."""
     skipped = run.unreadable.count(run.env)  # on every rank: it gathers from all of them
     if not run.env.main:
         return
     if progress.history:
-        final, best = progress.history[-1], progress.best
         minutes, seconds = divmod(wall_time_s, 60)
-        print(f"final validation top-1: {final['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch "
-              f"{best['epoch']}); training wall time {int(minutes)}m{seconds:04.1f}s; "
-              f"checkpoints in {run.config.output}", flush=True)
+        print(f"{run.task.summary(progress.history[-1], progress.best, run.splits.classes)}\n"
+              f"training wall time {int(minutes)}m{seconds:04.1f}s; checkpoints in {run.config.output}", flush=True)
     if skipped:
         print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
 
 
 def _log_epoch(row: dict[str, Any], epochs: int, writer) -> None:
+    scalars = {key: value for key, value in row.items() if isinstance(value, (int, float))}
     if writer is not None:
-        for key, value in row.items():
+        for key, value in scalars.items():
             writer.add_scalar(key, value, row["epoch"])
+    percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith("_loss")]
     text = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_top1 {row['val_top1']:.2f}%  val_top5 {row['val_top5']:.2f}%")
-    if "ema_val_top1" in row:
-        text += f"  ema_val_top1 {row['ema_val_top1']:.2f}%"
+            + "  ".join(f"{key} {row[key]:.2f}%" for key in percents))
     tqdm.write(text + f"  ({row['epoch_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)
 
 

@@ -1,0 +1,287 @@
+"""Semantic segmentation on BiFormer or any timm backbone: Semantic FPN and UperNet, the paper's ADE20K heads.
+
+A model is named `<head>_<backbone>`: `sfpn_biformer_small`, `upernet_biformer_base`, `sfpn_resnet18`,
+`upernet_convnext_tiny`, ... A `biformer*` backbone is `create_backbone`'s (its stage maps pass through
+the original's extra norms); any other timm model gives its `features_only` maps at strides 4, 8, 16, 32.
+The decoders are segmentation_models_pytorch's (smp); the classifier (dropout 0.1, 1x1 conv) and the
+UperNet auxiliary head are mmseg's, as in the original configs.
+
+Against the original mmseg configs of the BiFormer release:
+
+Semantic FPN (mmseg FPN neck, 256 channels, + FPNHead, 128 channels, SyncBN, dropout 0.1):
+  - widths as in the paper: 256 pyramid channels, 128 segmentation channels;
+  - smp has no 3x3 output conv on the pyramid levels (mmseg's `fpn_convs`): each level goes from the
+    lateral sum straight to its scale head;
+  - the scale heads normalize with GroupNorm (32 groups), not (Sync)BN, and upsample with
+    `align_corners=True` (mmseg: False); their outputs are added, as in mmseg.
+UperNet (mmseg UPerHead, 512 channels, PPM scales (1, 2, 3, 6), BN, dropout 0.1; auxiliary FCNHead on
+the stride-16 map, 256 channels, one conv, dropout 0.1, loss weight 0.4):
+  - the same structure and widths (512 channels, PPM scales (1, 2, 3, 6), BN, bilinear resizing with
+    `align_corners=False`); the auxiliary head is mmseg's FCNHead, built from smp's Conv2dReLU;
+  - smp layer-norms each backbone map before the head; a BiFormer backbone's maps already leave through
+    the original's extra norms, so there those norms are identities (the original has none in the head);
+    other timm backbones keep smp's;
+  - smp's fusion concatenates four 512-channel maps at stride 4 (1 GiB at 1024x2048); `LeanUPerNetDecoder`
+    computes the same conv as a sum over the levels instead (same weights, same result up to rounding).
+Both: the logits are resized to the input with bilinear `align_corners=False`, as mmseg's inference does.
+
+Shape legend: B batch, K classes, H/W input height/width (multiples of 32), C_i channels of the
+backbone's stride-s_i map, s_i = 4, 8, 16, 32.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base.modules import Conv2dReLU
+from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
+from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .backbone import REDUCTIONS, create_backbone
+
+SEGMENTATION_HEADS = ("sfpn", "upernet")
+STRIDE = REDUCTIONS[-1]  # inputs are multiples of the coarsest map's stride
+AUX_INDEX = 2  # the auxiliary head reads the stride-16 map (mmseg's in_index=2)
+DROPOUT = 0.1  # before each classifier (mmseg's dropout_ratio)
+AUX_CHANNELS = 256
+CHANNELS_LAST = torch.channels_last
+
+# Drop path rates of the release's ADE20K configs; it has none for BiFormer-T (0.1 here is ours).
+RELEASE_DROP_PATH = {
+    ("sfpn", "biformer_small"): 0.15, ("sfpn", "biformer_base"): 0.3,
+    ("upernet", "biformer_small"): 0.3, ("upernet", "biformer_base"): 0.4,
+}
+OTHER_BIFORMER_DROP_PATH = 0.1
+
+
+@dataclass(frozen=True)
+class SegmentationRecipe:
+    """The original ADE20K training settings (the BiFormer release's mmseg configs) of a head and backbone.
+
+    Semantic FPN: AdamW, cosine schedule with 1k linear warmup iterations. UperNet: AdamW with no
+    weight decay on norms, poly schedule (power 1) with 1.5k warmup iterations. Both: 8 GPUs, AMP.
+    """
+
+    crop: int  # square training crop side
+    opt: str
+    lr: float
+    weight_decay: float
+    drop_path: float  # the backbone's stochastic depth rate (0 for non-BiFormer backbones)
+    aux_weight: float  # loss weight of the auxiliary head's output (0: no auxiliary head)
+    iters: int
+    batch: int  # images per iteration, all GPUs together
+
+
+def split_segmentation_name(name: str) -> tuple[str, str] | None:
+    """'upernet_biformer_tiny' -> ('upernet', 'biformer_tiny'); None if `name` has no head prefix.
+
+    Whether timm knows the backbone is not checked (see `is_segmentation_model`).
+    """
+    head, _, backbone = name.partition("_")
+    return (head, backbone) if head in SEGMENTATION_HEADS and backbone else None
+
+
+def is_segmentation_model(name: str) -> bool:
+    """A head prefix and a backbone that timm knows (BiFormer variants included)."""
+    parts = split_segmentation_name(name)
+    return parts is not None and timm.is_model(parts[1])
+
+
+def _parse(name: str) -> tuple[str, str]:
+    parts = split_segmentation_name(name)
+    if parts is None or not timm.is_model(parts[1]):
+        unknown = f"unknown backbone {parts[1]!r}" if parts else "no head prefix"
+        raise UserError(
+            f"segmentation model {name!r}: {unknown}; use HEAD_BACKBONE with HEAD one of {', '.join(SEGMENTATION_HEADS)} "
+            "and BACKBONE a BiFormer variant (biformer_tiny, biformer_small, biformer_base) or a timm model with "
+            "feature maps at strides 4-32 (resnet18, convnext_tiny, ...), e.g. upernet_biformer_small")
+    return parts
+
+
+def _is_biformer(backbone: str) -> bool:
+    return backbone.startswith("biformer")
+
+
+def segmentation_recipe(name: str) -> SegmentationRecipe:
+    """The release's training settings for model `name`; UserError for an unknown name."""
+    head, backbone = _parse(name)
+    if not _is_biformer(backbone):
+        drop_path = 0.0
+    else:
+        drop_path = RELEASE_DROP_PATH.get((head, backbone), OTHER_BIFORMER_DROP_PATH)
+    if head == "sfpn":  # UniFormer's Semantic FPN schedule at 8 GPUs: 2x the lr for half the iterations
+        return SegmentationRecipe(crop=512, opt="adamw", lr=2e-4, weight_decay=1e-4, drop_path=drop_path,
+                                  aux_weight=0.0, iters=80_000, batch=32)
+    return SegmentationRecipe(crop=512, opt="adamw", lr=6e-5, weight_decay=0.01, drop_path=drop_path,
+                              aux_weight=0.4, iters=160_000, batch=16)
+
+
+class TimmFeatures(nn.Module):
+    """A timm model's feature maps at strides 4, 8, 16, 32: (B, 3, H, W) -> [(B, C_i, H / s_i, W / s_i)]."""
+
+    def __init__(self, name: str, **model_kwargs: Any) -> None:
+        super().__init__()
+        try:
+            self.model = timm.create_model(name, features_only=True, pretrained=False, **model_kwargs)
+        except RuntimeError as error:  # timm's answer for a model without feature extraction
+            raise UserError(f"backbone {name!r} cannot give feature maps ({error}); choose another timm model") from None
+        info = self.model.feature_info
+        reductions = info.reduction()
+        missing = [stride for stride in REDUCTIONS if stride not in reductions]
+        if missing:
+            raise UserError(
+                f"backbone {name!r} has no feature map at stride {', '.join(map(str, missing))} (its maps: strides "
+                f"{reductions}); choose a backbone with maps at strides 4, 8, 16 and 32 (a CNN or a hierarchical "
+                "transformer such as resnet18, convnext_tiny, swin_tiny_patch4_window7_224)")
+        # the deepest map at each stride
+        self.indices = [max(i for i, r in enumerate(reductions) if r == stride) for stride in REDUCTIONS]
+        self.out_channels = [info.channels()[i] for i in self.indices]
+        self.reductions = list(REDUCTIONS)
+        self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"  # swin and its kin
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        maps = self.model(x)
+        picked = [maps[i] for i in self.indices]
+        return [m.permute(0, 3, 1, 2) for m in picked] if self.nhwc else picked
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, align_corners=False; a map of that size already is returned as is (the resize is exact there)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class LeanUPerNetDecoder(UPerNetDecoder):
+    """smp's UPerNetDecoder, fed the backbone's four maps, with a forward that needs far less memory.
+
+    [(B, C_i, H / s_i, W / s_i)] for s_i = 4, 8, 16, 32 -> (B, D, H / 4, W / 4), D = decoder_channels.
+    smp resizes the PSP output and the three FPN levels to stride 4, keeps them in a list, concatenates
+    them (4D channels at stride 4) and applies the 3x3 fusion conv. A conv of concatenated inputs is the
+    sum of convs of each input with its slice of the weight, so here the levels stay at their own strides
+    until each in turn is resized, convolved and added to one stride-4 sum, then freed. The maps are
+    channels-last, which oneDNN's CPU convs take as they are (NCHW ones are copied to a blocked layout
+    and back: 1.5 maps more per conv). Same parameters, same result up to float rounding. At 1024x2048
+    (D = 512: 268 MB per stride-4 map) upernet_biformer_small's inference peaks at 2.0 GB RSS instead
+    of 5.1 GB with smp's forward (`biformer bench dense`).
+    normalize: keep smp's per-map LayerNorms (off for backbones whose maps are normed already).
+    """
+
+    def __init__(self, channels: list[int], decoder_channels: int, normalize: bool) -> None:
+        # smp's decoder takes an encoder's channel list, which starts with the input and stride-2 maps
+        super().__init__((0, 0, *channels), decoder_channels=decoder_channels, use_norm="batchnorm")
+        self.out_channels = decoder_channels
+        if not normalize:
+            self.feature_norms = nn.ModuleList(nn.Identity() for _ in channels)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        features = [norm(feature).contiguous(memory_format=CHANNELS_LAST)
+                    for norm, feature in zip(self.feature_norms, features)]
+        size = features[0].shape[-2:]
+        state = self.psp(features[-1]).contiguous(memory_format=CHANNELS_LAST)  # its 1x1 pooling loses the format
+        levels = [state]  # PSP output, then the FPN levels at strides 16, 8, 4 (top-down)
+        for lateral, level_conv, feature in zip(self.fpn_lateral_blocks, self.fpn_conv_blocks, features[-2::-1]):
+            state = lateral(state, feature)
+            levels.append(level_conv(state))
+        del state, features
+        conv, norm, activation = self.fusion_block
+        # smp concatenates the levels finest first (strides 4, 8, 16, PSP): weight slices in that order
+        weights = conv.weight.chunk(len(levels), dim=1)
+        fused = F.conv2d(levels.pop(), weights[0], padding=conv.padding)
+        for weight in weights[1:]:  # unnamed temporaries: each is freed as soon as it is added
+            fused += F.conv2d(_resize(levels.pop(), size), weight, padding=conv.padding)
+        return activation(norm(fused))
+
+
+def _classifier(channels: int, num_classes: int) -> nn.Sequential:
+    """mmseg's `cls_seg`: dropout, then a 1x1 conv to class logits."""
+    return nn.Sequential(nn.Dropout2d(DROPOUT), nn.Conv2d(channels, num_classes, kernel_size=1))
+
+
+class SegmentationModel(nn.Module):
+    """(B, 3, H, W) -> {"out": (B, K, H, W)} logits, plus "aux" (B, K, H, W) in training if the head has one.
+
+    backbone: maps at strides 4-32 (`.out_channels`); decoder: smp's FPN or (lean) UperNet decoder, to
+    stride 4; head: the classifier; aux_head: the FCN head on the stride-16 map (UperNet), else None.
+    """
+
+    def __init__(self, name: str, num_classes: int, backbone: nn.Module, recipe: SegmentationRecipe) -> None:
+        super().__init__()
+        kind, backbone_name = _parse(name)
+        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+        self.backbone = backbone
+        channels = list(backbone.out_channels)
+        if kind == "sfpn":  # dropout is the classifier's (as mmseg's), not smp's decoder's
+            self.decoder = FPNDecoder(channels, encoder_depth=5, pyramid_channels=256, segmentation_channels=128,
+                                      dropout=0.0, merge_policy="add")
+            self.aux_head = None
+        else:
+            self.decoder = LeanUPerNetDecoder(channels, decoder_channels=512, normalize=not _is_biformer(backbone_name))
+            self.aux_head = nn.Sequential(
+                Conv2dReLU(channels[AUX_INDEX], AUX_CHANNELS, kernel_size=3, padding=1, use_norm="batchnorm"),
+                _classifier(AUX_CHANNELS, num_classes),
+            )
+        self.head = _classifier(self.decoder.out_channels, num_classes)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        height, width = images.shape[-2:]
+        if height % STRIDE or width % STRIDE:
+            fit = lambda n: -(-n // STRIDE) * STRIDE  # noqa: E731
+            raise ValueError(
+                f"images of {height}x{width}: {self.name} needs height and width divisible by {STRIDE}; "
+                f"pad or resize them (e.g. pad to {fit(height)}x{fit(width)})")
+        features = self.backbone(images)
+        aux = features[AUX_INDEX] if self.training and self.aux_head is not None else None
+        logits = self.head(self.decoder(features)).contiguous()  # UperNet's decoder works channels-last
+        del features  # the decoder's inputs go before the full-size logits are made
+        outputs = {"out": _resize(logits, (height, width))}
+        if aux is not None:
+            outputs["aux"] = _resize(self.aux_head(aux), (height, width))
+        return outputs
+
+
+def _check_biformer_only(backbone: str, options: dict[str, Any]) -> None:
+    accepted = {"n_win": (8, None), "region_size": (None,), "padding": ("masked",), "backbone_checkpoint": (None,)}
+    for option, value in options.items():
+        if value not in accepted[option]:
+            raise ValueError(f"{option}={value!r} applies to BiFormer backbones only; {backbone!r} takes no {option}")
+
+
+def create_segmentation_model(
+    name: str,
+    num_classes: int,
+    *,
+    n_win: int | tuple[int, ...] | None = 8,
+    region_size: int | tuple[int | None, ...] | None = None,
+    padding: str = "masked",
+    drop_path_rate: float | None = None,
+    backbone_checkpoint: str | os.PathLike | None = None,
+    **backbone_kwargs: Any,
+) -> SegmentationModel:
+    """Segmentation model `name` (`<head>_<backbone>`, see the module docstring) with `num_classes` classes.
+
+    n_win, region_size, padding, backbone_checkpoint: the BiFormer backbone's (see `create_backbone`);
+        n_win 8 as in the original ADE20K configs (512x512 crops). Other backbones take none of them.
+    drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`segmentation_recipe`).
+    backbone_kwargs: more arguments of the backbone model.
+    UserError for an unknown name or a backbone without maps at strides 4-32.
+    """
+    _, backbone_name = _parse(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    recipe = segmentation_recipe(name)
+    drop_path = recipe.drop_path if drop_path_rate is None else drop_path_rate
+    if _is_biformer(backbone_name):
+        backbone = create_backbone(backbone_name, n_win=n_win, region_size=region_size, padding=padding,
+                                   checkpoint=backbone_checkpoint, drop_path_rate=drop_path, **backbone_kwargs)
+    else:
+        _check_biformer_only(backbone_name, dict(n_win=n_win, region_size=region_size, padding=padding,
+                                                 backbone_checkpoint=backbone_checkpoint))
+        if drop_path:  # not every timm model takes the argument; 0 is everyone's default
+            backbone_kwargs["drop_path_rate"] = drop_path
+        backbone = TimmFeatures(backbone_name, **backbone_kwargs)
+    return SegmentationModel(name, num_classes, backbone, recipe)
