@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerNorm, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # timm has no public name for it
 
@@ -28,6 +28,7 @@ from ..checkpoints.original import check_release_source, checkpoint_filter_fn
 from ..ops import BiLevelRoutingAttention
 from ..ops.depthwise import DepthwiseConv2d
 from ..ops.inplace import InplaceGELU, add_into
+from ..ops.mlp import LeanMlp
 from ..ops.sdpa import scaled_dot_product_attention
 
 __all__ = ["BiFormer"]
@@ -69,7 +70,7 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.norm2 = LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=InplaceGELU)
+        self.mlp = LeanMlp(dim, int(dim * mlp_ratio))  # timm's Mlp (same keys) keeping less for the backward
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)

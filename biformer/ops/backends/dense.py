@@ -19,9 +19,12 @@ name = "dense"
 
 # Auto-dispatch takes this backend on maps of at most SMALL_MAP tokens, or where the whole map is
 # at most MAX_DENSE_WORK_RATIO times the keys each query routes to (measured on CPU: at 3x the
-# dense call wins, at 12x it loses 3-5x), and where its (B, N, N) logit bias stays small.
+# dense call wins, at 12x it loses 3-5x) and has at most MAX_DENSE_TOKENS tokens (at 3x, a 14x14
+# map ran 2.4x faster dense, 32x32 and 38x32 maps 1.2-1.4x slower), and where its (B, N, N) logit
+# bias, which SDPA keeps for the backward, stays small.
 SMALL_MAP = 64
 MAX_DENSE_WORK_RATIO = 4
+MAX_DENSE_TOKENS = 512
 MAX_BIAS_BYTES = 256 << 20
 
 
@@ -36,7 +39,7 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, top
 def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> bool:
     tokens = grid.padded_height * grid.padded_width
     return (
-        tokens <= max(SMALL_MAP, MAX_DENSE_WORK_RATIO * topk * grid.tokens_per_region)
+        tokens <= max(SMALL_MAP, min(MAX_DENSE_WORK_RATIO * topk * grid.tokens_per_region, MAX_DENSE_TOKENS))
         and q.shape[0] * tokens * tokens * q.element_size() <= MAX_BIAS_BYTES
     )
 
