@@ -134,11 +134,11 @@ def test_an_interrupted_generation_does_not_count(small_scenes, tmp_path, monkey
         generate_into(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # neither a final folder nor the temporary one
     # a process killed outright leaves its temporary folder: it must not pass for the data set
-    leftover = tmp_path / ".digit-scenes-v1-killed"
+    leftover = tmp_path / ".digit-scenes-v2-killed"
     (leftover / "images" / "train").mkdir(parents=True)
     monkeypatch.setattr(sd, "_digit_scene", compose)
     folder = generate_into(tmp_path, monkeypatch)
-    assert folder == tmp_path / "digit-scenes-v1"
+    assert folder == tmp_path / "digit-scenes-v2"
     assert len(list((folder / "masks" / "val").iterdir())) == 3 and (folder / "classes.txt").is_file()
 
 
@@ -147,13 +147,13 @@ def test_the_loser_of_a_generation_race_uses_the_winners_folder(small_scenes, tm
 
     def racing(folder):
         write(folder)
-        write(tmp_path / "digit-scenes-v1")  # another process finishes first
-        (tmp_path / "digit-scenes-v1" / "winner").touch()
+        write(tmp_path / "digit-scenes-v2")  # another process finishes first
+        (tmp_path / "digit-scenes-v2" / "winner").touch()
 
     monkeypatch.setattr(sd, "_write_digit_scenes", racing)
     folder = generate_into(tmp_path, monkeypatch)
     assert (folder / "winner").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit-scenes-v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit-scenes-v2"]
 
 
 def test_an_unwritable_cache_is_a_user_error(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from .data import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, load_digits_split
 
 IGNORE_INDEX = 255
 PAD_MULTIPLE = 32  # batches are padded to a multiple of the backbone's total stride
-DIGIT_SCENES_NAME = "digit-scenes-v1"  # a new version of the generator gets a new name: old caches stay valid
+DIGIT_SCENES_NAME = "digit-scenes-v2"  # a new version of the generator gets a new name: old caches stay valid
 DIGIT_SCENES_SIZE = 128
 DIGIT_SCENES_TRAIN = 480
 DIGIT_SCENES_VAL = 120
@@ -385,17 +385,26 @@ def _noisy_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _digit_scene(rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One (RGB uint8 scene, uint8 mask) pair with 2-5 digits of distinct classes, at least two of them visible
-    (a later, larger digit may hide an earlier one: such a scene is drawn again)."""
+    """One (RGB uint8 scene, uint8 mask) pair with 2-5 digits of distinct classes in boxes that do not
+    overlap (a digit that finds no free place in a few tries is left out; a scene with fewer than two is
+    drawn again). Each glyph is blended in by its own intensity, so a digit is its strokes, not a box."""
     size = DIGIT_SCENES_SIZE
     while True:
         canvas, mask = _noisy_background(rng, size), np.zeros((size, size), np.uint8)
+        taken = np.zeros((size, size), bool)
         for digit in rng.choice(10, size=int(rng.integers(2, 6)), replace=False):
-            glyph = glyphs[rng.choice(np.flatnonzero(labels == digit))]
             side = int(rng.integers(20, 57))
-            top, left = rng.integers(0, size - side + 1, 2)
+            for _ in range(20):
+                top, left = rng.integers(0, size - side + 1, 2)
+                if not taken[top : top + side, left : left + side].any():
+                    break
+            else:
+                continue
+            taken[top : top + side, left : left + side] = True
+            glyph = glyphs[rng.choice(np.flatnonzero(labels == digit))]
             big = np.asarray(Image.fromarray(glyph).resize((side, side), Image.Resampling.BICUBIC))
-            alpha = np.clip(big / big.max(), 0, 1)[..., None]
+            # the 8x8 glyphs' faint rims would show as a box: ramp the opacity from a quarter to 3/4 intensity
+            alpha = np.clip((big / big.max() - 0.25) * 2, 0, 1)[..., None]
             region = canvas[top : top + side, left : left + side]
             region[:] = region * (1 - alpha) + rng.uniform(0.55, 1.0, 3).astype(np.float32) * alpha
             mask[top : top + side, left : left + side][alpha[..., 0] > 0.5] = digit + 1
