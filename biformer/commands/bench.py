@@ -92,19 +92,29 @@ def _register_dense(kinds: argparse._SubParsersAction) -> None:
                             f"{dense_bench.TRAINING_MODEL})")
     dense.add_argument("--input", default=None, metavar="B,H,W",
                        help="batch and image size instead of the case's (with --case inference or training)")
-    dense.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    dense.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    _threads_and_csv_options(dense)
     dense.set_defaults(run=run_dense)
+
+
+def _threads_and_csv_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+
+
+def _check_threads_and_csv(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.csv:
+        check_writable(args.csv, "--csv")
 
 
 def _common_options(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each candidate first")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    parser.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    _threads_and_csv_options(parser)
 
 
 def _setup(args: argparse.Namespace):
@@ -113,10 +123,7 @@ def _setup(args: argparse.Namespace):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be at least 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
-    if args.csv:
-        check_writable(args.csv, "--csv")
+    _check_threads_and_csv(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -217,12 +224,9 @@ def _check_dense_model(name: str, case: str) -> None:
 def run_dense(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise UserError("bench dense reads /proc/self/status and getrusage's KiB: it runs on Linux only")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.case == "all" and (args.model or args.input):
         raise UserError("--model and --input apply to one case: add --case inference or --case training")
-    if args.csv:
-        check_writable(args.csv, "--csv")
+    _check_threads_and_csv(args)
     if args.model:
         _check_dense_model(args.model, args.case)
     shape = _dense_input(args.input, args.case) if args.input else None

@@ -79,9 +79,8 @@ class ClassificationTask(Task):
     def metric_columns(self) -> tuple[str, ...]:
         return ("top1", "top5")
 
-    def metadata(self, splits: DataSplits, config: TrainConfig) -> dict[str, Any]:
-        return {"model": config.model, "classes": splits.classes, "img_size": config.img_size,
-                "mean": list(splits.mean), "std": list(splits.std), "crop_pct": splits.crop_pct}
+    def metadata(self, splits: DataSplits) -> dict[str, Any]:
+        return {"crop_pct": splits.crop_pct}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
         return f"final validation top-1: {row['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']})"

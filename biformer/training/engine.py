@@ -349,8 +349,10 @@ def commit_epoch(run: Run, progress: Progress) -> None:
     """Write the epoch's weights, then its state file (the commit point, see checkpoint), then the metrics."""
     config, model, ema, metric = run.config, run.model, run.optimization.ema, run.task.metric
     row = progress.history[-1]
-    # what eval and predict need to rebuild the model and its inputs
-    metadata = {**run.task.metadata(run.splits, config), "epoch": row["epoch"], metric: row[metric]}
+    splits = run.splits  # what eval and predict need to rebuild the model and its inputs:
+    metadata = {"model": config.model, "classes": splits.classes, "img_size": config.img_size,
+                "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
+                "epoch": row["epoch"], metric: row[metric]}
     save_weights(config.output / ckpt.WEIGHTS, model, metadata)
     if progress.best["epoch"] == row["epoch"]:
         save_weights(config.output / ckpt.BEST, model, metadata)

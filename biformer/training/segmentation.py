@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..dense.inference import resize_scores, segment
 from ..dense.metrics import ConfusionMatrix, iou_table
-from ..dense.segmentation import create_segmentation_model, segmentation_recipe
+from ..dense.segmentation import create_segmentation_model
 from ..errors import UserError
 from .config import TrainConfig, flag
 from .runtime import Dist, all_reduce_sum, autocast
@@ -58,8 +58,7 @@ class SegmentationTask(Task):
         return create_segmentation_model(config.model, num_classes, drop_path_rate=config.drop_path)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
-        aux_weight = segmentation_recipe(config.model).aux_weight if getattr(model, "aux_head", None) else 0.0
-        return Objective(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), aux_weight=aux_weight)
+        return Objective(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), aux_weight=model.recipe.aux_weight)
 
     def loss(self, outputs: dict[str, Tensor], targets: MaskBatch, objective: Objective) -> Tensor:
         masks = targets.masks
@@ -103,9 +102,8 @@ class SegmentationTask(Task):
     def metric_columns(self) -> tuple[str, ...]:
         return ("miou", "aacc", "class_iou")
 
-    def metadata(self, splits: SegmentationSplits, config: TrainConfig) -> dict[str, Any]:
-        return {"model": config.model, "task": self.name, "classes": splits.classes, "img_size": config.img_size,
-                "mean": list(splits.mean), "std": list(splits.std)}
+    def metadata(self, splits: SegmentationSplits) -> dict[str, Any]:
+        return {"task": self.name}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
         return (f"final validation mIoU: {row['val_miou']:.2f}% (best {best['val_miou']:.2f}% at epoch "

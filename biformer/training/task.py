@@ -109,8 +109,9 @@ class Task(ABC):
         """The keys of `evaluate`'s result that go into a metrics row, prefixed with "val_"."""
 
     @abstractmethod
-    def metadata(self, splits, config: TrainConfig) -> dict[str, Any]:
-        """What eval and predict need to rebuild the model and its inputs from a weights file."""
+    def metadata(self, splits) -> dict[str, Any]:
+        """What eval and predict need, beyond the model name, classes, size and normalization that every
+        task's weights file records, to rebuild the model and its inputs."""
 
     @abstractmethod
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
