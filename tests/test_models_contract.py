@@ -10,7 +10,8 @@ SMALL_INPUT = (2, 3, 64, 64)
 
 
 def test_all_variants_registered():
-    assert set(MODELS) == {"biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw", "biformer_nano"}
+    assert set(MODELS) == {"biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw", "biformer_nano",
+                           "biformer_stl_nano"}
 
 
 @pytest.fixture(scope="module", params=MODELS)

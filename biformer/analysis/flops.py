@@ -65,7 +65,7 @@ NO_ARITHMETIC_OPS = set(_optional_ops(
     "where", "topk", "sort", "argmax", "max", "min", "any", "all", "logical_and", "logical_or", "promote_types",
     "zeros_like", "empty_like", "ones_like", "full_like", "new_zeros", "new_empty", "new_ones", "scalar_tensor",
     "fill", "lift_fresh", "repeat", "flip", "roll", "narrow", "as_strided", "index_select", "masked_select",
-    "_reshape_alias", "empty_strided",
+    "_reshape_alias", "empty_strided", "bitwise_or_", "eye",
 ))
 
 

@@ -46,6 +46,7 @@ def restore_model(
         raise UserError(f"--model {model_name!r} is not a registered timm model")
     classes = metadata.get("classes")
     state_dict = read_state_dict(path)  # read once: it also gives the class count of files without metadata
+    model_kwargs = {**metadata.get("model_kwargs", {}), **model_kwargs}  # as trained (--model-kwargs), then ours
     model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(state_dict, model_name),
                               **model_kwargs)
     try:

@@ -1,8 +1,8 @@
 """BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023).
 
 Variants: biformer_tiny/small/base (the released ImageNet models), biformer_stl and
-biformer_stl_nchw (the paper's Swin-Tiny-layout ablations) and biformer_nano (ours, for
-32-64 px images). All load the original release files through `checkpoint_filter_fn`.
+biformer_stl_nchw (the paper's Swin-Tiny-layout ablations), biformer_nano (ours, for 32-64 px
+images) and biformer_stl_nano (ours: the STL layout at nano width, for ablations on small data). All load the original release files through `checkpoint_filter_fn`.
 
 Any input size from 32x32 up works: a stage whose map is smaller than n_win uses as many
 regions as the map allows, and topk is capped at the region count. `padding="masked"`
@@ -30,6 +30,7 @@ from ..ops.depthwise import DepthwiseConv2d
 from ..ops.inplace import InplaceGELU, add_into
 from ..ops.mlp import LeanMlp
 from ..ops.sdpa import scaled_dot_product_attention
+from .mixers import MIXERS
 
 __all__ = ["BiFormer"]
 
@@ -98,6 +99,21 @@ class BiFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def _token_mixer(attention: str, dim: int, heads: int, n_win: int, topk: int, side_dwconv: int, *,
+                 region_size: int | None, stripe_width: int, padding: str, backend: str | None,
+                 block_index: int) -> nn.Module:
+    """Block `block_index`'s token mixer: BRA, an ablation mixer (see BiFormer's `attention`), or,
+    for attention="global", the last stage's full attention (topk -1: lepe on V, -2: on the input)."""
+    if attention == "bra":
+        return BiLevelRoutingAttention(dim, heads, n_win, topk, side_dwconv=side_dwconv, padding=padding,
+                                       backend=backend, region_size=region_size)
+    if attention == "global":
+        return GlobalAttention(dim, 8, side_dwconv, "value" if topk == -1 else "input")
+    pattern = {"window": {"window_size": n_win, "shifted": block_index % 2 == 1}, "stripe": {"stripe_width": stripe_width},
+               "grid": {"grid_size": n_win}, "full": {}}[attention]
+    return MIXERS[attention](dim, heads, side_dwconv=side_dwconv, **pattern)
+
+
 def _per_stage(value, name: str) -> tuple:
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 4
     if len(values) != 4:
@@ -124,6 +140,12 @@ class BiFormer(nn.Module):
         padding: "masked" (default), "legacy" (the original `auto_pad=True`) or "legacy_nchw" (the
             original NCHW layer's padding; what biformer_stl_nchw's "legacy" means).
         backend: force a BRA backend in every layer (see biformer.ops.available_backends()).
+        attention: the token mixer of the stages with a positive topk, for the paper's ablation:
+            "bra" (default), or a hand-crafted sparse attention of `biformer.models.mixers` in the same
+            shell (qkv, lepe, proj): "window" (Swin: n_win x n_win-token windows, shifted in every
+            other block), "stripe" (CSWin: stripes of stripe_widths[i] rows/columns), "grid" (MaxViT:
+            an n_win x n_win grid) or "full". A stage with topk -1/-2 stays full attention.
+        stripe_widths: stripe width per stage for attention="stripe" (CSWin-T's 1, 2, 7, 7).
     """
 
     def __init__(
@@ -140,6 +162,8 @@ class BiFormer(nn.Module):
         pos_embed: bool = True,
         padding: str = "masked",
         backend: str | None = None,
+        attention: str = "bra",
+        stripe_widths: int | tuple[int, ...] = (1, 2, 7, 7),
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -150,6 +174,10 @@ class BiFormer(nn.Module):
         depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
         n_wins, topks = _per_stage(n_win, "n_win"), _per_stage(topks, "topks")
         region_sizes = _per_stage(region_size, "region_size")
+        stripe_widths = _per_stage(stripe_widths, "stripe_widths")
+        if attention != "bra" and attention not in MIXERS:
+            raise ValueError(f"attention must be one of {', '.join(['bra', *MIXERS])}, got {attention!r}")
+        self.topks = topks
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         self.num_classes = num_classes
@@ -180,17 +208,16 @@ class BiFormer(nn.Module):
                 downsample = nn.Sequential(nn.Conv2d(embed_dims[i - 1], dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
             else:  # Swin-style patch merging: norm, then conv2x2/s2
                 downsample = nn.Sequential(nn.BatchNorm2d(embed_dims[i - 1]), nn.Conv2d(embed_dims[i - 1], dim, 2, stride=2))
-            if topks[i] > 0:
-                make_attn = partial(
-                    BiLevelRoutingAttention, dim, dim // head_dim, n_wins[i], topks[i],
-                    side_dwconv=side_dwconv, padding=padding, backend=backend, region_size=region_sizes[i],
-                )
-            elif topks[i] in (-1, -2):
-                make_attn = partial(GlobalAttention, dim, 8, side_dwconv, "value" if topks[i] == -1 else "input")
-            else:
+            if topks[i] < 1 and topks[i] not in (-1, -2):
                 raise ValueError(f"topks[{i}]={topks[i]}: use a positive topk, or -1/-2 for full attention")
+            mixer = partial(
+                _token_mixer, attention if topks[i] > 0 else "global", dim, dim // head_dim, n_wins[i], topks[i],
+                side_dwconv, region_size=region_sizes[i], stripe_width=stripe_widths[i], padding=padding,
+                backend=backend,
+            )
             blocks = [
-                Block(dim, make_attn(), mlp_ratio, pos_embed, drop_path_rates[sum(depths[:i]) + j]) for j in range(depth)
+                Block(dim, mixer(block_index=j), mlp_ratio, pos_embed, drop_path_rates[sum(depths[:i]) + j])
+                for j in range(depth)
             ]
             stages.append(BiFormerStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
@@ -339,6 +366,7 @@ default_cfgs = generate_default_cfgs({
         url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChWYrKbWbMgqd2Ai0/root/content"
     ),
     "biformer_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+    "biformer_stl_nano": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
 })
 
 STL_ARGS = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratio=4.0, stem="patch", pos_embed=False)
@@ -389,3 +417,11 @@ def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
         depths=(1, 1, 3, 1), embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4, topks=(4, 4, 4, -2), side_dwconv=3
     )
     return _create_biformer("biformer_nano", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def biformer_stl_nano(pretrained: bool = False, **kwargs) -> BiFormer:
+    """The STL layout (ours) at biformer_nano's width for 64 px images: 4x4 regions, so that the
+    attention ablations (`attention=`, `biformer ablate`) run on small data sets in minutes."""
+    args = dict(STL_ARGS, embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4)
+    return _create_biformer("biformer_stl_nano", pretrained, **{**args, **kwargs})

@@ -32,7 +32,13 @@ class ClassificationTask(Task):
         return build_datasets(data, img_size, auto_augment=auto_augment, eval_only=eval_only)
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0)
+        try:
+            return timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
+                                     **config.model_arguments())
+        except (TypeError, ValueError) as error:
+            if not config.model_kwargs:
+                raise
+            raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: {error}") from error
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
         if config.mixup > 0 or config.cutmix > 0:

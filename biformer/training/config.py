@@ -6,9 +6,10 @@ generated from the fields, so options, checks and the resume comparison cannot d
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import UserError
 
@@ -28,6 +29,20 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE texts as keyword arguments, each value a Python literal if it reads as one, else text."""
+    arguments = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key.isidentifier():
+            raise UserError(f"--model-kwargs {item!r}: expected KEY=VALUE, e.g. attention=window")
+        try:
+            arguments[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            arguments[key] = text
+    return arguments
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run; the fields are listed in the order `biformer train --help` shows them."""
@@ -37,6 +52,9 @@ class TrainConfig:
                        shapes_run=True)
     model: str = option("biformer_nano", "a biformer_* or any timm model name; sfpn_<backbone> or "
                                          "upernet_<backbone> for semantic segmentation", shapes_run=True)
+    model_kwargs: tuple[str, ...] = option(
+        (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
+            "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
     epochs: int = option(30, "training epochs (the cosine schedule's length)", shapes_run=True, least=1)
     img_size: int = option(32, "input size in pixels (digits are upscaled to it)", shapes_run=True, least=32,
                            why=" (BiFormer downsamples 32x)")
@@ -69,6 +87,8 @@ class TrainConfig:
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
+        self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
         for spec in fields(self):
             value, least = getattr(self, spec.name), spec.metadata["least"]
             choices = spec.metadata["cli"].get("choices")
@@ -76,6 +96,10 @@ class TrainConfig:
                 raise UserError(f"{flag(spec.name)} must be at least {least}{spec.metadata['why']}, got {value}")
             if choices is not None and value not in choices:
                 raise UserError(f"{flag(spec.name)} must be one of {', '.join(choices)}, got {value!r}")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """--model-kwargs as keyword arguments."""
+        return parse_model_kwargs(self.model_kwargs)
 
     def run_options(self) -> dict[str, Any]:
         """The values of the options that shape the training trajectory, by field name."""

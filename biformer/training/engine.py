@@ -14,9 +14,10 @@ or not the process was restarted before it.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from .runtime import (
     distributed_model,
     init_distributed,
     resolve_amp,
+    resolve_device,
     seed_everything,
 )
 from .segmentation import SegmentationTask
@@ -199,9 +201,13 @@ class Run:
 # the steps
 # ---------------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, callbacks: Callbacks | None = None) -> dict[str, Any]:
-    """Train as `config` says (resuming a run with --resume); the last epoch's metrics row ({} if none)."""
-    env = init_distributed(config.device)
+def train(config: TrainConfig, callbacks: Callbacks | None = None, *, alone: bool = False) -> dict[str, Any]:
+    """Train as `config` says (resuming a run with --resume); the last epoch's metrics row ({} if none).
+
+    alone: train in this process only, also under torchrun (whose ranks then train runs of their own).
+    """
+    env = Dist(device=resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))) if alone else (
+        init_distributed(config.device))
     try:
         run, progress = setup(config, env, callbacks or Callbacks())
         writer = _tensorboard(config.output) if env.main and config.tensorboard else None
@@ -259,8 +265,9 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
         raise UserError(f"--output {str(config.output)!r} already holds a training run (epoch {state['epoch']}); "
                         "pass --resume to continue it, or choose another --output")
     saved, current = state["config"], run_options(config, env)
-    changed = [f"{flag(k) if k != 'world_size' else 'number of processes'} {saved.get(k)!r} -> {current[k]!r}"
-               for k in current if saved.get(k) != current[k]]
+    defaults = {spec.name: spec.default for spec in fields(TrainConfig)}  # for options newer than the run
+    changed = [f"{flag(k) if k != 'world_size' else 'number of processes'} {saved.get(k, defaults.get(k))!r} -> "
+               f"{current[k]!r}" for k in current if saved.get(k, defaults.get(k)) != current[k]]
     if changed:
         raise UserError(f"--resume: the run in {str(config.output)!r} was started with other settings "
                         f"({'; '.join(changed)}); resume with the original settings, or train into another --output")
@@ -350,7 +357,8 @@ def commit_epoch(run: Run, progress: Progress) -> None:
     config, model, ema, metric = run.config, run.model, run.optimization.ema, run.task.metric
     row = progress.history[-1]
     splits = run.splits  # what eval and predict need to rebuild the model and its inputs:
-    metadata = {"model": config.model, "classes": splits.classes, "img_size": config.img_size,
+    metadata = {"model": config.model, "model_kwargs": config.model_arguments(), "classes": splits.classes,
+                "img_size": config.img_size,
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
                 "epoch": row["epoch"], metric: row[metric]}
     save_weights(config.output / ckpt.WEIGHTS, model, metadata)

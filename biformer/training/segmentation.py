@@ -22,7 +22,7 @@ from .runtime import Dist, all_reduce_sum, autocast
 from .segmentation_data import IGNORE_INDEX, MaskBatch, SegmentationSplits, build_segmentation_datasets, collate_segmentation
 from .task import Objective, Task, UnreadableImages, eval_batches
 
-CLASSIFICATION_ONLY = ("mixup", "cutmix", "smoothing", "aa")
+CLASSIFICATION_ONLY = ("mixup", "cutmix", "smoothing", "aa", "model_kwargs")
 
 
 def _crop_to(logits: Tensor, masks: Tensor) -> Tensor:
