@@ -258,12 +258,34 @@ def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
     (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
     (["--workers", "-1"], "--workers must be at least 0, got -1"),
     (["--batch-size", "5000"], "exceeds the 1437 training images"),
+    (["--model-kwargs", "attention"], "--model-kwargs 'attention': expected KEY=VALUE"),
 ])
 def test_bad_options(tmp_path, capsys, argv, message):
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before the output folder is created
+
+
+def test_model_kwargs_refused_by_the_model(tmp_path, capsys):
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), "--model-kwargs", "colour=red"]) == 2
+    assert "--model-kwargs colour=red: biformer_nano refused them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_model_kwargs_shape_the_model_and_travel_with_its_weights(tmp_path):
+    """A model trained with --model-kwargs comes back from its weights file as trained (grid attention,
+    whose weights have BRA's keys: without the recorded arguments it would load into BRA layers)."""
+    from biformer.checkpoints.restore import restore_model
+    from biformer.models.mixers import GridAttention
+
+    out = tmp_path / "grid"
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(out), "--model-kwargs", "attention=grid",
+                 "topks=2,2,2,-2"]) == 0
+    restored = restore_model(str(out / "last.safetensors"), None).model
+    assert isinstance(restored.stages[0].blocks[0].attn, GridAttention) and restored.topks == (2, 2, 2, -2)
+    assert TrainConfig(model_kwargs=["attention=grid", "topks=2,2,2,-2"]).model_arguments() == {
+        "attention": "grid", "topks": (2, 2, 2, -2)}
 
 
 def test_config_is_the_command_line():
