@@ -185,10 +185,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (accuracy, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for row in rows:
-        accuracy.errorbar(row["gflops"], row["top1_mean"], yerr=row["top1_std"], fmt="o", capsize=3)
-        accuracy.annotate(row["attention"], (row["gflops"], row["top1_mean"]), textcoords="offset points",
-                          xytext=(5, 4), fontsize=8)
+    markers = "osD^vP*Xh"  # mixers of equal FLOPs share an x: marker and legend tell them apart
+    for index, row in enumerate(rows):
+        accuracy.errorbar(row["gflops"], row["top1_mean"], yerr=row["top1_std"], fmt=markers[index % len(markers)],
+                          capsize=3, label=row["attention"], alpha=0.85)
+    accuracy.legend(fontsize=8)
     accuracy.set(xlabel="GFLOPs per image (multiply-adds)", ylabel="val top-1 % (mean ± std over seeds)",
                  title="accuracy against FLOPs")
     accuracy.grid(alpha=0.3)
@@ -198,7 +199,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     speed.set_yticks(list(positions), [row["attention"] for row in rows])
     speed.invert_yaxis()
     speed.set(xlabel="images/s", title="throughput")
-    speed.legend(loc="lower right")
+    speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     figure.suptitle(title)
     figure.tight_layout()
     with atomic_output(path) as temp:

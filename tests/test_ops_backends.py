@@ -77,6 +77,8 @@ class Target:
     dtypes: the further dtypes checked on dtype_cases (float64 against the float64 reference, half
         precision against the float32 reference); the first dtype case also runs without gradients,
         inside autocast and under torch.compile.
+    backward: False for a backend with no backward on this device: the tests that need gradients
+        are then reported as skipped, the forward-only ones run.
     """
 
     backend: str
@@ -85,6 +87,7 @@ class Target:
     cases: tuple[Case, ...] = CPU_CASES
     dtypes: tuple[torch.dtype, ...] = (torch.float64, *HALF_DTYPES)
     dtype_cases: tuple[Case, ...] = (CPU_CASES[1], CPU_CASES[4])
+    backward: bool = True
 
     def __str__(self) -> str:
         return f"{self.backend}-{self.device}"
@@ -102,16 +105,29 @@ ON_CUDA = Target(
     "triton", "cuda", marks=(pytest.mark.gpu, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")),
     cases=CUDA_CASES, dtypes=HALF_DTYPES, dtype_cases=(CUDA_CASES[6], CUDA_CASES[7], CUDA_CASES[9]),  # stage 3, odd, 128
 )
-TARGETS = [Target(name) for name in BACKENDS if name not in ("reference", "triton")] + [INTERPRETED, ON_CUDA]
+# flex on CPU: a compiled forward only (no backward, no float64), about 10 s of compilation per shape
+# and dtype, so one case here (shapes shared with tests/test_ops_flex.py, which tests it in full)
+FLEX_ON_CPU = Target("flex", cases=CPU_CASES[1:2], dtypes=HALF_DTYPES, dtype_cases=CPU_CASES[1:2], backward=False)
+TARGETS = [Target(name) for name in BACKENDS if name not in ("reference", "triton", "flex")] + [
+    FLEX_ON_CPU, INTERPRETED, ON_CUDA]
 
 
 def over_targets(
     argnames: Sequence[str] = (), values: Callable[[Target], Iterable[tuple]] = lambda target: [()],
-    targets: Sequence[Target] = TARGETS,
+    targets: Sequence[Target] = TARGETS, backward: bool = True,
 ):
-    """Parametrize a test over `targets` (with their marks) and, per target, the argument tuples `values` gives."""
+    """Parametrize a test over `targets` (with their marks) and, per target, the argument tuples `values` gives.
+
+    backward: the test takes gradients; it is skipped, with the reason, on targets without a backward.
+    """
+    def marks(target: Target) -> tuple[pytest.MarkDecorator, ...]:
+        if backward and not target.backward:
+            no_backward = f"{target} has no backward (its forward is tested without gradients)"
+            return (*target.marks, pytest.mark.skip(reason=no_backward))
+        return target.marks
+
     params = [
-        pytest.param(target, *args, marks=target.marks, id="-".join([str(target), *map(str, args)]))
+        pytest.param(target, *args, marks=marks(target), id="-".join([str(target), *map(str, args)]))
         for target in targets for args in values(target)
     ]
     return pytest.mark.parametrize(["target", *argnames], params)
@@ -208,7 +224,7 @@ def test_half_precision(target, dtype, case):
     _assert_half_matches_float32(_run(case, target.backend, "masked", qk, v), _float32_reference(case, qk, v), dtype)
 
 
-@over_targets(["dtype", "case"], _half_cases)
+@over_targets(["dtype", "case"], _half_cases, backward=False)
 def test_half_precision_inference(target, dtype, case):
     """Without gradients a backend may compute half inputs in their own dtype: still within tolerance."""
     *_, n_win, topk = case
@@ -265,7 +281,7 @@ def test_padding_noise_reaches_legacy_mode(monkeypatch):
     assert not torch.allclose(_run(case, "reference", "legacy", *_qkv(case))[0], clean, atol=1e-3)
 
 
-@over_targets()
+@over_targets(backward=False)
 def test_no_grad_and_inputs_without_grad(target):
     case = target.dtype_cases[0]
     *_, n_win, topk = case

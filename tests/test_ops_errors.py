@@ -53,8 +53,12 @@ def test_bad_tensors(q, k, v, message):
 
 
 def test_available_backends_are_those_that_can_run(monkeypatch):
-    """All but triton run anywhere; triton only with CUDA or under TRITON_INTERPRET=1, listed first."""
-    everywhere = ["dense", "indexed", "reference", "original"]  # in dispatch priority order
+    """All but triton and flex run anywhere; triton only with CUDA or under TRITON_INTERPRET=1, listed first;
+    flex on a CPU with its compiled kernel's needs (AVX2, a C++ compiler)."""
+    from biformer.ops.backends import flex
+
+    # in dispatch priority order
+    everywhere = ["flex"] * (flex.CPU_KERNEL_MISSING is None) + ["dense", "indexed", "reference", "original"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert available_backends() == everywhere

@@ -93,26 +93,43 @@ def bench_op(
     fwd_tflop_s / fwd_bwd_tflop_s: the token attention's FLOPs (`OpShape.attention_flops`) over
     the measured time, which includes routing: the op's achieved rate. baseline=False leaves the
     original out (its orig_* columns empty), for maps where its gather does not fit in memory.
+    A backend that runs only without autograd here (flex on CPU) gets a forward row: its fwd_bwd_*
+    and memory columns stay empty, max_abs_err compares the output only, and the note says why.
     """
     candidates = list(dict.fromkeys([BASELINE] * baseline + backends))
     return [row for shape in shapes
             for row in _bench_shape(shape, candidates, device, dtype, padding, repeats, warmup, memory)]
 
 
-def _runnable(shape: OpShape, candidates: list[str], qkv: torch.Tensor, padding: str) -> tuple[list[str], dict[str, str]]:
-    """The candidates that can run this shape, and a note for each that cannot (or what auto picked)."""
+def _runnable(
+    shape: OpShape, candidates: list[str], qkv: torch.Tensor, padding: str
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """The candidates that can run this shape's forward, those of them that can also run it with
+    autograd, and a note for each that cannot (or runs the forward only, or what auto picked)."""
     grid = region_grid(shape.height, shape.width, shape.n_win)
-    q, k, v = qkv.detach().unbind(3)
-    runnable, notes = [], {}
+
+    def select(name: str, qkv: torch.Tensor) -> str:
+        q, k, v = qkv.unbind(3)
+        return select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked").name
+
+    runnable, trainable, notes = [], [], {}
     for name in candidates:
         try:
-            chosen = select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked")
-            runnable.append(name)
-            if name == AUTO:
-                notes[name] = f"picked {chosen.name}"
+            chosen = select(name, qkv.detach())
         except ValueError as error:
             notes[name] = f"skipped: {error}"
-    return runnable, notes
+            continue
+        runnable.append(name)
+        try:
+            chosen_with_grad = select(name, qkv)
+        except ValueError as error:
+            notes[name] = f"forward only: {error}"
+            continue
+        trainable.append(name)
+        if name == AUTO:
+            with_grad = "" if chosen_with_grad == chosen else f", {chosen_with_grad} with autograd"
+            notes[name] = f"picked {chosen}{with_grad}"
+    return runnable, trainable, notes
 
 
 def _bench_shape(shape: OpShape, candidates: list[str], device: torch.device, dtype: torch.dtype, padding: str,
@@ -139,28 +156,38 @@ def _bench_shape(shape: OpShape, candidates: list[str], device: torch.device, dt
         out.backward(grad_out)
         return [out.detach(), qkv.grad]
 
-    runnable, notes = _runnable(shape, candidates, qkv, padding)
+    runnable, trainable, notes = _runnable(shape, candidates, qkv, padding)
     reference_outputs = forward_backward(REFERENCE)
-    errors = {name: max((a.float() - b.float()).abs().max().item()
-                        for a, b in zip(forward_backward(name), reference_outputs)) for name in runnable}
+
+    def error(name: str) -> float:
+        if name in trainable:
+            outputs = forward_backward(name)
+        else:
+            with torch.no_grad():
+                outputs = [op(name)]
+        return max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, reference_outputs))
+
+    errors = {name: error(name) for name in runnable}
     forward_s = interleaved_median_seconds({n: (lambda n=n: forward(n)) for n in runnable}, device, repeats, warmup,
                                            desc=f"{shape.name} forward")
-    train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in runnable}, device,
+    train_s = interleaved_median_seconds({n: (lambda n=n: forward_backward(n)) for n in trainable}, device,
                                          repeats, warmup, desc=f"{shape.name} forward+backward")
-    peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory else None for n in runnable}
+    peaks = {n: peak_memory_bytes(lambda n=n: forward_backward(n), device) if memory and n in trainable else None
+             for n in runnable}
     qkv.grad = None
     inputs_bytes = (qkv.numel() + grad_out.numel()) * qkv.element_size()  # q, k, v and the output gradient
     io_bytes = 2 * inputs_bytes  # q, k, v, out and their gradients
-    base = BASELINE if BASELINE in runnable else None
+    base = BASELINE if BASELINE in trainable else None
     for name in [n for n in runnable if n != BASELINE]:
+        train = train_s.get(name)
         rows.append(dict(
             shape=shape.name, backend=name,
             fwd_ms=1e3 * forward_s[name], orig_fwd_ms=base and 1e3 * forward_s[base],
             fwd_speedup=base and forward_s[base] / forward_s[name],
-            fwd_bwd_ms=1e3 * train_s[name], orig_fwd_bwd_ms=base and 1e3 * train_s[base],
-            fwd_bwd_speedup=base and train_s[base] / train_s[name],
+            fwd_bwd_ms=train and 1e3 * train, orig_fwd_bwd_ms=base and 1e3 * train_s[base],
+            fwd_bwd_speedup=base and train and train_s[base] / train,
             fwd_tflop_s=shape.attention_flops() / forward_s[name] / 1e12,
-            fwd_bwd_tflop_s=(1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train_s[name] / 1e12,
+            fwd_bwd_tflop_s=train and (1 + BACKWARD_FLOP_FACTOR) * shape.attention_flops() / train / 1e12,
             peak_mb=megabytes(peaks[name]), orig_peak_mb=base and megabytes(peaks[base]),
             peak_per_io=None if peaks[name] is None else (peaks[name] + inputs_bytes) / io_bytes,
             max_abs_err=errors[name], note=notes.get(name),

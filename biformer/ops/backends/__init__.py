@@ -17,6 +17,11 @@ padding is at the bottom/right; a backend takes the region size from the grid (g
 grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes
 regions differently. Backends are listed best first; auto-dispatch takes the first one that can
 run and is fast for the inputs, else the first one that can run.
+
+The backends: "triton" (fused Triton kernels, CUDA), "flex" (the routing as a BlockMask for torch's
+compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a region-block bias),
+"indexed" (chunked gather-free attention, custom ops), "reference" (the specification), "original"
+(the original release's algorithm, a benchmark baseline).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..regions import RegionGrid
-from . import dense, indexed, original, reference, triton_attention
+from . import dense, flex, indexed, original, reference, triton_attention
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +51,12 @@ class Backend(Protocol):
     ) -> Tensor: ...
 
 
-# Priority order, best first: the fused Triton kernels on CUDA; dense attention with a block mask
-# where the map is small next to the routed keys; the gather-free indexed backend; the reference;
-# the original release's algorithm, a benchmark baseline that dispatch never reaches.
+# Priority order, best first: the fused Triton kernels on CUDA; torch's block-sparse flex_attention
+# (compiled; on CUDA, and on CPU only forced: it has no CPU backward and was slower there); dense attention
+# with a block mask where the map is small next to the routed keys; the gather-free indexed backend; the
+# reference; the original release's algorithm, a benchmark baseline that dispatch never reaches.
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (triton_attention, dense, indexed, reference, original)
+    backend.name: backend for backend in (triton_attention, flex, dense, indexed, reference, original)
 }
 
 
