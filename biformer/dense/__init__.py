@@ -1,10 +1,22 @@
-"""Dense prediction on BiFormer: the backbone of the original detection/segmentation code, and the
-semantic segmentation models (Semantic FPN, UperNet) of the paper's ADE20K experiments."""
+"""Dense prediction on BiFormer: the backbone of the original detection/segmentation code, the semantic
+segmentation models (Semantic FPN, UperNet) of the paper's ADE20K experiments, and the detection models
+(RetinaNet, Mask R-CNN) of its COCO experiments."""
 from .backbone import (
     CheckpointReport,
     DenseBackbone,
     create_backbone,
     load_backbone_checkpoint,
+)
+from .detection import (
+    DETECTION_HEADS,
+    DetectionModel,
+    DetectionRecipe,
+    MaskRCNNModel,
+    RetinaNetModel,
+    create_detection_model,
+    detection_recipe,
+    is_detection_model,
+    split_detection_name,
 )
 from .segmentation import (
     SEGMENTATION_HEADS,
@@ -17,15 +29,24 @@ from .segmentation import (
 )
 
 __all__ = [
+    "DETECTION_HEADS",
     "SEGMENTATION_HEADS",
     "CheckpointReport",
     "DenseBackbone",
+    "DetectionModel",
+    "DetectionRecipe",
+    "MaskRCNNModel",
+    "RetinaNetModel",
     "SegmentationModel",
     "SegmentationRecipe",
     "create_backbone",
+    "create_detection_model",
     "create_segmentation_model",
+    "detection_recipe",
+    "is_detection_model",
     "is_segmentation_model",
     "load_backbone_checkpoint",
     "segmentation_recipe",
+    "split_detection_name",
     "split_segmentation_name",
 ]

@@ -252,8 +252,9 @@ class SegmentationModel(nn.Module):
         return outputs
 
 
-def _check_biformer_only(backbone: str, options: dict[str, Any]) -> None:
-    accepted = {"n_win": (8, None), "region_size": (None,), "padding": ("masked",), "backbone_checkpoint": (None,)}
+def _check_biformer_only(backbone: str, options: dict[str, Any], n_win: int = 8) -> None:
+    """ValueError for a BiFormer-only option set away from its default (n_win: the caller's default)."""
+    accepted = {"n_win": (n_win, None), "region_size": (None,), "padding": ("masked",), "backbone_checkpoint": (None,)}
     for option, value in options.items():
         if value not in accepted[option]:
             raise ValueError(f"{option}={value!r} applies to BiFormer backbones only; {backbone!r} takes no {option}")

@@ -1,0 +1,327 @@
+"""Object detection and instance segmentation on BiFormer or any timm backbone: RetinaNet and Mask R-CNN,
+the paper's COCO models, built from torchvision's `RetinaNet` and `MaskRCNN`.
+
+A model is named `<head>_<backbone>`: `retinanet_biformer_small`, `maskrcnn_biformer_base`, `retinanet_resnet18`,
+`maskrcnn_convnext_tiny`, ... A `biformer*` backbone is `create_backbone`'s (its stage maps pass through the
+original's extra norms); any other timm model gives its `features_only` maps at strides 4, 8, 16, 32
+(`TimmFeatures`, as for segmentation).
+
+Necks, as in the original mmdet configs (torchvision's `FeaturePyramidNetwork`, 256 channels):
+  - RetinaNet: FPN over the stride-8/16/32 maps (mmdet's start_level=1) plus P6 = conv3x3/s2 of the
+    stride-32 *input* map and P7 = conv3x3/s2 of P6 (mmdet's add_extra_convs='on_input' with its default
+    relu_before_extra_convs=False); 5 levels P3-P7, strides 8-128. torchvision's `LastLevelP6P7` puts a
+    ReLU between P6 and P7 (and reads P5 when the channel counts match), so `InputP6P7` is ours.
+  - Mask R-CNN: FPN over the stride-4..32 maps plus P6 = P5 subsampled (max pool 1, stride 2,
+    `LastLevelMaxPool`, as mmdet's num_outs=5 without extra convs); 5 levels P2-P6, strides 4-64.
+Anchors and RoI poolers are torchvision's defaults, which match those levels: RetinaNet 3 scales x 3 ratios
+from 32 to 512 (P3-P7); Mask R-CNN RPN 1 scale x 3 ratios from 32 to 512 (P2-P6), RoIAlign 7x7 (boxes) and
+14x14 (masks) over P2-P5 with the FPN paper's level mapping (the same as mmdet's finest_scale=56).
+
+Classes: labels given to the model (and returned by it) are 1..K for both heads. Mask R-CNN's classifier has
+K + 1 outputs, 0 the background (torchvision's convention). RetinaNet's classifier has K sigmoid outputs, as
+mmdet's: the labels are shifted to 0..K-1 inside (`RetinaNetModel.compute_loss`) and back to 1..K in its
+detections, so no output is spent on a class that never occurs. Training labels outside 1..K are refused.
+
+Backbone BatchNorms (BiFormer's stem and downsampling layers; a timm CNN's) stay in eval mode in training:
+running statistics frozen, affine parameters trained — the original's `norm_eval=True` with
+`disable_bn_grad=False`. mmdet's ResNet configs also freeze the stem and first stage (frozen_stages=1);
+timm backbones here freeze nothing more.
+
+Where torchvision's heads differ from mmdet's (the original's configs, mmdet 2.x):
+  RetinaNet: same head (4 conv3x3+ReLU per branch, prior 0.01), sigmoid focal loss (alpha 0.25, gamma 2),
+    L1 box loss on deltas with unit coder weights, 0.5/0.4 IoU matching with low-quality matches;
+    torchvision normalizes both losses by each image's positives and averages the images (mmdet: divides by
+    the batch's positives); anchor sizes are truncated to integers (32, 40, 50 instead of 32, 40.3, 50.8).
+    Inference: 1000 candidates per level, score > 0.05, class-wise NMS 0.5, and 100 detections per image
+    (set here as mmdet's max_per_img; torchvision's default is 300).
+  Mask R-CNN: the same RPN (one conv3x3, 3 anchors per position, 0.7/0.3 IoU, 256 samples, half positive)
+    and RoI heads (2 fc 1024; 4 conv3x3 + deconv mask head; 512 RoIs, a quarter positive, 0.5 IoU; box coder
+    weights 10, 10, 5, 5 = mmdet's stds 0.1, 0.1, 0.2, 0.2), but box losses are smooth L1 with beta 1/9
+    (mmdet: L1) for the RPN and the RoI head; RoIAlign samples 2x2 points per bin on the unaligned grid
+    (mmdet: adaptive sampling, aligned=True); the RPN keeps 1000 proposals per image after NMS in training
+    (set here as mmdet's; torchvision's default is 2000); low-quality RPN matches need no minimum IoU (mmdet:
+    0.3). Masks come back as probabilities (N, 1, H, W) pasted into the image, not binarized at 0.5.
+  Both: no norms in the heads or the FPN (as the configs); torchvision's weight initialization (FPN convs
+    kaiming-uniform with a=1, mmdet: xavier-uniform); images resized by torchvision's transform (bilinear on
+    the tensor, shorter side to min_size, longer side at most max_size, padded to multiples of 32).
+
+Shape legend: B images per batch, K object classes, N detections (or ground-truth objects) of one image,
+H/W an image's height/width (each image its own), C_i channels of the backbone's stride-s_i map,
+s_i = 4, 8, 16, 32; FPN levels have 256 channels at strides 8-128 (RetinaNet) or 4-64 (Mask R-CNN).
+Images are float (3, H, W) in [0, 1]; boxes are (N, 4) absolute x1, y1, x2, y2 pixels.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+
+from ..errors import UserError
+from .backbone import DenseBackbone, create_backbone
+from .segmentation import (
+    OTHER_BIFORMER_DROP_PATH,
+    TimmFeatures,
+    _check_biformer_only,
+    _is_biformer,
+)
+
+DETECTION_HEADS = ("retinanet", "maskrcnn")
+FPN_CHANNELS = 256
+N_WIN = 16  # BRA regions per side in the original COCO configs (1333x800 inputs)
+DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for both heads
+RPN_POST_NMS_TRAIN = 1000  # mmdet's rpn_proposal max_per_img in training
+# the first backbone map (index into strides 4, 8, 16, 32) that each head's FPN reads
+FIRST_LEVEL = {"retinanet": 1, "maskrcnn": 0}
+
+# Drop path rates of the release's COCO configs; it has none for BiFormer-T (0.1 here is ours).
+RELEASE_DROP_PATH = {"biformer_small": 0.2, "biformer_base": 0.3}
+# mmdet's paramwise custom_keys of the Mask R-CNN configs: parameter names containing these take no weight decay
+MASKRCNN_NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+
+
+@dataclass(frozen=True)
+class DetectionRecipe:
+    """The original COCO training settings (the BiFormer release's mmdet 1x configs) of a head and backbone.
+
+    Both: AdamW, mmdet's schedule_1x (12 epochs, lr x0.1 after epochs 8 and 11, linear warmup over 500
+    iterations from 0.001 x lr), 8 GPUs x 2 images, AMP, 1333x800 resize with horizontal flip.
+    RetinaNet (WaveViT's optimizer): weight decay 1e-4 on every parameter. Mask R-CNN (UniFormer's): weight
+    decay 0.05 except on parameters named in `no_decay`.
+    """
+
+    max_size: int  # the longer image side at most (mmdet's img_scale 1333x800)
+    min_size: int  # the shorter image side
+    flip: float  # horizontal flip probability
+    opt: str
+    lr: float
+    weight_decay: float
+    no_decay: tuple[str, ...]  # parameter-name substrings that take no weight decay
+    drop_path: float  # the backbone's stochastic depth rate (0 for non-BiFormer backbones)
+    n_win: int  # BRA regions per side (BiFormer backbones)
+    epochs: int
+    lr_steps: tuple[int, ...]  # epochs after which the lr is multiplied by lr_gamma
+    lr_gamma: float
+    warmup_iters: int
+    warmup_ratio: float  # the warmup's first lr, as a fraction of lr
+    batch: int  # images per iteration, all GPUs together
+
+
+def split_detection_name(name: str) -> tuple[str, str] | None:
+    """'maskrcnn_biformer_tiny' -> ('maskrcnn', 'biformer_tiny'); None if `name` has no head prefix.
+
+    Whether timm knows the backbone is not checked (see `is_detection_model`).
+    """
+    head, _, backbone = name.partition("_")
+    return (head, backbone) if head in DETECTION_HEADS and backbone else None
+
+
+def is_detection_model(name: str) -> bool:
+    """A head prefix and a backbone that timm knows (BiFormer variants included)."""
+    parts = split_detection_name(name)
+    return parts is not None and timm.is_model(parts[1])
+
+
+def _parse(name: str) -> tuple[str, str]:
+    parts = split_detection_name(name)
+    if parts is None or not timm.is_model(parts[1]):
+        unknown = f"unknown backbone {parts[1]!r}" if parts else "no head prefix"
+        raise UserError(
+            f"detection model {name!r}: {unknown}; use HEAD_BACKBONE with HEAD one of {', '.join(DETECTION_HEADS)} "
+            "and BACKBONE a BiFormer variant (biformer_tiny, biformer_small, biformer_base) or a timm model with "
+            "feature maps at strides 4-32 (resnet50, convnext_tiny, ...), e.g. retinanet_biformer_small")
+    return parts
+
+
+def detection_recipe(name: str) -> DetectionRecipe:
+    """The release's training settings for model `name`; UserError for an unknown name."""
+    head, backbone = _parse(name)
+    if not _is_biformer(backbone):
+        drop_path = 0.0
+    else:
+        drop_path = RELEASE_DROP_PATH.get(backbone, OTHER_BIFORMER_DROP_PATH)
+    weight_decay, no_decay = (1e-4, ()) if head == "retinanet" else (0.05, MASKRCNN_NO_DECAY)
+    return DetectionRecipe(max_size=1333, min_size=800, flip=0.5, opt="adamw", lr=1e-4, weight_decay=weight_decay,
+                           no_decay=no_decay, drop_path=drop_path, n_win=N_WIN, epochs=12, lr_steps=(8, 11),
+                           lr_gamma=0.1, warmup_iters=500, warmup_ratio=0.001, batch=16)
+
+
+class InputP6P7(ExtraFPNBlock):
+    """mmdet's RetinaNet extra levels (add_extra_convs='on_input'): P6 = conv3x3/s2(C5), P7 = conv3x3/s2(P6).
+
+    (B, C_5, H / 32, W / 32) -> P6 (B, 256, H / 64, W / 64), P7 (B, 256, H / 128, W / 128), named "p6", "p7".
+    Unlike torchvision's `LastLevelP6P7`, no ReLU before P7 (mmdet's relu_before_extra_convs=False) and
+    always the input map, whatever its width.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        for conv in (self.p6, self.p7):  # as torchvision's FPN convs
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(x[-1])
+        return [*results, p6, self.p7(p6)], [*names, "p6", "p7"]
+
+
+class FeaturePyramid(nn.Module):
+    """The detectors' `backbone`: (B, 3, H, W) -> OrderedDict of 5 maps (B, 256, H / s, W / s).
+
+    body: the backbone (maps at strides 4-32, `.out_channels`); fpn: torchvision's FPN over the maps from
+    `first_level` on, with `extra` levels on top. Keys: "0", "1", ... for the FPN's input levels (finest
+    first, as torchvision's RoI poolers expect), then the extra levels' ("p6", "p7" or "pool").
+    In training, the body's BatchNorms stay in eval mode (see the module docstring).
+    """
+
+    def __init__(self, body: nn.Module, first_level: int, extra: ExtraFPNBlock) -> None:
+        super().__init__()
+        self.body, self.first_level = body, first_level
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels[first_level:]), FPN_CHANNELS, extra_blocks=extra)
+        self.out_channels = FPN_CHANNELS  # what torchvision's heads read
+        self.strides = [*body.reductions[first_level:]]
+        self.strides += [self.strides[-1] * 2 ** (i + 1) for i in range(5 - len(self.strides))]
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        maps = self.body(images)[self.first_level:]
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+    def train(self, mode: bool = True) -> FeaturePyramid:
+        super().train(mode)
+        for module in self.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+def _check_labels(targets: list[dict[str, Tensor]] | None, num_classes: int, name: str) -> None:
+    labels = [target["labels"] for target in targets or () if target["labels"].numel()]
+    if labels:
+        low, high = (int(value) for value in torch.cat(labels).aminmax())
+        if low < 1 or high > num_classes:
+            raise ValueError(f"{name}: target labels must be 1..{num_classes} (0 is no class), got {low}..{high}")
+
+
+class RetinaNetModel(RetinaNet):
+    """torchvision's RetinaNet with K sigmoid classes for labels 1..K (see the module docstring).
+
+    Training: model(images: list[(3, H, W)], targets: list[{"boxes": (N, 4), "labels": (N,) int64}])
+    -> {"classification", "bbox_regression"} losses; eval: model(images) -> [{"boxes": (N, 4),
+    "scores": (N,), "labels": (N,)}] in each input image's pixels.
+    """
+
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+                 **kwargs: Any) -> None:
+        super().__init__(backbone, num_classes, detections_per_img=DETECTIONS_PER_IMAGE, **kwargs)
+        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        if self.training:
+            _check_labels(targets, self.num_classes, self.name)
+        return super().forward(images, targets)
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                     anchors: list[Tensor]) -> dict[str, Tensor]:
+        shifted = [{**target, "labels": target["labels"] - 1} for target in targets]  # class k -> output k - 1
+        return super().compute_loss(shifted, head_outputs, anchors)
+
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
+        return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
+
+
+class MaskRCNNModel(MaskRCNN):
+    """torchvision's Mask R-CNN with K + 1 classes, 0 the background, for labels 1..K.
+
+    Training: model(images: list[(3, H, W)], targets: list[{"boxes": (N, 4), "labels": (N,) int64,
+    "masks": (N, H, W) uint8}]) -> {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+    "loss_rpn_box_reg"}; eval: model(images) -> [{"boxes": (N, 4), "labels": (N,), "scores": (N,),
+    "masks": (N, 1, H, W) probabilities}] in each input image's pixels.
+    """
+
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+                 **kwargs: Any) -> None:
+        super().__init__(backbone, num_classes + 1, box_detections_per_img=DETECTIONS_PER_IMAGE,
+                         rpn_post_nms_top_n_train=RPN_POST_NMS_TRAIN, **kwargs)
+        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        if self.training:
+            _check_labels(targets, self.num_classes, self.name)
+        return super().forward(images, targets)
+
+
+DetectionModel = RetinaNetModel | MaskRCNNModel
+
+
+def _normalization(body: nn.Module) -> tuple[list[float], list[float]]:
+    """The mean and std the backbone was pretrained with: a timm model's pretrained_cfg, else ImageNet's."""
+    config = getattr(getattr(body, "model", None), "pretrained_cfg", None) or {}
+    return list(config.get("mean", IMAGENET_DEFAULT_MEAN)), list(config.get("std", IMAGENET_DEFAULT_STD))
+
+
+def create_detection_model(
+    name: str,
+    num_classes: int,
+    *,
+    min_size: int = 800,
+    max_size: int = 1333,
+    n_win: int | tuple[int, ...] | None = N_WIN,
+    padding: str = "masked",
+    drop_path_rate: float | None = None,
+    backbone_checkpoint: str | os.PathLike | None = None,
+    region_size: int | tuple[int | None, ...] | None = None,
+    **backbone_kwargs: Any,
+) -> DetectionModel:
+    """Detection model `name` (`<head>_<backbone>`, see the module docstring) for `num_classes` object classes.
+
+    num_classes: K, not counting the background; targets' labels are 1..K.
+    min_size, max_size: torchvision's resize (in training and inference): the shorter side to min_size unless
+        the longer would pass max_size (the original: 800, 1333).
+    n_win, region_size, padding, backbone_checkpoint: the BiFormer backbone's (see `create_backbone`); n_win 16
+        as in the original COCO configs. backbone_checkpoint: a classification checkpoint (the release's or
+        ours) or an original mmdet/mmseg one (its `backbone.` part); the backbone's `.checkpoint_report`
+        says what was used. Other backbones take none of them (ValueError).
+    drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`detection_recipe`).
+    backbone_kwargs: more arguments of the backbone model.
+    Returns a `RetinaNetModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
+    and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
+    """
+    head, backbone_name = _parse(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1 (object classes, the background not counted), got {num_classes}")
+    recipe = detection_recipe(name)
+    drop_path = recipe.drop_path if drop_path_rate is None else drop_path_rate
+    if _is_biformer(backbone_name):
+        body = create_backbone(backbone_name, n_win=n_win, region_size=region_size, padding=padding,
+                               checkpoint=backbone_checkpoint, drop_path_rate=drop_path, **backbone_kwargs)
+    else:
+        _check_biformer_only(backbone_name, dict(n_win=n_win, region_size=region_size, padding=padding,
+                                                 backbone_checkpoint=backbone_checkpoint), n_win=N_WIN)
+        if drop_path:  # not every timm model takes the argument; 0 is everyone's default
+            backbone_kwargs["drop_path_rate"] = drop_path
+        body = TimmFeatures(backbone_name, **backbone_kwargs)
+    first = FIRST_LEVEL[head]
+    if head == "retinanet":
+        extra: ExtraFPNBlock = InputP6P7(body.out_channels[-1], FPN_CHANNELS)
+        if isinstance(body, DenseBackbone):  # the stride-4 map's norm feeds nothing: no gradient (DDP needs none)
+            body.norms[0].requires_grad_(False)
+    else:
+        extra = LastLevelMaxPool()
+    backbone = FeaturePyramid(body, first, extra)
+    mean, std = _normalization(body)
+    model_class = RetinaNetModel if head == "retinanet" else MaskRCNNModel
+    model = model_class(name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
+                        image_mean=mean, image_std=std)
+    return model.train()  # the frozen BatchNorms in eval mode from the start
