@@ -1,0 +1,330 @@
+"""Object detection / instance segmentation data in COCO's format: COCO itself, or the digit scenes.
+
+A split is an annotation file (COCO's instances JSON) and the folder of its images. `read_coco` checks the
+file when it is opened (JSON syntax, top-level keys, image/category references, listed images present) and
+gives a data set of (image, target) pairs in the detection models' convention (biformer.dense.detection):
+images float (3, H, W) in [0, 1]; targets {"boxes": (N, 4) float x1, y1, x2, y2 pixels, "labels": (N,)
+int64 1..K, "masks": (N, H, W) uint8 (with_masks), "image_id": int64 scalar}. COCO's category ids are
+mapped to 1..K in sorted id order; `category_ids[k - 1]` is label k's COCO id (to write results back).
+
+As COCO's own training code does, crowd annotations are left out of the training targets (evaluation reads
+the annotation file itself, where COCOeval ignores detections matched to crowd regions), boxes are clipped
+to the image and boxes empty after clipping dropped; both are counted (`DataProblems`), not errors. Images
+without annotations are kept as negatives.
+
+The digit scenes (biformer.training.segmentation_data) get COCO annotations derived from their semantic
+masks (`digit_scenes_coco`): a scene's digits have distinct classes and do not overlap, so the pixels of one
+class in a scene's mask are exactly one digit's instance mask. Deriving them from the cached masks leaves
+the scene generator and its cached bytes untouched.
+"""
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import OutputError, UserError
+from ..files import atomic_output
+from .data import UNREADABLE_ERRORS
+from .segmentation_data import digit_scenes_folder
+
+COCO_HELP = "annotations/instances_<split>.json beside the image folder <split>/ (e.g. instances_val2017.json and val2017/)"
+DIGIT_SCENES_COCO = "coco"  # the annotation folder inside the digit-scenes cache folder
+DIGIT_SCENES_CATEGORIES = [{"id": digit + 1, "name": str(digit), "supercategory": "digit"} for digit in range(10)]
+
+
+@dataclass
+class DataProblems:
+    """What was repaired or left out while reading annotations (counted, not errors)."""
+
+    clipped: int = 0  # boxes partly outside their image, clipped to it
+    degenerate: int = 0  # boxes of zero or negative width or height (after clipping), dropped
+    crowd: int = 0  # crowd annotations, left out of the training targets (COCO's convention)
+    negatives: int = 0  # images without any (non-crowd) object, kept
+    examples: list[str] = field(default_factory=list)  # the first few repaired/dropped entries, for the message
+
+    def note(self, text: str) -> None:
+        if len(self.examples) < 3:
+            self.examples.append(text)
+
+    def summary(self, name: str) -> str:
+        """One line for the log: e.g. "instances_val.json: 2 boxes clipped to their image, 1 degenerate ..."."""
+        parts = [f"{self.clipped} boxes clipped to their image" if self.clipped else "",
+                 f"{self.degenerate} degenerate boxes dropped" if self.degenerate else "",
+                 f"{self.crowd} crowd annotations left out of training targets" if self.crowd else "",
+                 f"{self.negatives} images without objects kept" if self.negatives else ""]
+        text = "; ".join(part for part in parts if part) or "no problems"
+        return f"{name}: {text}" + (f" (e.g. {'; '.join(self.examples)})" if self.examples else "")
+
+
+@dataclass(frozen=True)
+class _Object:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2, clipped
+    label: int  # 1..K
+    segmentation: Any  # COCO polygons (list of lists) or RLE (dict), or None without masks
+    annotation_id: Any  # for messages
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError as error:
+        raise UserError(f"annotation file {str(path)!r} does not exist (expected {COCO_HELP})") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"annotation file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno} "
+                        f"column {error.colno}") from error
+    except UnicodeDecodeError as error:
+        raise UserError(f"annotation file {str(path)!r} is not UTF-8 text: {error}") from error
+    except OSError as error:
+        raise UserError(f"cannot read annotation file {str(path)!r}: {error.strerror or error}") from error
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+class CocoDataset(Dataset):
+    """(image, target) pairs of one COCO split; see the module docstring for the conventions.
+
+    flip: horizontal flip with probability 0.5 (boxes and masks flipped too; python's global generator).
+    Leave it off for the digit scenes: a mirrored digit is another symbol.
+    with_masks: decode instance masks into the targets (Mask R-CNN); every non-crowd annotation then needs
+    a "segmentation".
+    """
+
+    def __init__(self, annotation_file: str | Path, image_folder: str | Path, *, flip: bool = False,
+                 with_masks: bool = True) -> None:
+        self.annotation_file, self.image_folder = Path(annotation_file), Path(image_folder)
+        self.flip, self.with_masks = flip, with_masks
+        self.problems = DataProblems()
+        data = _load_json(self.annotation_file)
+        name = str(self.annotation_file)
+        if not isinstance(data, dict):
+            raise UserError(f"annotation file {name!r} holds a JSON {type(data).__name__}, not an object with "
+                            "'images', 'annotations' and 'categories' (COCO's instances format)")
+        missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+        if missing:
+            raise UserError(f"annotation file {name!r} lacks the top-level list(s) {missing} of COCO's instances "
+                            "format ('images', 'annotations', 'categories')")
+        if not self.image_folder.is_dir():
+            raise UserError(f"image folder {str(self.image_folder)!r} of {name!r} does not exist")
+
+        categories: dict[int, str] = {}
+        for entry in data["categories"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or "name" not in entry:
+                raise UserError(f"annotation file {name!r}: category {entry!r} needs an integer 'id' and a 'name'")
+            if entry["id"] in categories:
+                raise UserError(f"annotation file {name!r}: category id {entry['id']} is listed twice")
+            categories[entry["id"]] = str(entry["name"])
+        if not categories:
+            raise UserError(f"annotation file {name!r} lists no categories")
+        self.category_ids = sorted(categories)  # label k <-> COCO id category_ids[k - 1]
+        self.classes = [categories[i] for i in self.category_ids]
+        label_of = {category: k for k, category in enumerate(self.category_ids, 1)}
+
+        self.images: list[dict[str, Any]] = []
+        index_of: dict[int, int] = {}
+        for entry in data["images"]:
+            ok = isinstance(entry, dict) and isinstance(entry.get("id"), int)
+            if not ok or not isinstance(entry.get("file_name"), str) or not all(
+                    isinstance(entry.get(key), int) and entry[key] > 0 for key in ("width", "height")):
+                raise UserError(f"annotation file {name!r}: image {entry.get('id') if ok else entry!r} needs an "
+                                "integer 'id', a 'file_name' and positive integer 'width' and 'height'")
+            if entry["id"] in index_of:
+                raise UserError(f"annotation file {name!r}: image id {entry['id']} is listed twice")
+            if not (self.image_folder / entry["file_name"]).is_file():
+                raise UserError(f"annotation file {name!r}: image id {entry['id']}'s file "
+                                f"{str(self.image_folder / entry['file_name'])!r} does not exist")
+            index_of[entry["id"]] = len(self.images)
+            self.images.append({key: entry[key] for key in ("id", "file_name", "width", "height")})
+
+        self.objects: list[list[_Object]] = [[] for _ in self.images]
+        for entry in data["annotations"]:
+            if not isinstance(entry, dict):
+                raise UserError(f"annotation file {name!r}: annotation {entry!r} is not an object")
+            where = f"annotation file {name!r}: annotation id {entry.get('id')!r}"
+            if entry.get("image_id") not in index_of:
+                raise UserError(f"{where} refers to image id {entry.get('image_id')!r}, which 'images' does not list")
+            if entry.get("category_id") not in label_of:
+                raise UserError(f"{where} has category id {entry.get('category_id')!r}, which 'categories' does not "
+                                f"list (ids {self.category_ids})")
+            bbox = entry.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+                raise UserError(f"{where} needs a 'bbox' of 4 numbers [x, y, width, height], not {bbox!r}")
+            if entry.get("iscrowd", 0):
+                self.problems.crowd += 1
+                continue
+            segmentation = entry.get("segmentation")
+            if with_masks and not (isinstance(segmentation, list) and segmentation or isinstance(segmentation, dict)):
+                raise UserError(f"{where} has no 'segmentation' (polygons or RLE), which instance masks need")
+            image = self.images[index_of[entry["image_id"]]]
+            x, y, w, h = (float(v) for v in bbox)
+            box = (min(max(x, 0.0), image["width"]), min(max(y, 0.0), image["height"]),
+                   min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"]))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                self.problems.degenerate += 1
+                self.problems.note(f"annotation id {entry.get('id')!r} dropped (box {bbox})")
+                continue
+            if box != (x, y, x + w, y + h):
+                self.problems.clipped += 1
+                self.problems.note(f"annotation id {entry.get('id')!r} clipped")
+            self.objects[index_of[entry["image_id"]]].append(
+                _Object(box, label_of[entry["category_id"]], segmentation if with_masks else None, entry.get("id")))
+        self.problems.negatives = sum(not objects for objects in self.objects)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [image["id"] for image in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _mask(self, segmentation: Any, height: int, width: int, annotation: str) -> np.ndarray:
+        try:
+            if isinstance(segmentation, list):  # polygons
+                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+            elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            else:
+                rle = dict(segmentation)
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode("ascii")
+            with warnings.catch_warnings():  # pycocotools' Cython decoder under numpy 2 (harmless)
+                warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+                decoded = mask_utils.decode(rle)
+        except (TypeError, ValueError, KeyError, IndexError) as error:
+            raise UserError(f"annotation file {str(self.annotation_file)!r}: {annotation} has a malformed "
+                            f"'segmentation': {error}") from error
+        if decoded.shape[:2] != (height, width):
+            raise UserError(f"annotation file {str(self.annotation_file)!r}: {annotation}'s RLE is "
+                            f"{decoded.shape[1]}x{decoded.shape[0]} but its image is {width}x{height}")
+        return decoded
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        info, objects = self.images[index], self.objects[index]
+        path = self.image_folder / info["file_name"]
+        try:
+            with Image.open(path) as file:
+                image = np.asarray(file.convert("RGB"))
+        except UNREADABLE_ERRORS as error:
+            raise UserError(f"image id {info['id']}'s file {str(path)!r} cannot be read: {error}") from error
+        height, width = image.shape[:2]
+        if (width, height) != (info["width"], info["height"]):
+            raise UserError(f"image id {info['id']}'s file {str(path)!r} is {width}x{height} but "
+                            f"{str(self.annotation_file)!r} says {info['width']}x{info['height']}")
+        tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
+        target = {
+            "boxes": torch.tensor([obj.box for obj in objects], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([obj.label for obj in objects], dtype=torch.int64),
+            "image_id": torch.tensor(info["id"], dtype=torch.int64),
+        }
+        if self.with_masks:
+            masks = [self._mask(obj.segmentation, height, width, f"annotation id {obj.annotation_id!r}")
+                     for obj in objects]
+            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                               else torch.zeros((0, height, width), dtype=torch.uint8))
+        if self.flip and random.random() < 0.5:
+            tensor = tensor.flip(-1)
+            boxes = target["boxes"].clone()
+            boxes[:, 0], boxes[:, 2] = width - target["boxes"][:, 2], width - target["boxes"][:, 0]
+            target["boxes"] = boxes
+            if self.with_masks:
+                target["masks"] = target["masks"].flip(-1)
+        return tensor, target
+
+
+def read_coco(annotation_file: str | Path, image_folder: str | Path, *, flip: bool = False,
+              with_masks: bool = True) -> CocoDataset:
+    """The COCO split of `annotation_file` (instances JSON) whose images lie in `image_folder`."""
+    return CocoDataset(annotation_file, image_folder, flip=flip, with_masks=with_masks)
+
+
+def find_coco_split(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of `split` in COCO's layout: root/annotations/instances_<split>*.json
+    beside root/<split>*/ (e.g. "val" -> instances_val2017.json and val2017/)."""
+    root = Path(root)
+    folder = root / "annotations"
+    if not folder.is_dir():
+        raise UserError(f"COCO folder {str(root)!r} has no annotations/ folder (expected {COCO_HELP})")
+    exact = folder / f"instances_{split}.json"
+    found = [exact] if exact.is_file() else sorted(folder.glob(f"instances_{split}*.json"))
+    if not found:
+        raise UserError(f"{str(folder)!r} holds no instances_{split}*.json (expected {COCO_HELP})")
+    if len(found) > 1:
+        raise UserError(f"{str(folder)!r} holds several files for split {split!r} "
+                        f"({', '.join(path.name for path in found)}); name the split exactly")
+    name = found[0].stem.removeprefix("instances_")
+    for images in (root / name, root / "images" / name):
+        if images.is_dir():
+            return found[0], images
+    raise UserError(f"the images of {str(found[0])!r} should be in {str(root / name)!r}, which does not exist")
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Images and targets as lists (the detection models take images of different sizes)."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the digit scenes in COCO's format
+
+
+@dataclass(frozen=True)
+class CocoFiles:
+    annotations: Path  # the instances JSON
+    images: Path  # the folder of its images
+
+
+def _digit_scenes_instances(image_folder: Path, mask_folder: Path) -> dict[str, Any]:
+    """COCO instances of one digit-scenes split: one object per digit class present in a scene's mask."""
+    images, annotations = [], []
+    for image_id, mask_path in enumerate(sorted(mask_folder.glob("*.png")), 1):
+        mask = np.asarray(Image.open(mask_path))
+        height, width = mask.shape
+        images.append({"id": image_id, "file_name": mask_path.name, "width": width, "height": height})
+        for value in np.unique(mask):
+            if value == 0:
+                continue
+            rle = mask_utils.encode(np.asfortranarray(mask == value, dtype=np.uint8))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(value),  # value = digit + 1
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}, "iscrowd": 0,
+            })
+        if not (image_folder / mask_path.name).is_file():
+            raise UserError(f"digit-scenes image {str(image_folder / mask_path.name)!r} is missing; delete the "
+                            f"cache folder {str(image_folder.parent.parent)!r} to generate it again")
+    return {"info": {"description": "digit scenes (biformer), instances from the semantic masks"},
+            "images": images, "annotations": annotations, "categories": DIGIT_SCENES_CATEGORIES}
+
+
+def digit_scenes_coco() -> dict[str, CocoFiles]:
+    """{"train": CocoFiles, "val": CocoFiles} of the digit scenes: the annotation files are derived from the
+    cached scenes' masks on first use and written (atomically) to <digit-scenes folder>/coco/; the images are
+    the scenes' own. Category ids 1..10 are the digits "0".."9" (= the semantic masks' values)."""
+    root = digit_scenes_folder()
+    folder = root / DIGIT_SCENES_COCO
+    files = {split: CocoFiles(folder / f"instances_{split}.json", root / "images" / split) for split in ("train", "val")}
+    for split, paths in files.items():
+        if paths.annotations.is_file():
+            continue
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create {str(folder)!r}: {error.strerror or error}; set BIFORMER_CACHE to a "
+                              "writable folder") from error
+        data = _digit_scenes_instances(paths.images, root / "masks" / split)
+        with atomic_output(paths.annotations) as temp:
+            temp.write_text(json.dumps(data), encoding="utf-8")
+    return files
