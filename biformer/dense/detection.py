@@ -65,13 +65,12 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from ..errors import UserError
-from .backbone import DenseBackbone, create_backbone
-from .segmentation import (
-    OTHER_BIFORMER_DROP_PATH,
-    TimmFeatures,
-    _check_biformer_only,
-    _is_biformer,
+from .backbone import (
+    DenseBackbone,
+    create_features,
+    parse_head_name,
+    recipe_drop_path,
+    split_head_name,
 )
 
 DETECTION_HEADS = ("retinanet", "maskrcnn")
@@ -120,8 +119,7 @@ def split_detection_name(name: str) -> tuple[str, str] | None:
 
     Whether timm knows the backbone is not checked (see `is_detection_model`).
     """
-    head, _, backbone = name.partition("_")
-    return (head, backbone) if head in DETECTION_HEADS and backbone else None
+    return split_head_name(name, DETECTION_HEADS)
 
 
 def is_detection_model(name: str) -> bool:
@@ -131,23 +129,13 @@ def is_detection_model(name: str) -> bool:
 
 
 def _parse(name: str) -> tuple[str, str]:
-    parts = split_detection_name(name)
-    if parts is None or not timm.is_model(parts[1]):
-        unknown = f"unknown backbone {parts[1]!r}" if parts else "no head prefix"
-        raise UserError(
-            f"detection model {name!r}: {unknown}; use HEAD_BACKBONE with HEAD one of {', '.join(DETECTION_HEADS)} "
-            "and BACKBONE a BiFormer variant (biformer_tiny, biformer_small, biformer_base) or a timm model with "
-            "feature maps at strides 4-32 (resnet50, convnext_tiny, ...), e.g. retinanet_biformer_small")
-    return parts
+    return parse_head_name(name, DETECTION_HEADS, "detection")
 
 
 def detection_recipe(name: str) -> DetectionRecipe:
     """The release's training settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
-    if not _is_biformer(backbone):
-        drop_path = 0.0
-    else:
-        drop_path = RELEASE_DROP_PATH.get(backbone, OTHER_BIFORMER_DROP_PATH)
+    drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get(backbone))
     weight_decay, no_decay = (1e-4, ()) if head == "retinanet" else (0.05, MASKRCNN_NO_DECAY)
     return DetectionRecipe(max_size=1333, min_size=800, flip=0.5, opt="adamw", lr=1e-4, weight_decay=weight_decay,
                            no_decay=no_decay, drop_path=drop_path, n_win=N_WIN, epochs=12, lr_steps=(8, 11),
@@ -302,16 +290,10 @@ def create_detection_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1 (object classes, the background not counted), got {num_classes}")
     recipe = detection_recipe(name)
-    drop_path = recipe.drop_path if drop_path_rate is None else drop_path_rate
-    if _is_biformer(backbone_name):
-        body = create_backbone(backbone_name, n_win=n_win, region_size=region_size, padding=padding,
-                               checkpoint=backbone_checkpoint, drop_path_rate=drop_path, **backbone_kwargs)
-    else:
-        _check_biformer_only(backbone_name, dict(n_win=n_win, region_size=region_size, padding=padding,
-                                                 backbone_checkpoint=backbone_checkpoint), n_win=N_WIN)
-        if drop_path:  # not every timm model takes the argument; 0 is everyone's default
-            backbone_kwargs["drop_path_rate"] = drop_path
-        body = TimmFeatures(backbone_name, **backbone_kwargs)
+    body = create_features(
+        backbone_name, n_win=n_win, default_n_win=N_WIN, region_size=region_size, padding=padding,
+        backbone_checkpoint=backbone_checkpoint,
+        drop_path_rate=recipe.drop_path if drop_path_rate is None else drop_path_rate, **backbone_kwargs)
     first = FIRST_LEVEL[head]
     if head == "retinanet":
         extra: ExtraFPNBlock = InputP6P7(body.out_channels[-1], FPN_CHANNELS)

@@ -43,8 +43,14 @@ from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
 
-from ..errors import UserError
-from .backbone import REDUCTIONS, create_backbone
+from .backbone import (
+    REDUCTIONS,
+    create_features,
+    is_biformer,
+    parse_head_name,
+    recipe_drop_path,
+    split_head_name,
+)
 
 SEGMENTATION_HEADS = ("sfpn", "upernet")
 STRIDE = REDUCTIONS[-1]  # inputs are multiples of the coarsest map's stride
@@ -62,7 +68,6 @@ RELEASE_DROP_PATH = {
     ("sfpn", "biformer_small"): 0.15, ("sfpn", "biformer_base"): 0.3,
     ("upernet", "biformer_small"): 0.3, ("upernet", "biformer_base"): 0.4,
 }
-OTHER_BIFORMER_DROP_PATH = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,7 @@ def split_segmentation_name(name: str) -> tuple[str, str] | None:
 
     Whether timm knows the backbone is not checked (see `is_segmentation_model`).
     """
-    head, _, backbone = name.partition("_")
-    return (head, backbone) if head in SEGMENTATION_HEADS and backbone else None
+    return split_head_name(name, SEGMENTATION_HEADS)
 
 
 def is_segmentation_model(name: str) -> bool:
@@ -99,61 +103,18 @@ def is_segmentation_model(name: str) -> bool:
 
 
 def _parse(name: str) -> tuple[str, str]:
-    parts = split_segmentation_name(name)
-    if parts is None or not timm.is_model(parts[1]):
-        unknown = f"unknown backbone {parts[1]!r}" if parts else "no head prefix"
-        raise UserError(
-            f"segmentation model {name!r}: {unknown}; use HEAD_BACKBONE with HEAD one of {', '.join(SEGMENTATION_HEADS)} "
-            "and BACKBONE a BiFormer variant (biformer_tiny, biformer_small, biformer_base) or a timm model with "
-            "feature maps at strides 4-32 (resnet18, convnext_tiny, ...), e.g. upernet_biformer_small")
-    return parts
-
-
-def _is_biformer(backbone: str) -> bool:
-    return backbone.startswith("biformer")
+    return parse_head_name(name, SEGMENTATION_HEADS, "segmentation")
 
 
 def segmentation_recipe(name: str) -> SegmentationRecipe:
     """The release's training settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
-    if not _is_biformer(backbone):
-        drop_path = 0.0
-    else:
-        drop_path = RELEASE_DROP_PATH.get((head, backbone), OTHER_BIFORMER_DROP_PATH)
+    drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get((head, backbone)))
     if head == "sfpn":  # UniFormer's Semantic FPN schedule at 8 GPUs: 2x the lr for half the iterations
         return SegmentationRecipe(crop=512, opt="adamw", lr=2e-4, weight_decay=1e-4, drop_path=drop_path,
                                   aux_weight=0.0, iters=80_000, batch=32)
     return SegmentationRecipe(crop=512, opt="adamw", lr=6e-5, weight_decay=0.01, drop_path=drop_path,
                               aux_weight=0.4, iters=160_000, batch=16)
-
-
-class TimmFeatures(nn.Module):
-    """A timm model's feature maps at strides 4, 8, 16, 32: (B, 3, H, W) -> [(B, C_i, H / s_i, W / s_i)]."""
-
-    def __init__(self, name: str, **model_kwargs: Any) -> None:
-        super().__init__()
-        try:
-            self.model = timm.create_model(name, features_only=True, pretrained=False, **model_kwargs)
-        except RuntimeError as error:  # timm's answer for a model without feature extraction
-            raise UserError(f"backbone {name!r} cannot give feature maps ({error}); choose another timm model") from None
-        info = self.model.feature_info
-        reductions = info.reduction()
-        missing = [stride for stride in REDUCTIONS if stride not in reductions]
-        if missing:
-            raise UserError(
-                f"backbone {name!r} has no feature map at stride {', '.join(map(str, missing))} (its maps: strides "
-                f"{reductions}); choose a backbone with maps at strides 4, 8, 16 and 32 (a CNN or a hierarchical "
-                "transformer such as resnet18, convnext_tiny, swin_tiny_patch4_window7_224)")
-        # the deepest map at each stride
-        self.indices = [max(i for i, r in enumerate(reductions) if r == stride) for stride in REDUCTIONS]
-        self.out_channels = [info.channels()[i] for i in self.indices]
-        self.reductions = list(REDUCTIONS)
-        self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"  # swin and its kin
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        maps = self.model(x)
-        picked = [maps[i] for i in self.indices]
-        return [m.permute(0, 3, 1, 2) for m in picked] if self.nhwc else picked
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -228,7 +189,7 @@ class SegmentationModel(nn.Module):
             self.aux_head = None
         else:
             self.decoder = LeanUPerNetDecoder(channels, decoder_channels=UPERNET_CHANNELS.get(backbone_name, 512),
-                                              normalize=not _is_biformer(backbone_name))
+                                              normalize=not is_biformer(backbone_name))
             self.aux_head = nn.Sequential(
                 Conv2dReLU(channels[AUX_INDEX], AUX_CHANNELS, kernel_size=3, padding=1, use_norm="batchnorm"),
                 _classifier(AUX_CHANNELS, num_classes),
@@ -250,14 +211,6 @@ class SegmentationModel(nn.Module):
         if aux is not None:
             outputs["aux"] = _resize(self.aux_head(aux), (height, width))
         return outputs
-
-
-def _check_biformer_only(backbone: str, options: dict[str, Any], n_win: int = 8) -> None:
-    """ValueError for a BiFormer-only option set away from its default (n_win: the caller's default)."""
-    accepted = {"n_win": (n_win, None), "region_size": (None,), "padding": ("masked",), "backbone_checkpoint": (None,)}
-    for option, value in options.items():
-        if value not in accepted[option]:
-            raise ValueError(f"{option}={value!r} applies to BiFormer backbones only; {backbone!r} takes no {option}")
 
 
 def create_segmentation_model(
@@ -283,14 +236,8 @@ def create_segmentation_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     recipe = segmentation_recipe(name)
-    drop_path = recipe.drop_path if drop_path_rate is None else drop_path_rate
-    if _is_biformer(backbone_name):
-        backbone = create_backbone(backbone_name, n_win=n_win, region_size=region_size, padding=padding,
-                                   checkpoint=backbone_checkpoint, drop_path_rate=drop_path, **backbone_kwargs)
-    else:
-        _check_biformer_only(backbone_name, dict(n_win=n_win, region_size=region_size, padding=padding,
-                                                 backbone_checkpoint=backbone_checkpoint))
-        if drop_path:  # not every timm model takes the argument; 0 is everyone's default
-            backbone_kwargs["drop_path_rate"] = drop_path
-        backbone = TimmFeatures(backbone_name, **backbone_kwargs)
+    backbone = create_features(
+        backbone_name, n_win=n_win, default_n_win=8, region_size=region_size, padding=padding,
+        backbone_checkpoint=backbone_checkpoint,
+        drop_path_rate=recipe.drop_path if drop_path_rate is None else drop_path_rate, **backbone_kwargs)
     return SegmentationModel(name, num_classes, backbone, recipe)
