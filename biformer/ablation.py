@@ -81,7 +81,12 @@ def configurations(model: str, attentions: tuple[str, ...], topks: tuple[int, ..
         raise UserError(f"--attention {','.join(attentions)}: choose from {','.join(ATTENTIONS)}")
     if "bra" in attentions and (not topks or any(k < 1 for k in topks)):
         raise UserError(f"--topk {','.join(map(str, topks))}: give one or more top-k values of at least 1")
-    if not timm.is_model(model) or not isinstance(base := timm.create_model(model), BiFormer):
+    if not timm.is_model(model):
+        base = None
+    else:
+        with torch.device("meta"):  # only its top-k schedule is read: no weights need initializing
+            base = timm.create_model(model)
+    if not isinstance(base, BiFormer):
         raise UserError(f"--model {model!r}: the ablation swaps BiFormer's token mixers; choose a biformer_* "
                         "variant (biformer_stl is the paper's layout, biformer_stl_nano its small version)")
     first = next(k for k in base.topks if k > 0)

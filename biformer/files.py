@@ -1,13 +1,15 @@
-"""Writing output files atomically: a reader never sees a partial file, a failure leaves none behind."""
+"""Writing output files atomically: a reader never sees a partial file, a failure leaves none behind; and
+reading a JSON file a user gave, with errors that name it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import OutputError, UserError
 
 
 @contextlib.contextmanager
@@ -51,3 +53,21 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
         raise OutputError(f"{option} {path!r} cannot be written: {error.strerror or error}") from error
     os.close(handle)
     os.unlink(temp)
+
+
+def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """The JSON value in file `path`; UserError naming it as `what` (e.g. "annotation file") if it is missing
+    (`hint`: what was expected instead), unreadable, not UTF-8 or not JSON (with the line and column)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError as error:
+        raise UserError(f"{what} {path!r} does not exist" + (f" (expected {hint})" if hint else "")) from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} {path!r} is not valid JSON: {error.msg} at line {error.lineno} "
+                        f"column {error.colno}") from error
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path!r} is not UTF-8 text: {error}") from error
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path!r}: {error.strerror or error}") from error

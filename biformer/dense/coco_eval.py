@@ -15,14 +15,13 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from torch import Tensor
 
 from ..errors import UserError
-from ..files import atomic_output
+from ..files import atomic_output, read_json
 
 log = logging.getLogger(__name__)
 METRIC_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")  # COCOeval.stats[0:6]
@@ -87,14 +86,7 @@ def _load_ground_truth(path: str | os.PathLike) -> Any:
     from pycocotools.coco import COCO
 
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-    except json.JSONDecodeError as error:
-        raise UserError(f"ground-truth file {path!r} is not valid JSON: {error.msg} at line {error.lineno} "
-                        f"column {error.colno}") from error
-    except OSError as error:
-        raise UserError(f"cannot read ground-truth file {path!r}: {error.strerror or error}") from error
+    data = read_json(path, "ground-truth file")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                     "categories")):
         raise UserError(f"ground-truth file {path!r} lacks COCO's 'images', 'annotations' and 'categories' lists")
@@ -142,16 +134,10 @@ def evaluate_coco(ground_truth_json: str | os.PathLike, results: list[dict[str, 
     if unknown:
         raise ValueError(f"iou types {unknown} are none of {IOU_TYPES}")
     if isinstance(results, (str, os.PathLike)):
-        path = Path(results)
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"results file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno} "
-                            f"column {error.colno}") from error
-        except OSError as error:
-            raise UserError(f"cannot read results file {str(path)!r}: {error.strerror or error}") from error
+        path = os.fspath(results)
+        results = read_json(path, "results file")
         if not isinstance(results, list):
-            raise UserError(f"results file {str(path)!r} holds no list of COCO result entries")
+            raise UserError(f"results file {path!r} holds no list of COCO result entries")
     ground_truth = _load_ground_truth(ground_truth_json)
     metrics: dict[str, float] = {}
     for iou_type in iou_types:

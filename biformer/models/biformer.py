@@ -2,7 +2,8 @@
 
 Variants: biformer_tiny/small/base (the released ImageNet models), biformer_stl and
 biformer_stl_nchw (the paper's Swin-Tiny-layout ablations), biformer_nano (ours, for 32-64 px
-images) and biformer_stl_nano (ours: the STL layout at nano width, for ablations on small data). All load the original release files through `checkpoint_filter_fn`.
+images) and biformer_stl_nano (ours: the STL layout at nano width, for ablations on small data).
+All load the original release files through `checkpoint_filter_fn`.
 
 Any input size from 32x32 up works: a stage whose map is smaller than n_win uses as many
 regions as the map allows, and topk is capped at the region count. `padding="masked"`

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import OutputError, UserError
-from ..files import atomic_output
+from ..files import atomic_output, read_json
 from .data import UNREADABLE_ERRORS
 from .segmentation_data import digit_scenes_folder
 
@@ -75,21 +75,6 @@ class _Object:
     annotation_id: Any  # for messages
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError as error:
-        raise UserError(f"annotation file {str(path)!r} does not exist (expected {COCO_HELP})") from error
-    except json.JSONDecodeError as error:
-        raise UserError(f"annotation file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno} "
-                        f"column {error.colno}") from error
-    except UnicodeDecodeError as error:
-        raise UserError(f"annotation file {str(path)!r} is not UTF-8 text: {error}") from error
-    except OSError as error:
-        raise UserError(f"cannot read annotation file {str(path)!r}: {error.strerror or error}") from error
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
@@ -108,7 +93,7 @@ class CocoDataset(Dataset):
         self.annotation_file, self.image_folder = Path(annotation_file), Path(image_folder)
         self.flip, self.with_masks = flip, with_masks
         self.problems = DataProblems()
-        data = _load_json(self.annotation_file)
+        data = read_json(self.annotation_file, "annotation file", COCO_HELP)
         name = str(self.annotation_file)
         if not isinstance(data, dict):
             raise UserError(f"annotation file {name!r} holds a JSON {type(data).__name__}, not an object with "

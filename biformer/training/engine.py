@@ -14,7 +14,6 @@ or not the process was restarted before it.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -45,7 +44,6 @@ from .runtime import (
     distributed_model,
     init_distributed,
     resolve_amp,
-    resolve_device,
     seed_everything,
 )
 from .segmentation import SegmentationTask
@@ -206,8 +204,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None, *, alone: boo
 
     alone: train in this process only, also under torchrun (whose ranks then train runs of their own).
     """
-    env = Dist(device=resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))) if alone else (
-        init_distributed(config.device))
+    env = init_distributed(config.device, join=not alone)
     try:
         run, progress = setup(config, env, callbacks or Callbacks())
         writer = _tensorboard(config.output) if env.main and config.tensorboard else None

@@ -36,11 +36,12 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return target
 
 
-def init_distributed(device: str | None) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
+def init_distributed(device: str | None, *, join: bool = True) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU. join=False: this process alone
+    (on its own GPU), also under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    if world == 1:
+    if world == 1 or not join:
         return Dist(0, 1, target)
     if target.type == "cuda":
         torch.cuda.set_device(target)
