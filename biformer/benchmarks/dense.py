@@ -78,7 +78,7 @@ def default_cases(case: str = "all", model: str | None = None,
     return cases
 
 
-def _rss_mb() -> float:
+def current_rss_mb() -> float:
     """The process's resident set size now (VmRSS, kB) in MB."""
     with open("/proc/self/status") as status:
         for line in status:
@@ -103,7 +103,7 @@ def measure(case: DenseCase, threads: int | None = None) -> dict[str, Any]:
         model = create_backbone(case.model, n_win=case.n_win).train()
     images = torch.randn(case.input)
     gc.collect()
-    loaded = _rss_mb()
+    loaded = current_rss_mb()
     with use_backend(model, case.backend):
         if case.case == "inference":
             with torch.no_grad():
@@ -121,18 +121,22 @@ def _child_main() -> None:
     print(json.dumps(measure(case, request["threads"])))
 
 
-def measure_in_child(case: DenseCase, threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """`measure(case)` in a fresh Python process; the table row of the case. RuntimeError if the child fails."""
-    request = json.dumps(dict(case=asdict(case), threads=threads))
-    code = "from biformer.benchmarks.dense import _child_main; _child_main()"
+def run_in_child(module: str, request: dict[str, Any], what: str, timeout: float | None = None) -> Any:
+    """`module._child_main()` in a fresh Python process, given `request` as JSON in argv[1]; the JSON it prints
+    last. RuntimeError (naming `what`, with the child's stderr) if the child fails."""
+    code = f"from {module} import _child_main; _child_main()"
     package_root = str(Path(__file__).resolve().parents[2])  # this copy of biformer, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True, env=env, check=False,
-                          timeout=timeout)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True, env=env,
+                          check=False, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {case} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return _row(case, result)
+        raise RuntimeError(f"measuring {what} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_in_child(case: DenseCase, threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """`measure(case)` in a fresh Python process; the table row of the case. RuntimeError if the child fails."""
+    return _row(case, run_in_child(__name__, dict(case=asdict(case), threads=threads), str(case), timeout))
 
 
 def _row(case: DenseCase, result: dict[str, Any]) -> dict[str, Any]:

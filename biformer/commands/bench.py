@@ -1,5 +1,5 @@
-"""`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), and the process
-memory of dense prediction (`dense`)."""
+"""`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), the process
+memory of dense prediction (`dense`), and the memory and speed of detection models (`detection`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from ..benchmarks import dense as dense_bench
+from ..benchmarks import detection as detection_bench
 from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
 from ..benchmarks.model import (
     DEFAULT_MODELS,
@@ -72,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_options(model, repeats=5)
     model.set_defaults(run=run_model)
     _register_dense(kinds)
+    _register_detection(kinds)
 
 
 def _register_dense(kinds: argparse._SubParsersAction) -> None:
@@ -94,6 +96,26 @@ def _register_dense(kinds: argparse._SubParsersAction) -> None:
                        help="batch and image size instead of the case's (with --case inference or training)")
     _threads_and_csv_options(dense)
     dense.set_defaults(run=run_dense)
+
+
+def _register_detection(kinds: argparse._SubParsersAction) -> None:
+    detection = kinds.add_parser(
+        "detection", help="peak memory (RSS) and images/s of detection models on CPU, in one interleaved run",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="For each model, batch 1, 80 classes: peak RSS of inference and of a training step (forward "
+                    "with five synthetic boxes and masks, backward), each in a fresh process; then images/s of both "
+                    "in one process that runs every model in turn per round (median and range over the rounds). "
+                    f"Target: {detection_bench.TARGET_MODEL} inference at most 3 GB at 800x1333. Linux only.",
+    )
+    detection.add_argument("models", nargs="*", metavar="MODEL",
+                           help=f"retinanet_<backbone>, maskrcnn_<backbone>, or torchvision's "
+                                f"{', '.join(detection_bench.TORCHVISION_MODELS)} (default: "
+                                f"{', '.join(detection_bench.DEFAULT_MODELS)})")
+    detection.add_argument("--size", type=int, nargs=2, default=list(detection_bench.DEFAULT_SIZE), metavar=("H", "W"),
+                           help="input image size (the models resize its shorter side to min(H, W))")
+    detection.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    _threads_and_csv_options(detection)
+    detection.set_defaults(run=run_detection)
 
 
 def _threads_and_csv_options(parser: argparse.ArgumentParser) -> None:
@@ -236,4 +258,26 @@ def run_dense(args: argparse.Namespace) -> int:
     if any(row["backend"] == dense_bench.ORIGINAL for row in rows):
         print("backend original: the release's gather algorithm, which a user of the original code measured at "
               "5.8 GB over its loaded model")
+    return 0
+
+
+def run_detection(args: argparse.Namespace) -> int:
+    if not sys.platform.startswith("linux"):
+        raise UserError("bench detection reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    _check_threads_and_csv(args)
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
+    if min(args.size) < 32:
+        raise UserError(f"--size {args.size[0]} {args.size[1]}: H and W must be at least 32")
+    names = args.models or list(detection_bench.DEFAULT_MODELS)
+    try:
+        for name in names:
+            detection_bench.check_model_name(name)
+    except ValueError as error:
+        raise UserError(f"bench detection: {error}") from None
+    rows = detection_bench.bench_detection(names, tuple(args.size), args.rounds, args.threads,
+                                           progress=lambda text: print(text, file=sys.stderr, flush=True))
+    _report(rows, detection_bench.COLUMNS, args.csv,
+            f"detection on CPU, batch 1, {rows[0]['threads']} threads; memory: each case in a fresh process "
+            f"(MB = 2**20 bytes); images/s: median of {args.rounds} interleaved rounds")
     return 0

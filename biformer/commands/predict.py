@@ -1,5 +1,6 @@
-"""`biformer predict`: top-k classes of images (a table or JSON), or for a segmentation model a colour
-overlay PNG and the raw label PNG per image."""
+"""`biformer predict`: top-k classes of images (a table or JSON); for a segmentation model a colour overlay
+PNG and the raw label PNG per image; for a detection model a PNG with the detections drawn per image and all
+detections as one COCO results JSON."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict", help="classify images", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Print the top-k classes of each image (files, or folders searched recursively); with a "
                     "segmentation checkpoint, write <name>_overlay.png (the image tinted by class, with a legend) "
-                    "and <name>_labels.png (one class index per pixel) per image into --output.",
+                    "and <name>_labels.png (one class index per pixel) per image into --output; with a detection "
+                    "checkpoint, <name>_detections.png (boxes, classes, scores and masks drawn) per image and "
+                    "detections.json (COCO's results format, every detection) into --output.",
     )
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--checkpoint", required=True, help=".safetensors from `biformer train`, or a release .pth")
@@ -29,10 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    dense = parser.add_argument_group("segmentation and detection")
+    dense.add_argument("--output", default=None, help="folder for the PNG (and JSON) files (created if missing)")
     segmentation = parser.add_argument_group("segmentation")
-    segmentation.add_argument("--output", default=None, help="folder for the PNG files (created if missing)")
     segmentation.add_argument("--mode", choices=("whole", "slide"), default="whole")
     segmentation.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
+    detection = parser.add_argument_group("detection")
+    detection.add_argument("--score-threshold", type=float, default=0.3,
+                           help="draw the detections scoring at least this (detections.json keeps them all)")
+    detection.add_argument("--annotations", default=None, metavar="JSON",
+                           help="a COCO instances file that lists the images: their ids go into detections.json "
+                                "(default: 1, 2, ... in the order the images are printed)")
     parser.set_defaults(run=run)
 
 
@@ -40,31 +50,25 @@ def run(args: argparse.Namespace) -> int:
     from timm.data import create_transform
 
     from ..checkpoints.restore import restore_model
-    from ..training.data import UNREADABLE_ERRORS, list_images
+    from ..dense.restore import dense_task
+    from ..training.data import list_images
     from ..training.runtime import resolve_device
-
-    from ..dense.restore import is_segmentation_checkpoint
 
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     files = list_images(args.inputs)
-    if is_segmentation_checkpoint(args.checkpoint, args.model):
-        return _segment_files(files, args)
+    task = dense_task(args.checkpoint, args.model)
+    if task is not None:
+        return _predict_dense(files, args, task)
     loaded = restore_model(args.checkpoint, args.model, args.img_size)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
     transform = create_transform(loaded.img_size, interpolation="bicubic", crop_pct=loaded.crop_pct,
                                  mean=loaded.mean, std=loaded.std)
     k = min(args.topk, len(loaded.classes))
-    skipped = 0
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                batch = transform(image.convert("RGB"))[None].to(device)
-        except UNREADABLE_ERRORS as error:
-            print(f"skipping unreadable image {path}: {error}", file=sys.stderr)
-            skipped += 1
-            continue
+    images, skipped = _read_images(files)
+    for path, image in images:
+        batch = transform(image)[None].to(device)
         with torch.no_grad():
             probabilities = model(batch).float().softmax(-1)[0]
         top = probabilities.topk(k)
@@ -77,47 +81,124 @@ def run(args: argparse.Namespace) -> int:
             for rank, prediction in enumerate(predictions, 1):
                 print(f"  {rank}. {prediction['class']:<30} {100 * prediction['probability']:6.2f}%")
     if skipped:
-        print(f"{skipped} unreadable image(s) skipped", file=sys.stderr)
-    return 0 if skipped < len(files) else 1
+        print(f"{len(skipped)} unreadable image(s) skipped", file=sys.stderr)
+    return 0 if len(skipped) < len(files) else 1
 
 
-def _segment_files(files: list[str], args: argparse.Namespace) -> int:
-    """Write each image's overlay and label PNGs; 1 if no image could be read."""
-    from ..dense.drawing import overlay
-    from ..dense.inference import resize_scores, segment
-    from ..dense.restore import restore_segmentation_model
-    from ..files import atomic_output
-    from ..training.data import UNREADABLE_ERRORS
-    from ..training.runtime import resolve_device
-    from ..training.segmentation_data import ValTransform
-
+def _output_folder(args: argparse.Namespace, task: str) -> Path:
     if args.output is None:
-        raise UserError("--output FOLDER is required for a segmentation checkpoint (the PNG files go there)")
+        raise UserError(f"--output FOLDER is required for a {task} checkpoint (the PNG files go there)")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     check_writable(output / "probe.png", "--output")
-    loaded = restore_segmentation_model(args.checkpoint, args.img_size)
+    return output
+
+
+def _read_images(files: list[str]):
+    """(path, RGB image) of each readable file; unreadable ones are reported and counted in the returned list."""
+    from ..training.data import UNREADABLE_ERRORS
+
+    skipped: list[str] = []
+
+    def readable():
+        for path in files:
+            try:
+                with Image.open(path) as file:
+                    image = file.convert("RGB")
+            except UNREADABLE_ERRORS as error:
+                print(f"skipping unreadable image {path}: {error}", file=sys.stderr)
+                skipped.append(path)
+                continue
+            yield path, image
+
+    return readable(), skipped
+
+
+def _save_png(picture: Image.Image, path: str) -> None:
+    from ..files import atomic_output
+
+    with atomic_output(path) as temp:
+        picture.save(temp, format="PNG")
+
+
+def _predict_dense(files: list[str], args: argparse.Namespace, task: str) -> int:
+    """Write each image's pictures (and, for detection, detections.json); 1 if no image could be read."""
+    from ..dense.restore import restore_dense_model
+    from ..training.runtime import resolve_device
+
+    output = _output_folder(args, task)
+    loaded = restore_dense_model(args.checkpoint, args.img_size)
+    if loaded.task != task:
+        raise UserError(f"--model names a {task} model but --checkpoint {args.checkpoint!r} holds a {loaded.task} model")
+    if task == "detection" and (args.mode != "whole" or args.flip):
+        raise UserError("--mode and --flip are for segmentation models; leave them out")
+    if task == "segmentation" and args.annotations:
+        raise UserError("--annotations is for detection models; leave it out")
+    if not 0 <= args.score_threshold <= 1:
+        raise UserError(f"--score-threshold must be within 0..1, got {args.score_threshold}")
     device = resolve_device(args.device)
-    model, transform = loaded.model.to(device), ValTransform(loaded.img_size, loaded.mean, loaded.std)
-    skipped = 0
-    for path in files:
-        try:
-            with Image.open(path) as file:
-                image = file.convert("RGB")
-        except UNREADABLE_ERRORS as error:
-            print(f"skipping unreadable image {path}: {error}", file=sys.stderr)
-            skipped += 1
-            continue
+    loaded.model.to(device)
+    images, skipped = _read_images(files)
+    predict = _segment_images if task == "segmentation" else _detect_images
+    predict(images, loaded, output, device, args)
+    if skipped:
+        print(f"{len(skipped)} unreadable image(s) skipped", file=sys.stderr)
+    return 0 if len(skipped) < len(files) else 1
+
+
+def _segment_images(images, loaded, output: Path, device, args: argparse.Namespace) -> None:
+    from ..dense.drawing import overlay
+    from ..dense.inference import resize_scores, segment
+    from ..training.segmentation_data import ValTransform
+
+    transform = ValTransform(loaded.img_size, loaded.mean, loaded.std)
+    for path, image in images:
         with torch.no_grad():
-            logits = segment(model, transform.image(image)[None].to(device), mode=args.mode,
+            logits = segment(loaded.model, transform.image(image)[None].to(device), mode=args.mode,
                              window=loaded.img_size, flip=args.flip)
         labels = resize_scores(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
         stem = output / Path(path).stem
-        for suffix, picture in (("_overlay.png", overlay(image, labels, loaded.classes)),
-                                ("_labels.png", Image.fromarray(labels, mode="L"))):
-            with atomic_output(f"{stem}{suffix}") as temp:
-                picture.save(temp, format="PNG")
+        _save_png(overlay(image, labels, loaded.classes), f"{stem}_overlay.png")
+        _save_png(Image.fromarray(labels, mode="L"), f"{stem}_labels.png")
         print(f"{path} -> {stem}_overlay.png, {stem}_labels.png")
-    if skipped:
-        print(f"{skipped} unreadable image(s) skipped", file=sys.stderr)
-    return 0 if skipped < len(files) else 1
+
+
+def _coco_image_ids(annotations: str | None) -> dict[str, int] | None:
+    """File name -> image id of a COCO instances file (None without one)."""
+    from ..files import read_json
+
+    if annotations is None:
+        return None
+    data = read_json(annotations, "--annotations file")
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
+        raise UserError(f"--annotations {annotations!r} has no 'images' list with 'id' and 'file_name' entries "
+                        "(COCO's instances format)")
+    return {Path(entry["file_name"]).name: entry["id"] for entry in entries}
+
+
+def _detect_images(images, loaded, output: Path, device, args: argparse.Namespace) -> None:
+    import torchvision.transforms.functional as F
+
+    from ..dense.coco_eval import detections_to_coco_results, write_coco_results
+    from ..dense.drawing import draw_detections
+
+    ids_by_name = _coco_image_ids(args.annotations)
+    category_ids = loaded.category_ids or list(range(1, len(loaded.classes) + 1))
+    results: list[dict] = []
+    for number, (path, image) in enumerate(images, 1):
+        if ids_by_name is None:
+            image_id = number
+        elif Path(path).name in ids_by_name:
+            image_id = ids_by_name[Path(path).name]
+        else:
+            raise UserError(f"--annotations {args.annotations!r} lists no image named {Path(path).name!r}")
+        with torch.no_grad():
+            detection = {key: value.cpu() for key, value in loaded.model([F.to_tensor(image).to(device)])[0].items()}
+        results += detections_to_coco_results([detection], [image_id], category_ids, "masks" in detection)
+        picture = output / f"{Path(path).stem}_detections.png"
+        _save_png(draw_detections(image, detection, loaded.classes, args.score_threshold), str(picture))
+        shown = int((detection["scores"] >= args.score_threshold).sum())
+        print(f"{path} (image id {image_id}): {len(detection['scores'])} detections, {shown} drawn -> {picture}")
+    write_coco_results(results, output / "detections.json")
+    print(f"{len(results)} detections -> {output / 'detections.json'}")

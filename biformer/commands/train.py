@@ -1,4 +1,4 @@
-"""`biformer train`: train a BiFormer (or any timm model) on the embedded digits or an image folder.
+"""`biformer train`: train a BiFormer (or any timm model), or a segmentation or detection model on it.
 
 The options are generated from `TrainConfig`'s fields: their defaults, help and checks live there.
 """
@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train on the embedded digits data set (--data digits) or an image folder with "
-                    "train/<class>/* and val/<class>/*. Under torchrun it trains with DistributedDataParallel.",
+                    "train/<class>/* and val/<class>/*; segmentation (sfpn_*, upernet_*) and detection (retinanet_*, "
+                    "maskrcnn_*) models on --data digit-scenes or their own layouts. Under torchrun it trains with "
+                    "DistributedDataParallel.",
     )
     hints = typing.get_type_hints(TrainConfig)
     for spec in fields(TrainConfig):

@@ -68,6 +68,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from .backbone import (
     DenseBackbone,
     create_features,
+    is_biformer,
     parse_head_name,
     recipe_drop_path,
     split_head_name,
@@ -77,7 +78,8 @@ DETECTION_HEADS = ("retinanet", "maskrcnn")
 FPN_CHANNELS = 256
 N_WIN = 16  # BRA regions per side in the original COCO configs (1333x800 inputs)
 DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for both heads
-RPN_POST_NMS_TRAIN = 1000  # mmdet's rpn_proposal max_per_img in training
+RPN_POST_NMS_TRAIN = 1000  # mmdet's rpn_proposal max_per_img in training (and torchvision's in testing)
+MASKRCNN_ROIS_PER_IMAGE = 512  # RoIs sampled per image for the RoI heads' losses (mmdet's and torchvision's)
 # the first backbone map (index into strides 4, 8, 16, 32) that each head's FPN reads
 FIRST_LEVEL = {"retinanet": 1, "maskrcnn": 0}
 
@@ -240,8 +242,9 @@ class MaskRCNNModel(MaskRCNN):
 
     def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
                  **kwargs: Any) -> None:
-        super().__init__(backbone, num_classes + 1, box_detections_per_img=DETECTIONS_PER_IMAGE,
-                         rpn_post_nms_top_n_train=RPN_POST_NMS_TRAIN, **kwargs)
+        kwargs = {"box_detections_per_img": DETECTIONS_PER_IMAGE, "rpn_post_nms_top_n_train": RPN_POST_NMS_TRAIN,
+                  **kwargs}
+        super().__init__(backbone, num_classes + 1, **kwargs)
         self.name, self.num_classes, self.recipe = name, num_classes, recipe
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
@@ -270,6 +273,7 @@ def create_detection_model(
     drop_path_rate: float | None = None,
     backbone_checkpoint: str | os.PathLike | None = None,
     region_size: int | tuple[int | None, ...] | None = None,
+    head_options: dict[str, Any] | None = None,
     **backbone_kwargs: Any,
 ) -> DetectionModel:
     """Detection model `name` (`<head>_<backbone>`, see the module docstring) for `num_classes` object classes.
@@ -282,6 +286,7 @@ def create_detection_model(
         ours) or an original mmdet/mmseg one (its `backbone.` part); the backbone's `.checkpoint_report`
         says what was used. Other backbones take none of them (ValueError).
     drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`detection_recipe`).
+    head_options: more arguments of torchvision's `RetinaNet` or `MaskRCNN` (e.g. box_batch_size_per_image).
     backbone_kwargs: more arguments of the backbone model.
     Returns a `RetinaNetModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
     and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
@@ -305,5 +310,27 @@ def create_detection_model(
     mean, std = _normalization(body)
     model_class = RetinaNetModel if head == "retinanet" else MaskRCNNModel
     model = model_class(name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
-                        image_mean=mean, image_std=std)
+                        image_mean=mean, image_std=std, **(head_options or {}))
     return model.train()  # the frozen BatchNorms in eval mode from the start
+
+
+def detection_model_for_size(name: str, num_classes: int, img_size: int,
+                             drop_path_rate: float | None = None) -> DetectionModel:
+    """Detection model `name` for images whose shorter side is resized to `img_size` (`biformer train
+    --img-size`): the recipe's 800x1333 scaled by img_size / 800. The longer side is at most img_size x 1333 /
+    800, and a BiFormer backbone's regions keep the size they have at 800 (n_win 16 there; 3 at 128). Below
+    800, Mask R-CNN's proposal and RoI counts shrink with the image side too (RPN proposals kept after NMS
+    1000 -> 160 at 128, RoIs sampled per image 512 -> 82): a smaller image holds fewer boxes worth
+    proposing, and at 128 px the full counts make the RoI heads cost 10x the backbone."""
+    recipe = detection_recipe(name)
+    head, backbone = split_detection_name(name)
+    scale = img_size / recipe.min_size
+    n_win = max(1, round(N_WIN * scale)) if is_biformer(backbone) else None
+    head_options = {}
+    if head == "maskrcnn" and scale < 1:
+        proposals = round(RPN_POST_NMS_TRAIN * scale)
+        head_options = {"rpn_post_nms_top_n_train": proposals, "rpn_post_nms_top_n_test": proposals,
+                        "box_batch_size_per_image": round(MASKRCNN_ROIS_PER_IMAGE * scale)}
+    return create_detection_model(name, num_classes, min_size=img_size,
+                                  max_size=round(img_size * recipe.max_size / recipe.min_size),
+                                  n_win=n_win, drop_path_rate=drop_path_rate, head_options=head_options)

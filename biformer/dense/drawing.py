@@ -1,12 +1,16 @@
-"""Label maps as pictures: a fixed colour per class, and a colour overlay on the image with a legend."""
+"""Predictions as pictures: a fixed colour per class; a label map as a colour overlay with a legend, and
+detections as boxes with their class and score (and masks) drawn by torchvision's drawing utilities."""
 from __future__ import annotations
 
 import colorsys
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 LEGEND_ROW = 14  # pixels per legend line (PIL's default bitmap font is 11 px high)
+DETECTION_MIN_SIDE = 384  # smaller images are enlarged (nearest, by an integer factor) so that labels stay legible
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -35,3 +39,31 @@ def overlay(image: Image.Image, labels: np.ndarray, classes: list[str], alpha: f
         draw.rectangle((2, top + 1, 12, top + 11), fill=tuple(int(c) for c in colours[index]))
         draw.text((16, top), classes[index], fill="black")
     return canvas
+
+
+def draw_detections(image: Image.Image, detection: dict[str, Tensor], classes: list[str],
+                    score_threshold: float = 0.3, mask_threshold: float = 0.5) -> Image.Image:
+    """The image with each detection scoring at least `score_threshold` drawn: its box and "class score" in
+    the class's colour and, where the detection has masks, the mask tinted in it.
+
+    detection: a detection model's output for this image ({"boxes": (N, 4) x1, y1, x2, y2 in the image's
+    pixels, "labels": (N,) 1..K, "scores": (N,), optional "masks": (N, 1, H, W) probabilities}); label k is
+    classes[k - 1]. Images whose shorter side is under 384 px are enlarged first, boxes and masks with them.
+    """
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    keep = detection["scores"] >= score_threshold
+    factor = max(1, -(-DETECTION_MIN_SIDE // min(image.width, image.height)))  # ceil
+    picture = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    picture = picture.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    labels = detection["labels"][keep].tolist()
+    colours = [tuple(int(c) for c in palette(len(classes) + 1)[label]) for label in labels]  # as overlay's indices
+    if "masks" in detection and labels:
+        masks = detection["masks"][keep][:, 0] >= mask_threshold
+        masks = masks.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colours)
+    if labels:
+        captions = [f"{classes[label - 1]} {score:.2f}" for label, score in zip(labels, detection["scores"][keep].tolist())]
+        picture = draw_bounding_boxes(picture, detection["boxes"][keep].float() * factor, captions, colors=colours,
+                                      width=2, label_colors="white", label_background_colors=colours, fill_labels=True)
+    return Image.fromarray(picture.permute(1, 2, 0).numpy())

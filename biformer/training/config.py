@@ -48,15 +48,18 @@ class TrainConfig:
     """A training run; the fields are listed in the order `biformer train --help` shows them."""
 
     data: str = option("digits", "classification: 'digits' or a folder with train/ and val/; segmentation: "
-                                 "'digit-scenes', a folder with images/, masks/ and classes.txt, or ADE20K",
-                       shapes_run=True)
+                                 "'digit-scenes', a folder with images/, masks/ and classes.txt, or ADE20K; "
+                                 "detection: 'digit-scenes' or a folder in COCO's layout (annotations/"
+                                 "instances_{train,val}*.json beside {train,val}*/)", shapes_run=True)
     model: str = option("biformer_nano", "a biformer_* or any timm model name; sfpn_<backbone> or "
-                                         "upernet_<backbone> for semantic segmentation", shapes_run=True)
+                                         "upernet_<backbone> for semantic segmentation; retinanet_<backbone> or "
+                                         "maskrcnn_<backbone> for detection", shapes_run=True)
     model_kwargs: tuple[str, ...] = option(
         (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
             "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
     epochs: int = option(30, "training epochs (the cosine schedule's length)", shapes_run=True, least=1)
-    img_size: int = option(32, "input size in pixels (digits are upscaled to it)", shapes_run=True, least=32,
+    img_size: int = option(32, "input size in pixels (digits are upscaled to it; segmentation and detection: the "
+                               "shorter image side)", shapes_run=True, least=32,
                            why=" (BiFormer downsamples 32x)")
     output: Path = option(Path("runs/train"), "folder for checkpoints and metrics.jsonl")
     batch_size: int = option(64, "per process", shapes_run=True, least=1)

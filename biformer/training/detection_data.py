@@ -79,6 +79,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+class UnreadableImage(UserError):
+    """An image file that exists but cannot be decoded (training skips it, as for classification)."""
+
+
 class CocoDataset(Dataset):
     """(image, target) pairs of one COCO split; see the module docstring for the conventions.
 
@@ -203,7 +207,7 @@ class CocoDataset(Dataset):
             with Image.open(path) as file:
                 image = np.asarray(file.convert("RGB"))
         except UNREADABLE_ERRORS as error:
-            raise UserError(f"image id {info['id']}'s file {str(path)!r} cannot be read: {error}") from error
+            raise UnreadableImage(f"image id {info['id']}'s file {str(path)!r} cannot be read: {error}") from error
         height, width = image.shape[:2]
         if (width, height) != (info["width"], info["height"]):
             raise UserError(f"image id {info['id']}'s file {str(path)!r} is {width}x{height} but "
@@ -256,9 +260,83 @@ def find_coco_split(root: str | Path, split: str) -> tuple[Path, Path]:
     raise UserError(f"the images of {str(found[0])!r} should be in {str(root / name)!r}, which does not exist")
 
 
-def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """Images and targets as lists (the detection models take images of different sizes)."""
-    return [image for image, _ in batch], [target for _, target in batch]
+class TensorList(list):
+    """A batch's images or targets as a list (the detection models take images of different sizes) that moves
+    its tensors, also those inside dicts, with `.to(device)` as a batched tensor would."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorList:
+        def move(item: Any) -> Any:
+            if isinstance(item, dict):
+                return {key: move(value) for key, value in item.items()}
+            return item.to(device, non_blocking=non_blocking)
+
+        return TensorList(move(item) for item in self)
+
+
+class ReadableSamples(Dataset):
+    """(image, target, None) of a `CocoDataset`, or (None, None, problem) for an image that cannot be decoded:
+    the training engine's sample convention, which skips unreadable images and reports each once."""
+
+    def __init__(self, dataset: CocoDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, dict[str, Tensor] | None, str | None]:
+        try:
+            image, target = self.dataset[index]
+        except UnreadableImage as error:
+            return None, None, str(error)
+        return image, target, None
+
+
+def collate_detection(samples: list[tuple]) -> tuple[TensorList | None, TensorList | None, list[str]]:
+    """(images, targets, problems) of `ReadableSamples` items: the readable images and their targets as
+    `TensorList`s (None if there is none), and the problems of the unreadable ones."""
+    readable = [(image, target) for image, target, _ in samples if image is not None]
+    problems = [problem for image, _, problem in samples if image is None]
+    if not readable:
+        return None, None, problems
+    return TensorList(image for image, _ in readable), TensorList(target for _, target in readable), problems
+
+
+@dataclass
+class DetectionSplits:
+    """A detection data set's splits. The images go to the model in [0, 1]: it normalizes them itself, so
+    the data's mean and std are the identity. `val_annotations` is the validation split's instances file
+    (COCOeval's ground truth); `category_ids[k - 1]` is label k's COCO category id."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    category_ids: list[int]
+    val_annotations: Path
+    problems: dict[str, DataProblems]  # per split, what reading the annotations repaired or left out
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def build_detection_datasets(data: str, *, with_masks: bool, eval_only: bool = False) -> DetectionSplits:
+    """Train/val detection data sets of `data` = "digit-scenes" or a folder in COCO's layout (train/val splits,
+    e.g. instances_train2017.json with train2017/). Training flips horizontally, except for the digit scenes
+    (a mirrored digit is another symbol). With eval_only the training split is neither needed nor read."""
+    if data == "digit-scenes":
+        files = {split: (paths.annotations, paths.images) for split, paths in digit_scenes_coco().items()}
+        flip = False
+    else:
+        if not Path(data).is_dir():
+            raise UserError(f"--data {data!r}: detection models train on 'digit-scenes' or a folder in COCO's "
+                            f"layout ({COCO_HELP})")
+        files = {split: find_coco_split(data, split) for split in (("val",) if eval_only else ("train", "val"))}
+        flip = True
+    val = CocoDataset(*files["val"], with_masks=with_masks)
+    train = val if eval_only else CocoDataset(*files["train"], flip=flip, with_masks=with_masks)
+    if train.category_ids != val.category_ids or train.classes != val.classes:
+        raise UserError(f"{str(files['train'][0])!r} and {str(files['val'][0])!r} list different categories")
+    problems = {"val": val.problems} if eval_only else {"train": train.problems, "val": val.problems}
+    return DetectionSplits(ReadableSamples(train), ReadableSamples(val), val.classes, val.category_ids,
+                           val.annotation_file, problems)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ from tqdm import tqdm
 from ..checkpoints.files import cpu_state_dict, save_weights
 from ..errors import UserError
 from . import checkpoint as ckpt
+from ..dense.detection import is_detection_model
 from ..dense.segmentation import is_segmentation_model
 from .classification import ClassificationTask
 from .config import TrainConfig, flag
+from .detection import detection_task
 from .runtime import (
     Dist,
     all_reduce_sum,
@@ -64,13 +66,17 @@ class Callbacks:
 
 
 def task_for_model(name: str) -> Task:
-    """The task a model name implies: sfpn_*/upernet_* segment, any other timm model classifies."""
+    """The task a model name implies: sfpn_*/upernet_* segment, retinanet_*/maskrcnn_* detect, any other timm
+    model classifies."""
     if is_segmentation_model(name):
         return SegmentationTask()
+    if is_detection_model(name):
+        return detection_task(name)
     if name in timm.list_models(name):
         return ClassificationTask()
     raise UserError(f"--model {name!r} is neither a registered timm model (biformer_nano, biformer_tiny, ...) nor "
-                    "a segmentation model (sfpn_<backbone>, upernet_<backbone>, e.g. sfpn_biformer_tiny)")
+                    "a segmentation model (sfpn_<backbone>, upernet_<backbone>, e.g. sfpn_biformer_tiny) nor a "
+                    "detection model (retinanet_<backbone>, maskrcnn_<backbone>)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +308,7 @@ def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
     row = {"epoch": epoch, "train_loss": loss_sum / seen,
            **_val_columns(task, task.evaluate(run.model, run.loaders.val, env, run.amp, unreadable=run.unreadable)),
            "lr": run.optimization.optimizer.param_groups[0]["lr"]}
-    if run.objective.mixup is None:
+    if run.objective.mixup is None and task.train_accuracy is not None:
         row[task.train_accuracy] = 100 * hits / counted
     if run.optimization.ema is not None:
         ema_val = task.evaluate(run.optimization.ema.module, run.loaders.val, env, run.amp, desc="val (ema)")
@@ -312,7 +318,7 @@ def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
 
 
 def _val_columns(task: Task, result: dict[str, Any]) -> dict[str, Any]:
-    return {f"val_{key}": result[key] for key in ("loss", *task.metric_columns())}
+    return {f"val_{key}": result[key] for key in ("loss", *task.metric_columns()) if key in result}
 
 
 def train_one_epoch(run: Run, epoch: int) -> list[float]:
@@ -335,7 +341,7 @@ def train_one_epoch(run: Run, epoch: int) -> list[float]:
                 raise UserError(f"no image of a training batch could be read (epoch {epoch}, step {step})")
             continue
         with autocast(env.device, run.amp):
-            outputs = run.step_model(images)
+            outputs = task.forward(run.step_model, images, targets)
             loss = task.loss(outputs, targets, objective)
         if not math.isfinite(loss.item()):
             raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step}: training diverged; "
@@ -344,7 +350,8 @@ def train_one_epoch(run: Run, epoch: int) -> list[float]:
         hits, counted = task.hits(outputs, hard_targets)
         for index, value in enumerate((loss.item() * len(images), hits, counted, len(images))):
             sums[index] += value
-        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", acc=f"{100 * sums[1] / max(sums[2], 1):.1f}%",
+        accuracy = {"acc": f"{100 * sums[1] / max(sums[2], 1):.1f}%"} if task.train_accuracy else {}
+        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", **accuracy,
                         img_s=f"{sums[3] * env.world / (time.perf_counter() - start):.0f}")
     return all_reduce_sum(sums, env)
 
@@ -390,7 +397,8 @@ def _log_epoch(row: dict[str, Any], epochs: int, writer) -> None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, row["epoch"])
     percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith("_loss")]
-    text = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+    text = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+            + (f"val_loss {row['val_loss']:.4f}  " if "val_loss" in row else "")
             + "  ".join(f"{key} {row[key]:.2f}%" for key in percents))
     tqdm.write(text + f"  ({row['epoch_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)
 

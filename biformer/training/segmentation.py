@@ -25,6 +25,13 @@ from .task import Objective, Task, UnreadableImages, eval_batches
 CLASSIFICATION_ONLY = ("mixup", "cutmix", "smoothing", "aa", "model_kwargs")
 
 
+def check_unused_options(config: TrainConfig, names: tuple[str, ...]) -> None:
+    """UserError naming the options among `names` that are set although the model's task ignores them."""
+    used = [flag(name) for name in names if getattr(config, name)]
+    if used:
+        raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}")
+
+
 def _crop_to(logits: Tensor, masks: Tensor) -> Tensor:
     """Training logits on the padded batch -> the masks' extent (training crops are not resized)."""
     return logits[..., : masks.shape[-2], : masks.shape[-1]]
@@ -43,9 +50,7 @@ class SegmentationTask(Task):
         self.inference = inference
 
     def check_config(self, config: TrainConfig) -> None:
-        used = [flag(name) for name in CLASSIFICATION_ONLY if getattr(config, name)]
-        if used:
-            raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}")
+        check_unused_options(config, CLASSIFICATION_ONLY)
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        eval_only: bool = False) -> SegmentationSplits:

@@ -1,4 +1,4 @@
-"""What the training engine asks of a task (classification, semantic segmentation), and what tasks share.
+"""What the training engine asks of a task (classification, segmentation, detection), and what tasks share.
 
 The engine owns the run: data order, seeding, optimization, checkpoints, resume, DDP. A task supplies
 the data sets, the model, the loss and the metrics. Batches are (images, targets, problems): the
@@ -69,7 +69,7 @@ class Task(ABC):
 
     name: str
     metric: str  # the validation metric that picks the best epoch (a metrics-row key, e.g. "val_top1")
-    train_accuracy: str  # the metrics-row key of the training accuracy
+    train_accuracy: str | None  # the metrics-row key of the training accuracy (None: the task counts none)
     collate: Callable  # the data loaders' collate function
 
     def check_config(self, config: TrainConfig) -> None:
@@ -91,6 +91,10 @@ class Task(ABC):
         """(inputs, loss targets, targets for the training accuracy) of a batch on the device."""
         return images, targets, targets
 
+    def forward(self, model: nn.Module, images: Any, targets: Any) -> Any:
+        """A training step's model outputs (detection models take the targets and return their losses)."""
+        return model(images)
+
     @abstractmethod
     def loss(self, outputs: Any, targets: Any, objective: Objective) -> Tensor:
         """The loss of a batch's model outputs."""
@@ -102,7 +106,8 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
-        """Metrics over the loader's shards on all ranks: "loss", "count" and the task's own (percent)."""
+        """Metrics over the loader's shards on all ranks: "count", the task's own (percent) and, where the task
+        has one, "loss"."""
 
     @abstractmethod
     def metric_columns(self) -> tuple[str, ...]:

@@ -1,0 +1,227 @@
+"""`biformer train/eval/predict` for detection: the engine with COCO AP rows, exact resume after SIGKILL, the
+COCO results JSON of predict read back by pycocotools, pictures drawn, the bench, bad input refused."""
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from safetensors.torch import load_file
+
+from biformer.checkpoints.files import read_metadata
+from biformer.cli import main
+from biformer.dense.detection import detection_model_for_size
+from biformer.ops import BiLevelRoutingAttention
+from biformer.dense.drawing import DETECTION_MIN_SIDE, draw_detections, palette
+from biformer.training.detection_data import CocoDataset, ReadableSamples, collate_detection
+from biformer.training.engine import task_for_model
+
+DETECTION = ["--model", "maskrcnn_biformer_nano", "--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1",
+             "--batch-size", "2", "--lr", "1e-3"]
+COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr")
+HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
+CLASSES = ("square", "bar")  # COCO category ids 4 and 9 (not 1..K, to check the mapping back)
+CATEGORY_IDS = (4, 9)
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_coco_folder(root: Path, train: int = 6, val: int = 3) -> Path:
+    """COCO's layout with 64x64 scenes: a bright square (category 4) and a dark bar (category 9) on grey, masks
+    as RLE; the last validation image has no object (a negative)."""
+    rng = np.random.default_rng(0)
+    (root / "annotations").mkdir(parents=True)
+    for split, count in (("train", train), ("val", val)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for index in range(count):
+            image = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
+            objects = []
+            if not (split == "val" and index == count - 1):
+                top, left = (int(v) for v in rng.integers(0, 40, 2))
+                image[top:top + 20, left:left + 20] = 250
+                objects.append((4, left, top, 20, 20))
+                row = int(rng.integers(0, 48))
+                image[row:row + 16, 8:14] = 10
+                objects.append((9, 8, row, 6, 16))
+            Image.fromarray(image).save(root / split / f"{index}.png")
+            images.append({"id": 100 + index, "file_name": f"{index}.png", "width": 64, "height": 64})
+            for category, x, y, w, h in objects:
+                mask = np.zeros((64, 64), np.uint8)
+                mask[y:y + h, x:x + w] = 1
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                annotations.append({"id": len(annotations) + 1, "image_id": 100 + index, "category_id": category,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+                                    "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")}})
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": i, "name": n} for i, n in zip(CATEGORY_IDS, CLASSES)]}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two epochs of maskrcnn_biformer_nano on the tiny COCO folder, in-process."""
+    data = make_coco_folder(tmp_path_factory.mktemp("coco"))
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *DETECTION, "--data", str(data), "--epochs", "2", "--output", str(out)]) == 0
+    return data, out
+
+
+@pytest.mark.slow
+def test_training_writes_coco_metrics_and_the_task(trained):
+    data, out = trained
+    rows = read_metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        for key in ("val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50"):
+            assert 0 <= row[key] <= 100
+        assert "val_top1" not in row and "val_loss" not in row and "train_top1" not in row
+        assert np.isfinite(row["train_loss"])
+    metadata = read_metadata(out / "last.safetensors")
+    assert metadata["task"] == "detection" and metadata["category_ids"] == list(CATEGORY_IDS)
+    assert metadata["classes"] == list(CLASSES) and metadata["img_size"] == 64
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_last_epoch_and_prints_the_ap_table(trained, capsys):
+    data, out = trained
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    last = read_metrics(out)[-1]
+    for key in ("bbox_ap", "bbox_ap50", "segm_ap"):
+        assert result[key] == pytest.approx(last[f"val_{key}"], abs=1e-9)
+    assert result["count"] == 3 and result["bbox_apl"] is None  # no large object: NaN, written as null
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^bbox(\s+-?[\d.]+|\s+nan){6}$", text, flags=re.M)
+    assert re.search(r"^segm(\s+-?[\d.]+|\s+nan){6}$", text, flags=re.M)
+
+
+@pytest.mark.slow
+def test_predict_writes_pictures_and_results_that_pycocotools_loads(trained, tmp_path, capsys):
+    data, out = trained
+    files = [str(data / "val" / f"{index}.png") for index in range(3)]
+    annotations = data / "annotations" / "instances_val.json"
+    assert main(["predict", *files, "--checkpoint", str(out / "best.safetensors"), "--output", str(tmp_path / "pred"),
+                 "--annotations", str(annotations), "--score-threshold", "0"]) == 0
+    for index in range(3):
+        picture = Image.open(tmp_path / "pred" / f"{index}_detections.png")
+        assert picture.size == (384, 384)  # 64 px enlarged 6x
+    results = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert results, "an untrained detector still returns low-scoring detections"
+    assert {entry["image_id"] for entry in results} <= {100, 101, 102}
+    assert {entry["category_id"] for entry in results} <= set(CATEGORY_IDS)
+    ground_truth = COCO()
+    ground_truth.dataset = json.loads(annotations.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+        loaded = ground_truth.loadRes(str(tmp_path / "pred" / "detections.json"))
+    assert len(loaded.getAnnIds()) == len(results)
+    assert all("segmentation" in entry for entry in results)
+    capsys.readouterr()
+    (tmp_path / "odd.png").write_bytes((data / "val" / "0.png").read_bytes())
+    assert main(["predict", str(tmp_path / "odd.png"), "--checkpoint", str(out / "best.safetensors"), "--output",
+                 str(tmp_path / "odd"), "--annotations", str(annotations)]) == 2
+    assert "lists no image named 'odd.png'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(trained, tmp_path):
+    """Killed in epoch 2, resumed: the same weights and metrics rows as the uninterrupted run."""
+    data, reference = trained
+    common = [*DETECTION, "--data", str(data), "--epochs", "2"]
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, str(HOOKED_TRAIN), "--kill-at-step", "4", *common, "--output", str(out)],
+                            capture_output=True, text=True, timeout=600)  # 3 steps per epoch
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [row["epoch"] for row in read_metrics(out)] == [1]
+    assert main(["train", *common, "--output", str(out), "--resume"]) == 0
+    expected, got = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    strip = lambda rows: [{k: row[k] for k in COMPARED} for row in rows]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(reference))
+
+
+def test_task_for_model_and_the_scaled_recipe():
+    assert task_for_model("retinanet_resnet18").metric_columns() == ("bbox_ap", "bbox_ap50", "bbox_ap75")
+    assert task_for_model("maskrcnn_biformer_tiny").metric_columns()[-2:] == ("segm_ap", "segm_ap50")
+    small = detection_model_for_size("maskrcnn_biformer_nano", 3, 128)
+    assert (small.transform.min_size, small.transform.max_size) == ((128,), 213)
+    assert small.rpn._post_nms_top_n == {"training": 160, "testing": 160}
+    assert small.roi_heads.fg_bg_sampler.batch_size_per_image == 82
+    assert {module.n_win for module in small.backbone.body.modules() if isinstance(module, BiLevelRoutingAttention)} \
+        == {(3, 3)}
+    full = detection_model_for_size("maskrcnn_resnet18", 3, 800)
+    assert full.rpn._post_nms_top_n["training"] == 1000 and full.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert detection_model_for_size("retinanet_resnet18", 3, 128).transform.max_size == 213
+
+
+def test_unreadable_images_are_skipped_with_their_problem(tmp_path):
+    data = make_coco_folder(tmp_path / "coco", train=2, val=2)
+    (data / "val" / "0.png").write_bytes(b"not a png")
+    samples = ReadableSamples(CocoDataset(data / "annotations" / "instances_val.json", data / "val"))
+    images, targets, problems = collate_detection([samples[0], samples[1]])
+    assert len(images) == len(targets) == 1 and len(problems) == 1 and "0.png" in problems[0]
+    assert collate_detection([samples[0]]) == (None, None, [problems[0]])
+    moved = targets.to("cpu")
+    assert set(moved[0]) == {"boxes", "labels", "masks", "image_id"}
+
+
+def test_draw_detections_keeps_what_scores_enough():
+    image = Image.new("RGB", (32, 48), "black")
+    detection = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 20.0], [16.0, 30.0, 30.0, 46.0]]),
+                 "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.1]),
+                 "masks": torch.zeros(2, 1, 48, 32)}
+    detection["masks"][0, 0, 4:18, 4:10] = 1
+    picture = np.asarray(draw_detections(image, detection, ["a", "b"], score_threshold=0.5))
+    factor = -(-DETECTION_MIN_SIDE // 32)
+    assert picture.shape == (48 * factor, 32 * factor, 3)
+    colour = palette(3)[1]
+    edge = picture[20 * factor - 1, 5 * factor]  # on the kept box's bottom edge
+    assert np.array_equal(edge, colour)
+    inside = picture[10 * factor, 6 * factor]  # inside its mask: tinted, not black
+    assert inside.sum() > 0
+    assert picture[40 * factor, 23 * factor].sum() == 0  # the low-scoring box is not drawn
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--model", "retinanet_biformer_nano", "--data", "digits"], "--data digits is a classification data set"),
+    (["--model", "retinanet_resnet18", "--data", "digit-scenes", "--mixup", "0.8"], r"classification-only option\(s\) --mixup"),
+    (["--model", "maskrcnn_resnet18", "--data", "/nonexistent"], "detection models train on 'digit-scenes' or a folder"),
+])
+def test_mismatched_options_are_refused_before_any_output(tmp_path, capsys, arguments, message):
+    assert main(["train", *arguments, "--output", str(tmp_path / "run"), "--no-tensorboard"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bench_detection_measures_every_model_and_mode(capsys, tmp_path):
+    csv = tmp_path / "bench.csv"
+    assert main(["bench", "detection", "retinanet_resnet18", "maskrcnn_resnet50_fpn", "--size", "64", "96",
+                 "--rounds", "1", "--threads", "1", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "retinanet_resnet18" in out and "maskrcnn_resnet50_fpn" in out and "1x3x64x96" in out
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 1 + 4  # two models x inference, training
+    header = lines[0].split(",")
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        assert float(row["peak_rss_mb"]) >= float(row["loaded_mb"]) > 0 and float(row["images_per_s"]) > 0
+
+
+def test_bench_detection_refuses_unknown_models(capsys):
+    assert main(["bench", "detection", "maskrcnn_nonexistent_net"]) == 2
+    assert "neither a detection model of ours" in capsys.readouterr().err
