@@ -3,8 +3,11 @@ losses, gradients and detections, the necks' levels, frozen BatchNorms, the labe
 import math
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
+
+from biformer.checkpoints.files import save_weights
 
 from biformer.dense import (
     DETECTION_HEADS,
@@ -199,7 +202,7 @@ def test_mask_rcnn_pyramid_is_p2_to_p6():
 @pytest.mark.parametrize("name", ["retinanet_biformer_nano", "maskrcnn_resnet18"])
 def test_backbone_batch_norms_stay_frozen_in_training(name):
     """The original's norm_eval: running statistics fixed in training, affine parameters trained."""
-    model = create_detection_model(name, num_classes=3, **SMALL)
+    model = create_detection_model(name, num_classes=3, norm_eval=True, **SMALL)
     norms = _batch_norms(model.backbone.body)
     assert norms and all(not norm.training for norm in norms) and model.training
     model.eval().train()
@@ -212,6 +215,22 @@ def test_backbone_batch_norms_stay_frozen_in_training(name):
     if name.startswith("retinanet"):  # BiFormer: the stem's and the downsampling layers'
         body = model.backbone.body
         assert set(norms) == set(_batch_norms(body.stem)) | {norm for stage in body.stages for norm in _batch_norms(stage)}
+
+
+def test_batch_norms_freeze_by_default_only_for_a_backbone_from_a_checkpoint(tmp_path):
+    """torchvision's rule: statistics frozen for pretrained weights only; from scratch they update."""
+    scratch = create_detection_model("retinanet_biformer_nano", num_classes=3, **SMALL)
+    norms = _batch_norms(scratch.backbone.body)
+    assert norms and all(norm.training for norm in norms)
+    before = [norm.running_mean.clone() for norm in norms]
+    with torch.no_grad():
+        scratch.backbone(torch.randn(2, 3, 64, 64))
+    assert not any(torch.equal(norm.running_mean, mean) for norm, mean in zip(norms, before))
+    checkpoint = tmp_path / "classifier.safetensors"  # a classifier of ours, as `biformer train` writes one
+    save_weights(checkpoint, timm.create_model("biformer_nano"), {"model": "biformer_nano"})
+    pretrained = create_detection_model("retinanet_biformer_nano", num_classes=3, backbone_checkpoint=checkpoint,
+                                        **SMALL)
+    assert all(not norm.training for norm in _batch_norms(pretrained.backbone.body))
 
 
 def test_normalization_is_the_backbones():

@@ -22,10 +22,13 @@ K + 1 outputs, 0 the background (torchvision's convention). RetinaNet's classifi
 mmdet's: the labels are shifted to 0..K-1 inside (`RetinaNetModel.compute_loss`) and back to 1..K in its
 detections, so no output is spent on a class that never occurs. Training labels outside 1..K are refused.
 
-Backbone BatchNorms (BiFormer's stem and downsampling layers; a timm CNN's) stay in eval mode in training:
-running statistics frozen, affine parameters trained — the original's `norm_eval=True` with
-`disable_bn_grad=False`. mmdet's ResNet configs also freeze the stem and first stage (frozen_stages=1);
-timm backbones here freeze nothing more.
+Backbone BatchNorms (BiFormer's stem and downsampling layers; a timm CNN's) of a backbone that starts from a
+checkpoint stay in eval mode in training: running statistics frozen, affine parameters trained — the
+original's `norm_eval=True` with `disable_bn_grad=False`, which keeps pretrained statistics from drifting
+on small per-GPU batches. A backbone trained from scratch has no statistics worth keeping, so its
+BatchNorms train as usual (torchvision's rule: `FrozenBatchNorm2d` only with pretrained weights);
+`norm_eval=` overrides either default. mmdet's ResNet configs also freeze the stem and first stage
+(frozen_stages=1); timm backbones here freeze nothing more.
 
 Where torchvision's heads differ from mmdet's (the original's configs, mmdet 2.x):
   RetinaNet: same head (4 conv3x3+ReLU per branch, prior 0.01), sigmoid focal loss (alpha 0.25, gamma 2),
@@ -171,12 +174,12 @@ class FeaturePyramid(nn.Module):
     body: the backbone (maps at strides 4-32, `.out_channels`); fpn: torchvision's FPN over the maps from
     `first_level` on, with `extra` levels on top. Keys: "0", "1", ... for the FPN's input levels (finest
     first, as torchvision's RoI poolers expect), then the extra levels' ("p6", "p7" or "pool").
-    In training, the body's BatchNorms stay in eval mode (see the module docstring).
+    norm_eval: the body's BatchNorms stay in eval mode in training (see the module docstring).
     """
 
-    def __init__(self, body: nn.Module, first_level: int, extra: ExtraFPNBlock) -> None:
+    def __init__(self, body: nn.Module, first_level: int, extra: ExtraFPNBlock, norm_eval: bool) -> None:
         super().__init__()
-        self.body, self.first_level = body, first_level
+        self.body, self.first_level, self.norm_eval = body, first_level, norm_eval
         self.fpn = FeaturePyramidNetwork(list(body.out_channels[first_level:]), FPN_CHANNELS, extra_blocks=extra)
         self.out_channels = FPN_CHANNELS  # what torchvision's heads read
         self.strides = [*body.reductions[first_level:]]
@@ -188,6 +191,8 @@ class FeaturePyramid(nn.Module):
 
     def train(self, mode: bool = True) -> FeaturePyramid:
         super().train(mode)
+        if not self.norm_eval:
+            return self
         for module in self.body.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -274,6 +279,7 @@ def create_detection_model(
     backbone_checkpoint: str | os.PathLike | None = None,
     region_size: int | tuple[int | None, ...] | None = None,
     head_options: dict[str, Any] | None = None,
+    norm_eval: bool | None = None,
     **backbone_kwargs: Any,
 ) -> DetectionModel:
     """Detection model `name` (`<head>_<backbone>`, see the module docstring) for `num_classes` object classes.
@@ -287,6 +293,8 @@ def create_detection_model(
         says what was used. Other backbones take none of them (ValueError).
     drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`detection_recipe`).
     head_options: more arguments of torchvision's `RetinaNet` or `MaskRCNN` (e.g. box_batch_size_per_image).
+    norm_eval: keep the backbone's BatchNorm statistics frozen in training; None: only when it starts from
+        backbone_checkpoint (see the module docstring).
     backbone_kwargs: more arguments of the backbone model.
     Returns a `RetinaNetModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
     and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
@@ -306,12 +314,12 @@ def create_detection_model(
             body.norms[0].requires_grad_(False)
     else:
         extra = LastLevelMaxPool()
-    backbone = FeaturePyramid(body, first, extra)
+    backbone = FeaturePyramid(body, first, extra, backbone_checkpoint is not None if norm_eval is None else norm_eval)
     mean, std = _normalization(body)
     model_class = RetinaNetModel if head == "retinanet" else MaskRCNNModel
     model = model_class(name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
                         image_mean=mean, image_std=std, **(head_options or {}))
-    return model.train()  # the frozen BatchNorms in eval mode from the start
+    return model.train()  # frozen BatchNorms in eval mode from the start
 
 
 def detection_model_for_size(name: str, num_classes: int, img_size: int,
