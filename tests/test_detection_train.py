@@ -160,11 +160,12 @@ def test_task_for_model_and_the_scaled_recipe():
     small = detection_model_for_size("maskrcnn_biformer_nano", 3, 128)
     assert (small.transform.min_size, small.transform.max_size) == ((128,), 213)
     assert small.rpn._post_nms_top_n == {"training": 160, "testing": 160}
-    assert small.roi_heads.fg_bg_sampler.batch_size_per_image == 82
+    assert small.roi_heads.fg_bg_sampler.batch_size_per_image == 82 and small.roi_heads.detections_per_img == 16
     assert {module.n_win for module in small.backbone.body.modules() if isinstance(module, BiLevelRoutingAttention)} \
         == {(3, 3)}
     full = detection_model_for_size("maskrcnn_resnet18", 3, 800)
     assert full.rpn._post_nms_top_n["training"] == 1000 and full.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert full.roi_heads.detections_per_img == 100
     assert detection_model_for_size("retinanet_resnet18", 3, 128).transform.max_size == 213
 
 

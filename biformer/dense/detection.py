@@ -327,9 +327,9 @@ def detection_model_for_size(name: str, num_classes: int, img_size: int,
     """Detection model `name` for images whose shorter side is resized to `img_size` (`biformer train
     --img-size`): the recipe's 800x1333 scaled by img_size / 800. The longer side is at most img_size x 1333 /
     800, and a BiFormer backbone's regions keep the size they have at 800 (n_win 16 there; 3 at 128). Below
-    800, Mask R-CNN's proposal and RoI counts shrink with the image side too (RPN proposals kept after NMS
-    1000 -> 160 at 128, RoIs sampled per image 512 -> 82): a smaller image holds fewer boxes worth
-    proposing, and at 128 px the full counts make the RoI heads cost 10x the backbone."""
+    800, Mask R-CNN's box counts shrink with the image side too (RPN proposals kept after NMS 1000 -> 160 at
+    128, RoIs sampled per image 512 -> 82, detections per image 100 -> 16): a smaller image holds fewer boxes
+    worth proposing, and at 128 px the full counts make the RoI and mask heads cost 10x the backbone."""
     recipe = detection_recipe(name)
     head, backbone = split_detection_name(name)
     scale = img_size / recipe.min_size
@@ -338,7 +338,8 @@ def detection_model_for_size(name: str, num_classes: int, img_size: int,
     if head == "maskrcnn" and scale < 1:
         proposals = round(RPN_POST_NMS_TRAIN * scale)
         head_options = {"rpn_post_nms_top_n_train": proposals, "rpn_post_nms_top_n_test": proposals,
-                        "box_batch_size_per_image": round(MASKRCNN_ROIS_PER_IMAGE * scale)}
+                        "box_batch_size_per_image": round(MASKRCNN_ROIS_PER_IMAGE * scale),
+                        "box_detections_per_img": round(DETECTIONS_PER_IMAGE * scale)}
     return create_detection_model(name, num_classes, min_size=img_size,
                                   max_size=round(img_size * recipe.max_size / recipe.min_size),
                                   n_win=n_win, drop_path_rate=drop_path_rate, head_options=head_options)
