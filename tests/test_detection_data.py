@@ -116,8 +116,8 @@ def test_read_coco_targets(coco):
     _, target = data[2]  # the negative image
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["masks"].shape == (0, 20, 20)
 
-    images, targets = collate_detection([data[0], data[2]])
-    assert [im.shape[1:] for im in images] == [(30, 40), (20, 20)] and len(targets) == 2
+    images, targets, problems = collate_detection([(*data[0], None), (*data[2], None)])
+    assert [im.shape[1:] for im in images] == [(30, 40), (20, 20)] and len(targets) == 2 and problems == []
     boxes_only = read_coco(*coco, with_masks=False)[0][1]
     assert "masks" not in boxes_only and boxes_only["boxes"].shape == (3, 4)
 
