@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segmentation.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     detection = parser.add_argument_group("detection")
     detection.add_argument("--score-threshold", type=float, default=0.3,
-                           help="draw the detections scoring at least this (detections.json keeps them all)")
+                           help="draw the detections scoring at least this (detections.json keeps them all); below "
+                                "the model's own cut-off (0.05) it lowers that too")
     detection.add_argument("--annotations", default=None, metavar="JSON",
                            help="a COCO instances file that lists the images: their ids go into detections.json "
                                 "(default: 1, 2, ... in the order the images are printed)")
@@ -184,6 +185,8 @@ def _detect_images(images, loaded, output: Path, device, args: argparse.Namespac
     from ..dense.drawing import draw_detections
 
     ids_by_name = _coco_image_ids(args.annotations)
+    scoring = getattr(loaded.model, "roi_heads", loaded.model)  # where Mask R-CNN / RetinaNet keep their cut-off
+    scoring.score_thresh = min(scoring.score_thresh, args.score_threshold)
     category_ids = loaded.category_ids or list(range(1, len(loaded.classes) + 1))
     results: list[dict] = []
     for number, (path, image) in enumerate(images, 1):
