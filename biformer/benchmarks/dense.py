@@ -23,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 INFERENCE_MODEL = "upernet_biformer_small"
 INFERENCE_INPUT = (1, 3, 1024, 2048)  # a Cityscapes image
@@ -87,6 +87,22 @@ def current_rss_mb() -> float:
     raise RuntimeError("no VmRSS line in /proc/self/status")
 
 
+def peak_rss(prepare: Callable[[], Callable[[], None]], threads: int | None = None) -> dict[str, Any]:
+    """Peak RSS of one run in this process (call it in a fresh one): with torch's threads set and its generator
+    seeded, `prepare()` builds the model and input and returns the run; the RSS after building is "loaded"."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    run = prepare()
+    gc.collect()
+    loaded = current_rss_mb()
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return dict(loaded_mb=loaded, peak_rss_mb=peak, over_loaded_mb=peak - loaded, threads=torch.get_num_threads())
+
+
 def measure(case: DenseCase, threads: int | None = None) -> dict[str, Any]:
     """Build, load and run `case` in this process; its peak RSS is this process's (run it in a fresh one)."""
     import torch
@@ -94,24 +110,24 @@ def measure(case: DenseCase, threads: int | None = None) -> dict[str, Any]:
     from ..dense import create_backbone, create_segmentation_model
     from ..ops import use_backend
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    if case.case == "inference":
-        model = create_segmentation_model(case.model, case.classes).eval()
-    else:
-        model = create_backbone(case.model, n_win=case.n_win).train()
-    images = torch.randn(case.input)
-    gc.collect()
-    loaded = current_rss_mb()
-    with use_backend(model, case.backend):
+    def prepare() -> Callable[[], None]:
         if case.case == "inference":
-            with torch.no_grad():
-                model(images)
+            model = create_segmentation_model(case.model, case.classes).eval()
         else:
-            sum(feature.mean() for feature in model(images)).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return dict(loaded_mb=loaded, peak_rss_mb=peak, over_loaded_mb=peak - loaded, threads=torch.get_num_threads())
+            model = create_backbone(case.model, n_win=case.n_win).train()
+        images = torch.randn(case.input)
+
+        def run() -> None:
+            with use_backend(model, case.backend):
+                if case.case == "inference":
+                    with torch.no_grad():
+                        model(images)
+                else:
+                    sum(feature.mean() for feature in model(images)).backward()
+
+        return run
+
+    return peak_rss(prepare, threads)
 
 
 def _child_main() -> None:

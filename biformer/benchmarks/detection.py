@@ -15,13 +15,11 @@ MB = 2**20 bytes, GB = 10**9.
 """
 from __future__ import annotations
 
-import gc
-import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
-from .dense import current_rss_mb, run_in_child
+from .dense import peak_rss, run_in_child
 
 DEFAULT_MODELS = ("maskrcnn_biformer_small", "maskrcnn_resnet50_fpn", "maskrcnn_convnext_tiny")
 TORCHVISION_MODELS = ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")
@@ -88,19 +86,14 @@ def _run(model: Any, mode: str, images: list[Any], targets: list[dict[str, Any]]
 
 
 def measure_memory(name: str, mode: str, size: tuple[int, int], threads: int | None) -> dict[str, Any]:
-    """Peak RSS of one run of `mode` in this process (call it in a fresh one: `memory_in_child`)."""
-    import torch
+    """Peak RSS of one run of `mode` in this process (call it in a fresh one: `bench_detection` does)."""
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_detector(name, size)
-    images, targets = synthetic_batch(size)
-    gc.collect()
-    loaded = current_rss_mb()
-    _run(model, mode, images, targets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return dict(loaded_mb=loaded, peak_rss_mb=peak, over_loaded_mb=peak - loaded, threads=torch.get_num_threads())
+    def prepare() -> Callable[[], None]:
+        model = build_detector(name, size)
+        images, targets = synthetic_batch(size)
+        return lambda: _run(model, mode, images, targets)
+
+    return peak_rss(prepare, threads)
 
 
 def measure_speed(names: list[str], size: tuple[int, int], rounds: int, threads: int | None) -> dict[str, Any]:

@@ -159,6 +159,12 @@ def split_head_name(name: str, heads: tuple[str, ...]) -> tuple[str, str] | None
     return (head, backbone) if head in heads and backbone else None
 
 
+def is_head_model(name: str, heads: tuple[str, ...]) -> bool:
+    """A head prefix of `heads` and a backbone that timm knows (BiFormer variants included)."""
+    parts = split_head_name(name, heads)
+    return parts is not None and timm.is_model(parts[1])
+
+
 def parse_head_name(name: str, heads: tuple[str, ...], task: str) -> tuple[str, str]:
     """(head, backbone) of a `task` model's name; UserError without a head of `heads` or a backbone timm knows."""
     parts = split_head_name(name, heads)

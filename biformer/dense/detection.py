@@ -60,7 +60,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -72,6 +71,7 @@ from .backbone import (
     DenseBackbone,
     create_features,
     is_biformer,
+    is_head_model,
     parse_head_name,
     recipe_drop_path,
     split_head_name,
@@ -129,8 +129,7 @@ def split_detection_name(name: str) -> tuple[str, str] | None:
 
 def is_detection_model(name: str) -> bool:
     """A head prefix and a backbone that timm knows (BiFormer variants included)."""
-    parts = split_detection_name(name)
-    return parts is not None and timm.is_model(parts[1])
+    return is_head_model(name, DETECTION_HEADS)
 
 
 def _parse(name: str) -> tuple[str, str]:

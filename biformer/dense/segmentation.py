@@ -35,7 +35,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base.modules import Conv2dReLU
@@ -47,6 +46,7 @@ from .backbone import (
     REDUCTIONS,
     create_features,
     is_biformer,
+    is_head_model,
     parse_head_name,
     recipe_drop_path,
     split_head_name,
@@ -98,8 +98,7 @@ def split_segmentation_name(name: str) -> tuple[str, str] | None:
 
 def is_segmentation_model(name: str) -> bool:
     """A head prefix and a backbone that timm knows (BiFormer variants included)."""
-    parts = split_segmentation_name(name)
-    return parts is not None and timm.is_model(parts[1])
+    return is_head_model(name, SEGMENTATION_HEADS)
 
 
 def _parse(name: str) -> tuple[str, str]:
