@@ -135,6 +135,7 @@ def test_predict_writes_pictures_and_results_that_pycocotools_loads(trained, tmp
     assert main(["predict", str(tmp_path / "odd.png"), "--checkpoint", str(out / "best.safetensors"), "--output",
                  str(tmp_path / "odd"), "--annotations", str(annotations)]) == 2
     assert "lists no image named 'odd.png'" in capsys.readouterr().err
+    assert not (tmp_path / "odd").exists()  # refused before anything is loaded or written
 
 
 @pytest.mark.slow

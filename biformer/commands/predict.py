@@ -127,21 +127,24 @@ def _predict_dense(files: list[str], args: argparse.Namespace, task: str) -> int
     from ..dense.restore import restore_dense_model
     from ..training.runtime import resolve_device
 
-    output = _output_folder(args, task)
-    loaded = restore_dense_model(args.checkpoint, args.img_size)
-    if loaded.task != task:
-        raise UserError(f"--model names a {task} model but --checkpoint {args.checkpoint!r} holds a {loaded.task} model")
     if task == "detection" and (args.mode != "whole" or args.flip):
         raise UserError("--mode and --flip are for segmentation models; leave them out")
     if task == "segmentation" and args.annotations:
         raise UserError("--annotations is for detection models; leave it out")
     if not 0 <= args.score_threshold <= 1:
         raise UserError(f"--score-threshold must be within 0..1, got {args.score_threshold}")
+    image_ids = _coco_image_ids(args.annotations, files) if args.annotations else None
+    output = _output_folder(args, task)
+    loaded = restore_dense_model(args.checkpoint, args.img_size)
+    if loaded.task != task:
+        raise UserError(f"--model names a {task} model but --checkpoint {args.checkpoint!r} holds a {loaded.task} model")
     device = resolve_device(args.device)
     loaded.model.to(device)
     images, skipped = _read_images(files)
-    predict = _segment_images if task == "segmentation" else _detect_images
-    predict(images, loaded, output, device, args)
+    if task == "segmentation":
+        _segment_images(images, loaded, output, device, args)
+    else:
+        _detect_images(images, loaded, output, device, args.score_threshold, image_ids)
     if skipped:
         print(f"{len(skipped)} unreadable image(s) skipped", file=sys.stderr)
     return 0 if len(skipped) < len(files) else 1
@@ -164,44 +167,44 @@ def _segment_images(images, loaded, output: Path, device, args: argparse.Namespa
         print(f"{path} -> {stem}_overlay.png, {stem}_labels.png")
 
 
-def _coco_image_ids(annotations: str | None) -> dict[str, int] | None:
-    """File name -> image id of a COCO instances file (None without one)."""
+def _coco_image_ids(annotations: str, files: list[str]) -> dict[str, int]:
+    """File name -> image id of each of `files` in a COCO instances file; UserError for a file it does not list."""
     from ..files import read_json
 
-    if annotations is None:
-        return None
     data = read_json(annotations, "--annotations file")
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
         raise UserError(f"--annotations {annotations!r} has no 'images' list with 'id' and 'file_name' entries "
                         "(COCO's instances format)")
-    return {Path(entry["file_name"]).name: entry["id"] for entry in entries}
+    ids = {Path(entry["file_name"]).name: entry["id"] for entry in entries}
+    unlisted = [Path(path).name for path in files if Path(path).name not in ids]
+    if unlisted:
+        raise UserError(f"--annotations {annotations!r} lists no image named {unlisted[0]!r}"
+                        + (f" (nor {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""))
+    return ids
 
 
-def _detect_images(images, loaded, output: Path, device, args: argparse.Namespace) -> None:
+def _detect_images(images, loaded, output: Path, device, score_threshold: float,
+                   image_ids: dict[str, int] | None) -> None:
+    """Draw each image's detections and write them all to detections.json; image_ids: file name -> COCO image
+    id (None: 1, 2, ... in order)."""
     import torchvision.transforms.functional as F
 
     from ..dense.coco_eval import detections_to_coco_results, write_coco_results
     from ..dense.drawing import draw_detections
 
-    ids_by_name = _coco_image_ids(args.annotations)
     scoring = getattr(loaded.model, "roi_heads", loaded.model)  # where Mask R-CNN / RetinaNet keep their cut-off
-    scoring.score_thresh = min(scoring.score_thresh, args.score_threshold)
+    scoring.score_thresh = min(scoring.score_thresh, score_threshold)
     category_ids = loaded.category_ids or list(range(1, len(loaded.classes) + 1))
     results: list[dict] = []
     for number, (path, image) in enumerate(images, 1):
-        if ids_by_name is None:
-            image_id = number
-        elif Path(path).name in ids_by_name:
-            image_id = ids_by_name[Path(path).name]
-        else:
-            raise UserError(f"--annotations {args.annotations!r} lists no image named {Path(path).name!r}")
+        image_id = number if image_ids is None else image_ids[Path(path).name]
         with torch.no_grad():
             detection = {key: value.cpu() for key, value in loaded.model([F.to_tensor(image).to(device)])[0].items()}
         results += detections_to_coco_results([detection], [image_id], category_ids, "masks" in detection)
         picture = output / f"{Path(path).stem}_detections.png"
-        _save_png(draw_detections(image, detection, loaded.classes, args.score_threshold), str(picture))
-        shown = int((detection["scores"] >= args.score_threshold).sum())
+        _save_png(draw_detections(image, detection, loaded.classes, score_threshold), str(picture))
+        shown = int((detection["scores"] >= score_threshold).sum())
         print(f"{path} (image id {image_id}): {len(detection['scores'])} detections, {shown} drawn -> {picture}")
     write_coco_results(results, output / "detections.json")
     print(f"{len(results)} detections -> {output / 'detections.json'}")
