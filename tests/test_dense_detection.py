@@ -1,4 +1,4 @@
-"""Detection models (RetinaNet, Mask R-CNN) on BiFormer and timm backbones: the backbone against the original,
+"""Detection models (RetinaNet, FCOS, Mask R-CNN) on BiFormer and timm backbones: the backbone against the original,
 losses, gradients and detections, the necks' levels, frozen BatchNorms, the label convention, recipes, names."""
 import math
 
@@ -11,6 +11,7 @@ from biformer.checkpoints.files import save_weights
 
 from biformer.dense import (
     DETECTION_HEADS,
+    FCOSModel,
     MaskRCNNModel,
     RetinaNetModel,
     create_backbone,
@@ -19,21 +20,24 @@ from biformer.dense import (
     is_detection_model,
     split_detection_name,
 )
-from biformer.dense.detection import InputP6P7
+from biformer.dense.detection import InputP6P7, LastLevelP6P7
 from biformer.errors import UserError
 
 SMALL = dict(min_size=128, max_size=160)  # torchvision's resize: images of at most 128x160
 TINY = dict(min_size=64, max_size=80)  # for training steps: the 256-channel heads cost ~10 GFLOPs at 128x160
 LOSSES = {
     "retinanet": {"classification", "bbox_regression"},
+    "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
     "maskrcnn": {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"},
 }
-OUTPUTS = {"retinanet": {"boxes", "scores", "labels"}, "maskrcnn": {"boxes", "scores", "labels", "masks"}}
+OUTPUTS = {"retinanet": {"boxes", "scores", "labels"}, "fcos": {"boxes", "scores", "labels"}, "maskrcnn": {"boxes", "scores", "labels", "masks"}}
 # each head on BiFormer's smallest backbone and on a timm CNN or ConvNeXt; a training step takes seconds on a
 # CPU (Mask R-CNN's RoI heads more), so one case is in the fast tier
 MODELS = [
     "retinanet_biformer_nano",
     pytest.param("retinanet_resnet18", marks=pytest.mark.slow),
+    "fcos_biformer_nano",
+    pytest.param("fcos_convnext_atto", marks=pytest.mark.slow),
     pytest.param("maskrcnn_biformer_nano", marks=pytest.mark.slow),
     pytest.param("maskrcnn_convnext_atto", marks=pytest.mark.slow),
 ]
@@ -96,7 +100,7 @@ def test_losses_gradients_and_detections(name):
     assert set(losses) == LOSSES[head]
     assert all(loss.ndim == 0 and math.isfinite(loss.item()) for loss in losses.values()), losses
     sum(losses.values()).backward()
-    heads = [model.head] if head == "retinanet" else [model.rpn, model.roi_heads]
+    heads = [model.rpn, model.roi_heads] if head == "maskrcnn" else [model.head]
     for part in (model.backbone.body, model.backbone.fpn, *heads):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads), type(part).__name__
@@ -116,7 +120,8 @@ def test_losses_gradients_and_detections(name):
             assert n > 0 and detection["masks"].shape == (n, 1, *image.shape[1:])
 
 
-@pytest.mark.parametrize("name", ["retinanet_biformer_nano", pytest.param("maskrcnn_resnet18", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["retinanet_biformer_nano", "fcos_biformer_nano",
+                                  pytest.param("maskrcnn_resnet18", marks=pytest.mark.slow)])
 def test_a_batch_without_objects_trains_as_negatives(name):
     torch.manual_seed(0)
     model = create_detection_model(name, num_classes=2, **TINY)
@@ -124,22 +129,24 @@ def test_a_batch_without_objects_trains_as_negatives(name):
     images, targets = _batch(with_masks=name.startswith("maskrcnn"))
     losses = model(images[1:], targets[1:])
     assert all(math.isfinite(loss.item()) for loss in losses.values())
-    box_losses = ("bbox_regression",) if name.startswith("retinanet") else ("loss_box_reg", "loss_rpn_box_reg")
+    box_losses = {"retinanet": ("bbox_regression",), "fcos": ("bbox_regression", "bbox_ctrness"),
+                  "maskrcnn": ("loss_box_reg", "loss_rpn_box_reg")}[name.split("_")[0]]
     assert all(losses[key].item() == 0 for key in box_losses)
     assert losses.get("classification", losses.get("loss_objectness")).item() > 0  # background is learnt
     sum(losses.values()).backward()
 
 
-def test_retinanet_labels_are_1_to_k():
-    """Its K sigmoid outputs stand for labels 1..K: output k - 1 confident everywhere -> every detection is k;
+@pytest.mark.parametrize("head, anchors", [("retinanet", 9), ("fcos", 1)])
+def test_sigmoid_heads_label_1_to_k(head, anchors):
+    """Their K sigmoid outputs stand for labels 1..K: output k - 1 confident everywhere -> every detection is k;
     in training, targets of label k are scored against output k - 1."""
     torch.manual_seed(0)
-    model = create_detection_model("retinanet_resnet18", num_classes=4, **TINY)
+    model = create_detection_model(f"{head}_resnet18", num_classes=4, **TINY)
     classifier = model.head.classification_head.cls_logits
-    assert classifier.out_channels == 9 * 4  # K outputs per anchor, no background
+    assert classifier.out_channels == anchors * 4  # K outputs per anchor, no background
     with torch.no_grad():
         classifier.weight.zero_()
-        classifier.bias.copy_(torch.tensor([-10.0, -10.0, 10.0, -10.0]).repeat(9))  # output 2 <-> label 3
+        classifier.bias.copy_(torch.tensor([-10.0, -10.0, 10.0, -10.0]).repeat(anchors))  # output 2 <-> label 3
     images, targets = _batch(with_masks=False)
     targets = targets[:1]
     with torch.no_grad():
@@ -184,6 +191,24 @@ def test_retinanet_pyramid_is_p3_to_p7_with_p6_from_the_input_map():
         (1, 256, 16, 20), (1, 256, 8, 10), (1, 256, 4, 5), (1, 256, 2, 3), (1, 256, 1, 2)]
     # the stride-4 map's norm feeds nothing: kept out of training (DDP needs no find_unused_parameters)
     assert not any(p.requires_grad for p in pyramid.body.norms[0].parameters())
+
+
+def test_fcos_pyramid_is_p3_to_p7_with_p6_from_the_fpn_output():
+    """mmdet's FCOS: start_level=1, add_extra_convs='on_output', relu_before_extra_convs=True."""
+    torch.manual_seed(0)
+    model = create_detection_model("fcos_biformer_nano", num_classes=3, **SMALL).eval()
+    pyramid = model.backbone
+    assert pyramid.strides == [8, 16, 32, 64, 128] and len(model.anchor_generator.sizes) == 5
+    assert isinstance(pyramid.fpn.extra_blocks, LastLevelP6P7)
+    with torch.no_grad():
+        levels = pyramid(torch.randn(1, 3, 128, 160))
+        extra = pyramid.fpn.extra_blocks
+        torch.testing.assert_close(levels["p6"], extra.p6(levels["2"]), atol=0, rtol=0)
+        torch.testing.assert_close(levels["p7"], extra.p7(levels["p6"].relu()), atol=0, rtol=0)
+    assert list(levels) == ["0", "1", "2", "p6", "p7"]
+    assert [tuple(level.shape[2:]) for level in levels.values()] == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    assert not any(p.requires_grad for p in pyramid.body.norms[0].parameters())
+    assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == (0.05, 0.5, 100)  # mmdet's
 
 
 def test_mask_rcnn_pyramid_is_p2_to_p6():
@@ -246,7 +271,7 @@ def test_normalization_is_the_backbones():
 
 def test_attributes_and_recipes():
     """The release's COCO 1x configs: AdamW 1e-4, 12 epochs with steps at 8 and 11, drop path S 0.2 / B 0.3."""
-    for head, decay, no_decay in (("retinanet", 1e-4, ()),
+    for head, decay, no_decay in (("retinanet", 1e-4, ()), ("fcos", 1e-4, ()),  # fcos: RetinaNet's (ours)
                                   ("maskrcnn", 0.05, ("absolute_pos_embed", "relative_position_bias_table", "norm"))):
         for variant, rate in (("small", 0.2), ("base", 0.3), ("tiny", 0.1)):  # tiny: no release config, ours
             recipe = detection_recipe(f"{head}_biformer_{variant}")
@@ -262,6 +287,7 @@ def test_attributes_and_recipes():
     model = create_detection_model("retinanet_resnet18", 2, **SMALL)
     assert (model.name, model.num_classes, model.recipe) == ("retinanet_resnet18", 2, detection_recipe(model.name))
     assert isinstance(model, RetinaNetModel)
+    assert isinstance(create_detection_model("fcos_resnet18", 2, **SMALL), FCOSModel)
 
 
 def test_drop_path_and_n_win_reach_the_backbone():
@@ -273,9 +299,10 @@ def test_drop_path_and_n_win_reach_the_backbone():
 
 
 def test_names():
-    assert DETECTION_HEADS == ("retinanet", "maskrcnn")
+    assert DETECTION_HEADS == ("retinanet", "fcos", "maskrcnn")
     assert split_detection_name("retinanet_biformer_tiny") == ("retinanet", "biformer_tiny")
     assert split_detection_name("maskrcnn_convnext_tiny") == ("maskrcnn", "convnext_tiny")
+    assert split_detection_name("fcos_resnet18") == ("fcos", "resnet18")
     assert split_detection_name("maskrcnn_no_such_model") == ("maskrcnn", "no_such_model")  # existence not checked
     for name in ("biformer_tiny", "upernet_resnet18", "retinanet_", "maskrcnn", "mask_rcnn_resnet18"):
         assert split_detection_name(name) is None
@@ -285,11 +312,11 @@ def test_names():
 
 @pytest.mark.parametrize("name, reason", [
     ("retinanet_no_such_model", "unknown backbone 'no_such_model'"),
-    ("fcos_resnet18", "no head prefix"),
+    ("yolo_resnet18", "no head prefix"),
 ])
 def test_unknown_names_list_the_accepted_forms(name, reason):
     for make in (lambda: create_detection_model(name, 3), lambda: detection_recipe(name)):
-        with pytest.raises(UserError, match=f"{reason}.*HEAD_BACKBONE with HEAD one of retinanet, maskrcnn"):
+        with pytest.raises(UserError, match=f"{reason}.*HEAD_BACKBONE with HEAD one of retinanet, fcos, maskrcnn"):
             make()
 
 

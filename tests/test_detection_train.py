@@ -139,6 +139,19 @@ def test_predict_writes_pictures_and_results_that_pycocotools_loads(trained, tmp
 
 
 @pytest.mark.slow
+def test_fcos_trains_and_evaluates_boxes_only(tmp_path, capsys):
+    data, out = make_coco_folder(tmp_path / "coco"), tmp_path / "run"
+    arguments = [*DETECTION[2:], "--model", "fcos_biformer_nano", "--data", str(data), "--epochs", "1"]
+    assert main(["train", *arguments, "--output", str(out)]) == 0
+    row, = read_metrics(out)
+    assert 0 <= row["val_bbox_ap50"] <= 100 and "val_segm_ap" not in row
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bbox_ap"] == pytest.approx(row["val_bbox_ap"], abs=1e-9) and "segm_ap" not in result
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(trained, tmp_path):
     """Killed in epoch 2, resumed: the same weights and metrics rows as the uninterrupted run."""
     data, reference = trained
@@ -156,7 +169,8 @@ def test_resume_after_sigkill_is_exact(trained, tmp_path):
 
 
 def test_task_for_model_and_the_scaled_recipe():
-    assert task_for_model("retinanet_resnet18").metric_columns() == ("bbox_ap", "bbox_ap50", "bbox_ap75")
+    for name in ("retinanet_resnet18", "fcos_biformer_nano"):
+        assert task_for_model(name).metric_columns() == ("bbox_ap", "bbox_ap50", "bbox_ap75")
     assert task_for_model("maskrcnn_biformer_tiny").metric_columns()[-2:] == ("segm_ap", "segm_ap50")
     small = detection_model_for_size("maskrcnn_biformer_nano", 3, 128)
     assert (small.transform.min_size, small.transform.max_size) == ((128,), 213)

@@ -37,7 +37,7 @@ def check_model_name(name: str) -> None:
     from ..dense import is_detection_model
 
     if name not in TORCHVISION_MODELS and not is_detection_model(name):
-        raise ValueError(f"{name!r} is neither a detection model of ours (retinanet_<backbone>, maskrcnn_<backbone>) "
+        raise ValueError(f"{name!r} is neither a detection model of ours (retinanet_<backbone>, fcos_<backbone>, maskrcnn_<backbone>) "
                          f"nor one of torchvision's {', '.join(TORCHVISION_MODELS)}")
 
 

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint (ours, or an original release file with --model) on the validation "
                     "split of --data: classifiers on digits or a folder with val/<class>/*; segmentation models "
                     "(sfpn_*, upernet_*) on digit-scenes, a folder with images/val, masks/val and classes.txt, or "
-                    "ADE20K's ADEChallengeData2016 folder; detection models (retinanet_*, maskrcnn_*) on digit-scenes "
+                    "ADE20K's ADEChallengeData2016 folder; detection models (retinanet_*, fcos_*, maskrcnn_*) on digit-scenes "
                     "or a folder in COCO's layout (annotations/instances_val*.json beside val*/), with COCO's AP.",
     )
     parser.add_argument("--checkpoint", required=True, help=".safetensors from `biformer train`, or a release .pth")

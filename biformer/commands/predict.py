@@ -193,7 +193,7 @@ def _detect_images(images, loaded, output: Path, device, score_threshold: float,
     from ..dense.coco_eval import detections_to_coco_results, write_coco_results
     from ..dense.drawing import draw_detections
 
-    scoring = getattr(loaded.model, "roi_heads", loaded.model)  # where Mask R-CNN / RetinaNet keep their cut-off
+    scoring = getattr(loaded.model, "roi_heads", loaded.model)  # where Mask R-CNN / RetinaNet / FCOS keep their cut-off
     scoring.score_thresh = min(scoring.score_thresh, score_threshold)
     category_ids = loaded.category_ids or list(range(1, len(loaded.classes) + 1))
     results: list[dict] = []

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train on the embedded digits data set (--data digits) or an image folder with "
                     "train/<class>/* and val/<class>/*; segmentation (sfpn_*, upernet_*) and detection (retinanet_*, "
-                    "maskrcnn_*) models on --data digit-scenes or their own layouts. Under torchrun it trains with "
+                    "fcos_*, maskrcnn_*) models on --data digit-scenes or their own layouts. Under torchrun it trains with "
                     "DistributedDataParallel.",
     )
     hints = typing.get_type_hints(TrainConfig)

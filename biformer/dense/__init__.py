@@ -1,6 +1,6 @@
 """Dense prediction on BiFormer: the backbone of the original detection/segmentation code, the semantic
 segmentation models (Semantic FPN, UperNet) of the paper's ADE20K experiments, and the detection models
-(RetinaNet, Mask R-CNN) of its COCO experiments."""
+(RetinaNet, Mask R-CNN) of its COCO experiments, and FCOS."""
 from .backbone import (
     CheckpointReport,
     DenseBackbone,
@@ -11,6 +11,7 @@ from .detection import (
     DETECTION_HEADS,
     DetectionModel,
     DetectionRecipe,
+    FCOSModel,
     MaskRCNNModel,
     RetinaNetModel,
     create_detection_model,
@@ -35,6 +36,7 @@ __all__ = [
     "DenseBackbone",
     "DetectionModel",
     "DetectionRecipe",
+    "FCOSModel",
     "MaskRCNNModel",
     "RetinaNetModel",
     "SegmentationModel",

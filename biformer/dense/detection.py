@@ -1,5 +1,5 @@
 """Object detection and instance segmentation on BiFormer or any timm backbone: RetinaNet and Mask R-CNN,
-the paper's COCO models, built from torchvision's `RetinaNet` and `MaskRCNN`.
+the paper's COCO models, and FCOS, built from torchvision's `RetinaNet`, `MaskRCNN` and `FCOS`.
 
 A model is named `<head>_<backbone>`: `retinanet_biformer_small`, `maskrcnn_biformer_base`, `retinanet_resnet18`,
 `maskrcnn_convnext_tiny`, ... A `biformer*` backbone is `create_backbone`'s (its stage maps pass through the
@@ -11,15 +11,18 @@ Necks, as in the original mmdet configs (torchvision's `FeaturePyramidNetwork`, 
     stride-32 *input* map and P7 = conv3x3/s2 of P6 (mmdet's add_extra_convs='on_input' with its default
     relu_before_extra_convs=False); 5 levels P3-P7, strides 8-128. torchvision's `LastLevelP6P7` puts a
     ReLU between P6 and P7 (and reads P5 when the channel counts match), so `InputP6P7` is ours.
+  - FCOS (no BiFormer config; mmdet's FCOS configs): the same levels P3-P7, but P6 = conv3x3/s2 of the FPN's
+    P5 *output* and a ReLU before P7 (add_extra_convs='on_output', relu_before_extra_convs=True), which is
+    torchvision's `LastLevelP6P7` with 256 input channels.
   - Mask R-CNN: FPN over the stride-4..32 maps plus P6 = P5 subsampled (max pool 1, stride 2,
     `LastLevelMaxPool`, as mmdet's num_outs=5 without extra convs); 5 levels P2-P6, strides 4-64.
 Anchors and RoI poolers are torchvision's defaults, which match those levels: RetinaNet 3 scales x 3 ratios
 from 32 to 512 (P3-P7); Mask R-CNN RPN 1 scale x 3 ratios from 32 to 512 (P2-P6), RoIAlign 7x7 (boxes) and
 14x14 (masks) over P2-P5 with the FPN paper's level mapping (the same as mmdet's finest_scale=56).
 
-Classes: labels given to the model (and returned by it) are 1..K for both heads. Mask R-CNN's classifier has
-K + 1 outputs, 0 the background (torchvision's convention). RetinaNet's classifier has K sigmoid outputs, as
-mmdet's: the labels are shifted to 0..K-1 inside (`RetinaNetModel.compute_loss`) and back to 1..K in its
+Classes: labels given to the model (and returned by it) are 1..K for every head. Mask R-CNN's classifier has
+K + 1 outputs, 0 the background (torchvision's convention). RetinaNet's and FCOS's classifiers have K sigmoid
+outputs, as mmdet's: the labels are shifted to 0..K-1 inside (`SigmoidClasses`) and back to 1..K in their
 detections, so no output is spent on a class that never occurs. Training labels outside 1..K are refused.
 
 Backbone BatchNorms (BiFormer's stem and downsampling layers; a timm CNN's) of a backbone that starts from a
@@ -37,6 +40,10 @@ Where torchvision's heads differ from mmdet's (the original's configs, mmdet 2.x
     the batch's positives); anchor sizes are truncated to integers (32, 40, 50 instead of 32, 40.3, 50.8).
     Inference: 1000 candidates per level, score > 0.05, class-wise NMS 0.5, and 100 detections per image
     (set here as mmdet's max_per_img; torchvision's default is 300).
+  FCOS: torchvision's is mmdet's FCOS with its "tricks" (GroupNorm heads, centerness on the regression
+    branch, center sampling radius 1.5, GIoU box loss, normalized box targets); each FPN level takes the
+    boxes of one size range through anchors of sizes 8-128 (mmdet: regress_ranges 64/128/256/512). Inference
+    as mmdet's test_cfg (set here; torchvision's: score 0.2, NMS 0.6): score > 0.05, NMS 0.5, 100 per image.
   Mask R-CNN: the same RPN (one conv3x3, 3 anchors per position, 0.7/0.3 IoU, 256 samples, half positive)
     and RoI heads (2 fc 1024; 4 conv3x3 + deconv mask head; 512 RoIs, a quarter positive, 0.5 IoU; box coder
     weights 10, 10, 5, 5 = mmdet's stds 0.1, 0.1, 0.2, 0.2), but box losses are smooth L1 with beta 1/9
@@ -63,9 +70,9 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from .backbone import (
     DenseBackbone,
@@ -77,14 +84,14 @@ from .backbone import (
     split_head_name,
 )
 
-DETECTION_HEADS = ("retinanet", "maskrcnn")
+DETECTION_HEADS = ("retinanet", "fcos", "maskrcnn")
 FPN_CHANNELS = 256
 N_WIN = 16  # BRA regions per side in the original COCO configs (1333x800 inputs)
 DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for both heads
 RPN_POST_NMS_TRAIN = 1000  # mmdet's rpn_proposal max_per_img in training (and torchvision's in testing)
 MASKRCNN_ROIS_PER_IMAGE = 512  # RoIs sampled per image for the RoI heads' losses (mmdet's and torchvision's)
 # the first backbone map (index into strides 4, 8, 16, 32) that each head's FPN reads
-FIRST_LEVEL = {"retinanet": 1, "maskrcnn": 0}
+FIRST_LEVEL = {"retinanet": 1, "fcos": 1, "maskrcnn": 0}
 
 # Drop path rates of the release's COCO configs; it has none for BiFormer-T (0.1 here is ours).
 RELEASE_DROP_PATH = {"biformer_small": 0.2, "biformer_base": 0.3}
@@ -96,7 +103,8 @@ MASKRCNN_NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm
 class DetectionRecipe:
     """The original COCO training settings (the BiFormer release's mmdet 1x configs) of a head and backbone.
 
-    Both: AdamW, mmdet's schedule_1x (12 epochs, lr x0.1 after epochs 8 and 11, linear warmup over 500
+    FCOS has no BiFormer config: it takes RetinaNet's (ours).
+    All: AdamW, mmdet's schedule_1x (12 epochs, lr x0.1 after epochs 8 and 11, linear warmup over 500
     iterations from 0.001 x lr), 8 GPUs x 2 images, AMP, 1333x800 resize with horizontal flip.
     RetinaNet (WaveViT's optimizer): weight decay 1e-4 on every parameter. Mask R-CNN (UniFormer's): weight
     decay 0.05 except on parameters named in `no_decay`.
@@ -140,7 +148,7 @@ def detection_recipe(name: str) -> DetectionRecipe:
     """The release's training settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
     drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get(backbone))
-    weight_decay, no_decay = (1e-4, ()) if head == "retinanet" else (0.05, MASKRCNN_NO_DECAY)
+    weight_decay, no_decay = (0.05, MASKRCNN_NO_DECAY) if head == "maskrcnn" else (1e-4, ())
     return DetectionRecipe(max_size=1333, min_size=800, flip=0.5, opt="adamw", lr=1e-4, weight_decay=weight_decay,
                            no_decay=no_decay, drop_path=drop_path, n_win=N_WIN, epochs=12, lr_steps=(8, 11),
                            lr_gamma=0.1, warmup_iters=500, warmup_ratio=0.001, batch=16)
@@ -206,7 +214,32 @@ def _check_labels(targets: list[dict[str, Tensor]] | None, num_classes: int, nam
             raise ValueError(f"{name}: target labels must be 1..{num_classes} (0 is no class), got {low}..{high}")
 
 
-class RetinaNetModel(RetinaNet):
+class CheckedLabels:
+    """Refuses training labels outside 1..K (`num_classes`) before torchvision's forward sees them."""
+
+    name: str
+    num_classes: int
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        if self.training:
+            _check_labels(targets, self.num_classes, self.name)
+        return super().forward(images, targets)
+
+
+class SigmoidClasses(CheckedLabels):
+    """K sigmoid class outputs for labels 1..K (RetinaNet's and FCOS's): class k is output k - 1 in the loss,
+    and detections of output k - 1 are labelled k (see the module docstring)."""
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], *outputs_and_anchors: Any) -> dict[str, Tensor]:
+        shifted = [{**target, "labels": target["labels"] - 1} for target in targets]  # class k -> output k - 1
+        return super().compute_loss(shifted, *outputs_and_anchors)
+
+    def postprocess_detections(self, *outputs_anchors_and_shapes: Any) -> list[dict[str, Tensor]]:
+        detections = super().postprocess_detections(*outputs_anchors_and_shapes)
+        return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
+
+
+class RetinaNetModel(SigmoidClasses, RetinaNet):
     """torchvision's RetinaNet with K sigmoid classes for labels 1..K (see the module docstring).
 
     Training: model(images: list[(3, H, W)], targets: list[{"boxes": (N, 4), "labels": (N,) int64}])
@@ -219,23 +252,22 @@ class RetinaNetModel(RetinaNet):
         super().__init__(backbone, num_classes, detections_per_img=DETECTIONS_PER_IMAGE, **kwargs)
         self.name, self.num_classes, self.recipe = name, num_classes, recipe
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
-        if self.training:
-            _check_labels(targets, self.num_classes, self.name)
-        return super().forward(images, targets)
 
-    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
-                     anchors: list[Tensor]) -> dict[str, Tensor]:
-        shifted = [{**target, "labels": target["labels"] - 1} for target in targets]  # class k -> output k - 1
-        return super().compute_loss(shifted, head_outputs, anchors)
+class FCOSModel(SigmoidClasses, FCOS):
+    """torchvision's FCOS with K sigmoid classes for labels 1..K and mmdet's inference settings.
 
-    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
-        return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
+    Training: model(images, targets) as RetinaNet -> {"classification", "bbox_regression", "bbox_ctrness"}
+    losses; eval: model(images) -> [{"boxes": (N, 4), "scores": (N,), "labels": (N,)}].
+    """
+
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+                 **kwargs: Any) -> None:
+        kwargs = {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": DETECTIONS_PER_IMAGE, **kwargs}
+        super().__init__(backbone, num_classes, **kwargs)
+        self.name, self.num_classes, self.recipe = name, num_classes, recipe
 
 
-class MaskRCNNModel(MaskRCNN):
+class MaskRCNNModel(CheckedLabels, MaskRCNN):
     """torchvision's Mask R-CNN with K + 1 classes, 0 the background, for labels 1..K.
 
     Training: model(images: list[(3, H, W)], targets: list[{"boxes": (N, 4), "labels": (N,) int64,
@@ -251,13 +283,9 @@ class MaskRCNNModel(MaskRCNN):
         super().__init__(backbone, num_classes + 1, **kwargs)
         self.name, self.num_classes, self.recipe = name, num_classes, recipe
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
-        if self.training:
-            _check_labels(targets, self.num_classes, self.name)
-        return super().forward(images, targets)
 
-
-DetectionModel = RetinaNetModel | MaskRCNNModel
+DetectionModel = RetinaNetModel | FCOSModel | MaskRCNNModel
+MODEL_CLASSES = {"retinanet": RetinaNetModel, "fcos": FCOSModel, "maskrcnn": MaskRCNNModel}
 
 
 def _normalization(body: nn.Module) -> tuple[list[float], list[float]]:
@@ -295,7 +323,7 @@ def create_detection_model(
     norm_eval: keep the backbone's BatchNorm statistics frozen in training; None: only when it starts from
         backbone_checkpoint (see the module docstring).
     backbone_kwargs: more arguments of the backbone model.
-    Returns a `RetinaNetModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
+    Returns a `RetinaNetModel`, `FCOSModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
     and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
     """
     head, backbone_name = _parse(name)
@@ -309,14 +337,15 @@ def create_detection_model(
     first = FIRST_LEVEL[head]
     if head == "retinanet":
         extra: ExtraFPNBlock = InputP6P7(body.out_channels[-1], FPN_CHANNELS)
-        if isinstance(body, DenseBackbone):  # the stride-4 map's norm feeds nothing: no gradient (DDP needs none)
-            body.norms[0].requires_grad_(False)
+    elif head == "fcos":
+        extra = LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS)
     else:
         extra = LastLevelMaxPool()
+    if first > 0 and isinstance(body, DenseBackbone):  # the stride-4 map's norm feeds nothing: no gradient
+        body.norms[0].requires_grad_(False)  # (DDP needs none)
     backbone = FeaturePyramid(body, first, extra, backbone_checkpoint is not None if norm_eval is None else norm_eval)
     mean, std = _normalization(body)
-    model_class = RetinaNetModel if head == "retinanet" else MaskRCNNModel
-    model = model_class(name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
+    model = MODEL_CLASSES[head](name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
                         image_mean=mean, image_std=std, **(head_options or {}))
     return model.train()  # frozen BatchNorms in eval mode from the start
 

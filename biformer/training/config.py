@@ -52,8 +52,8 @@ class TrainConfig:
                                  "detection: 'digit-scenes' or a folder in COCO's layout (annotations/"
                                  "instances_{train,val}*.json beside {train,val}*/)", shapes_run=True)
     model: str = option("biformer_nano", "a biformer_* or any timm model name; sfpn_<backbone> or "
-                                         "upernet_<backbone> for semantic segmentation; retinanet_<backbone> or "
-                                         "maskrcnn_<backbone> for detection", shapes_run=True)
+                                         "upernet_<backbone> for semantic segmentation; retinanet_<backbone>, "
+                                         "fcos_<backbone> or maskrcnn_<backbone> for detection", shapes_run=True)
     model_kwargs: tuple[str, ...] = option(
         (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
             "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")

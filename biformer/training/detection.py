@@ -1,4 +1,4 @@
-"""Object detection and instance segmentation: retinanet_/maskrcnn_ models on the digit scenes or a COCO
+"""Object detection and instance segmentation: retinanet_/fcos_/maskrcnn_ models on the digit scenes or a COCO
 folder; COCO's box AP (and mask AP for Mask R-CNN) by pycocotools.
 
 The models resize each image themselves (the shorter side to --img-size, see `detection_model_for_size`) and
@@ -27,7 +27,7 @@ from .task import Objective, Task, UnreadableImages, eval_batches
 
 
 class DetectionTask(Task):
-    """head: "retinanet" (boxes) or "maskrcnn" (boxes and masks). `evaluate` scores against the validation
+    """head: "retinanet" or "fcos" (boxes) or "maskrcnn" (boxes and masks). `evaluate` scores against the validation
     split that `build_datasets` built last."""
 
     name = "detection"

@@ -66,7 +66,7 @@ class Callbacks:
 
 
 def task_for_model(name: str) -> Task:
-    """The task a model name implies: sfpn_*/upernet_* segment, retinanet_*/maskrcnn_* detect, any other timm
+    """The task a model name implies: sfpn_*/upernet_* segment, retinanet_*/fcos_*/maskrcnn_* detect, any other timm
     model classifies."""
     if is_segmentation_model(name):
         return SegmentationTask()
@@ -76,7 +76,7 @@ def task_for_model(name: str) -> Task:
         return ClassificationTask()
     raise UserError(f"--model {name!r} is neither a registered timm model (biformer_nano, biformer_tiny, ...) nor "
                     "a segmentation model (sfpn_<backbone>, upernet_<backbone>, e.g. sfpn_biformer_tiny) nor a "
-                    "detection model (retinanet_<backbone>, maskrcnn_<backbone>)")
+                    "detection model (retinanet_<backbone>, fcos_<backbone>, maskrcnn_<backbone>)")
 
 
 # ---------------------------------------------------------------------------------------------
