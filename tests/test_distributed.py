@@ -50,3 +50,28 @@ def test_torchrun_two_ranks_gloo(tmp_path, capsys):
     assert evaluated["count"] == 360
     assert evaluated["top1"] == pytest.approx(rows[0]["val_top1"], abs=1e-9)
     assert evaluated["loss"] == pytest.approx(rows[0]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_detection_gathers_every_validation_image_once(tmp_path, capsys):
+    """3 validation images on 2 ranks (shards of 2 and 1): COCO's AP of the detections gathered from both ranks
+    equals one process's on the whole split."""
+    from test_detection_train import make_coco_folder
+
+    data, out = make_coco_folder(tmp_path / "coco"), tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "biformer", "train", "--model", "retinanet_biformer_nano", "--data", str(data), "--img-size", "64",
+         "--epochs", "1", "--batch-size", "1", "--lr", "1e-3", "--warmup-epochs", "1", "--no-tensorboard",
+         "--device", "cpu", "--output", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row, = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result.stdout.count("final validation box AP") == 1
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--json",
+                 "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["count"] == 3
+    for key in ("bbox_ap", "bbox_ap50", "bbox_ap75"):
+        assert evaluated[key] == pytest.approx(row[f"val_{key}"], abs=1e-9)
