@@ -41,8 +41,8 @@ Where torchvision's heads differ from mmdet's (the original's configs, mmdet 2.x
     Inference: 1000 candidates per level, score > 0.05, class-wise NMS 0.5, and 100 detections per image
     (set here as mmdet's max_per_img; torchvision's default is 300).
   FCOS: torchvision's is mmdet's FCOS with its "tricks" (GroupNorm heads, centerness on the regression
-    branch, center sampling radius 1.5, GIoU box loss, normalized box targets); each FPN level takes the
-    boxes of one size range through anchors of sizes 8-128 (mmdet: regress_ranges 64/128/256/512). Inference
+    branch, center sampling radius 1.5, GIoU box loss, normalized box targets); its levels' size ranges
+    (from anchor sizes 8-128: 0-64, 64-128, ..., 512+) are mmdet's regress_ranges. Inference
     as mmdet's test_cfg (set here; torchvision's: score 0.2, NMS 0.6): score > 0.05, NMS 0.5, 100 per image.
   Mask R-CNN: the same RPN (one conv3x3, 3 anchors per position, 0.7/0.3 IoU, 256 samples, half positive)
     and RoI heads (2 fc 1024; 4 conv3x3 + deconv mask head; 512 RoIs, a quarter positive, 0.5 IoU; box coder
@@ -87,7 +87,7 @@ from .backbone import (
 DETECTION_HEADS = ("retinanet", "fcos", "maskrcnn")
 FPN_CHANNELS = 256
 N_WIN = 16  # BRA regions per side in the original COCO configs (1333x800 inputs)
-DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for both heads
+DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for every head
 RPN_POST_NMS_TRAIN = 1000  # mmdet's rpn_proposal max_per_img in training (and torchvision's in testing)
 MASKRCNN_ROIS_PER_IMAGE = 512  # RoIs sampled per image for the RoI heads' losses (mmdet's and torchvision's)
 # the first backbone map (index into strides 4, 8, 16, 32) that each head's FPN reads
