@@ -24,8 +24,8 @@ from biformer.dense.drawing import DETECTION_MIN_SIDE, draw_detections, palette
 from biformer.training.detection_data import CocoDataset, ReadableSamples, collate_detection
 from biformer.training.engine import task_for_model
 
-DETECTION = ["--model", "maskrcnn_biformer_nano", "--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1",
-             "--batch-size", "2", "--lr", "1e-3"]
+QUICK = ["--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1", "--batch-size", "2", "--lr", "1e-3"]
+DETECTION = ["--model", "maskrcnn_biformer_nano", *QUICK]
 COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr")
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
 CLASSES = ("square", "bar")  # COCO category ids 4 and 9 (not 1..K, to check the mapping back)
@@ -141,7 +141,7 @@ def test_predict_writes_pictures_and_results_that_pycocotools_loads(trained, tmp
 @pytest.mark.slow
 def test_fcos_trains_and_evaluates_boxes_only(tmp_path, capsys):
     data, out = make_coco_folder(tmp_path / "coco"), tmp_path / "run"
-    arguments = [*DETECTION[2:], "--model", "fcos_biformer_nano", "--data", str(data), "--epochs", "1"]
+    arguments = ["--model", "fcos_biformer_nano", *QUICK, "--data", str(data), "--epochs", "1"]
     assert main(["train", *arguments, "--output", str(out)]) == 0
     row, = read_metrics(out)
     assert 0 <= row["val_bbox_ap50"] <= 100 and "val_segm_ap" not in row

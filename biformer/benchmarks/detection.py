@@ -34,10 +34,11 @@ COLUMNS = ("model", "mode", "input", "loaded_mb", "peak_rss_mb", "over_loaded_mb
 
 def check_model_name(name: str) -> None:
     """ValueError unless `name` is one of ours or a torchvision model listed in TORCHVISION_MODELS."""
-    from ..dense import is_detection_model
+    from ..dense import DETECTION_HEADS, is_detection_model
+    from ..dense.backbone import head_forms
 
     if name not in TORCHVISION_MODELS and not is_detection_model(name):
-        raise ValueError(f"{name!r} is neither a detection model of ours (retinanet_<backbone>, fcos_<backbone>, maskrcnn_<backbone>) "
+        raise ValueError(f"{name!r} is neither a detection model of ours ({head_forms(DETECTION_HEADS)}) "
                          f"nor one of torchvision's {', '.join(TORCHVISION_MODELS)}")
 
 

@@ -159,6 +159,11 @@ def split_head_name(name: str, heads: tuple[str, ...]) -> tuple[str, str] | None
     return (head, backbone) if head in heads and backbone else None
 
 
+def head_forms(heads: tuple[str, ...]) -> str:
+    """('sfpn', 'upernet') -> 'sfpn_<backbone>, upernet_<backbone>': the accepted name forms, for messages."""
+    return ", ".join(f"{head}_<backbone>" for head in heads)
+
+
 def is_head_model(name: str, heads: tuple[str, ...]) -> bool:
     """A head prefix of `heads` and a backbone that timm knows (BiFormer variants included)."""
     parts = split_head_name(name, heads)

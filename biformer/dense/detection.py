@@ -323,8 +323,8 @@ def create_detection_model(
     norm_eval: keep the backbone's BatchNorm statistics frozen in training; None: only when it starts from
         backbone_checkpoint (see the module docstring).
     backbone_kwargs: more arguments of the backbone model.
-    Returns a `RetinaNetModel`, `FCOSModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`, `.num_classes`
-    and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
+    Returns a `RetinaNetModel`, `FCOSModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`,
+    `.num_classes` and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
     """
     head, backbone_name = _parse(name)
     if num_classes < 1:
@@ -346,7 +346,7 @@ def create_detection_model(
     backbone = FeaturePyramid(body, first, extra, backbone_checkpoint is not None if norm_eval is None else norm_eval)
     mean, std = _normalization(body)
     model = MODEL_CLASSES[head](name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
-                        image_mean=mean, image_std=std, **(head_options or {}))
+                                image_mean=mean, image_std=std, **(head_options or {}))
     return model.train()  # frozen BatchNorms in eval mode from the start
 
 

@@ -34,8 +34,9 @@ from tqdm import tqdm
 from ..checkpoints.files import cpu_state_dict, save_weights
 from ..errors import UserError
 from . import checkpoint as ckpt
-from ..dense.detection import is_detection_model
-from ..dense.segmentation import is_segmentation_model
+from ..dense.backbone import head_forms
+from ..dense.detection import DETECTION_HEADS, is_detection_model
+from ..dense.segmentation import SEGMENTATION_HEADS, is_segmentation_model
 from .classification import ClassificationTask
 from .config import TrainConfig, flag
 from .detection import detection_task
@@ -75,8 +76,8 @@ def task_for_model(name: str) -> Task:
     if name in timm.list_models(name):
         return ClassificationTask()
     raise UserError(f"--model {name!r} is neither a registered timm model (biformer_nano, biformer_tiny, ...) nor "
-                    "a segmentation model (sfpn_<backbone>, upernet_<backbone>, e.g. sfpn_biformer_tiny) nor a "
-                    "detection model (retinanet_<backbone>, fcos_<backbone>, maskrcnn_<backbone>)")
+                    f"a segmentation model ({head_forms(SEGMENTATION_HEADS)}, e.g. sfpn_biformer_tiny) nor a "
+                    f"detection model ({head_forms(DETECTION_HEADS)})")
 
 
 # ---------------------------------------------------------------------------------------------
