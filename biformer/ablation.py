@@ -28,14 +28,14 @@ import torch
 import torch.distributed as dist
 
 from .benchmarks.model import ModelEntry, bench_models
-from .checkpoints.files import read_metadata
+from .checkpoints.weights import read_metadata
 from .errors import UserError
 from .files import atomic_output
 from .measure import format_table, write_csv
 from .models.mixers import MIXERS
-from .training import checkpoint as ckpt
-from .training.config import TrainConfig, parse_model_kwargs
-from .training.runtime import resolve_device
+from .training import run_folder
+from .config import TrainConfig, parse_model_kwargs
+from .runtime import resolve_device
 
 ATTENTIONS = ("bra", *MIXERS)
 RESULT = "result.json"
@@ -115,7 +115,7 @@ def train_configuration(options: AblationOptions, configuration: Configuration, 
         data=options.data, model=options.model, model_kwargs=configuration.model_kwargs, epochs=options.epochs,
         img_size=options.img_size, batch_size=options.batch_size, lr=options.lr,
         warmup_epochs=options.warmup_epochs, seed=seed, output=folder, device=options.device,
-        workers=options.workers, tensorboard=False, resume=(folder / ckpt.STATE).exists(),
+        workers=options.workers, tensorboard=False, resume=(folder / run_folder.STATE).exists(),
     )
     settings = _json_normal(config.run_options())
     if (folder / RESULT).exists():
@@ -128,7 +128,7 @@ def train_configuration(options: AblationOptions, configuration: Configuration, 
         return result
     print(f"== {configuration.label} seed {seed} ({' '.join(configuration.model_kwargs)}) -> {folder}", flush=True)
     row = train(config, alone=True)
-    classes = read_metadata(folder / ckpt.WEIGHTS)["classes"]
+    classes = read_metadata(folder / run_folder.WEIGHTS)["classes"]
     result = {"settings": settings, "val_top1": row["val_top1"], "num_classes": len(classes),
               "rank": int(os.environ.get("RANK", "0"))}
     with atomic_output(folder / RESULT) as temp:

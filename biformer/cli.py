@@ -1,4 +1,4 @@
-"""The `biformer` command line: every module in `biformer.commands` adds one subcommand."""
+"""The `biformer` command line: every public module in `biformer.commands` adds one subcommand."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biformer", description="BiFormer: train, evaluate, analyse, convert.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):  # shared helpers, not commands
+            continue
         importlib.import_module(f"{commands.__name__}.{module_info.name}").register(subparsers)
     return parser
 

@@ -1,5 +1,5 @@
-"""Writing output files atomically: a reader never sees a partial file, a failure leaves none behind; and
-reading a JSON file a user gave, with errors that name it."""
+"""Output files and folders: written atomically (a reader never sees a partial file, a failure leaves none
+behind), output folders checked before long work, and JSON files a user gave read with errors that name them."""
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +39,37 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(error, OSError) and not isinstance(error, OutputError):  # full disk, read-only target
             raise OutputError(f"cannot write {path!r}: {error.strerror or error}") from error
         raise
+
+
+def output_folder(path: str | os.PathLike, option: str) -> Path:
+    """The folder `path` (a leading ~ expanded), created if missing and checked to be writable now, before any
+    long work; OutputError naming `option` if it is a file, lies inside one or cannot be written."""
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {os.fspath(path)!r} is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise OutputError(f"{option} {os.fspath(path)!r} cannot be created: a part of its path is a file") from error
+    except OSError as error:
+        raise OutputError(f"{option} {os.fspath(path)!r} cannot be created: {error.strerror or error}") from error
+    check_writable(folder / ".write-test", option)
+    return folder
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files (.tmp-*) that a process killed during `atomic_output` left in `folder`.
+    Only for a folder one process writes at a time (a training run's --output): another writer's file in
+    progress would go too."""
+    for stale in Path(folder).glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def save_png(picture: Any, path: str | os.PathLike) -> None:
+    """Write a PIL image as a PNG file, atomically."""
+    with atomic_output(path) as temp:
+        picture.save(temp, format="PNG")
 
 
 def check_writable(path: str | os.PathLike, option: str) -> None:

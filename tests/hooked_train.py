@@ -18,7 +18,7 @@ from torch import nn
 from biformer.cli import build_parser
 from biformer.commands.train import config_from_args
 from biformer.training.engine import Callbacks, Loaders, train
-from biformer.training.runtime import Dist
+from biformer.runtime import Dist
 
 
 class Hooks(Callbacks):

@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from biformer.checkpoints.files import save_weights
+from biformer.checkpoints.weights import save_weights
 
 from biformer.dense import (
     DETECTION_HEADS,

@@ -1,4 +1,4 @@
-"""COCO-format detection data (biformer.training.detection_data) and COCO evaluation (biformer.dense.coco_eval)."""
+"""COCO-format detection data (biformer.data.coco) and COCO evaluation (biformer.dense.coco_eval)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,11 +15,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import biformer.training.detection_data as dd
-import biformer.training.segmentation_data as sd
+import biformer.data.coco as dd
+import biformer.data.scenes as sd
 from biformer.dense.coco_eval import detections_to_coco_results, evaluate_coco, write_coco_results
 from biformer.errors import UserError
-from biformer.training.detection_data import collate_detection, digit_scenes_coco, find_coco_split, read_coco
+from biformer.data.coco import collate_detection, digit_scenes_coco, find_coco_split, read_coco
 
 SIZES = {10: (40, 30), 20: (32, 24), 30: (20, 20)}  # image id -> (width, height)
 

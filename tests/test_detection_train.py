@@ -16,13 +16,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from safetensors.torch import load_file
 
-from biformer.checkpoints.files import read_metadata
+from biformer.checkpoints.weights import read_metadata
 from biformer.cli import main
 from biformer.dense.detection import detection_model_for_size
 from biformer.ops import BiLevelRoutingAttention
 from biformer.dense.drawing import DETECTION_MIN_SIDE, draw_detections, palette
-from biformer.training.detection_data import CocoDataset, ReadableSamples, collate_detection
-from biformer.training.engine import task_for_model
+from biformer.data.coco import CocoDataset, ReadableSamples, collate_detection
+from biformer.tasks.registry import task_for_model
 
 QUICK = ["--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1", "--batch-size", "2", "--lr", "1e-3"]
 DETECTION = ["--model", "maskrcnn_biformer_nano", *QUICK]

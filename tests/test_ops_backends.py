@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from biformer.ops import bi_level_routing_attention
+from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.backends import BACKENDS, select_backend
 from biformer.ops.functional import region_grid
 from biformer.ops.regions import PADDING_MODES, RegionGrid
@@ -301,7 +302,7 @@ def test_torch_compile_fullgraph_forward_and_backward(target):
 
 def _selected_on(batch, height, heads, head_dim, n_win, topk, device="cpu"):
     q = torch.zeros(batch, height, height, heads, head_dim, device=device)
-    return select_backend(None, q, q, q, region_grid(height, height, n_win), topk, True).name
+    return select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(height, height, n_win), topk, True)).name
 
 
 def test_auto_dispatch_on_cpu():

@@ -14,6 +14,7 @@ from test_ops_oracle import _dense_oracle
 from torch._dynamo.utils import counters
 
 from biformer.ops import bi_level_routing_attention
+from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.backends import BACKENDS, flex, select_backend
 from biformer.ops.functional import region_grid
 from biformer.ops.regions import PADDING_MODES, RegionGrid
@@ -184,7 +185,7 @@ def test_cpu_autograd_and_float64_are_refused_with_reasons():
 def test_never_auto_selected_on_cpu(grad):
     for batch, size, heads, n_win, topk in ((8, 56, 2, 7, 1), (8, 28, 4, 7, 4), (8, 14, 8, 7, 16)):  # BiFormer-T
         q = torch.zeros(batch, size, size, heads, 32, requires_grad=grad)
-        assert select_backend(None, q, q, q, region_grid(size, size, n_win), topk, True).name != "flex"
+        assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(size, size, n_win), topk, True)).name != "flex"
 
 
 def test_unavailable_without_a_cpu_kernel_or_cuda(monkeypatch):
@@ -204,9 +205,9 @@ def test_steps_aside_inside_torch_compile_on_cpu(monkeypatch):
     compiled model on CPU dispatch takes another backend, and forcing flex says why."""
     q = torch.zeros(1, 8, 8, 1, 8)
     grid = region_grid(8, 8, 4)
-    assert not flex.not_supported_reasons(q, q, q, grid, 2, True)
+    assert not flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 2, True))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert any("inside torch.compile" in reason for reason in flex.not_supported_reasons(q, q, q, grid, 2, True))
+    assert any("inside torch.compile" in reason for reason in flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 2, True)))
 
 
 def _outputs_and_grads(case, backend, padding, qk, v):
@@ -244,8 +245,8 @@ def test_cuda_auto_dispatch_may_take_flex():
     grid = region_grid(28, 28, 7)
     for grad in (False, True):
         q = torch.zeros(2, 28, 28, 2, 32, device="cuda", requires_grad=grad)
-        assert not flex.not_supported_reasons(q, q, q, grid, 4, True)
-        assert flex.is_fast_for(q, q, q, grid, 4, True)
+        assert not flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 4, True))
+        assert flex.is_fast_for(RoutedAttentionInputs.of(q, q, q, grid, 4, True))
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from biformer.ops.mlp import LeanMlp, linear_gelu_linear
+from biformer.layers.mlp import LeanMlp, linear_gelu_linear
 
 
 def _pair(approximate: str = "none", dtype: torch.dtype = torch.float32) -> tuple[LeanMlp, Mlp]:

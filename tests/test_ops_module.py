@@ -83,7 +83,7 @@ def test_module_under_bfloat16_autocast_close_to_float32():
 
 
 def test_add_into_is_in_place_only_where_autograd_records_nothing():
-    from biformer.ops.inplace import add_into
+    from biformer.layers.inplace import add_into
 
     a, b = torch.randn(3), torch.randn(3)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_add_into_is_in_place_only_where_autograd_records_nothing():
 
 
 def test_inplace_gelu_equals_gelu_and_keeps_autograd():
-    from biformer.ops.inplace import InplaceGELU
+    from biformer.layers.inplace import InplaceGELU
 
     x = torch.randn(4, 5)
     want = torch.nn.functional.gelu(x)
@@ -135,7 +135,7 @@ class _SdpaDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_sdpa_computes_half_training_in_float32_and_matches_float64(dtype, with_mask):
-    from biformer.ops.sdpa import scaled_dot_product_attention
+    from biformer.layers.sdpa import scaled_dot_product_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64) for _ in range(3))
@@ -166,7 +166,7 @@ def test_sdpa_computes_half_training_in_float32_and_matches_float64(dtype, with_
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape,layout", [((2, 6, 9, 11), "channels_last_slice"), ((1, 3, 1, 2), "nchw"), ((2, 4, 13, 6), "nchw")])
 def test_depthwise_conv_equals_float64_conv_in_output_and_gradients(kernel, shape, layout):
-    from biformer.ops.depthwise import DepthwiseConv2d
+    from biformer.layers.depthwise import DepthwiseConv2d
 
     torch.manual_seed(0)
     batch, channels, height, width = shape
@@ -190,7 +190,7 @@ def test_depthwise_conv_equals_float64_conv_in_output_and_gradients(kernel, shap
 
 
 def test_depthwise_conv_under_autocast_and_input_errors():
-    from biformer.ops.depthwise import DepthwiseConv2d
+    from biformer.layers.depthwise import DepthwiseConv2d
 
     torch.manual_seed(0)
     conv = DepthwiseConv2d(8, 5)
@@ -210,7 +210,7 @@ def test_depthwise_conv_under_autocast_and_input_errors():
 
 
 def test_depthwise_conv_compiles_with_its_sliced_backward():
-    from biformer.ops.depthwise import DepthwiseConv2d
+    from biformer.layers.depthwise import DepthwiseConv2d
 
     torch.manual_seed(0)
     conv = DepthwiseConv2d(4, 5)

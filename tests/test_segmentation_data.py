@@ -9,8 +9,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from biformer.errors import UserError
-from biformer.training import segmentation_data as sd
-from biformer.training.segmentation_data import (
+from biformer.data import scenes as sd
+from biformer.data.segmentation import (
     IGNORE_INDEX,
     MaskBatch,
     TrainTransform,

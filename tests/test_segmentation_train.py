@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from biformer.checkpoints.files import save_weights
+from biformer.checkpoints.weights import save_weights
 from biformer.cli import main
 from biformer.dense import create_segmentation_model
-from biformer.training.segmentation_data import ADE20K_CLASSES
+from biformer.data.segmentation import ADE20K_CLASSES
 
 SEGMENTATION = ["--model", "sfpn_biformer_nano", "--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1",
                 "--batch-size", "4"]
@@ -144,9 +144,9 @@ def test_eval_counts_an_ade20k_folder_exactly(tmp_path, capsys):
 
 @pytest.mark.parametrize("arguments,message", [
     (["--model", "sfpn_biformer_nano", "--data", "digits"], "--data digits is a classification data set"),
-    (["--model", "biformer_nano", "--data", "digit-scenes"], "--data digit-scenes is a segmentation data set"),
+    (["--model", "biformer_nano", "--data", "digit-scenes"], "--data digit-scenes is a segmentation and detection data set"),
     (["--model", "sfpn_biformer_nano", "--data", "digit-scenes", "--mixup", "0.8"], r"classification-only option\(s\) --mixup"),
-    (["--model", "sfpn_nonexistent_net", "--data", "digit-scenes"], "neither a registered timm model"),
+    (["--model", "sfpn_nonexistent_net", "--data", "digit-scenes"], "is no model of any task"),
 ])
 def test_mismatched_task_options_are_refused_before_any_output(tmp_path, capsys, arguments, message):
     assert main(["train", *arguments, "--output", str(tmp_path / "run"), "--no-tensorboard"]) == 2

@@ -1,5 +1,7 @@
-"""The package's shape: who may import whom, no import cycles between its parts, short functions, light imports."""
+"""The package's shape: who may import whom, no import cycles between its parts or inside them, model-name
+prefixes only where the tasks declare them, short functions, light imports."""
 import ast
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -68,6 +70,114 @@ def test_no_import_cycle_between_parts():
     for start in list(graph):
         assert cycle_from(start, [start]) is None, " -> ".join(cycle_from(start, [start]))
     assert "biformer.benchmarks" not in graph["biformer.analysis"]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """biformer module -> the biformer modules it imports (a package as its __init__), at the top or in a function."""
+    modules = {name.removesuffix(".__init__") for name in _modules()}
+    graph = defaultdict(set)
+    for name, tree in _modules().items():
+        imported = {module for module in _imports(name, tree) if module in modules}
+        # `from . import x` names the package and its module x: only x is imported
+        imported -= {package for package in imported if any(m.startswith(package + ".") for m in imported)}
+        graph[name.removesuffix(".__init__")] |= imported - {name.removesuffix(".__init__")}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        for target in sorted(graph.get(node, ())):
+            if target in path:
+                return path[path.index(target):] + [target]
+            if target not in done:
+                found = visit(target, path + [target])
+                if found:
+                    return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        found = visit(start, [start])
+        if found:
+            return found
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    """No module imports, directly or through others, one that imports it back: inside a package too."""
+    cycle = _find_cycle(_module_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": {"c"}}) is None
+
+
+def _declared_heads() -> dict[str, tuple[str, ...]]:
+    """The module -> model-name heads (`<HEAD>_<backbone>`) it declares in a `*_HEADS` tuple of literals."""
+    declared = {}
+    for name, tree in _modules().items():
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id.endswith("_HEADS") and isinstance(node.value, ast.Tuple)):
+                declared[name] = declared.get(name, ()) + tuple(element.value for element in node.value.elts)
+    return declared
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    nodes = [tree, *(node for node in ast.walk(tree)
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    return {id(node.body[0].value) for node in nodes
+            if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def test_model_name_prefixes_live_only_where_the_heads_are_declared():
+    """A task's model-name prefixes ("sfpn", "maskrcnn_<backbone>", "upernet_*") appear as string literals only in
+    the module that declares them; the others ask it (whole model names, e.g. a benchmark's default, are data)."""
+    declared = _declared_heads()
+    heads = sorted(head for group in declared.values() for head in group)
+    assert {"sfpn", "upernet", "retinanet", "fcos", "maskrcnn"} <= set(heads)
+    prefix = re.compile(rf"\b({'|'.join(heads)})(_?$|_[<*/\s]|_?[ ,;)'\"])")
+    found = []
+    for name, tree in _modules().items():
+        if name in declared:
+            continue
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
+                    and (node.value in heads or prefix.search(node.value))):
+                found.append(f"{name}:{node.lineno}: {node.value!r}")
+    assert found == []
+
+
+OP_DEPENDENCIES = {"torch", "triton", "einops"}
+
+
+def test_the_op_and_the_layers_need_torch_alone():
+    """biformer.ops imports torch, triton and einops (and the standard library), and of biformer only its
+    general layers; biformer.layers imports torch alone."""
+    allowed = {"biformer.ops": {"biformer.ops", "biformer.layers"}, "biformer.layers": {"biformer.layers"}}
+    offenders = []
+    for name, tree in _modules().items():
+        part = _part(name)
+        if part not in allowed:
+            continue
+        outside = {imported for imported in _imports(name, tree) if _part(imported) not in allowed[part]}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                outside |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                outside.add(node.module.split(".")[0])
+        third_party = OP_DEPENDENCIES if part == "biformer.ops" else {"torch"}
+        outside = {module for module in outside if module.split(".")[0] not in third_party | {"__future__"}
+                   and module not in sys.stdlib_module_names and not module.startswith("biformer")
+                   or (module.startswith("biformer") and _part(module) not in allowed[part])}
+        if outside:
+            offenders.append(f"{name}: {sorted(outside)}")
+    assert offenders == []
 
 
 def test_no_function_longer_than_80_lines():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from biformer.cli import build_parser, main
 from biformer.commands.train import config_from_args
 from biformer.errors import UserError
-from biformer.training.config import TrainConfig
+from biformer.config import TrainConfig
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
@@ -211,12 +211,14 @@ def test_non_writable_output(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(blocker / "out")]) == 2
-    assert "is not writable" in capsys.readouterr().err
+    assert "cannot be created: a part of its path is a file" in capsys.readouterr().err
+    assert main(["train", *DIGITS, "--epochs", "1", "--output", str(blocker)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         assert main(["train", *DIGITS, "--epochs", "1", "--output", str(locked)]) == 2
-        assert "is not writable" in capsys.readouterr().err
+        assert "cannot be written" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -253,7 +255,7 @@ def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU"),
-    (["--model", "no_such_model"], "--model 'no_such_model' is neither a registered timm model"),
+    (["--model", "no_such_model"], "--model 'no_such_model' is no model of any task (segmentation: sfpn_<backbone>"),
     (["--img-size", "16"], "--img-size must be at least 32 (BiFormer downsamples 32x), got 16"),
     (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
     (["--workers", "-1"], "--workers must be at least 0, got -1"),
@@ -276,13 +278,13 @@ def test_model_kwargs_refused_by_the_model(tmp_path, capsys):
 def test_model_kwargs_shape_the_model_and_travel_with_its_weights(tmp_path):
     """A model trained with --model-kwargs comes back from its weights file as trained (grid attention,
     whose weights have BRA's keys: without the recorded arguments it would load into BRA layers)."""
-    from biformer.checkpoints.restore import restore_model
+    from biformer.tasks import restore
     from biformer.models.mixers import GridAttention
 
     out = tmp_path / "grid"
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(out), "--model-kwargs", "attention=grid",
                  "topks=2,2,2,-2"]) == 0
-    restored = restore_model(str(out / "last.safetensors"), None).model
+    restored = restore(out / "last.safetensors").model
     assert isinstance(restored.stages[0].blocks[0].attn, GridAttention) and restored.topks == (2, 2, 2, -2)
     assert TrainConfig(model_kwargs=["attention=grid", "topks=2,2,2,-2"]).model_arguments() == {
         "attention": "grid", "topks": (2, 2, 2, -2)}
@@ -300,7 +302,7 @@ def test_config_is_the_command_line():
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     """An interrupted save leaves the previous file in place and no temporary file behind."""
-    from biformer.checkpoints import files
+    from biformer.checkpoints import weights as files
 
     target = tmp_path / "last.safetensors"
     target.write_bytes(b"previous")

@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from biformer.checkpoints.files import read_metadata
+from biformer.checkpoints.weights import read_metadata
 
 COLUMNS = {"val_bbox_ap": "box AP", "val_bbox_ap50": "box AP50", "val_bbox_ap75": "box AP75",
            "val_segm_ap": "mask AP", "val_segm_ap50": "mask AP50"}

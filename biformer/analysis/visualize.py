@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..ops import BiLevelRoutingAttention
 from ..ops.module import RecordedRouting
+from ..data.images import open_rgb
 from ..files import atomic_output
 
 SKIMAGE_PREFIX = "skimage:"
@@ -45,7 +46,7 @@ def load_image(spec: str) -> Image.Image:
 
         return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
     if spec.startswith(DIGITS_PREFIX):
-        from ..training.data import digit_image
+        from ..data.digits import digit_image
 
         index = spec[len(DIGITS_PREFIX):]
         try:
@@ -53,8 +54,7 @@ def load_image(spec: str) -> Image.Image:
         except (ValueError, IndexError):
             raise ValueError(f"{spec!r}: write {DIGITS_PREFIX}N with N in 0..1796") from None
     try:
-        with Image.open(spec) as image:
-            return image.convert("RGB")
+        return open_rgb(spec)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"image {spec!r} does not exist") from error
     except OSError as error:

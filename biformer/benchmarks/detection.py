@@ -35,7 +35,7 @@ COLUMNS = ("model", "mode", "input", "loaded_mb", "peak_rss_mb", "over_loaded_mb
 def check_model_name(name: str) -> None:
     """ValueError unless `name` is one of ours or a torchvision model listed in TORCHVISION_MODELS."""
     from ..dense import DETECTION_HEADS, is_detection_model
-    from ..dense.backbone import head_forms
+    from ..dense.names import head_forms
 
     if name not in TORCHVISION_MODELS and not is_detection_model(name):
         raise ValueError(f"{name!r} is neither a detection model of ours ({head_forms(DETECTION_HEADS)}) "

@@ -9,6 +9,7 @@ import torch
 
 from ..ops import bi_level_routing_attention
 from ..ops.backends import select_backend
+from ..ops.backends.inputs import RoutedAttentionInputs
 from ..ops.functional import region_grid
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
@@ -110,7 +111,8 @@ def _runnable(
 
     def select(name: str, qkv: torch.Tensor) -> str:
         q, k, v = qkv.unbind(3)
-        return select_backend(None if name == AUTO else name, q, k, v, grid, shape.topk, padding == "masked").name
+        return select_backend(None if name == AUTO else name,
+                              RoutedAttentionInputs.of(q, k, v, grid, shape.topk, padding == "masked")).name
 
     runnable, trainable, notes = [], [], {}
     for name in candidates:

@@ -1,10 +1,11 @@
-"""Checkpoint files: safe reading, our weight files, the original release's formats, models restored from files.
+"""Checkpoint files: safe reading, our weight files, the original release's formats, strict loading.
 
-- `files`: read any .pth/.safetensors safely, write and read our .safetensors (with metadata), strict loading.
+- `weights`: read any .pth/.safetensors safely, write and read our .safetensors (with metadata), key-fit checks.
 - `original`: the original release's key layouts, both directions, layout detection and file conversion.
-- `restore`: a ready-to-run model from a checkpoint file (ours or a release file), for eval, predict and visualize.
+- `loading`: strict loading of either layout into a model.
 """
-from .files import cpu_state_dict, load_checkpoint, read_metadata, read_state_dict, save_weights
+from .loading import load_checkpoint, load_weights
+from .weights import cpu_state_dict, read_metadata, read_state_dict, save_weights
 from .original import checkpoint_filter_fn, convert_file, to_original_state_dict
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "convert_file",
     "cpu_state_dict",
     "load_checkpoint",
+    "load_weights",
     "read_metadata",
     "read_state_dict",
     "save_weights",

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..files import atomic_output
 from ..ops import BiLevelRoutingAttention
-from .files import read_metadata, read_state_dict, save_weights
+from .weights import read_metadata, read_state_dict, save_weights
 
 LAYOUTS = ("original", "ours")
 OURS_MARKER, ORIGINAL_MARKER = "stem.0.weight", "downsample_layers.0.0.weight"  # a key only that layout has

@@ -108,7 +108,7 @@ def _register_detection(kinds: argparse._SubParsersAction) -> None:
                     f"Target: {detection_bench.TARGET_MODEL} inference at most 3 GB at 800x1333. Linux only.",
     )
     detection.add_argument("models", nargs="*", metavar="MODEL",
-                           help=f"retinanet_<backbone>, fcos_<backbone>, maskrcnn_<backbone>, or torchvision's "
+                           help=f"a detection model HEAD_BACKBONE (e.g. {detection_bench.TARGET_MODEL}), or torchvision's "
                                 f"{', '.join(detection_bench.TORCHVISION_MODELS)} (default: "
                                 f"{', '.join(detection_bench.DEFAULT_MODELS)})")
     detection.add_argument("--size", type=int, nargs=2, default=list(detection_bench.DEFAULT_SIZE), metavar=("H", "W"),

@@ -8,16 +8,16 @@ import argparse
 import typing
 from dataclasses import fields
 
-from ..training.config import TrainConfig, flag
+from ..config import TrainConfig, flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train on the embedded digits data set (--data digits) or an image folder with "
-                    "train/<class>/* and val/<class>/*; segmentation (sfpn_*, upernet_*) and detection (retinanet_*, "
-                    "fcos_*, maskrcnn_*) models on --data digit-scenes or their own layouts. Under torchrun it trains with "
-                    "DistributedDataParallel.",
+                    "train/<class>/* and val/<class>/*; segmentation and detection models (HEAD_BACKBONE, e.g. "
+                    "upernet_biformer_tiny or maskrcnn_biformer_small) on --data digit-scenes or their own layouts. The "
+                    "model's name decides its task. Under torchrun it trains with DistributedDataParallel.",
     )
     hints = typing.get_type_hints(TrainConfig)
     for spec in fields(TrainConfig):

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import timm
 
     from ..analysis import visualize as vis
-    from ..checkpoints.restore import restore_model
+    from ..tasks.classification import ClassificationTask
+    from ..tasks.registry import task_for_checkpoint
 
     stage, block = _parse_block(args.block)
     if not args.output.lower().endswith(".png"):
@@ -71,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     if args.checkpoint:  # our trainer's files name their model and preprocessing; others need --model
-        loaded = restore_model(args.checkpoint, args.model, padding=args.padding)
+        task, metadata, model_name = task_for_checkpoint(args.checkpoint, args.model)
+        if not isinstance(task, ClassificationTask):
+            raise UserError(f"--checkpoint {args.checkpoint!r} holds a {task.name} model; visualize draws a "
+                            "classifier's BRA blocks (biformer_*)")
+        loaded = task.restore(args.checkpoint, metadata, model_name, padding=args.padding)
         model, model_name, mean, std = loaded.model, loaded.model_name, loaded.mean, loaded.std
         default_size = (loaded.img_size, loaded.img_size)
     else:

@@ -20,9 +20,8 @@ import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from ..checkpoints.files import check_fits, read_state_dict
+from ..checkpoints.weights import check_fits, read_state_dict
 from ..checkpoints.original import checkpoint_filter_fn, split_detection_checkpoint
-from ..errors import UserError
 
 REDUCTIONS = (4, 8, 16, 32)
 # a classification checkpoint's parts that a backbone has no use for: the final norm and the classifier
@@ -132,113 +131,3 @@ def create_backbone(
     if checkpoint is not None:
         backbone.checkpoint_report = load_backbone_checkpoint(backbone, checkpoint)
     return backbone
-
-
-# drop path of the BiFormer variants the release has no dense configs for (BiFormer-T, nano): ours
-OTHER_BIFORMER_DROP_PATH = 0.1
-
-
-def is_biformer(backbone: str) -> bool:
-    return backbone.startswith("biformer")
-
-
-def recipe_drop_path(backbone: str, release_rate: float | None) -> float:
-    """A dense recipe's backbone drop path: the release config's rate (None: it has none for this backbone),
-    OTHER_BIFORMER_DROP_PATH for such a BiFormer, 0 for other backbones."""
-    if not is_biformer(backbone):
-        return 0.0
-    return OTHER_BIFORMER_DROP_PATH if release_rate is None else release_rate
-
-
-def split_head_name(name: str, heads: tuple[str, ...]) -> tuple[str, str] | None:
-    """'upernet_biformer_tiny' -> ('upernet', 'biformer_tiny') for a head in `heads`; None without such a prefix.
-
-    Whether timm knows the backbone is not checked.
-    """
-    head, _, backbone = name.partition("_")
-    return (head, backbone) if head in heads and backbone else None
-
-
-def head_forms(heads: tuple[str, ...]) -> str:
-    """('sfpn', 'upernet') -> 'sfpn_<backbone>, upernet_<backbone>': the accepted name forms, for messages."""
-    return ", ".join(f"{head}_<backbone>" for head in heads)
-
-
-def is_head_model(name: str, heads: tuple[str, ...]) -> bool:
-    """A head prefix of `heads` and a backbone that timm knows (BiFormer variants included)."""
-    parts = split_head_name(name, heads)
-    return parts is not None and timm.is_model(parts[1])
-
-
-def parse_head_name(name: str, heads: tuple[str, ...], task: str) -> tuple[str, str]:
-    """(head, backbone) of a `task` model's name; UserError without a head of `heads` or a backbone timm knows."""
-    parts = split_head_name(name, heads)
-    if parts is None or not timm.is_model(parts[1]):
-        unknown = f"unknown backbone {parts[1]!r}" if parts else "no head prefix"
-        raise UserError(
-            f"{task} model {name!r}: {unknown}; use HEAD_BACKBONE with HEAD one of {', '.join(heads)} "
-            "and BACKBONE a BiFormer variant (biformer_tiny, biformer_small, biformer_base) or a timm model with "
-            f"feature maps at strides 4-32 (resnet18, convnext_tiny, ...), e.g. {heads[-1]}_biformer_small")
-    return parts
-
-
-class TimmFeatures(nn.Module):
-    """A timm model's feature maps at strides 4, 8, 16, 32: (B, 3, H, W) -> [(B, C_i, H / s_i, W / s_i)]."""
-
-    def __init__(self, name: str, **model_kwargs: Any) -> None:
-        super().__init__()
-        try:
-            self.model = timm.create_model(name, features_only=True, pretrained=False, **model_kwargs)
-        except RuntimeError as error:  # timm's answer for a model without feature extraction
-            raise UserError(f"backbone {name!r} cannot give feature maps ({error}); choose another timm model") from None
-        info = self.model.feature_info
-        reductions = info.reduction()
-        missing = [stride for stride in REDUCTIONS if stride not in reductions]
-        if missing:
-            raise UserError(
-                f"backbone {name!r} has no feature map at stride {', '.join(map(str, missing))} (its maps: strides "
-                f"{reductions}); choose a backbone with maps at strides 4, 8, 16 and 32 (a CNN or a hierarchical "
-                "transformer such as resnet18, convnext_tiny, swin_tiny_patch4_window7_224)")
-        # the deepest map at each stride
-        self.indices = [max(i for i, r in enumerate(reductions) if r == stride) for stride in REDUCTIONS]
-        self.out_channels = [info.channels()[i] for i in self.indices]
-        self.reductions = list(REDUCTIONS)
-        self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"  # swin and its kin
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        maps = self.model(x)
-        picked = [maps[i] for i in self.indices]
-        return [m.permute(0, 3, 1, 2) for m in picked] if self.nhwc else picked
-
-
-def _check_biformer_only(backbone: str, options: dict[str, Any], n_win: int) -> None:
-    """ValueError for a BiFormer-only option set away from its default (n_win: the caller's default)."""
-    accepted = {"n_win": (n_win, None), "region_size": (None,), "padding": ("masked",), "backbone_checkpoint": (None,)}
-    for option, value in options.items():
-        if value not in accepted[option]:
-            raise ValueError(f"{option}={value!r} applies to BiFormer backbones only; {backbone!r} takes no {option}")
-
-
-def create_features(
-    backbone: str,
-    *,
-    n_win: int | tuple[int, ...] | None,
-    default_n_win: int,
-    region_size: int | tuple[int | None, ...] | None,
-    padding: str,
-    backbone_checkpoint: str | os.PathLike | None,
-    drop_path_rate: float,
-    **model_kwargs: Any,
-) -> nn.Module:
-    """A dense model's backbone: `create_backbone`'s for a BiFormer variant, else `TimmFeatures`; both give maps
-    at strides 4-32 with `.out_channels` and `.reductions`. n_win, region_size, padding and backbone_checkpoint
-    are BiFormer's (ValueError if another backbone is given one away from its default; default_n_win: the
-    caller's n_win default)."""
-    if is_biformer(backbone):
-        return create_backbone(backbone, n_win=n_win, region_size=region_size, padding=padding,
-                               checkpoint=backbone_checkpoint, drop_path_rate=drop_path_rate, **model_kwargs)
-    _check_biformer_only(backbone, dict(n_win=n_win, region_size=region_size, padding=padding,
-                                        backbone_checkpoint=backbone_checkpoint), n_win=default_n_win)
-    if drop_path_rate:  # not every timm model takes the argument; 0 is everyone's default
-        model_kwargs["drop_path_rate"] = drop_path_rate
-    return TimmFeatures(backbone, **model_kwargs)

@@ -74,17 +74,12 @@ from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from .backbone import (
-    DenseBackbone,
-    create_features,
-    is_biformer,
-    is_head_model,
-    parse_head_name,
-    recipe_drop_path,
-    split_head_name,
-)
+from .backbone import DenseBackbone
+from .features import head_and_features, recipe_drop_path
+from .names import is_biformer, is_head_model, parse_head_name, split_head_name
 
 DETECTION_HEADS = ("retinanet", "fcos", "maskrcnn")
+MASK_HEADS = ("maskrcnn",)  # the heads that also predict instance masks
 FPN_CHANNELS = 256
 N_WIN = 16  # BRA regions per side in the original COCO configs (1333x800 inputs)
 DETECTIONS_PER_IMAGE = 100  # mmdet's max_per_img for every head
@@ -326,14 +321,13 @@ def create_detection_model(
     Returns a `RetinaNetModel`, `FCOSModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`,
     `.num_classes` and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
     """
-    head, backbone_name = _parse(name)
-    if num_classes < 1:
+    if num_classes < 1:  # before the backbone's construction: K counts object classes, not the background
         raise ValueError(f"num_classes must be at least 1 (object classes, the background not counted), got {num_classes}")
     recipe = detection_recipe(name)
-    body = create_features(
-        backbone_name, n_win=n_win, default_n_win=N_WIN, region_size=region_size, padding=padding,
-        backbone_checkpoint=backbone_checkpoint,
-        drop_path_rate=recipe.drop_path if drop_path_rate is None else drop_path_rate, **backbone_kwargs)
+    head, body = head_and_features(
+        name, DETECTION_HEADS, "detection", num_classes, recipe_drop_path=recipe.drop_path, default_n_win=N_WIN,
+        drop_path_rate=drop_path_rate, n_win=n_win, region_size=region_size, padding=padding,
+        backbone_checkpoint=backbone_checkpoint, **backbone_kwargs)
     first = FIRST_LEVEL[head]
     if head == "retinanet":
         extra: ExtraFPNBlock = InputP6P7(body.out_channels[-1], FPN_CHANNELS)

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 LEGEND_ROW = 14  # pixels per legend line (PIL's default bitmap font is 11 px high)
+LEGEND_TEXT_LEFT = 16  # where a legend line's class name starts, right of its colour swatch
 DETECTION_MIN_SIDE = 384  # smaller images are enlarged (nearest, by an integer factor) so that labels stay legible
 
 
@@ -31,13 +32,17 @@ def overlay(image: Image.Image, labels: np.ndarray, classes: list[str], alpha: f
     blended = (1 - alpha) * np.asarray(image.convert("RGB"), dtype=np.float32) + alpha * colours[labels]
     picture = Image.fromarray(blended.round().astype(np.uint8))
     present = [int(index) for index in np.unique(labels)]
-    canvas = Image.new("RGB", (image.width, image.height + LEGEND_ROW * len(present) + 4), "white")
+    measure = ImageDraw.Draw(picture)
+    legend_width = max(LEGEND_TEXT_LEFT + measure.textlength(classes[index]) + 2 for index in present)
+    # the canvas widens where a class name is longer than the image is wide: no legend line is cut off
+    canvas = Image.new("RGB", (max(image.width, int(np.ceil(legend_width))), image.height + LEGEND_ROW * len(present) + 4),
+                       "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for line, index in enumerate(present):
         top = image.height + 2 + LEGEND_ROW * line
         draw.rectangle((2, top + 1, 12, top + 11), fill=tuple(int(c) for c in colours[index]))
-        draw.text((16, top), classes[index], fill="black")
+        draw.text((LEGEND_TEXT_LEFT, top), classes[index], fill="black")
     return canvas
 
 

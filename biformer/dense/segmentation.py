@@ -42,15 +42,9 @@ from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
 
-from .backbone import (
-    REDUCTIONS,
-    create_features,
-    is_biformer,
-    is_head_model,
-    parse_head_name,
-    recipe_drop_path,
-    split_head_name,
-)
+from .backbone import REDUCTIONS
+from .features import head_and_features, recipe_drop_path
+from .names import is_biformer, is_head_model, parse_head_name, split_head_name
 
 SEGMENTATION_HEADS = ("sfpn", "upernet")
 STRIDE = REDUCTIONS[-1]  # inputs are multiples of the coarsest map's stride
@@ -231,12 +225,9 @@ def create_segmentation_model(
     backbone_kwargs: more arguments of the backbone model.
     UserError for an unknown name or a backbone without maps at strides 4-32.
     """
-    _, backbone_name = _parse(name)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     recipe = segmentation_recipe(name)
-    backbone = create_features(
-        backbone_name, n_win=n_win, default_n_win=8, region_size=region_size, padding=padding,
-        backbone_checkpoint=backbone_checkpoint,
-        drop_path_rate=recipe.drop_path if drop_path_rate is None else drop_path_rate, **backbone_kwargs)
+    _, backbone = head_and_features(
+        name, SEGMENTATION_HEADS, "segmentation", num_classes, recipe_drop_path=recipe.drop_path, default_n_win=8,
+        drop_path_rate=drop_path_rate, n_win=n_win, region_size=region_size, padding=padding,
+        backbone_checkpoint=backbone_checkpoint, **backbone_kwargs)
     return SegmentationModel(name, num_classes, backbone, recipe)

@@ -27,10 +27,10 @@ from timm.models._features import feature_take_indices  # timm has no public nam
 
 from ..checkpoints.original import check_release_source, checkpoint_filter_fn
 from ..ops import BiLevelRoutingAttention
-from ..ops.depthwise import DepthwiseConv2d
-from ..ops.inplace import InplaceGELU, add_into
-from ..ops.mlp import LeanMlp
-from ..ops.sdpa import scaled_dot_product_attention
+from ..layers.depthwise import DepthwiseConv2d
+from ..layers.inplace import InplaceGELU, add_into
+from ..layers.mlp import LeanMlp
+from ..layers.sdpa import scaled_dot_product_attention
 from .mixers import MIXERS
 
 __all__ = ["BiFormer"]

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.depthwise import DepthwiseConv2d
-from ..ops.inplace import add_into
-from ..ops.sdpa import scaled_dot_product_attention
+from ..layers.depthwise import DepthwiseConv2d
+from ..layers.inplace import add_into
+from ..layers.sdpa import scaled_dot_product_attention
 
 __all__ = ["MIXERS", "FullAttention", "GridAttention", "PatternAttention", "StripeAttention", "WindowAttention"]
 

@@ -7,6 +7,7 @@ from typing import Sequence
 from torch import Tensor
 
 from .backends import select_backend
+from .backends.inputs import RoutedAttentionInputs
 from .regions import RegionGrid, Routing, padding_mode, route
 
 
@@ -139,6 +140,6 @@ def bi_level_routing_attention(
     if scale is None:
         scale = head_dim**-0.5
     routing = route(q, k, grid, topk, scale, mode.mask_routing)
-    attention = select_backend(backend, q, k, v, grid, topk, mode.mask_attention)
-    out = attention.attend(q, k, v, routing.indices, grid, scale, mode.mask_attention)
+    inputs = RoutedAttentionInputs(q, k, v, grid, topk, mode.mask_attention, scale)
+    out = select_backend(backend, inputs).attend(inputs, routing.indices)
     return (out, routing) if return_routing else out

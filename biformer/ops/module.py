@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import check_backend_name
-from .depthwise import DepthwiseConv2d
+from ..layers.depthwise import DepthwiseConv2d
 from .functional import bi_level_routing_attention
-from .inplace import add_into
+from ..layers.inplace import add_into
 from .regions import Routing, padding_mode
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
@@ -31,16 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoints.files import cpu_state_dict, save_weights
+from ..checkpoints.weights import cpu_state_dict, save_weights
 from ..errors import UserError
-from . import checkpoint as ckpt
-from ..dense.backbone import head_forms
-from ..dense.detection import DETECTION_HEADS, is_detection_model
-from ..dense.segmentation import SEGMENTATION_HEADS, is_segmentation_model
-from .classification import ClassificationTask
-from .config import TrainConfig, flag
-from .detection import detection_task
-from .runtime import (
+from . import run_folder
+from ..config import TrainConfig, flag
+from ..files import output_folder, remove_stale_temporaries
+from ..runtime import (
     Dist,
     all_reduce_sum,
     autocast,
@@ -49,8 +44,8 @@ from .runtime import (
     resolve_amp,
     seed_everything,
 )
-from .segmentation import SegmentationTask
-from .task import Objective, Task, UnreadableImages, val_loader
+from ..tasks.base import Objective, Task, UnreadableImages, val_loader
+from ..tasks.registry import task_for_model
 
 
 class Callbacks:
@@ -64,20 +59,6 @@ class Callbacks:
 
     def on_train_end(self, model: nn.Module, env: Dist) -> None:
         """The last epoch is committed; `model` is this rank's model (not the DDP wrapper)."""
-
-
-def task_for_model(name: str) -> Task:
-    """The task a model name implies: sfpn_*/upernet_* segment, retinanet_*/fcos_*/maskrcnn_* detect, any other timm
-    model classifies."""
-    if is_segmentation_model(name):
-        return SegmentationTask()
-    if is_detection_model(name):
-        return detection_task(name)
-    if name in timm.list_models(name):
-        return ClassificationTask()
-    raise UserError(f"--model {name!r} is neither a registered timm model (biformer_nano, biformer_tiny, ...) nor "
-                    f"a segmentation model ({head_forms(SEGMENTATION_HEADS)}, e.g. sfpn_biformer_tiny) nor a "
-                    f"detection model ({head_forms(DETECTION_HEADS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +159,14 @@ class Progress:
     best: dict[str, Any] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
+        """Append an epoch's row; it becomes the best if its metric beats the best so far. A NaN metric (a
+        validation split with nothing to score) beats nothing, but the first epoch is the best until one does,
+        so every run has a best epoch."""
         self.epoch = row["epoch"]
         self.history.append(row)
-        if row[self.metric] > self.best.get(self.metric, -1.0):
-            self.best = {self.metric: row[self.metric], "epoch": row["epoch"]}
+        value, best = row[self.metric], self.best.get(self.metric)
+        if not self.best or (not math.isnan(value) and (math.isnan(best) or value > best)):
+            self.best = {self.metric: value, "epoch": row["epoch"]}
 
 
 @dataclass
@@ -240,12 +225,13 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa)
     loaders = build_loaders(splits, config, env, task.collate)
     if env.main:
-        ckpt.check_writable(config.output)
+        output_folder(config.output, "--output")
+        remove_stale_temporaries(config.output)  # left by a process killed while it saved
     model = build_model(config, env, len(splits.classes), task)
     optimization = build_optimization(model, config, len(loaders.train), amp, env)
     progress = restore(state, model, optimization, config, env, task.metric)
     if env.main:
-        ckpt.write_metrics(config.output, progress.history)  # drops rows of an epoch that was not committed
+        run_folder.write_metrics(config.output, progress.history)  # drops rows of an epoch that was not committed
     run = Run(config, env, amp, task, splits, loaders, model, distributed_model(model, env), optimization,
               task.build_objective(config, len(splits.classes), model), callbacks)
     return run, progress
@@ -258,7 +244,7 @@ def run_options(config: TrainConfig, env: Dist) -> dict[str, Any]:
 
 def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
     """The last committed state in --output (None if there is none), checked to be resumable as configured."""
-    state = ckpt.load_state(config.output) if env.main else None
+    state = run_folder.load_state(config.output) if env.main else None
     if env.world > 1:  # only rank 0 need see the output folder (other machines may not share it)
         shared = [state]
         dist.broadcast_object_list(shared, src=0)
@@ -289,7 +275,7 @@ def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimi
     optimization.load_state_dict(state)
     progress = Progress(metric, state["epoch"], state["history"], state["best"])
     if env.main:
-        print(f"resumed from {config.output / ckpt.STATE}: " + (
+        print(f"resumed from {config.output / run_folder.STATE}: " + (
             f"continuing at epoch {progress.epoch + 1}" if progress.epoch < config.epochs
             else f"all {config.epochs} epochs were already done"))
     return progress
@@ -362,21 +348,22 @@ def commit_epoch(run: Run, progress: Progress) -> None:
     config, model, ema, metric = run.config, run.model, run.optimization.ema, run.task.metric
     row = progress.history[-1]
     splits = run.splits  # what eval and predict need to rebuild the model and its inputs:
-    metadata = {"model": config.model, "model_kwargs": config.model_arguments(), "classes": splits.classes,
+    metadata = {"model": config.model, "task": run.task.name, "model_kwargs": config.model_arguments(),
+                "classes": splits.classes,
                 "img_size": config.img_size,
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
                 "epoch": row["epoch"], metric: row[metric]}
-    save_weights(config.output / ckpt.WEIGHTS, model, metadata)
+    save_weights(config.output / run_folder.WEIGHTS, model, metadata)
     if progress.best["epoch"] == row["epoch"]:
-        save_weights(config.output / ckpt.BEST, model, metadata)
+        save_weights(config.output / run_folder.BEST, model, metadata)
     if ema is not None:
-        save_weights(config.output / ckpt.EMA_WEIGHTS, ema.module, {**metadata, metric: row[f"ema_{metric}"]})
-    ckpt.save_state(config.output / ckpt.STATE, {
+        save_weights(config.output / run_folder.EMA_WEIGHTS, ema.module, {**metadata, metric: row[f"ema_{metric}"]})
+    run_folder.save_state(config.output / run_folder.STATE, {
         "epoch": row["epoch"], "model": cpu_state_dict(model), **run.optimization.state_dict(),
         "history": progress.history, "best": progress.best,
         "config": run_options(config, run.env),  # with the epoch, the seed determines every random generator's state
     })
-    ckpt.write_metrics(config.output, progress.history)
+    run_folder.write_metrics(config.output, progress.history)
 
 
 def report(run: Run, progress: Progress, wall_time_s: float) -> None:

@@ -6,13 +6,13 @@ key regions. The reference backend is the specification; the others must match i
 
 A backend is a module-level object with
     name: str
-    is_available() -> bool                    (can it be imported/used on this machine at all)
-    not_supported_reasons(q, k, v, grid, topk, masked) -> list[str]   (empty: it can run)
-    attend(q, k, v, indices, grid, scale, masked) -> Tensor            (B, H, W, M, Dv)
-and optionally
-    is_fast_for(q, k, v, grid, topk, masked) -> bool   (auto-dispatch takes it only where True)
-    unavailable_reason() -> str                        (why is_available() is False)
-`masked`: padded keys take no part in attention (else they are attended to as zeros). The
+    attend(inputs: RoutedAttentionInputs, indices (B, R, K)) -> Tensor   (B, H, W, M, Dv)
+and, where it cannot run everywhere, any of
+    is_available() -> bool                                   (default True: usable on this machine at all)
+    unavailable_reason() -> str                              (why is_available() is False)
+    not_supported_reasons(inputs) -> list[str]               (default []: it runs every input)
+    is_fast_for(inputs) -> bool                              (default True: auto-dispatch takes it only where True)
+`inputs.masked`: padded keys take no part in attention (else they are attended to as zeros). The
 padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
 grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes
 regions differently. Backends are listed best first; auto-dispatch takes the first one that can
@@ -31,8 +31,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..regions import RegionGrid
 from . import dense, flex, indexed, original, reference, triton_attention
+from .inputs import RoutedAttentionInputs
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +40,11 @@ logger = logging.getLogger(__name__)
 class Backend(Protocol):
     name: str
 
-    def is_available(self) -> bool: ...
+    def attend(self, inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor: ...
 
-    def not_supported_reasons(
-        self, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
-    ) -> list[str]: ...
 
-    def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool
-    ) -> Tensor: ...
+def _is_available(backend: Backend) -> bool:
+    return getattr(backend, "is_available", lambda: True)()
 
 
 # Priority order, best first: the fused Triton kernels on CUDA; torch's block-sparse flex_attention
@@ -62,7 +58,7 @@ BACKENDS: dict[str, Backend] = {
 
 def available_backends() -> list[str]:
     """Names of the backends usable on this machine, in dispatch priority order."""
-    return [name for name, backend in BACKENDS.items() if backend.is_available()]
+    return [name for name, backend in BACKENDS.items() if _is_available(backend)]
 
 
 def check_backend_name(name: str | None) -> None:
@@ -71,13 +67,12 @@ def check_backend_name(name: str | None) -> None:
         raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(BACKENDS)} or None for automatic")
 
 
-def _unsupported_reasons(
-    backend: Backend, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
-) -> list[str]:
-    if not backend.is_available():
+def _unsupported_reasons(backend: Backend, inputs: RoutedAttentionInputs) -> list[str]:
+    if not _is_available(backend):
         explain = getattr(backend, "unavailable_reason", None)
         return [explain() if explain else "not available on this machine"]
-    return backend.not_supported_reasons(q, k, v, grid, topk, masked)
+    reasons = getattr(backend, "not_supported_reasons", None)
+    return reasons(inputs) if reasons else []
 
 
 def _debug(message: str, *args: object) -> None:
@@ -85,25 +80,23 @@ def _debug(message: str, *args: object) -> None:
         logger.debug(message, *args)
 
 
-def select_backend(
-    requested: str | None, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool
-) -> Backend:
+def select_backend(requested: str | None, inputs: RoutedAttentionInputs) -> Backend:
     """The requested backend (ValueError with reasons if it cannot run), else the best that can."""
     check_backend_name(requested)
     if requested is not None:
         backend = BACKENDS[requested]
-        reasons = _unsupported_reasons(backend, q, k, v, grid, topk, masked)
+        reasons = _unsupported_reasons(backend, inputs)
         if reasons:
             raise ValueError(f"backend={requested!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
     runnable = []
     for name, backend in BACKENDS.items():
-        reasons = _unsupported_reasons(backend, q, k, v, grid, topk, masked)
+        reasons = _unsupported_reasons(backend, inputs)
         if reasons:
             _debug("BRA backend %s skipped: %s", name, "; ".join(reasons))
             continue
         is_fast_for = getattr(backend, "is_fast_for", None)
-        if is_fast_for is None or is_fast_for(q, k, v, grid, topk, masked):
+        if is_fast_for is None or is_fast_for(inputs):
             return backend
         _debug("BRA backend %s skipped: slower than the next for these inputs", name)
         runnable.append(backend)

@@ -13,7 +13,8 @@ from einops import rearrange
 from torch import Tensor
 
 from ..regions import RegionGrid
-from ..sdpa import scaled_dot_product_attention
+from .inputs import RoutedAttentionInputs
+from ...layers.sdpa import scaled_dot_product_attention
 
 name = "dense"
 
@@ -28,15 +29,8 @@ MAX_DENSE_TOKENS = 512
 MAX_BIAS_BYTES = 256 << 20
 
 
-def is_available() -> bool:
-    return True
-
-
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
-    return []
-
-
-def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> bool:
+def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
+    q, grid, topk = inputs.q, inputs.grid, inputs.topk
     tokens = grid.padded_height * grid.padded_width
     return (
         tokens <= max(SMALL_MAP, min(MAX_DENSE_WORK_RATIO * topk * grid.tokens_per_region, MAX_DENSE_TOKENS))
@@ -66,7 +60,8 @@ def region_block_bias(indices: Tensor, grid: RegionGrid, masked: bool, dtype: to
     return bias
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     # (B, H', W', M, D) padded map -> (B, M, N, D) views: SDPA reads the strided heads in place
     q_map, k_map, v_map = (rearrange(grid.pad(t), "b h w m d -> b m (h w) d") for t in (q, k, v))
     bias = region_block_bias(indices, grid, masked, q.dtype)[:, None]  # (B, 1, N, N), shared by the heads

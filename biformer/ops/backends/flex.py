@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..inplace import autograd_records
+from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
+from .inputs import RoutedAttentionInputs
 from ._export import exporting_reasons
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def unavailable_reason() -> str:
     return f"no CUDA device, and {CPU_KERNEL_MISSING}"
 
 
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
+def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
+    q, k, v = inputs.q, inputs.k, inputs.v
     reasons = exporting_reasons()
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} is not one of {[str(d) for d in DTYPES]}")
@@ -95,12 +97,12 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, top
     return reasons
 
 
-def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> bool:
+def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
     """On CUDA (to be confirmed on a GPU). Not on CPU: at BiFormer-T's stage shapes (batch 8, 224 input,
     inference, 2 threads, routing included) flex took 42.8/20.7/38.1 ms at stages 1/2/3 against the
     indexed backend's 32.3/21.4/30.6 ms (at 1 thread 57.9/28.8/49.7 against 42.4/24.9/28.7), and each
     new shape costs a compilation of about 10 s."""
-    return q.device.type == "cuda"
+    return inputs.q.device.type == "cuda"
 
 
 @functools.cache
@@ -200,7 +202,8 @@ def _mask_mod(layout: _Layout, routed: Tensor, key_slots: Tensor) -> Callable[..
     return mask_mod
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     layout = _Layout(grid)
     train = autograd_records(q, k, v)
     if not train:  # flex refuses CPU inputs that require grad even where autograd records nothing

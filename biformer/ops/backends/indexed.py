@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..inplace import autograd_records
-from ..regions import RegionGrid
-from ..sdpa import HALF_DTYPES
+from ...layers.inplace import autograd_records
+from .inputs import RoutedAttentionInputs
+from ...layers.sdpa import HALF_DTYPES
 from ._export import exporting_reasons
 
 name = "indexed"
@@ -34,15 +34,12 @@ name = "indexed"
 CHUNK_BYTES = 8 << 20
 
 
-def is_available() -> bool:
-    return True
-
-
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
+def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
     return exporting_reasons()
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     head_dim = q.shape[-1]
     keys = indices.shape[-1] * grid.tokens_per_region
     # keep the probabilities for the backward where they are no bigger than q and k: that saves

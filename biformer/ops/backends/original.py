@@ -13,20 +13,13 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..regions import RegionGrid
+from .inputs import RoutedAttentionInputs
 
 name = "original"
 
 
-def is_available() -> bool:
-    return True
-
-
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
-    return []
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     batch, num_regions, topk = indices.shape
     heads, qk_dim = q.shape[3:]
     q_regions = rearrange(grid.to_regions(q), "b r t m d -> b r m t d")

@@ -12,20 +12,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..regions import RegionGrid
+from .inputs import RoutedAttentionInputs
 
 name = "reference"
 
 
-def is_available() -> bool:
-    return True
-
-
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
-    return []
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     batch, num_regions, topk = indices.shape
     q_regions = grid.to_regions(q)  # (B, R, T, M, D)
     k_regions = grid.to_regions(k)

@@ -21,8 +21,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..inplace import autograd_records
-from ..regions import RegionGrid
+from ...layers.inplace import autograd_records
+from .inputs import RoutedAttentionInputs
 from ._export import exporting_reasons
 
 name = "triton"
@@ -54,7 +54,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> list[str]:
+def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
+    q, v = inputs.q, inputs.v
     reasons = exporting_reasons()
     if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
         reasons.append(f"inputs are on {q.device.type}; Triton kernels run on CUDA (on CPU only under TRITON_INTERPRET=1)")
@@ -65,17 +66,18 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, top
     return reasons
 
 
-def is_fast_for(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool) -> bool:
+def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
     """On CUDA (the interpreter is for testing). Measured on an H100 (`biformer bench op`, BiFormer-T/S
     stages, batch 64): the forward beats the reference at every stage; forward+backward does too,
     except with regions of under 16 tokens (stage 3's 2x2), where the reference's few large batched
     matmuls run about 10% faster."""
-    if q.device.type != "cuda":
+    if inputs.q.device.type != "cuda":
         return False
-    return not autograd_records(q, k, v) or grid.tokens_per_region >= 16
+    return not autograd_records(inputs.q, inputs.k, inputs.v) or inputs.grid.tokens_per_region >= 16
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, grid: RegionGrid, scale: float, masked: bool) -> Tensor:
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     out, _ = torch.ops.biformer.triton_routed_attention(
         q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
     )

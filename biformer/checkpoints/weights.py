@@ -122,23 +122,3 @@ def check_fits(state_dict: dict[str, Tensor], module: nn.Module, source: str | o
         problems = "; ".join(filter(None, (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
                                            _listing("shape mismatches", mismatched))))
         raise CheckpointError(f"checkpoint {os.fspath(source)!r} does not fit {target}: {problems}. {hint}")
-
-
-def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str | os.PathLike) -> nn.Module:
-    """Load a state dict read from `source` (ours or in the original release layout) strictly into model.
-
-    Raises CheckpointError (a ValueError) listing missing/unexpected keys or mismatched shapes:
-    never a partial load.
-    """
-    from .original import ORIGINAL_MARKER, checkpoint_filter_fn
-
-    if ORIGINAL_MARKER in state_dict:
-        state_dict = checkpoint_filter_fn(state_dict, model)
-    check_fits(state_dict, model, source, type(model).__name__, "Is it for another model or number of classes?")
-    model.load_state_dict(state_dict)
-    return model
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint file (.pth or .safetensors, ours or the original release's) strictly into model."""
-    return load_weights(model, read_state_dict(path), path)

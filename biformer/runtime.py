@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import UserError
+from .errors import UserError
 
 
 @dataclass(frozen=True)

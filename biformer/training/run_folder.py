@@ -23,16 +23,6 @@ WEIGHTS, BEST, EMA_WEIGHTS, STATE, METRICS = (
 )
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_output(folder / ".write-test") as probe:
-            probe.write_bytes(b"")
-        (folder / ".write-test").unlink()
-    except OSError as error:
-        raise UserError(f"output folder {str(folder)!r} is not writable: {error.strerror or error}") from error
-
-
 def save_state(path: Path, state: dict[str, Any]) -> None:
     with atomic_output(path) as tmp:
         torch.save(state, tmp)

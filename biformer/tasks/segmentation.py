@@ -1,26 +1,37 @@
-"""Semantic segmentation: sfpn_/upernet_ models on digit-scenes, a mask folder or ADE20K; mIoU and aAcc.
+"""Semantic segmentation: the SEGMENTATION_HEADS models on digit-scenes, a mask folder or ADE20K; mIoU and aAcc.
 
 Validation runs each image whole (padded to a multiple of 32) at the validation scale and resizes the
 logits back to the annotation's own size, so that metrics are counted on the annotation as it is.
 """
 from __future__ import annotations
 
+import argparse
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..dense.inference import resize_scores, segment
 from ..dense.metrics import ConfusionMatrix, iou_table
-from ..dense.segmentation import create_segmentation_model
+from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
 from ..errors import UserError
-from .config import TrainConfig, flag
-from .runtime import Dist, all_reduce_sum, autocast
-from .segmentation_data import IGNORE_INDEX, MaskBatch, SegmentationSplits, build_segmentation_datasets, collate_segmentation
-from .task import Objective, Task, UnreadableImages, eval_batches
+from ..config import TrainConfig, flag
+from ..runtime import Dist, all_reduce_sum, autocast
+from ..data.segmentation import (
+    IGNORE_INDEX,
+    MaskBatch,
+    SegmentationSplits,
+    ValTransform,
+    build_segmentation_datasets,
+    collate_segmentation,
+)
+from ..files import save_png
+from .base import Objective, Restored, Task, UnreadableImages, eval_batches
 
 CLASSIFICATION_ONLY = ("mixup", "cutmix", "smoothing", "aa", "model_kwargs")
 
@@ -42,6 +53,11 @@ class SegmentationTask(Task):
     training validates whole images."""
 
     name = "segmentation"
+    heads = SEGMENTATION_HEADS
+    default_data = "digit-scenes"
+    eval_options = frozenset({"mode", "window", "stride", "flip"})
+    predict_options = frozenset({"mode", "flip", "output"})
+    predicts_files = True
     metric = "val_miou"
     train_accuracy = "train_aacc"
     collate = staticmethod(collate_segmentation)
@@ -108,8 +124,47 @@ class SegmentationTask(Task):
         return ("miou", "aacc", "class_iou")
 
     def metadata(self, splits: SegmentationSplits) -> dict[str, Any]:
-        return {"task": self.name}
+        return {}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
         return (f"final validation mIoU: {row['val_miou']:.2f}% (best {best['val_miou']:.2f}% at epoch "
                 f"{best['epoch']}), aAcc {row['val_aacc']:.2f}%\n" + iou_table(classes, row["val_class_iou"]))
+
+    def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
+        return create_segmentation_model(model_name, len(metadata["classes"]))
+
+    def configure(self, args: argparse.Namespace, restored: Restored) -> None:
+        """The inference of `eval` and `predict`: --mode, --flip and (eval) --window, --stride."""
+        window, stride = getattr(args, "window", None), getattr(args, "stride", None)
+        for option, value in (("--window", window), ("--stride", stride)):
+            if value is not None and value < 1:
+                raise UserError(f"{option} must be at least 1 pixel, got {value}")
+        window = window or restored.img_size
+        if stride is not None and stride > window:
+            raise UserError(f"--stride {stride} is larger than --window {window}: the windows would leave pixels "
+                            "between them unseen; choose a stride of at most the window")
+        if args.mode == "whole" and (window != restored.img_size or stride is not None):
+            raise UserError("--window and --stride are for --mode slide; leave them out or add --mode slide")
+        self.inference = {"mode": args.mode, "window": window, "stride": stride, "flip": args.flip}
+
+    def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
+        return (f"{checkpoint}: mIoU {result['miou']:.2f}%  aAcc {result['aacc']:.2f}%  "
+                f"val_loss {result['loss']:.4f}  ({result['count']} images)\n"
+                + iou_table(restored.classes, result["class_iou"]))
+
+    @torch.no_grad()
+    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
+                device: Any, outputs: dict[str, Path] | None) -> None:
+        """Write <stem>_overlay.png (the image tinted by class, with a legend) and <stem>_labels.png (a class index
+        per pixel) per image."""
+        from ..dense.drawing import overlay
+
+        transform = ValTransform(restored.img_size, restored.mean, restored.std)
+        model = restored.model.to(device)
+        for path, image in images:
+            logits = segment(model, transform.image(image)[None].to(device), **self.inference)
+            labels = resize_scores(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            stem = outputs[path]
+            save_png(overlay(image, labels, restored.classes), f"{stem}_overlay.png")
+            save_png(Image.fromarray(labels, mode="L"), f"{stem}_labels.png")
+            print(f"{path} -> {stem}_overlay.png, {stem}_labels.png")

@@ -1,23 +1,17 @@
 """Data sets for training and evaluation: the embedded digits, or an ImageNet-style image folder."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError
-
-# what PIL raises for a file it cannot decode (truncated, corrupt, not an image)
-UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-DIGITS_MEAN = DIGITS_STD = (0.5, 0.5, 0.5)
-
+from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
+from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
 
 class ImageListDataset(Dataset):
     """(image, label, problem) triples from in-memory images or image files, with a transform.
@@ -38,8 +32,7 @@ class ImageListDataset(Dataset):
         image = self.images[index]
         if not isinstance(image, Image.Image):
             try:
-                with Image.open(image) as file:
-                    image = file.convert("RGB")
+                image = open_rgb(image)
             except UNREADABLE_ERRORS as error:
                 return None, self.labels[index], f"{image}: {error}"
         return (self.transform(image) if self.transform else image), self.labels[index], ""
@@ -61,35 +54,6 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float
-
-
-def _digits() -> tuple[list[Image.Image], np.ndarray]:
-    """scikit-learn's bundled 8x8 digits as RGB images, and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # values 0..16 -> 0..255
-    return [Image.fromarray(p, mode="L").convert("RGB") for p in pixels], digits.target
-
-
-def digit_image(index: int) -> Image.Image:
-    """Digit `index` (0..1796) of the bundled data set, as an 8x8 RGB image."""
-    images, _ = _digits()
-    if not 0 <= index < len(images):
-        raise IndexError(f"digit index {index} is outside 0..{len(images) - 1}")
-    return images[index]
-
-
-def load_digits_split() -> tuple[list[Image.Image], list[int], list[Image.Image], list[int]]:
-    """The bundled digits with a fixed stratified 80/20 split."""
-    from sklearn.model_selection import train_test_split
-
-    images, targets = _digits()
-    train_idx, val_idx = train_test_split(
-        np.arange(len(images)), test_size=0.2, stratify=targets, random_state=0
-    )
-    pick = lambda idx: ([images[i] for i in idx], [int(targets[i]) for i in idx])  # noqa: E731
-    return (*pick(train_idx), *pick(val_idx))
 
 
 def _scan_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
@@ -168,17 +132,3 @@ def build_datasets(
         crop_pct=crop_pct,
     )
 
-
-def list_images(inputs: list[str]) -> list[str]:
-    """Image files named directly or found (recursively) in named folders."""
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise UserError(f"{item!r} is neither an image file nor a folder")
-    if not files:
-        raise UserError(f"no images found in {inputs}")
-    return files

@@ -7,11 +7,12 @@ generated from the fields, so options, checks and the resume comparison cannot d
 from __future__ import annotations
 
 import ast
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UserError
+from .errors import UserError
 
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 
@@ -51,9 +52,10 @@ class TrainConfig:
                                  "'digit-scenes', a folder with images/, masks/ and classes.txt, or ADE20K; "
                                  "detection: 'digit-scenes' or a folder in COCO's layout (annotations/"
                                  "instances_{train,val}*.json beside {train,val}*/)", shapes_run=True)
-    model: str = option("biformer_nano", "a biformer_* or any timm model name; sfpn_<backbone> or "
-                                         "upernet_<backbone> for semantic segmentation; retinanet_<backbone>, "
-                                         "fcos_<backbone> or maskrcnn_<backbone> for detection", shapes_run=True)
+    model: str = option("biformer_nano", "a biformer_* or any timm model name for classification; HEAD_BACKBONE "
+                                         "(e.g. upernet_biformer_tiny, maskrcnn_biformer_small) for segmentation "
+                                         "and detection: an unknown name's error lists every task's heads",
+                        shapes_run=True)
     model_kwargs: tuple[str, ...] = option(
         (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
             "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
@@ -69,7 +71,7 @@ class TrainConfig:
     weight_decay: float = option(0.05, "decoupled weight decay (AdamW)", shapes_run=True, least=0)
     warmup_epochs: int = option(2, "linear warm-up from lr/100", shapes_run=True, least=0)
     drop_path: float | None = option(None, "stochastic depth rate (default: 0 for classifiers, the original "
-                                           "configs' rate for sfpn_/upernet_ models)", shapes_run=True, least=0)
+                                           "configs' rate for segmentation and detection models)", shapes_run=True, least=0)
     aa: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)",
                             shapes_run=True)
     mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0)
@@ -91,6 +93,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
+        # --output=~/x reaches us unexpanded (the shell expands ~ only at a word's start)
+        object.__setattr__(self, "output", Path(os.path.expanduser(os.fspath(self.output))))
         self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
         for spec in fields(self):
             value, least = getattr(self, spec.name), spec.metadata["least"]

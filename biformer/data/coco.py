@@ -12,7 +12,7 @@ the annotation file itself, where COCOeval ignores detections matched to crowd r
 to the image and boxes empty after clipping dropped; both are counted (`DataProblems`), not errors. Images
 without annotations are kept as negatives.
 
-The digit scenes (biformer.training.segmentation_data) get COCO annotations derived from their semantic
+The digit scenes (biformer.data.segmentation) get COCO annotations derived from their semantic
 masks (`digit_scenes_coco`): a scene's digits have distinct classes and do not overlap, so the pixels of one
 class in a scene's mask are exactly one digit's instance mask. Deriving them from the cached masks leaves
 the scene generator and its cached bytes untouched.
@@ -35,8 +35,8 @@ from torch.utils.data import Dataset
 
 from ..errors import OutputError, UserError
 from ..files import atomic_output, read_json
-from .data import UNREADABLE_ERRORS
-from .segmentation_data import digit_scenes_folder
+from .images import UNREADABLE_ERRORS, open_rgb
+from .scenes import digit_scenes_folder
 
 COCO_HELP = "annotations/instances_<split>.json beside the image folder <split>/ (e.g. instances_val2017.json and val2017/)"
 DIGIT_SCENES_COCO = "coco"  # the annotation folder inside the digit-scenes cache folder
@@ -49,7 +49,7 @@ class DataProblems:
 
     clipped: int = 0  # boxes partly outside their image, clipped to it
     degenerate: int = 0  # boxes of zero or negative width or height (after clipping), dropped
-    crowd: int = 0  # crowd annotations, left out of the training targets (COCO's convention)
+    crowd: int = 0  # crowd annotations: not training targets; in evaluation, COCOeval ignores what matches them
     negatives: int = 0  # images without any (non-crowd) object, kept
     examples: list[str] = field(default_factory=list)  # the first few repaired/dropped entries, for the message
 
@@ -58,10 +58,12 @@ class DataProblems:
             self.examples.append(text)
 
     def summary(self, name: str) -> str:
-        """One line for the log: e.g. "instances_val.json: 2 boxes clipped to their image, 1 degenerate ..."."""
+        """One line for the log: e.g. "val: 2 boxes clipped to their image, 1 degenerate ..." (name: the split)."""
+        crowd = ("left out of the training targets" if name == "train"
+                 else "kept as COCOeval's ignore regions (a detection matched to one neither scores nor counts)")
         parts = [f"{self.clipped} boxes clipped to their image" if self.clipped else "",
                  f"{self.degenerate} degenerate boxes dropped" if self.degenerate else "",
-                 f"{self.crowd} crowd annotations left out of training targets" if self.crowd else "",
+                 f"{self.crowd} crowd annotations {crowd}" if self.crowd else "",
                  f"{self.negatives} images without objects kept" if self.negatives else ""]
         text = "; ".join(part for part in parts if part) or "no problems"
         return f"{name}: {text}" + (f" (e.g. {'; '.join(self.examples)})" if self.examples else "")
@@ -79,6 +81,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def _polygon_problem(segmentation: list) -> str | None:
+    """What is wrong with COCO polygons [[x1, y1, x2, y2, ...], ...] (None: nothing): pycocotools needs at
+    least three points per polygon (it reads four numbers as a box) and an x for every y."""
+    for number, polygon in enumerate(segmentation, 1):
+        if not isinstance(polygon, list) or not all(_number(value) for value in polygon):
+            return f"polygon {number} is not a list of numbers"
+        if len(polygon) < 6 or len(polygon) % 2:
+            return (f"polygon {number} has {len(polygon)} coordinates; a polygon needs an even number of at least "
+                    "6 (x, y of three points or more)")
+    return None
+
+
 class UnreadableImage(UserError):
     """An image file that exists but cannot be decoded (training skips it, as for classification)."""
 
@@ -90,10 +104,11 @@ class CocoDataset(Dataset):
     Leave it off for the digit scenes: a mirrored digit is another symbol.
     with_masks: decode instance masks into the targets (Mask R-CNN); every non-crowd annotation then needs
     a "segmentation".
+    ground_truth: the split is COCOeval's ground truth (validation), so every annotation needs its "area".
     """
 
     def __init__(self, annotation_file: str | Path, image_folder: str | Path, *, flip: bool = False,
-                 with_masks: bool = True) -> None:
+                 with_masks: bool = True, ground_truth: bool = False) -> None:
         self.annotation_file, self.image_folder = Path(annotation_file), Path(image_folder)
         self.flip, self.with_masks = flip, with_masks
         self.problems = DataProblems()
@@ -138,11 +153,22 @@ class CocoDataset(Dataset):
             index_of[entry["id"]] = len(self.images)
             self.images.append({key: entry[key] for key in ("id", "file_name", "width", "height")})
 
+        if not self.images:
+            raise UserError(f"annotation file {name!r} lists no images: its split is empty")
         self.objects: list[list[_Object]] = [[] for _ in self.images]
-        for entry in data["annotations"]:
+        annotation_ids: set[int] = set()
+        for number, entry in enumerate(data["annotations"], 1):
             if not isinstance(entry, dict):
                 raise UserError(f"annotation file {name!r}: annotation {entry!r} is not an object")
+            if not isinstance(entry.get("id"), int) or isinstance(entry.get("id"), bool):
+                raise UserError(f"annotation file {name!r}: annotation {number} (of 'annotations') has no integer 'id'")
+            if entry["id"] in annotation_ids:
+                raise UserError(f"annotation file {name!r}: annotation id {entry['id']} is listed twice")
+            annotation_ids.add(entry["id"])
             where = f"annotation file {name!r}: annotation id {entry.get('id')!r}"
+            if ground_truth and not _number(entry.get("area")):
+                raise UserError(f"{where} has no numeric 'area', which COCO's evaluation needs (the object's "
+                                "pixel area, e.g. its mask's)")
             if entry.get("image_id") not in index_of:
                 raise UserError(f"{where} refers to image id {entry.get('image_id')!r}, which 'images' does not list")
             if entry.get("category_id") not in label_of:
@@ -157,6 +183,9 @@ class CocoDataset(Dataset):
             segmentation = entry.get("segmentation")
             if with_masks and not (isinstance(segmentation, list) and segmentation or isinstance(segmentation, dict)):
                 raise UserError(f"{where} has no 'segmentation' (polygons or RLE), which instance masks need")
+            problem = _polygon_problem(segmentation) if with_masks and isinstance(segmentation, list) else None
+            if problem:
+                raise UserError(f"{where} has a malformed 'segmentation': {problem}")
             image = self.images[index_of[entry["image_id"]]]
             x, y, w, h = (float(v) for v in bbox)
             box = (min(max(x, 0.0), image["width"]), min(max(y, 0.0), image["height"]),
@@ -204,8 +233,7 @@ class CocoDataset(Dataset):
         info, objects = self.images[index], self.objects[index]
         path = self.image_folder / info["file_name"]
         try:
-            with Image.open(path) as file:
-                image = np.asarray(file.convert("RGB"))
+            image = np.asarray(open_rgb(path))
         except UNREADABLE_ERRORS as error:
             raise UnreadableImage(f"image id {info['id']}'s file {str(path)!r} cannot be read: {error}") from error
         height, width = image.shape[:2]
@@ -234,9 +262,9 @@ class CocoDataset(Dataset):
 
 
 def read_coco(annotation_file: str | Path, image_folder: str | Path, *, flip: bool = False,
-              with_masks: bool = True) -> CocoDataset:
+              with_masks: bool = True, ground_truth: bool = False) -> CocoDataset:
     """The COCO split of `annotation_file` (instances JSON) whose images lie in `image_folder`."""
-    return CocoDataset(annotation_file, image_folder, flip=flip, with_masks=with_masks)
+    return CocoDataset(annotation_file, image_folder, flip=flip, with_masks=with_masks, ground_truth=ground_truth)
 
 
 def find_coco_split(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -330,7 +358,7 @@ def build_detection_datasets(data: str, *, with_masks: bool, eval_only: bool = F
                             f"layout ({COCO_HELP})")
         files = {split: find_coco_split(data, split) for split in (("val",) if eval_only else ("train", "val"))}
         flip = True
-    val = CocoDataset(*files["val"], with_masks=with_masks)
+    val = CocoDataset(*files["val"], with_masks=with_masks, ground_truth=True)
     train = val if eval_only else CocoDataset(*files["train"], flip=flip, with_masks=with_masks)
     if train.category_ids != val.category_ids or train.classes != val.classes:
         raise UserError(f"{str(files['train'][0])!r} and {str(files['val'][0])!r} list different categories")

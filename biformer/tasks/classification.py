@@ -1,0 +1,174 @@
+"""Image classification: the digits or an ImageNet-style folder, any timm classifier, top-1/top-5; restored
+from our weights files or an original release file."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import ImageNetInfo, Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..errors import UserError
+from ..config import TrainConfig
+from ..data.classification import DataSplits, build_datasets, collate_readable
+from ..runtime import Dist, all_reduce_sum, autocast
+from ..checkpoints.loading import load_weights
+from ..checkpoints.weights import read_state_dict
+from .base import Objective, Restored, Task, UnreadableImages, eval_batches
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    default_data = "digits"
+    predict_options = frozenset({"topk", "json"})
+    metric = "val_top1"
+    train_accuracy = "train_top1"
+    collate = staticmethod(collate_readable)
+
+    @classmethod
+    def claims(cls, model_name: str) -> bool:
+        return model_name in timm.list_models(model_name)
+
+    @classmethod
+    def model_forms(cls) -> str:
+        return "any timm model (biformer_nano, biformer_tiny, ...)"
+
+    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
+                       eval_only: bool = False) -> DataSplits:
+        if data == "digit-scenes":
+            raise UserError("--data digit-scenes is a segmentation and detection data set; a classifier trains on "
+                            "--data digits or a folder with train/<class>/* and val/<class>/*")
+        return build_datasets(data, img_size, auto_augment=auto_augment, eval_only=eval_only)
+
+    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
+        try:
+            return timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
+                                     **config.model_arguments())
+        except (TypeError, ValueError) as error:
+            if not config.model_kwargs:
+                raise
+            raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: {error}") from error
+
+    def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
+        if config.mixup > 0 or config.cutmix > 0:
+            return Objective(SoftTargetCrossEntropy(), Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                                                             label_smoothing=config.smoothing, num_classes=num_classes))
+        if config.smoothing > 0:
+            return Objective(LabelSmoothingCrossEntropy(config.smoothing))
+        return Objective(nn.CrossEntropyLoss())
+
+    def prepare(self, images: Tensor, targets: Tensor, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
+        if objective.mixup is None:
+            return images, targets, targets
+        if len(images) % 2:  # mixup pairs images up
+            images, targets = images[:-1], targets[:-1]
+        mixed_images, mixed_targets = objective.mixup(images, targets)
+        return mixed_images, mixed_targets, targets
+
+    def loss(self, outputs: Tensor, targets: Tensor, objective: Objective) -> Tensor:
+        return objective.criterion(outputs.float(), targets)
+
+    def hits(self, outputs: Tensor, targets: Tensor) -> tuple[float, float]:
+        return (outputs.argmax(1) == targets).sum().item(), len(targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+                 unreadable: UnreadableImages | None = None) -> dict[str, Any]:
+        """Loss, top-1 and top-5 (percent)."""
+        model.eval()
+        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
+        for images, targets in eval_batches(loader, env, desc, unreadable):
+            with autocast(env.device, amp):
+                logits = model(images)
+            logits = logits.float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+            totals[0] += F.cross_entropy(logits, targets, reduction="sum").item()
+            totals[1] += hits[:, 0].sum().item()
+            totals[2] += hits.any(1).sum().item()
+            totals[3] += len(targets)
+        loss, top1, top5, count = all_reduce_sum(totals, env)
+        if count == 0:
+            raise UserError("no validation image could be read")
+        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
+
+    def metric_columns(self) -> tuple[str, ...]:
+        return ("top1", "top5")
+
+    def metadata(self, splits: DataSplits) -> dict[str, Any]:
+        return {"crop_pct": splits.crop_pct}
+
+    def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
+        return f"final validation top-1: {row['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']})"
+
+    def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
+        return timm.create_model(model_name, num_classes=len(metadata["classes"]), **metadata.get("model_kwargs", {}))
+
+    def restore(self, checkpoint: str | os.PathLike, metadata: dict[str, Any], model_name: str,
+                img_size: int | None = None, **model_kwargs: Any) -> Restored:
+        """Our .safetensors files (from `train` or `convert`) name their model, and our trainer's also carry
+        classes and preprocessing; other files (e.g. an original release .pth) need `model_name`. They get
+        timm's config for that model and as many classes as their classifier has (ImageNet's names for 1000).
+        model_kwargs go to timm.create_model (e.g. padding)."""
+        path = os.fspath(checkpoint)
+        classes = metadata.get("classes")
+        state_dict = read_state_dict(path)  # read once: it also gives the class count of files without metadata
+        model_kwargs = {**metadata.get("model_kwargs", {}), **model_kwargs}  # as trained (--model-kwargs), then ours
+        model = timm.create_model(model_name, num_classes=len(classes) if classes else _head_size(state_dict, model_name),
+                                  **model_kwargs)
+        try:
+            load_weights(model, state_dict, path)
+        except ValueError as error:
+            raise UserError(f"--checkpoint {path!r} for --model {model_name}: {error}") from error
+        if classes is None:
+            count = model.num_classes
+            classes = ImageNetInfo().label_names() if count == 1000 else [str(i) for i in range(count)]
+        if "img_size" in metadata:
+            size, mean, std, crop = metadata["img_size"], metadata["mean"], metadata["std"], metadata["crop_pct"]
+        else:
+            config = resolve_data_config({}, model=model)
+            size, mean, std, crop = config["input_size"][-1], config["mean"], config["std"], config["crop_pct"]
+        return Restored(model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std),
+                        {**metadata, "crop_pct": crop}, classes_recorded="classes" in metadata)
+
+    def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
+        return (f"{checkpoint}: val_loss {result['loss']:.4f}  val_top1 {result['top1']:.2f}%  "
+                f"val_top5 {result['top5']:.2f}%  ({result['count']} images)")
+
+    def check_predict(self, args: argparse.Namespace, files: list[str]) -> None:
+        if args.topk < 1:
+            raise UserError(f"--topk must be at least 1, got {args.topk}")
+
+    @torch.no_grad()
+    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
+                device: Any, outputs: dict[str, Path] | None) -> None:
+        """Print the top-k classes of each image (a table, or JSON lines with --json)."""
+        transform = create_transform(restored.img_size, interpolation="bicubic",
+                                     crop_pct=restored.metadata["crop_pct"], mean=restored.mean, std=restored.std)
+        model = restored.model.to(device)
+        k = min(args.topk, len(restored.classes))
+        for path, image in images:
+            top = model(transform(image)[None].to(device)).float().softmax(-1)[0].topk(k)
+            predictions = [{"class": restored.classes[i], "index": int(i), "probability": float(p)}
+                           for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            if args.json:
+                print(json.dumps({"image": path, "predictions": predictions}))
+                continue
+            print(path)
+            for rank, prediction in enumerate(predictions, 1):
+                print(f"  {rank}. {prediction['class']:<30} {100 * prediction['probability']:6.2f}%")
+
+
+def _head_size(state_dict: dict[str, Tensor], model_name: str) -> int:
+    """Output size of the classifier in a checkpoint without metadata (the model's default if absent)."""
+    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "head"
+    default = timm.models.get_pretrained_cfg_value(model_name, "num_classes") or 1000
+    head = state_dict.get(f"{classifier}.weight")
+    return head.shape[0] if head is not None and head.ndim >= 1 else default
