@@ -20,13 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_message(error: UserError) -> str:
+    """The error's own message. A DataLoader worker's exception reaches the main process re-raised with the
+    worker's traceback as its message, whose last line is "<module>.<class>: <the message>"."""
+    text = str(error)
+    if "Original Traceback" in text:
+        marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+        lines = [line for line in text.splitlines() if line.startswith(marker)]
+        if lines:
+            return lines[-1][len(marker):]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except UserError as error:
         # user mistakes get one clear line, not a traceback
-        print(f"biformer {args.command}: error: {error}", file=sys.stderr)
+        print(f"biformer {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"biformer {args.command}: interrupted", file=sys.stderr)

@@ -61,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
         outputs = output_stems(files, output_folder(args.output, "--output"))
     restored = task.restore(args.checkpoint, metadata, model_name, args.img_size)
     task.configure(args, restored)
-    images, skipped = _read_images(files)
-    task.predict(images, restored, args, resolve_device(args.device), outputs)
+    images, unreadable = _read_images(files)
+    unpredictable = task.predict(images, restored, args, resolve_device(args.device), outputs)
+    skipped = unreadable + unpredictable
     if skipped:
-        print(f"{len(skipped)} unreadable image(s) skipped", file=sys.stderr)
+        counts = ((len(unreadable), "unreadable"), (len(unpredictable), "unpredictable"))
+        print(" and ".join(f"{count} {kind}" for count, kind in counts if count) + " image(s) skipped", file=sys.stderr)
     return 0 if len(skipped) < len(files) else 1
 
 

@@ -243,7 +243,7 @@ def _read_classes(root: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"segmentation folder {str(root)!r} has no classes.txt (one class name per line, "
                         f"line k naming the class of mask value k-1); expected {FOLDER_HELP}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Windows editors) is no part of a name
     if not lines:
         raise UserError(f"{str(path)!r} is empty: list the class names, one per line")
     blank = [number for number, line in enumerate(lines, 1) if not line.strip()]
@@ -253,7 +253,14 @@ def _read_classes(root: Path) -> list[str]:
     if len(lines) > IGNORE_INDEX:
         raise UserError(f"{str(path)!r} lists {len(lines)} classes; at most {IGNORE_INDEX} fit, as mask value "
                         f"{IGNORE_INDEX} means ignore")
-    return [line.strip() for line in lines]
+    names = [line.strip() for line in lines]
+    first_line: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in first_line:
+            raise UserError(f"{str(path)!r} names class {name!r} twice (lines {first_line[name]} and {number}); "
+                            "each mask value needs a class of its own name")
+        first_line[name] = number
+    return names
 
 
 def _find_layout(data: str) -> tuple[str, Path]:
@@ -263,6 +270,9 @@ def _find_layout(data: str) -> tuple[str, Path]:
         raise UserError(f"--data {data!r} is neither 'digit-scenes' nor an existing folder")
     if (root / "ADEChallengeData2016").is_dir():
         return "ade20k", root / "ADEChallengeData2016"
+    if any((root / "annotations").glob("instances_*.json")):
+        raise UserError(f"--data {data!r} is a COCO folder (annotations/instances_*.json), a detection data set: "
+                        "train a detection model on it; a segmentation model needs masks")
     if root.name == "ADEChallengeData2016" or (root / "annotations").is_dir():
         return "ade20k", root
     if any((root / name).exists() for name in ("masks", "classes.txt")):

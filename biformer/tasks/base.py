@@ -209,6 +209,7 @@ class Task(ABC):
 
     @abstractmethod
     def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> None:
+                device: Any, outputs: dict[str, Path] | None) -> list[str]:
         """Predict each (path, RGB image), printing a line (or JSON line) per image; where `predicts_files`,
-        write the pictures to `outputs[path]` + a suffix (one stem per input, distinct, in --output)."""
+        write the pictures to `outputs[path]` + a suffix (one stem per input, distinct, in --output). Returns
+        the paths of the images it could not predict, each reported on stderr with the reason."""

@@ -148,7 +148,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> None:
+                device: Any, outputs: dict[str, Path] | None) -> list[str]:
         """Print the top-k classes of each image (a table, or JSON lines with --json)."""
         transform = create_transform(restored.img_size, interpolation="bicubic",
                                      crop_pct=restored.metadata["crop_pct"], mean=restored.mean, std=restored.std)
@@ -164,6 +164,7 @@ class ClassificationTask(Task):
             print(path)
             for rank, prediction in enumerate(predictions, 1):
                 print(f"  {rank}. {prediction['class']:<30} {100 * prediction['probability']:6.2f}%")
+        return []
 
 
 def _head_size(state_dict: dict[str, Tensor], model_name: str) -> int:

@@ -138,7 +138,7 @@ class DetectionTask(Task):
 
     @torch.no_grad()
     def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> None:
+                device: Any, outputs: dict[str, Path] | None) -> list[str]:
         """Draw each image's detections (<stem>_detections.png) and write them all to detections.json (COCO's
         results format) in --output; image ids from --annotations, else 1, 2, ... in order."""
         import torchvision.transforms.functional as F
@@ -150,8 +150,15 @@ class DetectionTask(Task):
         scoring.score_thresh = min(scoring.score_thresh, args.score_threshold)
         category_ids = restored.metadata.get("category_ids") or list(range(1, len(restored.classes) + 1))
         results: list[dict[str, Any]] = []
+        skipped: list[str] = []
         for number, (path, image) in enumerate(images, 1):
             image_id = number if self.image_ids is None else self.image_ids[Path(path).name]
+            if _resized_short_side(model.transform, image.height, image.width) < 1:
+                print(f"skipping {path}: at {image.width}x{image.height} it is too elongated for the model's resize "
+                      f"(shorter side to {restored.img_size}, the longer at most {model.transform.max_size}) to keep "
+                      "a pixel of its shorter side", file=sys.stderr)
+                skipped.append(path)
+                continue
             detection = {key: value.cpu() for key, value in model([F.to_tensor(image).to(device)])[0].items()}
             results += detections_to_coco_results([detection], [image_id], category_ids, "masks" in detection)
             picture = Path(f"{outputs[path]}_detections.png")
@@ -161,6 +168,15 @@ class DetectionTask(Task):
         folder = Path(args.output).expanduser()
         write_coco_results(results, folder / "detections.json")
         print(f"{len(results)} detections -> {folder / 'detections.json'}")
+        return skipped
+
+
+def _resized_short_side(transform: nn.Module, height: int, width: int) -> int:
+    """The shorter side of an image after torchvision's GeneralizedRCNNTransform resize (its scale is capped so
+    that the longer side stays within max_size; the size is rounded down)."""
+    short, long = min(height, width), max(height, width)
+    scale = min(transform.min_size[-1] / short, transform.max_size / long)
+    return int(short * scale)
 
 
 def _coco_image_ids(annotations: str, files: list[str]) -> dict[str, int]:

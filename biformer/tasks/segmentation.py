@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -116,7 +117,10 @@ class SegmentationTask(Task):
         if images_seen == 0:
             raise UserError("no validation image could be read")
         pixels = confusion.matrix.sum().item()
-        return {"loss": loss_sum / max(pixels, 1), "miou": confusion.miou(), "aacc": confusion.aacc(),
+        if pixels == 0:
+            print("warning: no validation pixel is annotated (every mask value is the ignore index "
+                  f"{IGNORE_INDEX}): loss, mIoU and aAcc are undefined", file=sys.stderr)
+        return {"loss": loss_sum / pixels if pixels else math.nan, "miou": confusion.miou(), "aacc": confusion.aacc(),
                 "class_iou": [None if math.isnan(value) else value for value in confusion.iou().tolist()],
                 "confusion": confusion.matrix.tolist(), "count": images_seen}
 
@@ -154,7 +158,7 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> None:
+                device: Any, outputs: dict[str, Path] | None) -> list[str]:
         """Write <stem>_overlay.png (the image tinted by class, with a legend) and <stem>_labels.png (a class index
         per pixel) per image."""
         from ..dense.drawing import overlay
@@ -168,3 +172,4 @@ class SegmentationTask(Task):
             save_png(overlay(image, labels, restored.classes), f"{stem}_overlay.png")
             save_png(Image.fromarray(labels, mode="L"), f"{stem}_labels.png")
             print(f"{path} -> {stem}_overlay.png, {stem}_labels.png")
+        return []
