@@ -29,13 +29,13 @@ import torch.distributed as dist
 
 from .benchmarks.model import ModelEntry, bench_models
 from .checkpoints.weights import read_metadata
+from .config import TrainConfig, parse_model_kwargs
 from .errors import UserError
 from .files import atomic_output
 from .measure import format_table, write_csv
 from .models.mixers import MIXERS
-from .training import run_folder
-from .config import TrainConfig, parse_model_kwargs
 from .runtime import resolve_device
+from .training import run_folder
 
 ATTENTIONS = ("bra", *MIXERS)
 RESULT = "result.json"

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from .errors import UserError
 
 AMP_MODES = ("none", "auto", "bf16", "fp16")
+# options only some tasks take (each task lists those it takes: Task.train_options)
+TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "model_kwargs"})
 
 
 def option(default: Any, help: str, *, shapes_run: bool = False, least: float | None = None, why: str = "",

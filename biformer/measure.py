@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
+
 from .files import atomic_output
 from .progress import progress
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from biformer.cli import build_parser
 from biformer.commands.train import config_from_args
-from biformer.training.engine import Callbacks, Loaders, train
 from biformer.runtime import Dist
+from biformer.training.engine import Callbacks, Loaders, train
 
 
 class Hooks(Callbacks):

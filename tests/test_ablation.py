@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 import timm
+from test_distributed import free_port
 
 from biformer import ablation
 from biformer.ablation import AblationOptions, Configuration, configurations
@@ -16,8 +17,6 @@ from biformer.cli import main
 from biformer.commands.ablate import DEFAULTS
 from biformer.errors import UserError
 from biformer.models.mixers import FullAttention, WindowAttention
-
-from test_distributed import free_port
 
 
 def test_cli_defaults_are_the_options_defaults():

@@ -5,7 +5,12 @@ import pytest
 from PIL import Image
 
 from biformer.analysis.complexity import (
-    bra_cost, complexity_table, optimal_regions_per_side, plot_complexity, valid_regions_per_side, write_csv,
+    bra_cost,
+    complexity_table,
+    optimal_regions_per_side,
+    plot_complexity,
+    valid_regions_per_side,
+    write_csv,
 )
 
 

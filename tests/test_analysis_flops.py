@@ -44,10 +44,18 @@ def test_bra_layer_matches_hand_count(height, width):
     assert report.uncounted_ops == []
 
 
-def test_counting_restores_a_forced_backend():
-    layer = BiLevelRoutingAttention(32, 2, 2, 2, backend=None, channels_last=False)
+@pytest.mark.parametrize("chosen", ["indexed", None], ids=["forced", "automatic"])
+def test_counting_restores_the_layers_own_backend(chosen, monkeypatch):
+    """Counting runs the reference backend, then gives each layer back the backend it had."""
+    from biformer.ops import backends
+
+    layer = BiLevelRoutingAttention(32, 2, 2, 2, backend=chosen, channels_last=False)
+    used = []
+    select = backends.select_backend
+    monkeypatch.setattr("biformer.ops.functional.select_backend",
+                        lambda requested, inputs: used.append(requested) or select(requested, inputs))
     count_flops(_Wrapper(layer), (8, 8), in_chans=32)
-    assert layer.backend is None
+    assert used and set(used) == {"reference"} and layer.backend == chosen
 
 
 @pytest.mark.parametrize("name,params,flops", [

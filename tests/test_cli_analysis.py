@@ -10,12 +10,12 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import biformer  # noqa: F401  (registers the models)
 from biformer.analysis.visualize import COLUMNS, DIM, MARGIN, TITLE_HEIGHT
 from biformer.checkpoints import load_checkpoint
 from biformer.cli import main
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def test_flops_prints_stages_kinds_and_what_is_not_counted(capsys):

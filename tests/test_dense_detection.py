@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from biformer.checkpoints.weights import save_weights
-
 from biformer.dense import (
     DETECTION_HEADS,
     FCOSModel,

@@ -5,10 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from biformer.dense.drawing import overlay, palette
 from biformer.dense.inference import segment
 from biformer.dense.metrics import ConfusionMatrix, iou_table
 
@@ -84,16 +82,3 @@ def test_flip_averages_the_probabilities_of_the_mirrored_image():
 def test_bad_modes_are_named():
     with pytest.raises(ValueError, match="mode must be one of whole, slide"):
         segment(Pointwise(), torch.zeros(1, 3, 32, 32), mode="tiles")
-
-
-def test_overlay_tints_each_class_and_lists_the_present_ones():
-    image = Image.new("RGB", (40, 30), (100, 100, 100))
-    labels = np.zeros((30, 40), dtype=np.int64)
-    labels[:, 20:] = 2
-    picture = overlay(image, labels, ["background", "one", "two"])
-    assert picture.height == 30 + 2 * 14 + 4  # two legend lines: classes 0 and 2
-    assert picture.width > 40  # widened for "background" (73 px in PIL's default font)
-    colours = palette(3)
-    assert picture.getpixel((5, 5)) == tuple(int(round(0.5 * 100 + 0.5 * c)) for c in colours[0])
-    assert picture.getpixel((30, 5)) == tuple(int(round(0.5 * 100 + 0.5 * c)) for c in colours[2])
-    assert len({tuple(c) for c in palette(150)}) == 150

@@ -1,5 +1,5 @@
 """`biformer train/eval/predict` for detection: the engine with COCO AP rows, exact resume after SIGKILL, the
-COCO results JSON of predict read back by pycocotools, pictures drawn, the bench, bad input refused."""
+COCO results JSON of predict read back by pycocotools, bad input refused."""
 import contextlib
 import io
 import json
@@ -12,61 +12,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from safetensors.torch import load_file
+from tiny_data import CATEGORY_IDS, CLASSES, make_coco_folder, read_metrics
 
 from biformer.checkpoints.weights import read_metadata
 from biformer.cli import main
+from biformer.data.coco import CocoDataset, ReadableSamples, collate_detection
 from biformer.dense.detection import detection_model_for_size
 from biformer.ops import BiLevelRoutingAttention
-from biformer.dense.drawing import DETECTION_MIN_SIDE, draw_detections, palette
-from biformer.data.coco import CocoDataset, ReadableSamples, collate_detection
 from biformer.tasks.registry import task_for_model
 
 QUICK = ["--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1", "--batch-size", "2", "--lr", "1e-3"]
 DETECTION = ["--model", "maskrcnn_biformer_nano", *QUICK]
 COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr")
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
-CLASSES = ("square", "bar")  # COCO category ids 4 and 9 (not 1..K, to check the mapping back)
-CATEGORY_IDS = (4, 9)
-
-
-def read_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def make_coco_folder(root: Path, train: int = 6, val: int = 3) -> Path:
-    """COCO's layout with 64x64 scenes: a bright square (category 4) and a dark bar (category 9) on grey, masks
-    as RLE; the last validation image has no object (a negative)."""
-    rng = np.random.default_rng(0)
-    (root / "annotations").mkdir(parents=True)
-    for split, count in (("train", train), ("val", val)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for index in range(count):
-            image = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
-            objects = []
-            if not (split == "val" and index == count - 1):
-                top, left = (int(v) for v in rng.integers(0, 40, 2))
-                image[top:top + 20, left:left + 20] = 250
-                objects.append((4, left, top, 20, 20))
-                row = int(rng.integers(0, 48))
-                image[row:row + 16, 8:14] = 10
-                objects.append((9, 8, row, 6, 16))
-            Image.fromarray(image).save(root / split / f"{index}.png")
-            images.append({"id": 100 + index, "file_name": f"{index}.png", "width": 64, "height": 64})
-            for category, x, y, w, h in objects:
-                mask = np.zeros((64, 64), np.uint8)
-                mask[y:y + h, x:x + w] = 1
-                rle = mask_utils.encode(np.asfortranarray(mask))
-                annotations.append({"id": len(annotations) + 1, "image_id": 100 + index, "category_id": category,
-                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
-                                    "segmentation": {"size": [64, 64], "counts": rle["counts"].decode("ascii")}})
-        data = {"images": images, "annotations": annotations,
-                "categories": [{"id": i, "name": n} for i, n in zip(CATEGORY_IDS, CLASSES)]}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -195,23 +155,6 @@ def test_unreadable_images_are_skipped_with_their_problem(tmp_path):
     assert set(moved[0]) == {"boxes", "labels", "masks", "image_id"}
 
 
-def test_draw_detections_keeps_what_scores_enough():
-    image = Image.new("RGB", (32, 48), "black")
-    detection = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 20.0], [16.0, 30.0, 30.0, 46.0]]),
-                 "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.1]),
-                 "masks": torch.zeros(2, 1, 48, 32)}
-    detection["masks"][0, 0, 4:18, 4:10] = 1
-    picture = np.asarray(draw_detections(image, detection, ["a", "b"], score_threshold=0.5))
-    factor = -(-DETECTION_MIN_SIDE // 32)
-    assert picture.shape == (48 * factor, 32 * factor, 3)
-    colour = palette(3)[1]
-    edge = picture[20 * factor - 1, 5 * factor]  # on the kept box's bottom edge
-    assert np.array_equal(edge, colour)
-    inside = picture[10 * factor, 6 * factor]  # inside its mask: tinted, not black
-    assert inside.sum() > 0
-    assert picture[40 * factor, 23 * factor].sum() == 0  # the low-scoring box is not drawn
-
-
 @pytest.mark.parametrize("arguments,message", [
     (["--model", "retinanet_biformer_nano", "--data", "digits"], "--data digits is a classification data set"),
     (["--model", "retinanet_resnet18", "--data", "digit-scenes", "--mixup", "0.8"], r"classification-only option\(s\) --mixup"),
@@ -221,23 +164,3 @@ def test_mismatched_options_are_refused_before_any_output(tmp_path, capsys, argu
     assert main(["train", *arguments, "--output", str(tmp_path / "run"), "--no-tensorboard"]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.slow
-def test_bench_detection_measures_every_model_and_mode(capsys, tmp_path):
-    csv = tmp_path / "bench.csv"
-    assert main(["bench", "detection", "retinanet_resnet18", "maskrcnn_resnet50_fpn", "--size", "64", "96",
-                 "--rounds", "1", "--threads", "1", "--csv", str(csv)]) == 0
-    out = capsys.readouterr().out
-    assert "retinanet_resnet18" in out and "maskrcnn_resnet50_fpn" in out and "1x3x64x96" in out
-    lines = csv.read_text().splitlines()
-    assert len(lines) == 1 + 4  # two models x inference, training
-    header = lines[0].split(",")
-    for line in lines[1:]:
-        row = dict(zip(header, line.split(",")))
-        assert float(row["peak_rss_mb"]) >= float(row["loaded_mb"]) > 0 and float(row["images_per_s"]) > 0
-
-
-def test_bench_detection_refuses_unknown_models(capsys):
-    assert main(["bench", "detection", "maskrcnn_nonexistent_net"]) == 2
-    assert "neither a detection model of ours" in capsys.readouterr().err

@@ -109,17 +109,32 @@ def test_compile_equals_eager(model_name):
 
 
 def test_timm_universal_encoder_for_segmentation():
+    """smp's tu- encoder is timm's features_only model: with the same weights it gives the same four maps (after
+    the input and an empty stride-2 slot, smp's convention for encoders without one)."""
     smp = pytest.importorskip("segmentation_models_pytorch", reason="SMP NOT INSTALLED: tu- encoder not checked")
     model = smp.Unet("tu-biformer_tiny", encoder_weights=None, classes=3).eval()
+    features = timm.create_model("biformer_tiny", features_only=True).eval()
+    features.load_state_dict(model.encoder.model.state_dict())
+    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
+        encoded, expected = model.encoder(x), features(x)
+        assert model(x).shape == (1, 3, 64, 96)
+    assert encoded[1].shape[1] == 0 and len(encoded) == 2 + len(expected)
+    for got, want in zip(encoded[2:], expected):
+        torch.testing.assert_close(got, want)
 
 
-def test_paper_input_sizes_run():
+def test_paper_input_sizes_run_and_each_image_is_its_own():
+    """At the paper's detection/segmentation-like sizes, an image's logits do not depend on the others in its
+    batch (routing, padding masks and region means are per image)."""
     model = timm.create_model("biformer_tiny").eval()
     with torch.no_grad():
         for size in [(256, 320), (512, 512)]:
-            assert model(torch.randn(1, 3, *size)).shape == (1, 1000)
+            images = torch.randn(2, 3, *size)
+            together = model(images)
+            assert together.shape == (2, 1000)
+            torch.testing.assert_close(together, torch.cat([model(image[None]) for image in images]),
+                                       atol=1e-4, rtol=1e-4)
 
 
 def test_stl_nchw_legacy_padding_is_the_nchw_layers_own():

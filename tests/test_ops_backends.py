@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from biformer.ops import bi_level_routing_attention
-from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.backends import BACKENDS, select_backend
+from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.functional import region_grid
 from biformer.ops.regions import PADDING_MODES, RegionGrid
 

@@ -14,8 +14,8 @@ from test_ops_oracle import _dense_oracle
 from torch._dynamo.utils import counters
 
 from biformer.ops import bi_level_routing_attention
-from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.backends import BACKENDS, flex, select_backend
+from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.functional import region_grid
 from biformer.ops.regions import PADDING_MODES, RegionGrid
 

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written and print what their comments say; its commands write no tracked file."""
+"""The Python examples of the README and the guide run as written and print what their comments say; their
+commands write no tracked file; the README stays short and every figure of the results page names its command."""
 import re
 import shlex
 from pathlib import Path
@@ -7,7 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-EXAMPLES = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+GUIDE = (ROOT / "docs" / "guide.md").read_text()
+RESULTS = (ROOT / "docs" / "results.md").read_text()
+EXAMPLES = [example for text in (README, GUIDE) for example in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
 PRINT_LINE = re.compile(r"^\s*print\(.*\)\s*#\s*(?P<expected>.+)$")
 
 
@@ -30,12 +33,12 @@ def test_readme_has_examples():
 def test_readme_example_prints_what_it_says(index):
     printed = []
     scope = {"print": lambda *values: printed.append(" ".join(str(value) for value in values))}
-    exec(compile(EXAMPLES[index], f"README.md example {index}", "exec"), scope)
+    exec(compile(EXAMPLES[index], f"README/guide example {index}", "exec"), scope)
     assert printed == expected_prints(EXAMPLES[index])
 
 
 def _shell_commands() -> list[list[str]]:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    blocks = [block for text in (README, GUIDE) for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
     commands = []
     for block in blocks:
         for command in re.split(r"&&|\n(?!\s)", block.replace("\\\n", " ")):
@@ -46,8 +49,29 @@ def _shell_commands() -> list[list[str]]:
 
 def test_readme_commands_do_not_overwrite_the_repository():
     """An example run by a reader must not change tracked files (the pictures the README shows among them)."""
-    shown = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)) | set(re.findall(r"\]\((docs/[^)]+)\)", README))
+    shown = ({f"docs/{name}" for name in re.findall(r"!\[[^\]]*\]\(([^)/]+)\)", GUIDE + RESULTS)}
+             | set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)) | set(re.findall(r"\]\((docs/[^)]+)\)", README)))
     written = [words[i + 1] for words in _shell_commands() for i, word in enumerate(words[:-1]) if word == "--output"]
     assert written, "the README's commands write no --output: the check below would be empty"
     for path in written:
         assert path not in shown and not path.startswith("docs/"), f"a README command overwrites {path}"
+
+
+def test_readme_is_short_and_opens_with_the_two_commands():
+    assert len(README.splitlines()) <= 150
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    assert "python -m biformer train --data digits" in blocks[0] and "python -m pytest" in blocks[1]
+    assert README.index("## The package") < README.index("## Examples")  # the map near the top
+
+
+def test_every_table_of_the_results_page_follows_its_command():
+    """Each measured table is preceded, in its section, by the command that produces it."""
+    for section in RESULTS.split("\n## ")[1:]:
+        if "\n| " in section:
+            assert "python " in section.split("\n| ")[0], section.splitlines()[0]
+
+
+def test_the_pictures_the_docs_show_exist():
+    for text, folder in ((README, ROOT), (GUIDE, ROOT / "docs"), (RESULTS, ROOT / "docs")):
+        for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+            assert (folder / picture).is_file(), picture

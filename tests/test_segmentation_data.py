@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from biformer.errors import UserError
 from biformer.data import scenes as sd
 from biformer.data.segmentation import (
     IGNORE_INDEX,
@@ -18,6 +17,7 @@ from biformer.data.segmentation import (
     collate_segmentation,
     digit_scenes_folder,
 )
+from biformer.errors import UserError
 
 W, H = 48, 40  # the generic test folder's image size (width, height)
 COLOURS = {0: (230, 30, 30), 1: (30, 230, 30), 2: (30, 30, 230), IGNORE_INDEX: (128, 128, 128)}

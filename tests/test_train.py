@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from biformer.cli import build_parser, main
 from biformer.commands.train import config_from_args
-from biformer.errors import UserError
 from biformer.config import TrainConfig
+from biformer.errors import UserError
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
@@ -242,6 +242,7 @@ def test_checkpoint_for_another_model_or_class_count(trained, tmp_path, capsys):
 def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
     """A .pth in the original release's layout ({'model': state_dict}) evaluates like our checkpoint."""
     import timm
+
     from biformer.checkpoints import to_original_state_dict
 
     released = tmp_path / "nano_release.pth"
@@ -278,8 +279,8 @@ def test_model_kwargs_refused_by_the_model(tmp_path, capsys):
 def test_model_kwargs_shape_the_model_and_travel_with_its_weights(tmp_path):
     """A model trained with --model-kwargs comes back from its weights file as trained (grid attention,
     whose weights have BRA's keys: without the recorded arguments it would load into BRA layers)."""
-    from biformer.tasks import restore
     from biformer.models.mixers import GridAttention
+    from biformer.tasks import restore
 
     out = tmp_path / "grid"
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(out), "--model-kwargs", "attention=grid",

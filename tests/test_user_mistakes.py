@@ -6,6 +6,7 @@ wrote; the numbers follow the list of defects that first showed each case.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from tiny_data import make_coco_folder, make_mask_folder, read_metrics
 
 from biformer.cli import main
+
+# small splits (PNG images: the 16-bit case rewrites them in place), every validation image with objects
+mask_folder = functools.partial(make_mask_folder, train=4, val=2, image_suffix=".png")
+coco_folder = functools.partial(make_coco_folder, train=4, val=2, negative=False)
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -65,71 +71,6 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
     return message
 
 
-def read_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def make_mask_folder(root: Path, train: int = 4, val: int = 2, classes: str = "background\nsquare\nbar\n",
-                     val_ignored: bool = False) -> Path:
-    """A generic-layout segmentation folder of 64x64 scenes (as tests/test_segmentation_train.py): a bright
-    square (class 1) and a dark bar (class 2) on grey; val_ignored: every validation mask pixel is 255."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_bytes(classes.encode("utf-8"))
-    for part, count in (("train", train), ("val", val)):
-        (root / "images" / part).mkdir(parents=True)
-        (root / "masks" / part).mkdir(parents=True)
-        for index in range(count):
-            image = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
-            mask = np.zeros((64, 64), np.uint8)
-            top, left = rng.integers(0, 40, 2)
-            image[top:top + 20, left:left + 20], mask[top:top + 20, left:left + 20] = 250, 1
-            row = rng.integers(0, 56)
-            image[row:row + 6, :], mask[row:row + 6, :] = 10, 2
-            mask[0, 0] = 255
-            if part == "val" and val_ignored:
-                mask[:] = 255
-            Image.fromarray(image).save(root / "images" / part / f"{index}.png")
-            Image.fromarray(mask).save(root / "masks" / part / f"{index}.png")
-    return root
-
-
-def rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(mask.shape), "counts": encoded["counts"].decode("ascii")}
-
-
-def make_coco_folder(root: Path, train: int = 4, val: int = 2, edit=None) -> Path:
-    """COCO's layout (as tests/test_detection_train.py) with 64x64 scenes: a bright square (category 4) and a
-    dark bar (category 9) on grey, masks as RLE. edit(split, data) may change an annotation file's content."""
-    rng = np.random.default_rng(0)
-    (root / "annotations").mkdir(parents=True)
-    for split, count in (("train", train), ("val", val)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for index in range(count):
-            image = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 20, (64, 64, 3), dtype=np.uint8)
-            top, left = (int(v) for v in rng.integers(0, 40, 2))
-            image[top:top + 20, left:left + 20] = 250
-            row = int(rng.integers(0, 48))
-            image[row:row + 16, 8:14] = 10
-            Image.fromarray(image).save(root / split / f"{index}.png")
-            images.append({"id": 100 + index, "file_name": f"{index}.png", "width": 64, "height": 64})
-            for category, x, y, w, h in ((4, left, top, 20, 20), (9, 8, row, 6, 16)):
-                mask = np.zeros((64, 64), np.uint8)
-                mask[y:y + h, x:x + w] = 1
-                annotations.append({"id": len(annotations) + 1, "image_id": 100 + index, "category_id": category,
-                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": rle(mask)})
-        data = {"images": images, "annotations": annotations,
-                "categories": [{"id": 4, "name": "square"}, {"id": 9, "name": "bar"}]}
-        if edit is not None:
-            edit(split, data)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    return root
-
-
 def make_image_folder(root: Path, per_class: int = 2) -> Path:
     """An ImageNet-layout folder root/{train,val}/{dark,bright}/<n>.png of 40x40 images."""
     for part in ("train", "val"):
@@ -153,7 +94,7 @@ def png(path: Path, array: np.ndarray) -> Path:
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
     """(mask folder, run folder) of one epoch of sfpn_biformer_nano (classes background, square, bar)."""
-    data = make_mask_folder(tmp_path_factory.mktemp("masks"))
+    data = mask_folder(tmp_path_factory.mktemp("masks"))
     out = tmp_path_factory.mktemp("segrun")
     assert main(["train", *SEGMENTATION, "--data", str(data), "--output", str(out)]) == 0
     return data, out
@@ -162,7 +103,7 @@ def seg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def det(tmp_path_factory):
     """(COCO folder, run folder) of one epoch of retinanet_biformer_nano (classes square, bar)."""
-    data = make_coco_folder(tmp_path_factory.mktemp("cocodata"))
+    data = coco_folder(tmp_path_factory.mktemp("cocodata"))
     out = tmp_path_factory.mktemp("detrun")
     assert main(["train", *RETINANET, "--data", str(data), "--output", str(out)]) == 0
     return data, out
@@ -186,7 +127,7 @@ def _check_nan_epoch_committed(capsys, argv: list, out: Path, metric: str) -> No
 @pytest.mark.slow
 def test_01_nan_val_miou_epoch_is_committed_and_resumable(tmp_path, capsys):
     """Validation masks that are all 255 (ignore): mIoU is NaN; the epoch must still be committed."""
-    data = make_mask_folder(tmp_path / "data", val_ignored=True)
+    data = mask_folder(tmp_path / "data", val_ignored=True)
     _check_nan_epoch_committed(capsys, ["train", *SEGMENTATION, "--data", data], tmp_path / "run", "val_miou")
 
 
@@ -198,7 +139,7 @@ def test_01_nan_val_box_ap_epoch_is_committed_and_resumable(tmp_path, capsys):
             for annotation in data["annotations"]:
                 annotation["iscrowd"] = 1
 
-    data = make_coco_folder(tmp_path / "data", edit=all_crowd)
+    data = coco_folder(tmp_path / "data", edit=all_crowd)
     _check_nan_epoch_committed(capsys, ["train", *RETINANET, "--data", data], tmp_path / "run", "val_bbox_ap")
 
 
@@ -212,7 +153,7 @@ def test_02_eval_refuses_val_annotations_without_area_or_id(det, tmp_path, capsy
     def drop(split, data):
         del data["annotations"][0][key]
 
-    data = make_coco_folder(tmp_path / "data", edit=drop)
+    data = coco_folder(tmp_path / "data", edit=drop)
     rc, out, err = cli(capsys, "eval", "--checkpoint", det[1] / "last.safetensors", "--data", data)
     assert_one_line_error(rc, err, "instances_val.json", repr(key))
 
@@ -223,7 +164,7 @@ def test_02_train_refuses_val_annotations_without_area_before_training(tmp_path,
         if split == "val":
             del data["annotations"][0]["area"]
 
-    data = make_coco_folder(tmp_path / "data", edit=drop)
+    data = coco_folder(tmp_path / "data", edit=drop)
     rc, out, err = cli(capsys, "train", *RETINANET, "--data", data, "--output", tmp_path / "run")
     assert_one_line_error(rc, err, "instances_val.json", "'area'")
     assert not (tmp_path / "run").exists()  # refused before --output is created (no epoch trained in vain)
@@ -290,7 +231,7 @@ def test_04_eval_reads_16_bit_images_like_8_bit_ones(seg, tmp_path, capsys):
     _, run = seg
     results = {}
     for bits in (8, 16):
-        data = make_mask_folder(tmp_path / f"data{bits}", train=1, val=2)
+        data = mask_folder(tmp_path / f"data{bits}", train=1, val=2)
         for index in range(2):
             grey = _grey_scene(index)
             mask = np.zeros((64, 64), np.uint8)
@@ -352,7 +293,7 @@ def test_07_bad_coco_shape_is_named_or_counted(tmp_path, capsys, polygon):
         if split == "train":
             data["annotations"][0]["segmentation"] = polygon
 
-    data = make_coco_folder(tmp_path / "data", train=2, val=1, edit=bad_polygon)
+    data = coco_folder(tmp_path / "data", train=2, val=1, edit=bad_polygon)
     rc, out, err = cli(capsys, "train", *MASKRCNN, "--data", data, "--output", tmp_path / "run")
     if rc == 0:  # counted as a problem (and the annotation left out)
         notes = [line for line in err.splitlines() if line.startswith("note:") and "polygon" in line.lower()]
@@ -394,7 +335,7 @@ def test_08_predict_output_that_cannot_be_a_folder(seg, tmp_path, capsys, case):
 @pytest.mark.slow
 def test_09_user_error_in_a_worker_stays_one_line(seg, tmp_path, capsys):
     _, run = seg
-    data = make_mask_folder(tmp_path / "data", train=1, val=2)
+    data = mask_folder(tmp_path / "data", train=1, val=2)
     mask = np.array(Image.open(data / "masks" / "val" / "1.png"))
     mask[5:9, 5:9] = 7  # no class: classes.txt lists 3
     png(data / "masks" / "val" / "1.png", mask)
@@ -501,7 +442,7 @@ def test_12_predict_expands_tilde_in_output(seg, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_13_duplicate_class_names_are_refused(tmp_path, capsys):
-    data = make_mask_folder(tmp_path / "data", classes="background\nsquare\nsquare\n")
+    data = mask_folder(tmp_path / "data", classes="background\nsquare\nsquare\n")
     rc, out, err = cli(capsys, "train", *SEGMENTATION, "--data", data, "--output", tmp_path / "run")
     assert_one_line_error(rc, err, "classes.txt", "square")
     assert not (tmp_path / "run").exists()
@@ -511,7 +452,7 @@ def test_13_duplicate_class_names_are_refused(tmp_path, capsys):
 def test_13_utf8_bom_is_not_part_of_the_first_class_name(seg, tmp_path, capsys):
     """classes.txt saved with a BOM (as Windows editors do) names the same classes as without one."""
     data, run = seg
-    copy = make_mask_folder(tmp_path / "data", train=1, val=2, classes="\ufeffbackground\nsquare\nbar\n")
+    copy = mask_folder(tmp_path / "data", train=1, val=2, classes="\ufeffbackground\nsquare\nbar\n")
     assert (copy / "classes.txt").read_bytes().startswith(b"\xef\xbb\xbf")
     rc, out, err = cli(capsys, "eval", "--checkpoint", run / "last.safetensors", "--data", copy, "--json")
     assert rc == 0, f"the BOM made the first class differ: {err[-500:]}"
@@ -546,7 +487,7 @@ def test_14_overlay_legend_is_not_clipped(seg, tmp_path, capsys, width):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_15_detection_layout_given_to_a_segmentation_model(tmp_path, capsys):
-    data = make_coco_folder(tmp_path / "data")
+    data = coco_folder(tmp_path / "data")
     rc, out, err = cli(capsys, "train", *SEGMENTATION, "--data", data, "--output", tmp_path / "run")
     message = assert_one_line_error(rc, err)
     assert "ADE20K" not in message and "ADEChallengeData2016" not in message, message
@@ -559,7 +500,7 @@ def test_15_val_json_without_images_says_so(det, tmp_path, capsys):
         if split == "val":
             data["images"], data["annotations"] = [], []
 
-    data = make_coco_folder(tmp_path / "data", edit=no_images)
+    data = coco_folder(tmp_path / "data", edit=no_images)
     rc, out, err = cli(capsys, "eval", "--checkpoint", det[1] / "last.safetensors", "--data", data)
     message = assert_one_line_error(rc, err, "instances_val.json")
     assert "could be read" not in message, message  # no image is unreadable: the file lists none
@@ -568,7 +509,7 @@ def test_15_val_json_without_images_says_so(det, tmp_path, capsys):
 @pytest.mark.slow
 def test_15_eval_on_all_ignored_val_has_no_zero_loss(seg, tmp_path, capsys):
     _, run = seg
-    data = make_mask_folder(tmp_path / "data", train=1, val=2, val_ignored=True)
+    data = mask_folder(tmp_path / "data", train=1, val=2, val_ignored=True)
     rc, out, err = cli(capsys, "eval", "--checkpoint", run / "last.safetensors", "--data", data)
     assert "val_loss 0.0000" not in out, out  # no annotated pixel: the loss is undefined, not 0
     rc, out, err = cli(capsys, "eval", "--checkpoint", run / "last.safetensors", "--data", data, "--json")
@@ -581,7 +522,7 @@ def test_15_crowd_note_for_the_val_split_does_not_mention_training(det, tmp_path
     def one_crowd(split, data):
         data["annotations"][0]["iscrowd"] = 1
 
-    data = make_coco_folder(tmp_path / "data", edit=one_crowd)
+    data = coco_folder(tmp_path / "data", edit=one_crowd)
     rc, out, err = cli(capsys, "eval", "--checkpoint", det[1] / "last.safetensors", "--data", data)
     assert rc == 0, err[-2500:]
     notes = [line for line in err.splitlines() if "crowd" in line]

@@ -20,10 +20,10 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from ..ops import BiLevelRoutingAttention
-from ..ops.module import RecordedRouting
 from ..data.images import open_rgb
 from ..files import atomic_output
+from ..ops import BiLevelRoutingAttention
+from ..ops.module import RecordedRouting
 
 SKIMAGE_PREFIX = "skimage:"
 DIGITS_PREFIX = "digits:"

@@ -19,7 +19,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from .dense import peak_rss, run_in_child
+from .processes import peak_rss, run_in_child
 
 DEFAULT_MODELS = ("maskrcnn_biformer_small", "maskrcnn_resnet50_fpn", "maskrcnn_convnext_tiny")
 TORCHVISION_MODELS = ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 from ..ops import bi_level_routing_attention
 from ..ops.backends import select_backend
 from ..ops.backends.inputs import RoutedAttentionInputs
 from ..ops.functional import region_grid
-from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 
 BASELINE = "original"  # the original release's gather algorithm (biformer.ops.backends.original)
 REFERENCE = "reference"  # the specification: max_abs_err is measured against it

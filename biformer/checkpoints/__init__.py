@@ -5,8 +5,8 @@
 - `loading`: strict loading of either layout into a model.
 """
 from .loading import load_checkpoint, load_weights
-from .weights import cpu_state_dict, read_metadata, read_state_dict, save_weights
 from .original import checkpoint_filter_fn, convert_file, to_original_state_dict
+from .weights import cpu_state_dict, read_metadata, read_state_dict, save_weights
 
 __all__ = [
     "checkpoint_filter_fn",

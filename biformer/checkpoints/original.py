@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..files import atomic_output
 from ..ops import BiLevelRoutingAttention
-from .weights import read_metadata, read_state_dict, save_weights
+from .weights import UNRECORDED_TASK, read_metadata, read_state_dict, save_weights
 
 LAYOUTS = ("original", "ours")
 OURS_MARKER, ORIGINAL_MARKER = "stem.0.weight", "downsample_layers.0.0.weight"  # a key only that layout has
@@ -253,7 +253,7 @@ def convert_file(source: str, target: str, to: str | None = None, model_name: st
     converted = convert_state_dict(state_dict, model_name, to)
     if target_format == "safetensors":
         metadata = {key: value for key, value in read_metadata(source).items() if key != "format"}
-        save_weights(target, converted, {**metadata, "model": model_name, "layout": to})
+        save_weights(target, converted, {"task": UNRECORDED_TASK, **metadata, "model": model_name, "layout": to})
     else:
         with atomic_output(target) as temp:
             torch.save({"model": converted}, temp)  # the original release's file structure

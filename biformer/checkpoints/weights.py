@@ -22,6 +22,9 @@ from ..files import atomic_output
 
 # keys under which training scripts nest the state dict ({"model": ...} is the original release's)
 WRAPPER_KEYS = ("model", "state_dict", "model_ema")
+# the task of a weights file whose metadata names none (release files, and ours from before tasks were recorded);
+# `convert` writes it, being for classifiers only
+UNRECORDED_TASK = "classification"
 
 
 def _require_file(path: str) -> None:

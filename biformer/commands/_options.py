@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import UserError
 
+
 def positive(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)

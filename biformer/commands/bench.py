@@ -1,5 +1,5 @@
 """`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), the process
-memory of dense prediction (`dense`), and the memory and speed of detection models (`detection`)."""
+memory of segmentation models (`segmentation`), and the memory and speed of detection models (`detection`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,8 @@ from typing import Iterator
 
 import torch
 
-from ..benchmarks import dense as dense_bench
 from ..benchmarks import detection as detection_bench
+from ..benchmarks import segmentation as segmentation_bench
 from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
 from ..benchmarks.model import (
     DEFAULT_MODELS,
@@ -72,30 +72,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="MODEL,GMACS table (multiply-adds per image) to use instead of counting")
     _common_options(model, repeats=5)
     model.set_defaults(run=run_model)
-    _register_dense(kinds)
+    _register_segmentation(kinds)
     _register_detection(kinds)
 
 
-def _register_dense(kinds: argparse._SubParsersAction) -> None:
-    dense = kinds.add_parser(
-        "dense", help="peak process memory (RSS) of segmentation inference and backbone training, on CPU",
+def _register_segmentation(kinds: argparse._SubParsersAction) -> None:
+    segmentation = kinds.add_parser(
+        "segmentation", help="peak process memory (RSS) of segmentation inference and backbone training, on CPU",
         description=f"Each case runs in a fresh Python process, whose peak RSS is the case's own; over_loaded_mb "
                     f"is the peak less the RSS right after the model was built and the input made (MB: 2**20 bytes). "
-                    f"inference: {dense_bench.INFERENCE_MODEL}, {dense_bench.CITYSCAPES_CLASSES} classes, eval, "
-                    f"no autograd, at 1x3x1024x2048 (target: peak at most {dense_bench.INFERENCE_TARGET_MB:.0f} MB). "
-                    f"training: a BiFormer dense backbone with n_win {dense_bench.TRAINING_N_WIN}, forward and backward "
+                    f"inference: {segmentation_bench.INFERENCE_MODEL}, {segmentation_bench.CITYSCAPES_CLASSES} classes, eval, "
+                    f"no autograd, at 1x3x1024x2048 (target: peak at most {segmentation_bench.INFERENCE_TARGET_MB:.0f} MB). "
+                    f"training: a BiFormer dense backbone with n_win {segmentation_bench.TRAINING_N_WIN}, forward and backward "
                     f"at 2x3x600x500, with our BRA backends and with the original release's algorithm (target: at "
-                    f"most {dense_bench.TRAINING_TARGET_MB:.0f} MB over the loaded model). Linux only.",
+                    f"most {segmentation_bench.TRAINING_TARGET_MB:.0f} MB over the loaded model). Linux only.",
     )
-    dense.add_argument("--case", choices=(*dense_bench.CASES, "all"), default="all", help="what to measure (default: all)")
-    dense.add_argument("--model", default=None, metavar="NAME",
+    segmentation.add_argument("--case", choices=(*segmentation_bench.CASES, "all"), default="all", help="what to measure (default: all)")
+    segmentation.add_argument("--model", default=None, metavar="NAME",
                        help="with --case inference a segmentation model (default "
-                            f"{dense_bench.INFERENCE_MODEL}); with --case training a BiFormer variant (default "
-                            f"{dense_bench.TRAINING_MODEL})")
-    dense.add_argument("--input", default=None, metavar="B,H,W",
+                            f"{segmentation_bench.INFERENCE_MODEL}); with --case training a BiFormer variant (default "
+                            f"{segmentation_bench.TRAINING_MODEL})")
+    segmentation.add_argument("--input", default=None, metavar="B,H,W",
                        help="batch and image size instead of the case's (with --case inference or training)")
-    _threads_and_csv_options(dense)
-    dense.set_defaults(run=run_dense)
+    _threads_and_csv_options(segmentation)
+    segmentation.set_defaults(run=run_segmentation)
 
 
 def _register_detection(kinds: argparse._SubParsersAction) -> None:
@@ -221,7 +221,7 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dense_input(text: str, case: str) -> tuple[int, int, int, int]:
+def _segmentation_input(text: str, case: str) -> tuple[int, int, int, int]:
     try:
         batch, height, width = (int(part) for part in text.split(","))
     except ValueError:
@@ -232,7 +232,7 @@ def _dense_input(text: str, case: str) -> tuple[int, int, int, int]:
     return batch, 3, height, width
 
 
-def _check_dense_model(name: str, case: str) -> None:
+def _check_segmentation_model(name: str, case: str) -> None:
     import timm
 
     from ..dense import is_segmentation_model
@@ -243,19 +243,19 @@ def _check_dense_model(name: str, case: str) -> None:
         raise UserError(f"--model {name!r} is no BiFormer variant; use e.g. biformer_tiny or biformer_small")
 
 
-def run_dense(args: argparse.Namespace) -> int:
+def run_segmentation(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
-        raise UserError("bench dense reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+        raise UserError("bench segmentation reads /proc/self/status and getrusage's KiB: it runs on Linux only")
     if args.case == "all" and (args.model or args.input):
         raise UserError("--model and --input apply to one case: add --case inference or --case training")
     _check_threads_and_csv(args)
     if args.model:
-        _check_dense_model(args.model, args.case)
-    shape = _dense_input(args.input, args.case) if args.input else None
-    rows = dense_bench.bench_dense(dense_bench.default_cases(args.case, args.model, shape), args.threads)
-    _report(rows, dense_bench.COLUMNS, args.csv,
-            f"dense prediction on CPU, {rows[0]['threads']} threads, each case in a fresh process; MB = 2**20 bytes")
-    if any(row["backend"] == dense_bench.ORIGINAL for row in rows):
+        _check_segmentation_model(args.model, args.case)
+    shape = _segmentation_input(args.input, args.case) if args.input else None
+    rows = segmentation_bench.bench_segmentation(segmentation_bench.default_cases(args.case, args.model, shape), args.threads)
+    _report(rows, segmentation_bench.COLUMNS, args.csv,
+            f"segmentation on CPU, {rows[0]['threads']} threads, each case in a fresh process; MB = 2**20 bytes")
+    if any(row["backend"] == segmentation_bench.ORIGINAL for row in rows):
         print("backend original: the release's gather algorithm, which a user of the original code measured at "
               "5.8 GB over its loaded model")
     return 0

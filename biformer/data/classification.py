@@ -13,6 +13,7 @@ from ..errors import UserError
 from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
 from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
 
+
 class ImageListDataset(Dataset):
     """(image, label, problem) triples from in-memory images or image files, with a transform.
 

@@ -20,8 +20,8 @@ import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from ..checkpoints.weights import check_fits, read_state_dict
 from ..checkpoints.original import checkpoint_filter_fn, split_detection_checkpoint
+from ..checkpoints.weights import check_fits, read_state_dict
 
 REDUCTIONS = (4, 8, 16, 32)
 # a classification checkpoint's parts that a backbone has no use for: the final norm and the classifier

@@ -12,7 +12,6 @@ from ..errors import UserError
 from .backbone import REDUCTIONS, create_backbone
 from .names import is_biformer
 
-
 # drop path of the BiFormer variants the release has no dense configs for (BiFormer-T, nano): ours
 OTHER_BIFORMER_DROP_PATH = 0.1
 

@@ -126,7 +126,7 @@ class LeanUPerNetDecoder(UPerNetDecoder):
     channels-last, which oneDNN's CPU convs take as they are (NCHW ones are copied to a blocked layout
     and back: 1.5 maps more per conv). Same parameters, same result up to float rounding. At 1024x2048
     (D = 512: 268 MB per stride-4 map) upernet_biformer_small's inference peaks at 2.0 GB RSS instead
-    of 5.1 GB with smp's forward (`biformer bench dense`).
+    of 5.1 GB with smp's forward (`biformer bench segmentation`).
     normalize: keep smp's per-map LayerNorms (off for backbones whose maps are normed already).
     """
 

@@ -18,19 +18,18 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch import Tensor, nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # timm has no public name for it
+from torch import Tensor, nn
 
 from ..checkpoints.original import check_release_source, checkpoint_filter_fn
-from ..ops import BiLevelRoutingAttention
 from ..layers.depthwise import DepthwiseConv2d
 from ..layers.inplace import InplaceGELU, add_into
 from ..layers.mlp import LeanMlp
 from ..layers.sdpa import scaled_dot_product_attention
+from ..ops import BiLevelRoutingAttention
 from .mixers import MIXERS
 
 __all__ = ["BiFormer"]

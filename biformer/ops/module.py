@@ -7,10 +7,10 @@ from typing import Iterator, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import check_backend_name
 from ..layers.depthwise import DepthwiseConv2d
-from .functional import bi_level_routing_attention
 from ..layers.inplace import add_into
+from .backends import check_backend_name
+from .functional import bi_level_routing_attention
 from .regions import Routing, padding_mode
 
 

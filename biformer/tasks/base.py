@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TrainConfig
+from ..config import TASK_TRAIN_OPTIONS, TrainConfig, flag
 from ..errors import UserError
 from ..runtime import Dist
 
@@ -97,7 +97,9 @@ class Task(ABC):
     name: ClassVar[str]
     heads: ClassVar[tuple[str, ...]] = ()  # model-name prefixes it owns: <head>_<backbone>
     default_data: ClassVar[str]  # the data set `eval` uses when --data is not given
-    # the task-specific options of `eval` and `predict` it takes (argparse dests); others must keep their defaults
+    # the task-specific options it takes: of `train` (TrainConfig fields among TASK_TRAIN_OPTIONS), `eval` and
+    # `predict` (argparse dests); the others must keep their defaults
+    train_options: ClassVar[frozenset[str]] = frozenset()
     eval_options: ClassVar[frozenset[str]] = frozenset()
     predict_options: ClassVar[frozenset[str]] = frozenset()
     predicts_files: ClassVar[bool] = False  # `predict` writes files into --output (else it prints)
@@ -125,7 +127,12 @@ class Task(ABC):
         return cls()
 
     def check_config(self, config: TrainConfig) -> None:
-        """UserError for options that make no sense for this task."""
+        """UserError for options that make no sense for this task: by default the task-specific ones it does not
+        take (a task with more rules extends this)."""
+        used = [flag(name) for name in sorted(TASK_TRAIN_OPTIONS - self.train_options) if getattr(config, name)]
+        if used:
+            raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}, "
+                            f"a {self.name} model")
 
     @abstractmethod
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None, eval_only: bool = False):

@@ -16,18 +16,19 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..errors import UserError
-from ..config import TrainConfig
-from ..data.classification import DataSplits, build_datasets, collate_readable
-from ..runtime import Dist, all_reduce_sum, autocast
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
+from ..config import TASK_TRAIN_OPTIONS, TrainConfig
+from ..data.classification import DataSplits, build_datasets, collate_readable
+from ..errors import UserError
+from ..runtime import Dist, all_reduce_sum, autocast
 from .base import Objective, Restored, Task, UnreadableImages, eval_batches
 
 
 class ClassificationTask(Task):
     name = "classification"
     default_data = "digits"
+    train_options = TASK_TRAIN_OPTIONS  # every one: they are all classification's
     predict_options = frozenset({"topk", "json"})
     metric = "val_top1"
     train_accuracy = "train_top1"

@@ -18,14 +18,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..config import TrainConfig
+from ..data.coco import DetectionSplits, TensorList, build_detection_datasets, collate_detection
 from ..dense.coco_eval import METRIC_NAMES, detections_to_coco_results, evaluate_coco, write_coco_results
 from ..dense.detection import DETECTION_HEADS, MASK_HEADS, detection_model_for_size, split_detection_name
 from ..errors import UserError
-from ..config import TrainConfig
-from ..data.coco import DetectionSplits, TensorList, build_detection_datasets, collate_detection
-from ..runtime import Dist, autocast
-from .segmentation import CLASSIFICATION_ONLY, check_unused_options
 from ..files import save_png
+from ..runtime import Dist, autocast
 from .base import Objective, Restored, Task, UnreadableImages, eval_batches
 
 
@@ -50,9 +49,6 @@ class DetectionTask(Task):
     @classmethod
     def for_model(cls, model_name: str) -> DetectionTask:
         return cls(split_detection_name(model_name)[0])
-
-    def check_config(self, config: TrainConfig) -> None:
-        check_unused_options(config, CLASSIFICATION_ONLY)
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        eval_only: bool = False) -> DetectionSplits:

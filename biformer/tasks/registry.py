@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoints.weights import read_metadata
+from ..checkpoints.weights import UNRECORDED_TASK, read_metadata
 from ..errors import UserError
 from .base import Restored, Task
 from .classification import ClassificationTask
@@ -18,7 +18,6 @@ from .detection import DetectionTask
 from .segmentation import SegmentationTask
 
 TASKS: list[type[Task]] = [SegmentationTask, DetectionTask, ClassificationTask]
-UNRECORDED_TASK = ClassificationTask.name  # the task of a weights file that records none
 
 
 def register_task(task: type[Task]) -> type[Task]:
@@ -31,13 +30,6 @@ def register_task(task: type[Task]) -> type[Task]:
 
 def unregister_task(task: type[Task]) -> None:
     TASKS.remove(task)
-
-
-def task_named(name: str) -> type[Task]:
-    for task in TASKS:
-        if task.name == name:
-            return task
-    raise UserError(f"no task is named {name!r}; the tasks are {', '.join(task.name for task in TASKS)}")
 
 
 def task_for_model(model_name: str) -> Task:

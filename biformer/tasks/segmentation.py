@@ -17,12 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..dense.inference import resize_scores, segment
-from ..dense.metrics import ConfusionMatrix, iou_table
-from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
-from ..errors import UserError
-from ..config import TrainConfig, flag
-from ..runtime import Dist, all_reduce_sum, autocast
+from ..config import TrainConfig
 from ..data.segmentation import (
     IGNORE_INDEX,
     MaskBatch,
@@ -31,17 +26,13 @@ from ..data.segmentation import (
     build_segmentation_datasets,
     collate_segmentation,
 )
+from ..dense.inference import resize_scores, segment
+from ..dense.metrics import ConfusionMatrix, iou_table
+from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
+from ..errors import UserError
 from ..files import save_png
+from ..runtime import Dist, all_reduce_sum, autocast
 from .base import Objective, Restored, Task, UnreadableImages, eval_batches
-
-CLASSIFICATION_ONLY = ("mixup", "cutmix", "smoothing", "aa", "model_kwargs")
-
-
-def check_unused_options(config: TrainConfig, names: tuple[str, ...]) -> None:
-    """UserError naming the options among `names` that are set although the model's task ignores them."""
-    used = [flag(name) for name in names if getattr(config, name)]
-    if used:
-        raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}")
 
 
 def _crop_to(logits: Tensor, masks: Tensor) -> Tensor:
@@ -65,9 +56,6 @@ class SegmentationTask(Task):
 
     def __init__(self, **inference: Any) -> None:
         self.inference = inference
-
-    def check_config(self, config: TrainConfig) -> None:
-        check_unused_options(config, CLASSIFICATION_ONLY)
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        eval_only: bool = False) -> SegmentationSplits:

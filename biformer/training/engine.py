@@ -31,9 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoints.weights import cpu_state_dict, save_weights
-from ..errors import UserError
-from . import run_folder
 from ..config import TrainConfig, flag
+from ..errors import UserError
 from ..files import output_folder, remove_stale_temporaries
 from ..runtime import (
     Dist,
@@ -46,6 +45,7 @@ from ..runtime import (
 )
 from ..tasks.base import Objective, Task, UnreadableImages, val_loader
 from ..tasks.registry import task_for_model
+from . import run_folder
 
 
 class Callbacks:

@@ -12,9 +12,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ...layers.sdpa import scaled_dot_product_attention
 from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
-from ...layers.sdpa import scaled_dot_product_attention
 
 name = "dense"
 

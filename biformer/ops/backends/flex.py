@@ -35,8 +35,8 @@ from torch import Tensor
 
 from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
-from .inputs import RoutedAttentionInputs
 from ._export import exporting_reasons
+from .inputs import RoutedAttentionInputs
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask

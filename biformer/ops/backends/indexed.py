@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...layers.inplace import autograd_records
-from .inputs import RoutedAttentionInputs
 from ...layers.sdpa import HALF_DTYPES
 from ._export import exporting_reasons
+from .inputs import RoutedAttentionInputs
 
 name = "indexed"
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ...layers.inplace import autograd_records
-from .inputs import RoutedAttentionInputs
 from ._export import exporting_reasons
+from .inputs import RoutedAttentionInputs
 
 name = "triton"
 

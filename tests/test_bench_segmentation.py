@@ -1,15 +1,15 @@
-"""`biformer bench dense`: tiny cases measured in child processes, the default cases, and bad input."""
+"""`biformer bench segmentation`: tiny cases measured in child processes, the default cases, and bad input."""
 import csv
 import sys
 
 import pytest
 
-from biformer.benchmarks.dense import (
+from biformer.benchmarks.segmentation import (
     INFERENCE_INPUT,
     INFERENCE_MODEL,
     ORIGINAL,
     TRAINING_MODEL,
-    DenseCase,
+    SegmentationCase,
     default_cases,
 )
 from biformer.cli import main
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 def test_tiny_cases_in_child_processes(tmp_path, capsys):
     path = tmp_path / "dense.csv"
-    assert main(["bench", "dense", "--case", "inference", "--model", "sfpn_biformer_nano", "--input", "1,64,64",
+    assert main(["bench", "segmentation", "--case", "inference", "--model", "sfpn_biformer_nano", "--input", "1,64,64",
                  "--threads", "1", "--csv", str(path)]) == 0
     out = capsys.readouterr().out
     assert "peak_rss_mb" in out and "over_loaded_mb" in out and "sfpn_biformer_nano" in out and "1x3x64x64" in out
@@ -33,7 +33,7 @@ def test_tiny_cases_in_child_processes(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_case_runs_ours_and_the_original(tmp_path, capsys):
     path = tmp_path / "dense.csv"
-    assert main(["bench", "dense", "--case", "training", "--model", "biformer_nano", "--input", "2,64,64",
+    assert main(["bench", "segmentation", "--case", "training", "--model", "biformer_nano", "--input", "2,64,64",
                  "--threads", "1", "--csv", str(path)]) == 0
     rows = list(csv.DictReader(path.open()))
     assert [row["backend"] for row in rows] == ["auto", ORIGINAL]
@@ -49,7 +49,7 @@ def test_default_cases_and_their_targets():
     assert original.backend == ORIGINAL and original.target_mb is None
     assert inference.target_mb == ("peak_rss_mb", pytest.approx(2.5e9 / 2**20))
     assert ours.target_mb == ("over_loaded_mb", pytest.approx(2.2e9 / 2**20))
-    assert DenseCase("inference", "sfpn_biformer_nano", (1, 3, 64, 64)).target_mb is None
+    assert SegmentationCase("inference", "sfpn_biformer_nano", (1, 3, 64, 64)).target_mb is None
     assert [case.model for case in default_cases("training", "biformer_tiny")] == ["biformer_tiny"] * 2
 
 
@@ -62,6 +62,6 @@ def test_default_cases_and_their_targets():
     (["--threads", "0"], "--threads"),
 ])
 def test_bad_input(argv, message, capsys):
-    assert main(["bench", "dense", *argv]) == 2
+    assert main(["bench", "segmentation", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("biformer bench: error:") and message in err

@@ -1,4 +1,4 @@
-"""`biformer bench dense`: peak memory (RSS) of dense prediction on CPU, each case in a fresh process.
+"""`biformer bench segmentation`: peak memory (RSS) of segmentation on CPU, each case in a fresh process.
 
 Two cases, each measured in its own child Python process so that the process's peak RSS
 (`getrusage(RUSAGE_SELF).ru_maxrss`) is the case's alone; the RSS right after the model was built
@@ -15,15 +15,12 @@ Shape legend: B batch, H/W input height/width.
 """
 from __future__ import annotations
 
-import gc
 import json
-import os
-import resource
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
+
+from .processes import peak_rss, run_in_child
 
 INFERENCE_MODEL = "upernet_biformer_small"
 INFERENCE_INPUT = (1, 3, 1024, 2048)  # a Cityscapes image
@@ -41,7 +38,7 @@ CASES = ("inference", "training")
 
 
 @dataclass(frozen=True)
-class DenseCase:
+class SegmentationCase:
     """One measurement: `case` "inference" (a segmentation model) or "training" (a BiFormer backbone)."""
 
     case: str
@@ -63,47 +60,22 @@ class DenseCase:
 
 
 def default_cases(case: str = "all", model: str | None = None,
-                  input: tuple[int, int, int, int] | None = None) -> list[DenseCase]:
+                  input: tuple[int, int, int, int] | None = None) -> list[SegmentationCase]:
     """The cases to measure: `case` inference, training or all; model/input replace the defaults.
 
     Training runs twice: with our backends and with the original algorithm.
     """
     cases = []
     if case in ("inference", "all"):
-        cases.append(DenseCase("inference", model or INFERENCE_MODEL, input or INFERENCE_INPUT))
+        cases.append(SegmentationCase("inference", model or INFERENCE_MODEL, input or INFERENCE_INPUT))
     if case in ("training", "all"):
         backbone = model if case == "training" and model else TRAINING_MODEL
-        cases += [DenseCase("training", backbone, input or TRAINING_INPUT, backend=backend)
+        cases += [SegmentationCase("training", backbone, input or TRAINING_INPUT, backend=backend)
                   for backend in (None, ORIGINAL)]
     return cases
 
 
-def current_rss_mb() -> float:
-    """The process's resident set size now (VmRSS, kB) in MB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS line in /proc/self/status")
-
-
-def peak_rss(prepare: Callable[[], Callable[[], None]], threads: int | None = None) -> dict[str, Any]:
-    """Peak RSS of one run in this process (call it in a fresh one): with torch's threads set and its generator
-    seeded, `prepare()` builds the model and input and returns the run; the RSS after building is "loaded"."""
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    run = prepare()
-    gc.collect()
-    loaded = current_rss_mb()
-    run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return dict(loaded_mb=loaded, peak_rss_mb=peak, over_loaded_mb=peak - loaded, threads=torch.get_num_threads())
-
-
-def measure(case: DenseCase, threads: int | None = None) -> dict[str, Any]:
+def measure(case: SegmentationCase, threads: int | None = None) -> dict[str, Any]:
     """Build, load and run `case` in this process; its peak RSS is this process's (run it in a fresh one)."""
     import torch
 
@@ -133,29 +105,16 @@ def measure(case: DenseCase, threads: int | None = None) -> dict[str, Any]:
 def _child_main() -> None:
     """Entry point of the child process: the case (and threads) as JSON in argv[1], the result as JSON on stdout."""
     request = json.loads(sys.argv[1])
-    case = DenseCase(**{**request["case"], "input": tuple(request["case"]["input"])})
+    case = SegmentationCase(**{**request["case"], "input": tuple(request["case"]["input"])})
     print(json.dumps(measure(case, request["threads"])))
 
 
-def run_in_child(module: str, request: dict[str, Any], what: str, timeout: float | None = None) -> Any:
-    """`module._child_main()` in a fresh Python process, given `request` as JSON in argv[1]; the JSON it prints
-    last. RuntimeError (naming `what`, with the child's stderr) if the child fails."""
-    code = f"from {module} import _child_main; _child_main()"
-    package_root = str(Path(__file__).resolve().parents[2])  # this copy of biformer, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True, env=env,
-                          check=False, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {what} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measure_in_child(case: DenseCase, threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+def measure_in_child(case: SegmentationCase, threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
     """`measure(case)` in a fresh Python process; the table row of the case. RuntimeError if the child fails."""
     return _row(case, run_in_child(__name__, dict(case=asdict(case), threads=threads), str(case), timeout))
 
 
-def _row(case: DenseCase, result: dict[str, Any]) -> dict[str, Any]:
+def _row(case: SegmentationCase, result: dict[str, Any]) -> dict[str, Any]:
     target = case.target_mb
     row = dict(case=case.case, model=case.model, backend=case.backend or "auto",
                input="x".join(map(str, case.input)), **result)
@@ -165,6 +124,6 @@ def _row(case: DenseCase, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def bench_dense(cases: list[DenseCase], threads: int | None = None) -> list[dict[str, Any]]:
+def bench_segmentation(cases: list[SegmentationCase], threads: int | None = None) -> list[dict[str, Any]]:
     """One row per case, each measured in its own fresh process, one after another."""
     return [measure_in_child(case, threads) for case in cases]
