@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         outputs = output_stems(files, output_folder(args.output, "--output"))
     restored = task.restore(args.checkpoint, metadata, model_name, args.img_size)
     task.configure(args, restored)
+    for stem in (outputs or {}).values():  # only now that the model loaded: no empty folders otherwise
+        stem.parent.mkdir(parents=True, exist_ok=True)
     images, unreadable = _read_images(files)
     unpredictable = task.predict(images, restored, args, resolve_device(args.device), outputs)
     skipped = unreadable + unpredictable
@@ -72,15 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
 def output_stems(files: list[str], folder: Path) -> dict[str, Path]:
     """Each input's output path without suffix: its path relative to the folder all inputs share, under
-    `folder`, so that a/x.png and b/x.png do not write over each other (the subfolders are created)."""
+    `folder`, so that a/x.png and b/x.png do not write over each other."""
     absolute = [os.path.abspath(path) for path in files]
     common = os.path.commonpath([os.path.dirname(path) for path in absolute])
-    stems = {}
-    for path, full in zip(files, absolute):
-        stem = folder / Path(os.path.relpath(full, common)).with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stems[path] = stem
-    return stems
+    return {path: folder / Path(os.path.relpath(full, common)).with_suffix("") for path, full in zip(files, absolute)}
 
 
 def _read_images(files: list[str]):

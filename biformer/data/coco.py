@@ -123,9 +123,15 @@ class CocoDataset(Dataset):
                             "format ('images', 'annotations', 'categories')")
         if not self.image_folder.is_dir():
             raise UserError(f"image folder {str(self.image_folder)!r} of {name!r} does not exist")
+        label_of = self._read_categories(data["categories"], name)
+        index_of = self._read_images(data["images"], name)
+        self._read_annotations(data["annotations"], name, label_of, index_of, ground_truth)
+        self.problems.negatives = sum(not objects for objects in self.objects)
 
+    def _read_categories(self, entries: list, name: str) -> dict[int, int]:
+        """Set .category_ids and .classes; COCO category id -> label 1..K."""
         categories: dict[int, str] = {}
-        for entry in data["categories"]:
+        for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or "name" not in entry:
                 raise UserError(f"annotation file {name!r}: category {entry!r} needs an integer 'id' and a 'name'")
             if entry["id"] in categories:
@@ -135,11 +141,13 @@ class CocoDataset(Dataset):
             raise UserError(f"annotation file {name!r} lists no categories")
         self.category_ids = sorted(categories)  # label k <-> COCO id category_ids[k - 1]
         self.classes = [categories[i] for i in self.category_ids]
-        label_of = {category: k for k, category in enumerate(self.category_ids, 1)}
+        return {category: k for k, category in enumerate(self.category_ids, 1)}
 
+    def _read_images(self, entries: list, name: str) -> dict[int, int]:
+        """Set .images (each image's id, file name and size, files checked to exist); image id -> index."""
         self.images: list[dict[str, Any]] = []
         index_of: dict[int, int] = {}
-        for entry in data["images"]:
+        for entry in entries:
             ok = isinstance(entry, dict) and isinstance(entry.get("id"), int)
             if not ok or not isinstance(entry.get("file_name"), str) or not all(
                     isinstance(entry.get(key), int) and entry[key] > 0 for key in ("width", "height")):
@@ -155,9 +163,16 @@ class CocoDataset(Dataset):
 
         if not self.images:
             raise UserError(f"annotation file {name!r} lists no images: its split is empty")
+        return index_of
+
+    def _read_annotations(self, entries: list, name: str, label_of: dict[int, int], index_of: dict[int, int],
+                          ground_truth: bool) -> None:
+        """Set .objects (per image, its non-crowd objects with clipped boxes), counting what was repaired or left
+        out in .problems; UserError for an annotation that is malformed."""
+        with_masks = self.with_masks
         self.objects: list[list[_Object]] = [[] for _ in self.images]
         annotation_ids: set[int] = set()
-        for number, entry in enumerate(data["annotations"], 1):
+        for number, entry in enumerate(entries, 1):
             if not isinstance(entry, dict):
                 raise UserError(f"annotation file {name!r}: annotation {entry!r} is not an object")
             if not isinstance(entry.get("id"), int) or isinstance(entry.get("id"), bool):
@@ -199,7 +214,6 @@ class CocoDataset(Dataset):
                 self.problems.note(f"annotation id {entry.get('id')!r} clipped")
             self.objects[index_of[entry["image_id"]]].append(
                 _Object(box, label_of[entry["category_id"]], segmentation if with_masks else None, entry.get("id")))
-        self.problems.negatives = sum(not objects for objects in self.objects)
 
     @property
     def image_ids(self) -> list[int]:

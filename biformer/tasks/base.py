@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TrainConfig, flag
+from ..dense.names import head_forms, is_head_model
 from ..errors import UserError
 from ..runtime import Dist
 
@@ -110,15 +111,11 @@ class Task(ABC):
     @classmethod
     def claims(cls, model_name: str) -> bool:
         """Whether `model_name` is one of this task's models (default: a head of `heads` on a timm backbone)."""
-        from ..dense.names import is_head_model
-
         return is_head_model(model_name, cls.heads)
 
     @classmethod
     def model_forms(cls) -> str:
         """The accepted model-name forms, for messages."""
-        from ..dense.names import head_forms
-
         return head_forms(cls.heads)
 
     @classmethod
