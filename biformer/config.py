@@ -61,6 +61,11 @@ class TrainConfig:
     model_kwargs: tuple[str, ...] = option(
         (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
             "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
+    pretrained: str | None = option(
+        None, "weights to start from: a classifier's checkpoint (ours, the original release's .pth, or a timm or "
+              "PyTorch one), its head re-initialized for another class count; for a segmentation or detection model "
+              "its backbone's classifier checkpoint, or an original mmdet/mmseg checkpoint", shapes_run=True,
+        metavar="FILE")
     epochs: int = option(30, "training epochs (the cosine schedule's length)", shapes_run=True, least=1)
     img_size: int = option(32, "input size in pixels (digits are upscaled to it; segmentation and detection: the "
                                "shorter image side)", shapes_run=True, least=32,
@@ -97,6 +102,11 @@ class TrainConfig:
         object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
         # --output=~/x reaches us unexpanded (the shell expands ~ only at a word's start)
         object.__setattr__(self, "output", Path(os.path.expanduser(os.fspath(self.output))))
+        if self.pretrained is not None:
+            # a text, as every option saved with the run state (which loads with weights_only=True)
+            object.__setattr__(self, "pretrained", os.path.expanduser(os.fspath(self.pretrained)))
+            if not os.path.isfile(self.pretrained):
+                raise UserError(f"--pretrained {self.pretrained!r} does not exist; give the weights file to start from")
         self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
         for spec in fields(self):
             value, least = getattr(self, spec.name), spec.metadata["least"]

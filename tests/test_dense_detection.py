@@ -330,8 +330,7 @@ def test_num_classes_must_be_positive(num_classes):
         create_detection_model("retinanet_biformer_nano", num_classes)
 
 
-@pytest.mark.parametrize("option", [dict(backbone_checkpoint="weights.safetensors"), dict(n_win=8),
-                                    dict(padding="legacy"), dict(region_size=8)])
+@pytest.mark.parametrize("option", [dict(n_win=8), dict(padding="legacy"), dict(region_size=8)])
 def test_biformer_options_are_refused_for_other_backbones(option):
     (name, _), = option.items()
     with pytest.raises(ValueError, match=f"{name}=.* applies to BiFormer backbones only; 'resnet18'"):

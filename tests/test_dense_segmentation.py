@@ -1,6 +1,7 @@
 """Segmentation models (Semantic FPN, UperNet) on BiFormer and timm backbones: shapes, names, recipes,
 gradients, checkpoints, and the backbone and memory-lean decoder against their oracles."""
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
@@ -80,8 +81,7 @@ def test_a_backbone_without_stride_4_maps_is_refused():
         create_segmentation_model("sfpn_levit_128s", 3)
 
 
-@pytest.mark.parametrize("option", [dict(n_win=7), dict(padding="legacy"), dict(region_size=8),
-                                    dict(backbone_checkpoint="weights.safetensors")])
+@pytest.mark.parametrize("option", [dict(n_win=7), dict(padding="legacy"), dict(region_size=8)])
 def test_biformer_options_are_refused_for_other_backbones(option):
     (name, _), = option.items()
     with pytest.raises(ValueError, match=f"{name}=.* applies to BiFormer backbones only; 'resnet18'"):
@@ -159,3 +159,27 @@ def test_backbone_checkpoint_passes_through(golden_dir):
     expected = create_backbone("biformer_tiny", checkpoint=checkpoint).state_dict()
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "convnext_atto"])
+def test_a_timm_backbone_starts_from_its_classifiers_checkpoint(backbone, tmp_path):
+    """The feature maps of a timm backbone loaded from its classifier's file are the classifier's own
+    intermediate maps (timm's forward_intermediates), and the head is reported unused."""
+    classifier = timm.create_model(backbone, num_classes=7).eval()
+    path = tmp_path / "classifier.pth"
+    torch.save({"state_dict": classifier.state_dict()}, path)  # as PyTorch training scripts wrap it
+    model = create_segmentation_model(f"sfpn_{backbone}", 3, backbone_checkpoint=path).eval()
+    report = model.backbone.checkpoint_report
+    assert report.loaded > 0 and set(report.unused) <= {"fc", "head"} and sum(report.unused.values()) >= 2
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = classifier.forward_intermediates(x, intermediates_only=True)
+        for got, want in zip(model.backbone(x), expected[-4:]):
+            torch.testing.assert_close(got, want)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_its_keys(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not fit the feature maps of resnet18: .* unexpected keys \(layer1.2.bn1.bias"):
+        create_segmentation_model("sfpn_resnet18", 3, backbone_checkpoint=path)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from ..checkpoints.loading import CheckpointReport, part
 from ..checkpoints.original import checkpoint_filter_fn, split_detection_checkpoint
 from ..checkpoints.weights import check_fits, read_state_dict
 
@@ -51,29 +51,6 @@ class DenseBackbone(nn.Module):
         return features
 
 
-@dataclass(frozen=True)
-class CheckpointReport:
-    """What a backbone took from a checkpoint file, and what it left."""
-
-    path: str
-    kind: str
-    loaded: int
-    unused: dict[str, int] = field(default_factory=dict)  # part of the file -> tensors not used
-    initial: list[str] = field(default_factory=list)  # backbone tensors kept at their initial values
-
-    def __str__(self) -> str:
-        text = f"{self.path} ({self.kind}): {self.loaded} tensors loaded"
-        if self.unused:
-            text += "; not used: " + ", ".join(f"{part} ({count})" for part, count in self.unused.items())
-        if self.initial:
-            text += f"; at their initial values (weight 1, bias 0): {', '.join(self.initial)}"
-        return text
-
-
-def _part(key: str) -> str:
-    return key.split(".", 1)[0]
-
-
 def _layer(key: str) -> str:
     """'norms.2.weight' -> 'norms.2'."""
     return ".".join(key.split(".")[:2])
@@ -92,11 +69,11 @@ def load_backbone_checkpoint(backbone: DenseBackbone, path: str | os.PathLike) -
         kind, unused = "classification checkpoint", Counter()
     state_dict = checkpoint_filter_fn(state_dict, backbone)
     if detection is None:
-        unused.update(_part(key) for key in state_dict if _part(key) in CLASSIFIER_PARTS)
-        state_dict = {key: value for key, value in state_dict.items() if _part(key) not in CLASSIFIER_PARTS}
+        unused.update(part(key) for key in state_dict if part(key) in CLASSIFIER_PARTS)
+        state_dict = {key: value for key, value in state_dict.items() if part(key) not in CLASSIFIER_PARTS}
     # a classification checkpoint has no extra norms: they keep their initial values (the identity)
     initial = [] if detection is not None else sorted(
-        {_layer(key) for key in backbone.state_dict() if key not in state_dict and _part(key) == "norms"})
+        {_layer(key) for key in backbone.state_dict() if key not in state_dict and part(key) == "norms"})
     check_fits(state_dict, backbone, path, "this backbone", "Is it for another variant?",
                may_miss=lambda key: _layer(key) in initial)
     backbone.load_state_dict(state_dict, strict=False)  # strict but for the keys check_fits lets pass

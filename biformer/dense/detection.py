@@ -344,8 +344,8 @@ def create_detection_model(
     return model.train()  # frozen BatchNorms in eval mode from the start
 
 
-def detection_model_for_size(name: str, num_classes: int, img_size: int,
-                             drop_path_rate: float | None = None) -> DetectionModel:
+def detection_model_for_size(name: str, num_classes: int, img_size: int, drop_path_rate: float | None = None,
+                             backbone_checkpoint: str | os.PathLike | None = None) -> DetectionModel:
     """Detection model `name` for images whose shorter side is resized to `img_size` (`biformer train
     --img-size`): the recipe's 800x1333 scaled by img_size / 800. The longer side is at most img_size x 1333 /
     800, and a BiFormer backbone's regions keep the size they have at 800 (n_win 16 there; 3 at 128). Below
@@ -364,4 +364,5 @@ def detection_model_for_size(name: str, num_classes: int, img_size: int,
                         "box_detections_per_img": round(DETECTIONS_PER_IMAGE * scale)}
     return create_detection_model(name, num_classes, min_size=img_size,
                                   max_size=round(img_size * recipe.max_size / recipe.min_size),
-                                  n_win=n_win, drop_path_rate=drop_path_rate, head_options=head_options)
+                                  n_win=n_win, drop_path_rate=drop_path_rate, head_options=head_options,
+                                  backbone_checkpoint=backbone_checkpoint)

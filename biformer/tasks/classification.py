@@ -16,7 +16,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints.loading import load_weights
+from ..checkpoints.loading import load_pretrained_classifier, load_weights
 from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TrainConfig
 from ..data.classification import DataSplits, build_datasets, collate_readable
@@ -51,12 +51,15 @@ class ClassificationTask(Task):
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         try:
-            return timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
-                                     **config.model_arguments())
+            model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
+                                      **config.model_arguments())
         except (TypeError, ValueError) as error:
             if not config.model_kwargs:
                 raise
             raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: {error}") from error
+        if config.pretrained is not None:
+            model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
+        return model
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
         if config.mixup > 0 or config.cutmix > 0:

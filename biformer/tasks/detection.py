@@ -62,7 +62,8 @@ class DetectionTask(Task):
         return self.splits
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return detection_model_for_size(config.model, num_classes, config.img_size, drop_path_rate=config.drop_path)
+        return detection_model_for_size(config.model, num_classes, config.img_size, drop_path_rate=config.drop_path,
+                                        backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
         return Objective(criterion=nn.Identity())  # the models compute their own losses

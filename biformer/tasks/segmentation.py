@@ -65,7 +65,8 @@ class SegmentationTask(Task):
         return build_segmentation_datasets(data, img_size, eval_only=eval_only)
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return create_segmentation_model(config.model, num_classes, drop_path_rate=config.drop_path)
+        return create_segmentation_model(config.model, num_classes, drop_path_rate=config.drop_path,
+                                         backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
         return Objective(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), aux_weight=model.recipe.aux_weight)

@@ -30,9 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ..checkpoints.loading import CheckpointReport
 from ..checkpoints.weights import cpu_state_dict, save_weights
 from ..config import TrainConfig, flag
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
 from ..runtime import (
     Dist,
@@ -89,8 +90,14 @@ def build_loaders(splits, config: TrainConfig, env: Dist, collate) -> Loaders:
 
 
 def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) -> nn.Module:
+    """The task's model, with --pretrained's weights where given, on the device."""
     seed_everything(config.seed)  # the initial weights
-    model = task.build_model(config, num_classes)
+    try:
+        model = task.build_model(config, num_classes)
+    except CheckpointError as error:
+        if config.pretrained is None:
+            raise
+        raise CheckpointError(f"--pretrained {config.pretrained!r}: {error}") from error
     model.to(env.device)
     if config.sync_bn and env.world > 1:
         if env.device.type == "cuda":
@@ -98,6 +105,13 @@ def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) ->
         elif env.main:  # SyncBatchNorm has no CPU kernel; BatchNorm statistics are averaged after each epoch
             print("note: --sync-bn is ignored on CPU", file=sys.stderr)
     return model
+
+
+def pretrained_report(model: nn.Module) -> CheckpointReport | None:
+    """What the model (or its backbone) took from --pretrained, if anything: the tasks leave the report on the
+    module that loaded the file."""
+    return next((module.checkpoint_report for module in model.modules()
+                 if getattr(module, "checkpoint_report", None) is not None), None)
 
 
 @dataclass
@@ -184,6 +198,7 @@ class Run:
     optimization: Optimization
     objective: Objective
     callbacks: Callbacks
+    pretrained: CheckpointReport | None  # what --pretrained gave the model
     unreadable: UnreadableImages = field(default_factory=UnreadableImages)
 
 
@@ -224,16 +239,19 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     state = load_run(config, env)
     splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa)
     loaders = build_loaders(splits, config, env, task.collate)
+    model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
+    pretrained = pretrained_report(model)
     if env.main:
         output_folder(config.output, "--output")
         remove_stale_temporaries(config.output)  # left by a process killed while it saved
-    model = build_model(config, env, len(splits.classes), task)
+        if pretrained is not None:
+            print(f"--pretrained: {pretrained}", flush=True)
     optimization = build_optimization(model, config, len(loaders.train), amp, env)
     progress = restore(state, model, optimization, config, env, task.metric)
     if env.main:
         run_folder.write_metrics(config.output, progress.history)  # drops rows of an epoch that was not committed
     run = Run(config, env, amp, task, splits, loaders, model, distributed_model(model, env), optimization,
-              task.build_objective(config, len(splits.classes), model), callbacks)
+              task.build_objective(config, len(splits.classes), model), callbacks, pretrained)
     return run, progress
 
 
@@ -352,6 +370,7 @@ def commit_epoch(run: Run, progress: Progress) -> None:
                 "classes": splits.classes,
                 "img_size": config.img_size,
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
+                **({"pretrained": run.pretrained.as_metadata()} if run.pretrained is not None else {}),
                 "epoch": row["epoch"], metric: row[metric]}
     save_weights(config.output / run_folder.WEIGHTS, model, metadata)
     if progress.best["epoch"] == row["epoch"]:
