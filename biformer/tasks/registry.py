@@ -49,7 +49,7 @@ def recorded_task(metadata: dict) -> str:
 def task_for_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = None) -> tuple[Task, dict, str]:
     """(task, metadata, model name) of a weights file; `model_name` (--model) overrides the name it records and
     must belong to the task it records. UserError for a missing file, an unnamed model or a task mismatch."""
-    path = Path(os.path.expanduser(os.fspath(checkpoint)))
+    path = Path(checkpoint)  # as given: the caller restores from this same path
     if not path.is_file():
         raise UserError(f"--checkpoint {os.fspath(checkpoint)!r} does not exist")
     metadata = read_metadata(path)
