@@ -10,21 +10,40 @@ import ast
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import UserError
+from .optim.param_groups import DECAY_RULES
+from .optim.schedule import SCHEDULES, WARMUP_RULES
 
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
-TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "model_kwargs"})
+TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs"})
+
+
+@dataclass(frozen=True)
+class Unset:
+    """The default of an option a recipe may set: the recipe's value if it sets one, else `builtin`."""
+
+    builtin: Any
+
+    def __str__(self) -> str:  # for --help
+        return f"the recipe's, else {self.builtin!r}"
 
 
 def option(default: Any, help: str, *, shapes_run: bool = False, least: float | None = None, why: str = "",
-           **cli: Any) -> Any:
-    """A config field. least: the smallest valid value (why: the reason, for the message); cli: more
-    argparse keywords (choices are also checked when the config is built in code)."""
-    return field(default=default,
-                 metadata={"help": help, "shapes_run": shapes_run, "least": least, "why": why, "cli": cli})
+           recipe: bool = False, **cli: Any) -> Any:
+    """A config field. least: the smallest valid value (why: the reason, for the message); recipe: a recipe may
+    set it (see biformer.recipes); cli: more argparse keywords (choices are also checked when the config is built
+    in code)."""
+    return field(default=Unset(default) if recipe else default,
+                 metadata={"help": help, "shapes_run": shapes_run, "least": least, "why": why, "cli": cli,
+                           "recipe": recipe})
+
+
+def builtin_default(spec: Any) -> Any:
+    """A config field's value when neither the caller nor a recipe sets it."""
+    return spec.default.builtin if isinstance(spec.default, Unset) else spec.default
 
 
 def flag(name: str) -> str:
@@ -48,7 +67,12 @@ def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run; the fields are listed in the order `biformer train --help` shows them."""
+    """A training run; the fields are listed in the order `biformer train --help` shows them.
+
+    The options marked recipe=True stay `Unset` until `biformer.recipes.apply_recipe` fills them in from the
+    recipe (--recipe, else the model's own), else with their built-in value (`resolved`); `sources` then says
+    where each value came from. `train` does that first.
+    """
 
     data: str = option("digits", "classification: 'digits' or a folder with train/ and val/; segmentation: "
                                  "'digit-scenes', a folder with images/, masks/ and classes.txt, or ADE20K; "
@@ -66,37 +90,77 @@ class TrainConfig:
               "PyTorch one), its head re-initialized for another class count; for a segmentation or detection model "
               "its backbone's classifier checkpoint, or an original mmdet/mmseg checkpoint", shapes_run=True,
         metavar="FILE")
-    epochs: int = option(30, "training epochs (the cosine schedule's length)", shapes_run=True, least=1)
+    recipe: str | None = option(
+        None, "the training recipe whose settings the options marked 'the recipe's' default to (`biformer recipes` "
+              "lists them), or none for the built-in defaults; default: a detection or segmentation model's own "
+              "(its head's COCO or ADE20K recipe), none for classifiers", shapes_run=True)
+    epochs: int = option(30, "training epochs (the schedule's length); --iters instead counts optimizer steps",
+                         shapes_run=True, least=1, recipe=True)
+    iters: int | None = option(None, "train for this many optimizer steps instead of --epochs", shapes_run=True,
+                               least=1, recipe=True)
+    val_every: int | None = option(None, "with --iters: validate and save a checkpoint every this many steps "
+                                         "(default: at the end only)", shapes_run=True, least=1, recipe=True)
     img_size: int = option(32, "input size in pixels (digits are upscaled to it; segmentation and detection: the "
                                "shorter image side)", shapes_run=True, least=32,
-                           why=" (BiFormer downsamples 32x)")
-    output: Path = option(Path("runs/train"), "folder for checkpoints and metrics.jsonl")
-    batch_size: int = option(64, "per process", shapes_run=True, least=1)
-    opt: str = option("adamw", "timm optimizer name", shapes_run=True)
-    lr: float = option(2e-3, "peak learning rate, reached after the warm-up", shapes_run=True, least=0)
-    min_lr: float = option(1e-5, "learning rate at the end of the cosine decay", shapes_run=True)
-    weight_decay: float = option(0.05, "decoupled weight decay (AdamW)", shapes_run=True, least=0)
-    warmup_epochs: int = option(2, "linear warm-up from lr/100", shapes_run=True, least=0)
+                           why=" (BiFormer downsamples 32x)", recipe=True)
+    output: Path = option(Path("runs/train"), "folder for checkpoints, metrics.jsonl and config.json")
+    batch_size: int = option(64, "per process and micro-step (the global batch is batch size x processes x "
+                                 "--accum-steps)", shapes_run=True, least=1, recipe=True)
+    accum_steps: int = option(1, "micro-steps per optimizer step (gradient accumulation)", shapes_run=True, least=1)
+    opt: str = option("adamw", "timm optimizer name", shapes_run=True, recipe=True)
+    lr: float = option(2e-3, "peak learning rate, reached after the warm-up", shapes_run=True, least=0,
+                       recipe=True)
+    scale_lr: bool = option(False, "scale --lr by the global batch over the recipe's global batch (its linear "
+                                   "rule)", shapes_run=True)
+    sched: str = option("cosine", "learning-rate schedule", shapes_run=True, choices=SCHEDULES, recipe=True)
+    lr_per_epoch: bool = option(False, "change the learning rate at epoch boundaries only (else every step)",
+                                shapes_run=True, recipe=True)
+    min_lr: float = option(1e-5, "cosine: the final learning rate; poly: the floor it decays to", shapes_run=True,
+                           least=0, recipe=True)
+    milestones: tuple[int, ...] = option((), "step: the epochs (with --iters: steps) after which the learning rate "
+                                             "is multiplied by --decay-rate", shapes_run=True, nargs="+", recipe=True)
+    decay_rate: float = option(0.1, "step: the factor at each milestone", shapes_run=True, least=0, recipe=True)
+    poly_power: float = option(1.0, "poly: the power of (1 - progress)", shapes_run=True, least=0, recipe=True)
+    warmup_epochs: int = option(2, "linear warm-up length in epochs; --warmup-iters instead counts steps",
+                                shapes_run=True, least=0, recipe=True)
+    warmup_iters: int | None = option(None, "linear warm-up length in optimizer steps", shapes_run=True, least=0,
+                                      recipe=True)
+    warmup_rule: str = option("timm", "timm: from lr x --warmup-ratio up to lr; mmcv: the scheduled lr of each "
+                                      "step x (1 - (1 - step / warmup) x (1 - ratio))", shapes_run=True,
+                              choices=WARMUP_RULES, recipe=True)
+    warmup_ratio: float = option(0.01, "the warm-up's first learning rate as a fraction of the peak (or, mmcv: "
+                                       "of the scheduled one)", shapes_run=True, least=0, recipe=True)
+    weight_decay: float = option(0.05, "decoupled weight decay (AdamW)", shapes_run=True, least=0, recipe=True)
+    decay_rule: str = option("timm", "which parameters take weight decay: timm (not biases, 1-D parameters or "
+                                     "the model's no_weight_decay() names), mmcv (not names containing norm, "
+                                     "absolute_pos_embed or relative_position_bias_table) or all",
+                             shapes_run=True, choices=DECAY_RULES, recipe=True)
     drop_path: float | None = option(None, "stochastic depth rate (default: 0 for classifiers, the original "
-                                           "configs' rate for segmentation and detection models)", shapes_run=True, least=0)
+                                           "configs' rate for segmentation and detection models)", shapes_run=True,
+                                     least=0, recipe=True)
     aa: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)",
-                            shapes_run=True)
-    mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0)
-    cutmix: float = option(0.0, "cutmix alpha (0: off)", shapes_run=True, least=0)
-    smoothing: float = option(0.0, "label smoothing", shapes_run=True, least=0)
-    clip_grad: float | None = option(None, "gradient norm clipping", shapes_run=True)
-    model_ema: bool = option(False, "also keep and evaluate an EMA of the weights", shapes_run=True)
-    ema_decay: float = option(0.998, "EMA decay per step", shapes_run=True)
+                            shapes_run=True, recipe=True)
+    reprob: float = option(0.0, "random erasing probability", shapes_run=True, least=0, recipe=True)
+    aug_repeats: int = option(1, "repeated augmentation: each image this many times per epoch, differently "
+                                 "augmented (the epoch keeps its length)", shapes_run=True, least=1, recipe=True)
+    mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0, recipe=True)
+    cutmix: float = option(0.0, "cutmix alpha (0: off)", shapes_run=True, least=0, recipe=True)
+    smoothing: float = option(0.0, "label smoothing", shapes_run=True, least=0, recipe=True)
+    clip_grad: float | None = option(None, "gradient norm clipping", shapes_run=True, recipe=True)
+    model_ema: bool = option(False, "also keep and evaluate an EMA of the weights", shapes_run=True, recipe=True)
+    ema_decay: float = option(0.998, "EMA decay per step", shapes_run=True, recipe=True)
     amp: str = option("none", "mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs",
                       shapes_run=True, choices=AMP_MODES, nargs="?", const="auto")
     sync_bn: bool = option(False, "SyncBatchNorm across GPUs (on CPU, BatchNorm statistics are averaged after "
-                                  "each epoch)")
+                                  "each validation)")
     workers: int = option(0, "data loading processes", least=0)
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (None: the GPU if there is one)")
     seed: int = option(0, "seeds the model, data order and augmentation", shapes_run=True)
-    resume: bool = option(False, "continue the run in --output from its last complete epoch (same settings "
-                                 "required)")
+    resume: bool = option(False, "continue the run in --output from its last checkpoint (same settings required)")
+    dry_run: bool = option(False, "build the data, model, optimizer and schedule, write config.json and "
+                                  "schedule.csv into --output, and stop before training")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
+    sources: dict[str, str] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
@@ -108,13 +172,51 @@ class TrainConfig:
             if not os.path.isfile(self.pretrained):
                 raise UserError(f"--pretrained {self.pretrained!r} does not exist; give the weights file to start from")
         self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
+        object.__setattr__(self, "milestones", tuple(self.milestones) if self.is_set("milestones") else self.milestones)
         for spec in fields(self):
-            value, least = getattr(self, spec.name), spec.metadata["least"]
+            value, least = getattr(self, spec.name), spec.metadata.get("least")
+            if not spec.init or isinstance(value, Unset):
+                continue
             choices = spec.metadata["cli"].get("choices")
             if least is not None and value is not None and value < least:
                 raise UserError(f"{flag(spec.name)} must be at least {least}{spec.metadata['why']}, got {value}")
             if choices is not None and value not in choices:
                 raise UserError(f"{flag(spec.name)} must be one of {', '.join(choices)}, got {value!r}")
+        if self.is_set("val_every") and self.is_set("iters") and self.val_every is not None and self.iters is None:
+            raise UserError("--val-every counts steps of an --iters run; with --epochs the run validates after "
+                            "each epoch: leave --val-every out, or train by --iters")
+
+    def is_set(self, name: str) -> bool:
+        """Whether option `name` has a value (given, or filled in by `resolved`)."""
+        return not isinstance(getattr(self, name), Unset)
+
+    def resolved(self, recipe_name: str | None, settings: Mapping[str, Any]) -> TrainConfig:
+        """This configuration with each unset option taken from the recipe's `settings`, else its built-in
+        default; `sources` records where every value came from."""
+        given = {spec.name for spec in fields(self) if spec.init and self.is_set(spec.name)}
+        # a given alternative replaces the recipe's (--epochs over its --iters); giving both is a mistake
+        for pair in (("epochs", "iters"), ("warmup_epochs", "warmup_iters")):
+            both = [name for name in pair if name in given and getattr(self, name) is not None]
+            if len(both) == 2:
+                raise UserError(f"{flag(pair[0])} and {flag(pair[1])} are alternatives: give one")
+            if both:  # --val-every and the milestones count in the recipe's unit
+                replaced = (*pair, "val_every", "milestones", "lr_per_epoch") if pair[0] == "epochs" else pair
+                settings = {key: value for key, value in settings.items() if key not in replaced}
+        values, sources = {}, {}
+        for spec in fields(self):
+            if not spec.init:
+                continue
+            if spec.name in given:  # an option no recipe sets reads as given only where it differs from its default
+                values[spec.name] = getattr(self, spec.name)
+                differs = spec.metadata["recipe"] or values[spec.name] != spec.default
+                sources[spec.name] = "given" if differs else "default"
+            elif spec.name in settings:
+                values[spec.name], sources[spec.name] = settings[spec.name], f"recipe {recipe_name}"
+            else:
+                values[spec.name], sources[spec.name] = builtin_default(spec), "default"
+        config = TrainConfig(**values)
+        object.__setattr__(config, "sources", sources)
+        return config
 
     def model_arguments(self) -> dict[str, Any]:
         """--model-kwargs as keyword arguments."""
@@ -122,4 +224,4 @@ class TrainConfig:
 
     def run_options(self) -> dict[str, Any]:
         """The values of the options that shape the training trajectory, by field name."""
-        return {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.metadata["shapes_run"]}
+        return {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.metadata.get("shapes_run")}

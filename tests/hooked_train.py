@@ -18,7 +18,7 @@ from torch import nn
 from biformer.cli import build_parser
 from biformer.commands.train import config_from_args
 from biformer.runtime import Dist
-from biformer.training.engine import Callbacks, Loaders, train
+from biformer.training.engine import Callbacks, train
 
 
 class Hooks(Callbacks):
@@ -26,8 +26,8 @@ class Hooks(Callbacks):
         self.kill_at_step, self.record_shards = kill_at_step, record_shards
         self.indices: dict[str, list[int]] = {}
 
-    def on_epoch_start(self, epoch: int, loaders: Loaders) -> None:
-        self.indices[str(epoch)] = loaders.epoch_indices()
+    def on_epoch_start(self, epoch: int, indices: list[int]) -> None:
+        self.indices[str(epoch)] = indices
 
     def on_step(self, global_step: int) -> None:
         if global_step == self.kill_at_step:

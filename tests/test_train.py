@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 
 from biformer.cli import build_parser, main
 from biformer.commands.train import config_from_args
+from biformer.recipes import apply_recipe
 from biformer.config import TrainConfig
 from biformer.errors import UserError
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
 COMPARED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")  # not the timings
-RUN_FILES = ["best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl"]
+RUN_FILES = ["best.safetensors", "config.json", "last.safetensors", "last.state.pt", "metrics.jsonl", "schedule.csv"]
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")  # `biformer train` with test callbacks
 
 
@@ -63,7 +64,7 @@ def trained(tmp_path_factory):
 def test_metrics_and_checkpoints_written(trained, capsys):
     rows = read_metrics(trained)
     assert [r["epoch"] for r in rows] == [1]
-    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "train_top1", "lr"):
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "train_top1", "lr_group0", "lr_group1"):
         assert isinstance(rows[0][key], float), key
     assert rows[0]["val_top1"] > 50  # one epoch already learns the digits (chance: 10%)
     assert 0 <= rows[0]["val_top1"] <= rows[0]["val_top5"] <= 100
@@ -298,7 +299,9 @@ def test_config_is_the_command_line():
         TrainConfig(epochs=0)
     with pytest.raises(UserError, match="--amp must be one of none, auto, bf16, fp16, got 'fp32'"):
         TrainConfig(amp="fp32")
-    assert "output" not in TrainConfig().run_options() and TrainConfig().run_options()["lr"] == 2e-3
+    resolved = apply_recipe(TrainConfig())
+    assert "output" not in resolved.run_options() and resolved.run_options()["lr"] == 2e-3
+    assert resolved.sources["lr"] == "default" and apply_recipe(TrainConfig(lr=1e-3)).sources["lr"] == "given"
 
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     hints = typing.get_type_hints(TrainConfig)
     for spec in fields(TrainConfig):
+        if not spec.init:
+            continue
         parser.add_argument(flag(spec.name), default=spec.default, help=spec.metadata["help"],
                             **_parsing(hints[spec.name], spec.default), **spec.metadata["cli"])
     parser.set_defaults(run=run)
@@ -28,13 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _parsing(hint: typing.Any, default: typing.Any) -> dict[str, typing.Any]:
     """How argparse reads a field of this type: a switch for a bool, else a value of the type (None aside)."""
-    if hint is bool:
+    if hint is bool:  # a recipe may switch it on (an Unset default): then --no-NAME switches it off
         return {"action": argparse.BooleanOptionalAction if default else "store_true"}
     return {"type": next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig)})
+    return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if spec.init})
 
 
 def run(args: argparse.Namespace) -> int:

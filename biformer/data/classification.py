@@ -87,6 +87,7 @@ def build_datasets(
     img_size: int,
     *,
     auto_augment: str | None = None,
+    random_erasing: float = 0.0,
     eval_only: bool = False,
 ) -> DataSplits:
     """Train/val data sets for `data` = "digits" or a folder with train/ and val/ (ImageNet layout).
@@ -99,7 +100,7 @@ def build_datasets(
         classes, mean, std = [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD
         train_tf = create_transform(
             img_size, is_training=True, scale=(0.75, 1.0), ratio=(0.85, 1.18), hflip=0.0, color_jitter=None,
-            auto_augment=auto_augment, interpolation="bicubic", mean=mean, std=std,
+            auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic", mean=mean, std=std,
         )
         crop_pct = 1.0
         val_tf = create_transform(img_size, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
@@ -120,7 +121,8 @@ def build_datasets(
             classes, train_images, train_labels = _scan_class_folders(root / "train", None)
         classes, val_images, val_labels = _scan_class_folders(root / "val", classes)
         train_tf = create_transform(
-            img_size, is_training=True, auto_augment=auto_augment, interpolation="bicubic", mean=mean, std=std
+            img_size, is_training=True, auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic",
+            mean=mean, std=std,
         )
         crop_pct = 0.875
         val_tf = create_transform(img_size, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)

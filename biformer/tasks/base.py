@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TASK_TRAIN_OPTIONS, TrainConfig, flag
+from ..config import TASK_TRAIN_OPTIONS, TrainConfig, builtin_default, flag
 from ..dense.names import head_forms, is_head_model
 from ..errors import UserError
 from ..runtime import Dist
@@ -126,13 +126,16 @@ class Task(ABC):
     def check_config(self, config: TrainConfig) -> None:
         """UserError for options that make no sense for this task: by default the task-specific ones it does not
         take (a task with more rules extends this)."""
-        used = [flag(name) for name in sorted(TASK_TRAIN_OPTIONS - self.train_options) if getattr(config, name)]
+        defaults = {spec.name: builtin_default(spec) for spec in fields(TrainConfig)}
+        used = [flag(name) for name in sorted(TASK_TRAIN_OPTIONS - self.train_options)
+                if getattr(config, name) != defaults[name]]
         if used:
             raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}, "
                             f"a {self.name} model")
 
     @abstractmethod
-    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None, eval_only: bool = False):
+    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
+                       random_erasing: float = 0.0, eval_only: bool = False):
         """Splits with .train, .val, .classes, .mean, .std."""
 
     @abstractmethod

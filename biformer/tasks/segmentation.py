@@ -58,6 +58,7 @@ class SegmentationTask(Task):
         self.inference = inference
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
+                       random_erasing: float = 0.0,
                        eval_only: bool = False) -> SegmentationSplits:
         if data == "digits":
             raise UserError("--data digits is a classification data set; segmentation models train on "

@@ -1,18 +1,20 @@
 """The training and evaluation loops, single process or DistributedDataParallel under torchrun.
 
 `train` strings named steps together: `setup` (check the options, data and an earlier run before
-anything is written; build the loaders, the model and its `Optimization`; restore a resumed run),
-then per epoch `run_epoch` (`train_one_epoch`, `evaluate`) and `commit_epoch`, and at the end
-`report`. `Callbacks` let a caller observe the run (tests record shards or crash it on purpose).
+anything is written; build the data stream, the model and its `Optimization`; write config.json and
+schedule.csv; restore a resumed run), then per round of steps up to the next validation (an epoch, or
+--val-every steps of an --iters run) `run_round` (`train_steps`, `evaluate`) and `commit`, and at
+the end `report`. `Callbacks` let a caller observe the run (tests record shards or crash it on purpose).
 
-Exact resume: every epoch re-seeds all random generators from (seed, epoch, rank) and the
-sampler shuffles by (seed, epoch), so the random state at the start of an epoch is a function
-of the epoch alone; the state saved at the end of each epoch (weights, optimizer, scheduler,
-grad scaler, EMA, BatchNorm statistics) holds everything else. So epoch e runs the same whether
-or not the process was restarted before it.
+Exact resume: the samples of every step and their augmentation are functions of (seed, step)
+(see `stream`), the model-side randomness of every micro-step is seeded by (seed, step, micro-step,
+rank) and the lr by the step (see `schedule`); the state saved at each commit (weights, optimizer,
+grad scaler, EMA, BatchNorm statistics) holds everything else. So step s runs the same whether or not
+the process was restarted before it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,18 +25,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoints.loading import CheckpointReport
 from ..checkpoints.weights import cpu_state_dict, save_weights
-from ..config import TrainConfig, flag
+from ..config import TrainConfig, builtin_default, flag
 from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
+from ..recipes import apply_recipe, recipe_for
 from ..runtime import (
     Dist,
     all_reduce_sum,
@@ -45,48 +46,64 @@ from ..runtime import (
     seed_everything,
 )
 from ..tasks.base import Objective, Task, UnreadableImages, val_loader
+from ..optim.param_groups import ParameterGroup, parameter_groups
+from ..optim.schedule import Schedule
 from ..tasks.registry import task_for_model
 from . import run_folder
+from .stream import RoundBatches, SeededSamples, TrainStream
 
 
 class Callbacks:
     """Hooks into a training run, called on every rank; they do nothing unless a subclass overrides them."""
 
-    def on_epoch_start(self, epoch: int, loaders: Loaders) -> None:
-        """Epoch `epoch` (from 1) begins; `loaders.epoch_indices()` lists the samples this rank trains on."""
+    def on_epoch_start(self, epoch: int, indices: list[int]) -> None:
+        """Data epoch `epoch` (from 1) begins; `indices` are the samples this rank trains on in it, in order."""
 
     def on_step(self, global_step: int) -> None:
-        """Training step `global_step` (counted from 0 over all epochs) is about to run."""
+        """Optimizer step `global_step` (counted from 0 over the whole run) is about to run."""
 
     def on_train_end(self, model: nn.Module, env: Dist) -> None:
-        """The last epoch is committed; `model` is this rank's model (not the DDP wrapper)."""
+        """The last step is committed; `model` is this rank's model (not the DDP wrapper)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # the parts of a run
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Loaders:
-    sampler: DistributedSampler
-    train: DataLoader
-    val: DataLoader
+@dataclass(frozen=True)
+class Plan:
+    """How long the run is and where it validates and saves: after every epoch, or every --val-every steps of
+    an --iters run (and at its end)."""
 
-    def epoch_indices(self) -> list[int]:
-        """The samples this rank trains on in the sampler's current epoch, in order."""
-        return list(iter(self.sampler))[: len(self.train) * self.train.batch_size]
+    steps_per_epoch: int
+    total_steps: int
+    by_iters: bool
+    val_every: int
 
+    @classmethod
+    def of(cls, config: TrainConfig, steps_per_epoch: int) -> Plan:
+        if config.iters is not None:
+            return cls(steps_per_epoch, config.iters, True, config.val_every or config.iters)
+        return cls(steps_per_epoch, config.epochs * steps_per_epoch, False, steps_per_epoch)
 
-def build_loaders(splits, config: TrainConfig, env: Dist, collate) -> Loaders:
-    """Training batches from a disjoint shard per rank, reshuffled each epoch; the validation shards."""
-    if len(splits.train) < config.batch_size * env.world:
-        raise UserError(f"--batch-size {config.batch_size} x {env.world} process(es) exceeds the "
-                        f"{len(splits.train)} training images")
-    sampler = DistributedSampler(splits.train, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                 seed=config.seed, drop_last=True)  # drop_last: shards stay disjoint
-    train_loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler,
-                              num_workers=config.workers, drop_last=True, collate_fn=collate)
-    return Loaders(sampler, train_loader, val_loader(splits.val, config.batch_size, config.workers, env, collate))
+    @property
+    def unit(self) -> str:
+        """The metrics rows' counter: "iter" (steps done) or "epoch" (epochs done)."""
+        return "iter" if self.by_iters else "epoch"
+
+    @property
+    def length(self) -> int:
+        """The run's length in its unit."""
+        return self.total_steps if self.by_iters else self.total_steps // self.steps_per_epoch
+
+    def count(self, step: int) -> int:
+        """Steps done, in the run's unit."""
+        return step if self.by_iters else step // self.steps_per_epoch
+
+    def commits_after(self, step: int) -> list[int]:
+        """The steps (counted as done) at which the run validates and saves, after `step`."""
+        points = list(range(self.val_every, self.total_steps, self.val_every)) + [self.total_steps]
+        return [point for point in points if point > step]
 
 
 def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) -> nn.Module:
@@ -102,7 +119,7 @@ def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) ->
     if config.sync_bn and env.world > 1:
         if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif env.main:  # SyncBatchNorm has no CPU kernel; BatchNorm statistics are averaged after each epoch
+        elif env.main:  # SyncBatchNorm has no CPU kernel; BatchNorm statistics are averaged at each validation
             print("note: --sync-bn is ignored on CPU", file=sys.stderr)
     return model
 
@@ -114,85 +131,119 @@ def pretrained_report(model: nn.Module) -> CheckpointReport | None:
                  if getattr(module, "checkpoint_report", None) is not None), None)
 
 
+def peak_lr(config: TrainConfig, global_batch: int) -> float:
+    """--lr, scaled by the global batch over the recipe's with --scale-lr."""
+    if not config.scale_lr:
+        return config.lr
+    recipe = recipe_for(config.model, config.recipe)
+    if recipe is None:
+        raise UserError("--scale-lr scales --lr by the global batch over the recipe's: give --recipe, or leave "
+                        "--scale-lr out")
+    return config.lr * global_batch / recipe.global_batch(config.model)
+
+
+def build_schedule(config: TrainConfig, plan: Plan, lr: float) -> Schedule:
+    """The lr of every step: milestones count in the run's unit, the warm-up in steps."""
+    per_epoch = config.lr_per_epoch and not plan.by_iters
+    in_steps = 1 if plan.by_iters else plan.steps_per_epoch
+    milestones = tuple(m * in_steps // (plan.steps_per_epoch if per_epoch else 1) for m in config.milestones)
+    warmup = config.warmup_iters if config.warmup_iters is not None else config.warmup_epochs * plan.steps_per_epoch
+    return Schedule(config.sched, lr, plan.total_steps, plan.steps_per_epoch, per_epoch=per_epoch,
+                    min_lr=config.min_lr, milestones=milestones, decay_rate=config.decay_rate,
+                    power=config.poly_power, warmup_steps=warmup, warmup_rule=config.warmup_rule,
+                    warmup_ratio=config.warmup_ratio)
+
+
 @dataclass
 class Optimization:
-    """What an optimizer step updates besides the weights: optimizer, schedule, fp16 grad scaler, EMA."""
+    """What an optimizer step updates besides the weights: optimizer (its parameter groups), schedule, fp16 grad
+    scaler, EMA."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: Scheduler
+    groups: list[ParameterGroup]
+    schedule: Schedule
     scaler: torch.amp.GradScaler
     ema: ModelEmaV3 | None
     zero_grad_in_place: bool  # under DDP the gradients are its buckets (see runtime.distributed_model)
 
-    def step(self, loss: torch.Tensor, model: nn.Module, global_step: int, clip_grad: float | None) -> None:
-        """Backward, then update the weights (gradients unscaled and clipped first), learning rate and EMA."""
+    def begin(self, step: int) -> None:
+        """Clear the gradients and set the lr of `step`."""
         self.optimizer.zero_grad(set_to_none=not self.zero_grad_in_place)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(step)
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def finish(self, model: nn.Module, step: int, clip_grad: float | None) -> None:
+        """Update the weights (gradients unscaled and clipped first), then the EMA."""
         if clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step_update(global_step + 1)
         if self.ema is not None:
-            self.ema.update(model, step=global_step + 1)
+            self.ema.update(model, step=step + 1)
+
+    def lrs(self) -> dict[str, float]:
+        return {f"lr_group{i}": group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
 
-def build_optimization(model: nn.Module, config: TrainConfig, steps_per_epoch: int, amp: str,
+def build_optimization(model: nn.Module, config: TrainConfig, schedule: Schedule, amp: str,
                        env: Dist) -> Optimization:
-    """timm's optimizer, a per-step cosine schedule after a linear warm-up, and the EMA with --model-ema."""
-    optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
-        warmup_lr=config.lr * 0.01, min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
-    )
+    """timm's optimizer over the recipe's parameter groups, the schedule, and the EMA with --model-ema."""
+    groups = parameter_groups(model, config.weight_decay, config.decay_rule)
+    optimizer = create_optimizer_v2([group.as_optimizer_group() for group in groups], opt=config.opt,
+                                    lr=schedule(0), weight_decay=config.weight_decay)
     return Optimization(
-        optimizer, scheduler, torch.amp.GradScaler(env.device.type, enabled=amp == "fp16"),
+        optimizer, groups, schedule, torch.amp.GradScaler(env.device.type, enabled=amp == "fp16"),
         ModelEmaV3(model, decay=config.ema_decay) if config.model_ema else None, zero_grad_in_place=env.world > 1,
     )
 
 
 @dataclass
 class Progress:
-    """The committed part of a run: the last epoch done, a metrics row per epoch, the best epoch."""
+    """The committed part of a run: the steps done, a metrics row per validation, the best row."""
 
-    metric: str  # the metrics-row key that picks the best epoch
-    epoch: int = 0
+    metric: str  # the metrics-row key that picks the best row
+    unit: str  # the rows' counter ("epoch" or "iter")
+    step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, row: dict[str, Any]) -> None:
-        """Append an epoch's row; it becomes the best if its metric beats the best so far. A NaN metric (a
-        validation split with nothing to score) beats nothing, but the first epoch is the best until one does,
-        so every run has a best epoch."""
-        self.epoch = row["epoch"]
+    def add(self, row: dict[str, Any], step: int) -> None:
+        """Append the row of the validation after `step` steps; it becomes the best if its metric beats the best
+        so far. A NaN metric (a validation split with nothing to score) beats nothing, but the first row is the
+        best until one does, so every run has a best row."""
+        self.step = step
         self.history.append(row)
         value, best = row[self.metric], self.best.get(self.metric)
         if not self.best or (not math.isnan(value) and (math.isnan(best) or value > best)):
-            self.best = {self.metric: value, "epoch": row["epoch"]}
+            self.best = {self.metric: value, self.unit: row[self.unit]}
 
 
 @dataclass
 class Run:
-    """Everything an epoch uses, built once by `setup`."""
+    """Everything a step uses, built once by `setup`."""
 
     config: TrainConfig
     env: Dist
     amp: str
     task: Task
     splits: Any
-    loaders: Loaders
+    stream: TrainStream
+    plan: Plan
+    val_loader: DataLoader
     model: nn.Module  # evaluated, saved and averaged into the EMA
     step_model: nn.Module  # what a training step calls: `model`, wrapped in DDP under torchrun
     optimization: Optimization
@@ -207,20 +258,25 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, callbacks: Callbacks | None = None, *, alone: bool = False) -> dict[str, Any]:
-    """Train as `config` says (resuming a run with --resume); the last epoch's metrics row ({} if none).
+    """Train as `config` says (resuming a run with --resume); the last metrics row ({} if none, or a dry run).
 
     alone: train in this process only, also under torchrun (whose ranks then train runs of their own).
     """
+    config = apply_recipe(config)
     env = init_distributed(config.device, join=not alone)
     try:
         run, progress = setup(config, env, callbacks or Callbacks())
+        if config.dry_run:
+            if env.main:
+                print(f"dry run: wrote {config.output / run_folder.CONFIG} and {config.output / run_folder.SCHEDULE}")
+            return {}
         writer = _tensorboard(config.output) if env.main and config.tensorboard else None
         train_start = time.perf_counter()
-        for epoch in range(progress.epoch + 1, config.epochs + 1):
-            progress.add(run_epoch(run, epoch))
+        for end in run.plan.commits_after(progress.step):
+            progress.add(run_round(run, progress.step, end), end)
             if env.main:
-                commit_epoch(run, progress)
-                _log_epoch(progress.history[-1], config.epochs, writer)
+                commit(run, progress)
+                _log_row(progress.history[-1], run.plan, writer)
         if writer is not None:
             writer.close()
         run.callbacks.on_train_end(run.model, env)
@@ -237,27 +293,71 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     task = task_for_model(config.model)
     task.check_config(config)
     state = load_run(config, env)
-    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa)
-    loaders = build_loaders(splits, config, env, task.collate)
+    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob)
+    stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
+                         config.seed, config.aug_repeats)
+    plan = Plan.of(config, stream.steps_per_epoch)
+    schedule = build_schedule(config, plan, peak_lr(config, stream.global_batch))
     model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
+    optimization = build_optimization(model, config, schedule, amp, env)
     if env.main:
         output_folder(config.output, "--output")
         remove_stale_temporaries(config.output)  # left by a process killed while it saved
+        summary = run_summary(config, env, stream, plan, optimization)
+        run_folder.write_config(config.output, summary)
+        run_folder.write_schedule(config.output, schedule, plan.steps_per_epoch, optimization.groups)
+        print(options_table(config, summary), flush=True)
         if pretrained is not None:
             print(f"--pretrained: {pretrained}", flush=True)
-    optimization = build_optimization(model, config, len(loaders.train), amp, env)
-    progress = restore(state, model, optimization, config, env, task.metric)
+    progress = restore(state, model, optimization, config, env, Progress(task.metric, plan.unit), plan)
     if env.main:
-        run_folder.write_metrics(config.output, progress.history)  # drops rows of an epoch that was not committed
-    run = Run(config, env, amp, task, splits, loaders, model, distributed_model(model, env), optimization,
-              task.build_objective(config, len(splits.classes), model), callbacks, pretrained)
+        run_folder.write_metrics(config.output, progress.history)  # drops rows of a round that was not committed
+    run = Run(config, env, amp, task, splits, stream, plan,
+              val_loader(splits.val, config.batch_size, config.workers, env, task.collate), model,
+              distributed_model(model, env), optimization, task.build_objective(config, len(splits.classes), model),
+              callbacks, pretrained)
     return run, progress
 
 
-def run_options(config: TrainConfig, env: Dist) -> dict[str, Any]:
-    """What shapes the training trajectory: saved with each epoch, compared on --resume."""
-    return {**config.run_options(), "world_size": env.world}
+def run_summary(config: TrainConfig, env: Dist, stream: TrainStream, plan: Plan,
+                optimization: Optimization) -> dict[str, Any]:
+    """config.json: every option with its value and source, and what the options come to."""
+    recipe = recipe_for(config.model, config.recipe)
+    return {
+        "options": {spec.name: {"value": _plain(getattr(config, spec.name)), "source": config.sources[spec.name]}
+                    for spec in fields(config) if spec.init},
+        "recipe": recipe.name if recipe is not None else None,
+        "world_size": env.world, "global_batch": stream.global_batch,
+        "recipe_global_batch": recipe.global_batch(config.model) if recipe is not None else None,
+        "peak_lr": optimization.schedule.lr, "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "param_groups": [{"weight_decay": group.weight_decay, "tensors": len(group.names)}
+                         for group in optimization.groups],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: paths as text, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def options_table(config: TrainConfig, summary: dict[str, Any]) -> str:
+    """The start-up table: every option's value and source, then the batch, length and lr they come to."""
+    rows = [(flag(name), repr(entry["value"]), entry["source"]) for name, entry in summary["options"].items()]
+    width = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{name:<{width[0]}}  {value:<{width[1]}}  {source}" for name, value, source in rows]
+    lines.append(f"global batch {summary['global_batch']} ({config.batch_size} x {summary['world_size']} "
+                 f"process(es) x {config.accum_steps} micro-step(s)); {summary['steps_per_epoch']} steps per epoch, "
+                 f"{summary['total_steps']} steps; peak lr {summary['peak_lr']:g}")
+    expected = summary["recipe_global_batch"]
+    if expected is not None and expected != summary["global_batch"]:
+        lines.append(f"note: recipe {summary['recipe']} trains with a global batch of {expected}; "
+                     + ("--lr is scaled by the linear rule" if config.scale_lr
+                        else "--lr is kept (--scale-lr scales it by the linear rule)"))
+    return "\n".join(lines)
 
 
 def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
@@ -270,10 +370,12 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
     if state is None:
         return None
     if not config.resume:
-        raise UserError(f"--output {str(config.output)!r} already holds a training run (epoch {state['epoch']}); "
+        last = state["history"][-1]
+        done = f"epoch {last['epoch']}" if "epoch" in last else f"iter {last['iter']}"
+        raise UserError(f"--output {str(config.output)!r} already holds a training run ({done}); "
                         "pass --resume to continue it, or choose another --output")
     saved, current = state["config"], run_options(config, env)
-    defaults = {spec.name: spec.default for spec in fields(TrainConfig)}  # for options newer than the run
+    defaults = {spec.name: builtin_default(spec) for spec in fields(TrainConfig)}  # for options newer than the run
     changed = [f"{flag(k) if k != 'world_size' else 'number of processes'} {saved.get(k, defaults.get(k))!r} -> "
                f"{current[k]!r}" for k in current if saved.get(k, defaults.get(k)) != current[k]]
     if changed:
@@ -282,43 +384,51 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
     return state
 
 
+def run_options(config: TrainConfig, env: Dist) -> dict[str, Any]:
+    """What shapes the training trajectory: saved with each commit, compared on --resume."""
+    return {**config.run_options(), "world_size": env.world}
+
+
 def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimization, config: TrainConfig,
-            env: Dist, metric: str) -> Progress:
-    """Load a resumed run's weights and optimization state; its progress (none for a new run)."""
+            env: Dist, progress: Progress, plan: Plan) -> Progress:
+    """Load a resumed run's weights and optimization state into them; its progress (none for a new run)."""
     if state is None:
         if config.resume and env.main:
-            print(f"no checkpoint in {config.output} to resume from; starting at epoch 1")
-        return Progress(metric)
+            print(f"no checkpoint in {config.output} to resume from; starting at step 0")
+        return progress
     model.load_state_dict(state["model"])
     optimization.load_state_dict(state)
-    progress = Progress(metric, state["epoch"], state["history"], state["best"])
+    progress.step, progress.history, progress.best = state["step"], state["history"], state["best"]
     if env.main:
+        done = plan.count(progress.step)
         print(f"resumed from {config.output / run_folder.STATE}: " + (
-            f"continuing at epoch {progress.epoch + 1}" if progress.epoch < config.epochs
-            else f"all {config.epochs} epochs were already done"))
+            f"continuing at {plan.unit} {done + 1}" if progress.step < plan.total_steps
+            else f"all {plan.length} {plan.unit}s were already done"))
     return progress
 
 
-def run_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """Train one epoch and validate: the epoch's metrics row."""
-    env, task = run.env, run.task
-    seed_everything(run.config.seed + 1_000_003 * epoch + 7919 * env.rank)
-    run.loaders.sampler.set_epoch(epoch)
-    run.callbacks.on_epoch_start(epoch, run.loaders)
-    epoch_start = time.perf_counter()
-    loss_sum, hits, counted, seen = train_one_epoch(run, epoch)
-    train_time = time.perf_counter() - epoch_start
+def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """The seed of a micro-step's model-side randomness (drop path, mixup): a function of where it is alone."""
+    return seed + 1_000_003 * (step + 1) + 7919 * rank + 104_729 * micro_step
+
+
+def run_round(run: Run, start: int, end: int) -> dict[str, Any]:
+    """Train the steps [start, end) and validate: the metrics row."""
+    env, task, plan = run.env, run.task, run.plan
+    round_start = time.perf_counter()
+    loss_sum, hits, counted, seen = train_steps(run, start, end)
+    train_time = time.perf_counter() - round_start
     if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
         distribute_bn(run.model, env.world, reduce=True)
-    row = {"epoch": epoch, "train_loss": loss_sum / seen,
-           **_val_columns(task, task.evaluate(run.model, run.loaders.val, env, run.amp, unreadable=run.unreadable)),
-           "lr": run.optimization.optimizer.param_groups[0]["lr"]}
+    row = {plan.unit: plan.count(end), "train_loss": loss_sum / max(seen, 1),
+           **_val_columns(task, task.evaluate(run.model, run.val_loader, env, run.amp, unreadable=run.unreadable)),
+           **run.optimization.lrs()}
     if run.objective.mixup is None and task.train_accuracy is not None:
-        row[task.train_accuracy] = 100 * hits / counted
+        row[task.train_accuracy] = 100 * hits / max(counted, 1)
     if run.optimization.ema is not None:
-        ema_val = task.evaluate(run.optimization.ema.module, run.loaders.val, env, run.amp, desc="val (ema)")
+        ema_val = task.evaluate(run.optimization.ema.module, run.val_loader, env, run.amp, desc="val (ema)")
         row.update({f"ema_{key}": value for key, value in _val_columns(task, ema_val).items()})
-    row.update(epoch_time_s=time.perf_counter() - epoch_start, train_images_per_s=seen / train_time)
+    row.update(round_time_s=time.perf_counter() - round_start, train_images_per_s=seen / train_time)
     return row
 
 
@@ -326,44 +436,62 @@ def _val_columns(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     return {f"val_{key}": result[key] for key in ("loss", *task.metric_columns()) if key in result}
 
 
-def train_one_epoch(run: Run, epoch: int) -> list[float]:
-    """One pass over this rank's shard: [loss sum, accuracy hits, accuracy count, images], summed over all ranks."""
-    env, loader, objective, task = run.env, run.loaders.train, run.objective, run.task
+def train_steps(run: Run, start: int, end: int) -> list[float]:
+    """Optimizer steps [start, end) on this rank's micro-batches: [loss sum, accuracy hits, accuracy count,
+    images], summed over all ranks."""
+    env, objective, task, stream, config = run.env, run.objective, run.task, run.stream, run.config
+    loader = DataLoader(SeededSamples(run.splits.train, config.seed),
+                        batch_sampler=RoundBatches(stream, start, end), num_workers=config.workers,
+                        collate_fn=task.collate)
+    micro_batches = iter(loader)
     run.step_model.train()
-    start = time.perf_counter()
+    clock = time.perf_counter()
     sums = [0.0, 0.0, 0.0, 0.0]
-    bar = tqdm(loader, desc=f"epoch {epoch}/{run.config.epochs}", leave=False, disable=None if env.main else True,
-               file=sys.stdout)
-    for step, (images, targets, problems) in enumerate(bar):
-        global_step = (epoch - 1) * len(loader) + step
-        run.callbacks.on_step(global_step)
-        run.unreadable.add(problems)
-        if images is not None:
-            images, targets, hard_targets = task.prepare(images.to(env.device), targets.to(env.device), objective)
-        if images is None or len(images) == 0:
-            # every rank must take every step together under DDP, so only a lone process can skip one
-            if env.world > 1:
-                raise UserError(f"no image of a training batch could be read (epoch {epoch}, step {step})")
-            continue
-        with autocast(env.device, run.amp):
-            outputs = task.forward(run.step_model, images, targets)
-            loss = task.loss(outputs, targets, objective)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step}: training diverged; "
-                            "lower --lr or set --clip-grad, then --resume")
-        run.optimization.step(loss, run.model, global_step, run.config.clip_grad)
-        hits, counted = task.hits(outputs, hard_targets)
-        for index, value in enumerate((loss.item() * len(images), hits, counted, len(images))):
-            sums[index] += value
+    bar = tqdm(range(start, end), desc=f"{run.plan.unit} {run.plan.count(start) + 1}/{run.plan.length}",
+               leave=False, disable=None if env.main else True, file=sys.stdout)
+    for step in bar:
+        if step % stream.steps_per_epoch == 0:
+            run.callbacks.on_epoch_start(step // stream.steps_per_epoch + 1,
+                                         stream.epoch_indices(step // stream.steps_per_epoch + 1))
+        run.callbacks.on_step(step)
+        run.optimization.begin(step)
+        stepped = False
+        for micro_step in range(config.accum_steps):
+            images, targets, problems = next(micro_batches)
+            seed_everything(step_seed(config.seed, step, micro_step, env.rank))
+            run.unreadable.add(problems)
+            if images is not None:
+                images, targets, hard_targets = task.prepare(images.to(env.device), targets.to(env.device), objective)
+            if images is None or len(images) == 0:
+                # every rank must take every step together under DDP, so only a lone process can skip a batch
+                if env.world > 1:
+                    raise UserError(f"no image of a training batch could be read (step {step})")
+                continue
+            last = micro_step == config.accum_steps - 1
+            # DDP averages the gradients over the ranks on the last micro-step only
+            with (run.step_model.no_sync() if env.world > 1 and not last else contextlib.nullcontext()):
+                with autocast(env.device, run.amp):
+                    outputs = task.forward(run.step_model, images, targets)
+                    loss = task.loss(outputs, targets, objective)
+                if not math.isfinite(loss.item()):
+                    raise UserError(f"the loss is {loss.item()} at step {step}: training diverged; lower --lr or "
+                                    "set --clip-grad, then --resume")
+                run.optimization.backward(loss / config.accum_steps)
+            stepped = True
+            batch_hits, batch_counted = task.hits(outputs, hard_targets)
+            for index, value in enumerate((loss.item() * len(images), batch_hits, batch_counted, len(images))):
+                sums[index] += value
+        if stepped:
+            run.optimization.finish(run.model, step, config.clip_grad)
         accuracy = {"acc": f"{100 * sums[1] / max(sums[2], 1):.1f}%"} if task.train_accuracy else {}
-        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", **accuracy,
-                        img_s=f"{sums[3] * env.world / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}", **accuracy,
+                        img_s=f"{sums[3] * env.world / (time.perf_counter() - clock):.0f}")
     return all_reduce_sum(sums, env)
 
 
-def commit_epoch(run: Run, progress: Progress) -> None:
-    """Write the epoch's weights, then its state file (the commit point, see checkpoint), then the metrics."""
-    config, model, ema, metric = run.config, run.model, run.optimization.ema, run.task.metric
+def commit(run: Run, progress: Progress) -> None:
+    """Write the weights, then the state file (the commit point, see run_folder), then the metrics."""
+    config, model, ema, metric, unit = run.config, run.model, run.optimization.ema, run.task.metric, run.plan.unit
     row = progress.history[-1]
     splits = run.splits  # what eval and predict need to rebuild the model and its inputs:
     metadata = {"model": config.model, "task": run.task.name, "model_kwargs": config.model_arguments(),
@@ -371,16 +499,16 @@ def commit_epoch(run: Run, progress: Progress) -> None:
                 "img_size": config.img_size,
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
                 **({"pretrained": run.pretrained.as_metadata()} if run.pretrained is not None else {}),
-                "epoch": row["epoch"], metric: row[metric]}
+                unit: row[unit], metric: row[metric]}
     save_weights(config.output / run_folder.WEIGHTS, model, metadata)
-    if progress.best["epoch"] == row["epoch"]:
+    if progress.best[unit] == row[unit]:
         save_weights(config.output / run_folder.BEST, model, metadata)
     if ema is not None:
         save_weights(config.output / run_folder.EMA_WEIGHTS, ema.module, {**metadata, metric: row[f"ema_{metric}"]})
     run_folder.save_state(config.output / run_folder.STATE, {
-        "epoch": row["epoch"], "model": cpu_state_dict(model), **run.optimization.state_dict(),
+        "step": progress.step, "model": cpu_state_dict(model), **run.optimization.state_dict(),
         "history": progress.history, "best": progress.best,
-        "config": run_options(config, run.env),  # with the epoch, the seed determines every random generator's state
+        "config": run_options(config, run.env),  # with the step, the seed determines every random generator's state
     })
     run_folder.write_metrics(config.output, progress.history)
 
@@ -398,16 +526,16 @@ def report(run: Run, progress: Progress, wall_time_s: float) -> None:
         print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
 
 
-def _log_epoch(row: dict[str, Any], epochs: int, writer) -> None:
+def _log_row(row: dict[str, Any], plan: Plan, writer) -> None:
     scalars = {key: value for key, value in row.items() if isinstance(value, (int, float))}
     if writer is not None:
         for key, value in scalars.items():
-            writer.add_scalar(key, value, row["epoch"])
+            writer.add_scalar(key, value, row[plan.unit])
     percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith("_loss")]
-    text = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+    text = (f"{plan.unit} {row[plan.unit]}/{plan.length}  train_loss {row['train_loss']:.4f}  "
             + (f"val_loss {row['val_loss']:.4f}  " if "val_loss" in row else "")
             + "  ".join(f"{key} {row[key]:.2f}%" for key in percents))
-    tqdm.write(text + f"  ({row['epoch_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)
+    tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)
 
 
 def _tensorboard(output: Path):
