@@ -194,14 +194,16 @@ class TrainConfig:
         """This configuration with each unset option taken from the recipe's `settings`, else its built-in
         default; `sources` records where every value came from."""
         given = {spec.name for spec in fields(self) if spec.init and self.is_set(spec.name)}
-        # a given alternative replaces the recipe's (--epochs over its --iters); giving both is a mistake
+        # a given alternative replaces the recipe's (--epochs its --iters); giving both is a mistake. A run counted
+        # in the other unit than the recipe's also drops the recipe's values counted in its unit.
         for pair in (("epochs", "iters"), ("warmup_epochs", "warmup_iters")):
             both = [name for name in pair if name in given and getattr(self, name) is not None]
             if len(both) == 2:
                 raise UserError(f"{flag(pair[0])} and {flag(pair[1])} are alternatives: give one")
-            if both:  # --val-every and the milestones count in the recipe's unit
-                replaced = (*pair, "val_every", "milestones", "lr_per_epoch") if pair[0] == "epochs" else pair
-                settings = {key: value for key, value in settings.items() if key not in replaced}
+            if both:
+                other = pair[1 - pair.index(both[0])]
+                unit_bound = ("val_every", "milestones", "lr_per_epoch") if pair[0] == "epochs" and other in settings else ()
+                settings = {key: value for key, value in settings.items() if key not in (other, *unit_bound)}
         values, sources = {}, {}
         for spec in fields(self):
             if not spec.init:

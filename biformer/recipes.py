@@ -46,7 +46,7 @@ class Recipe:
 COCO_1X = Recipe(
     name="coco-1x", task="detection", gpus=8,
     summary="COCO 2017 RetinaNet / Mask R-CNN, mmdet's 1x schedule",
-    source="object_detection/configs/coco/{retinanet,mask_rcnn}*biformer*.py and mmdet's schedule_1x",
+    source="object_detection/configs/coco/{retinanet,maskrcnn}.1x.biformer_{small,base}.py and mmdet's schedule_1x",
     settings_all={
         "epochs": 12, "sched": "step", "milestones": (8, 11), "decay_rate": 0.1, "lr_per_epoch": True,
         "warmup_iters": 500, "warmup_rule": "mmcv", "warmup_ratio": 0.001,

@@ -269,15 +269,12 @@ def test_normalization_is_the_backbones():
 
 
 def test_attributes_and_recipes():
-    """The release's COCO 1x configs: AdamW 1e-4, 12 epochs with steps at 8 and 11, drop path S 0.2 / B 0.3."""
-    for head, decay, no_decay in (("retinanet", 1e-4, ()), ("fcos", 1e-4, ()),  # fcos: RetinaNet's (ours)
-                                  ("maskrcnn", 0.05, ("absolute_pos_embed", "relative_position_bias_table", "norm"))):
+    """The release's COCO configs: 1333x800 with flip 0.5, 16 BRA regions per side, drop path S 0.2 / B 0.3 (their
+    optimization is the coco-1x recipe: tests/test_recipes.py)."""
+    for head in ("retinanet", "fcos", "maskrcnn"):
         for variant, rate in (("small", 0.2), ("base", 0.3), ("tiny", 0.1)):  # tiny: no release config, ours
             recipe = detection_recipe(f"{head}_biformer_{variant}")
-            assert (recipe.opt, recipe.lr, recipe.weight_decay, recipe.no_decay) == ("adamw", 1e-4, decay, no_decay)
-            assert (recipe.epochs, recipe.lr_steps, recipe.lr_gamma, recipe.warmup_iters, recipe.warmup_ratio) == (
-                12, (8, 11), 0.1, 500, 0.001)
-            assert (recipe.max_size, recipe.min_size, recipe.flip, recipe.batch) == (1333, 800, 0.5, 16)
+            assert (recipe.max_size, recipe.min_size, recipe.flip) == (1333, 800, 0.5)
             assert (recipe.drop_path, recipe.n_win) == (rate, 16)
         assert detection_recipe(f"{head}_resnet50").drop_path == 0.0
     model = create_detection_model("maskrcnn_biformer_nano", 7, **SMALL)

@@ -89,15 +89,14 @@ def test_biformer_options_are_refused_for_other_backbones(option):
 
 
 def test_recipes_are_the_original_configs():
-    """The release's ADE20K configs: drop path S 0.15 / B 0.3 (Semantic FPN), S 0.3 / B 0.4 (UperNet)."""
+    """The release's ADE20K configs: crop 512, drop path S 0.15 / B 0.3 (Semantic FPN), S 0.3 / B 0.4 (UperNet), the
+    auxiliary head's weight (their optimization is the ade20k-* recipes: tests/test_recipes.py)."""
     for variant, rate in (("small", 0.15), ("base", 0.3)):
         recipe = segmentation_recipe(f"sfpn_biformer_{variant}")
-        assert (recipe.crop, recipe.opt, recipe.lr, recipe.weight_decay) == (512, "adamw", 2e-4, 1e-4)
-        assert (recipe.drop_path, recipe.aux_weight, recipe.iters, recipe.batch) == (rate, 0.0, 80_000, 32)
+        assert (recipe.crop, recipe.drop_path, recipe.aux_weight) == (512, rate, 0.0)
     for variant, rate in (("small", 0.3), ("base", 0.4)):
         recipe = segmentation_recipe(f"upernet_biformer_{variant}")
-        assert (recipe.crop, recipe.opt, recipe.lr, recipe.weight_decay) == (512, "adamw", 6e-5, 0.01)
-        assert (recipe.drop_path, recipe.aux_weight, recipe.iters, recipe.batch) == (rate, 0.4, 160_000, 16)
+        assert (recipe.crop, recipe.drop_path, recipe.aux_weight) == (512, rate, 0.4)
     assert segmentation_recipe("upernet_biformer_tiny").drop_path == 0.1  # no release config: ours
     assert segmentation_recipe("upernet_convnext_tiny").drop_path == 0.0
 

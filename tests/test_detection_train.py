@@ -25,7 +25,7 @@ from biformer.tasks.registry import task_for_model
 
 QUICK = ["--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1", "--batch-size", "2", "--lr", "1e-3"]
 DETECTION = ["--model", "maskrcnn_biformer_nano", *QUICK]
-COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr")
+COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr_group0")
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
 
 

@@ -35,8 +35,8 @@ def test_torchrun_two_ranks_gloo(tmp_path, capsys):
     assert not first & second  # disjoint shards
     assert len(first) == len(second) == 22 * 32  # 1437 images: 718 per rank, 22 full batches of 32
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients and BatchNorm statistics synced
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "last.safetensors", "last.state.pt",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "config.json", "last.safetensors",
+                                                     "last.state.pt", "metrics.jsonl", "schedule.csv"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]
     assert result.stdout.count("final validation top-1") == 1

@@ -36,7 +36,8 @@ class DigitValueTask(Task):
     train_accuracy = None
     collate = staticmethod(collate_readable)
 
-    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None, eval_only: bool = False):
+    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
+                       random_erasing: float = 0.0, eval_only: bool = False):
         return ClassificationTask().build_datasets(data, img_size, eval_only=eval_only)
 
     def _network(self, model_name: str) -> nn.Module:

@@ -20,7 +20,7 @@ from biformer.errors import UserError
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
-COMPARED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")  # not the timings
+COMPARED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr_group0")  # not the timings
 RUN_FILES = ["best.safetensors", "config.json", "last.safetensors", "last.state.pt", "metrics.jsonl", "schedule.csv"]
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")  # `biformer train` with test callbacks
 

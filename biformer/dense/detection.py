@@ -90,36 +90,21 @@ FIRST_LEVEL = {"retinanet": 1, "fcos": 1, "maskrcnn": 0}
 
 # Drop path rates of the release's COCO configs; it has none for BiFormer-T (0.1 here is ours).
 RELEASE_DROP_PATH = {"biformer_small": 0.2, "biformer_base": 0.3}
-# mmdet's paramwise custom_keys of the Mask R-CNN configs: parameter names containing these take no weight decay
-MASKRCNN_NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm")
 
 
 @dataclass(frozen=True)
 class DetectionRecipe:
-    """The original COCO training settings (the BiFormer release's mmdet 1x configs) of a head and backbone.
+    """What the original COCO configs (the BiFormer release's mmdet 1x configs) fix about a head and backbone's
+    model and inputs; their optimization settings are the `coco-1x` recipe of `biformer.recipes`.
 
-    FCOS has no BiFormer config: it takes RetinaNet's (ours).
-    All: AdamW, mmdet's schedule_1x (12 epochs, lr x0.1 after epochs 8 and 11, linear warmup over 500
-    iterations from 0.001 x lr), 8 GPUs x 2 images, AMP, 1333x800 resize with horizontal flip.
-    RetinaNet (WaveViT's optimizer): weight decay 1e-4 on every parameter. Mask R-CNN (UniFormer's): weight
-    decay 0.05 except on parameters named in `no_decay`.
+    1333x800 keep-ratio resize with horizontal flip 0.5, the backbone's drop path and BRA regions per side.
     """
 
     max_size: int  # the longer image side at most (mmdet's img_scale 1333x800)
     min_size: int  # the shorter image side
     flip: float  # horizontal flip probability
-    opt: str
-    lr: float
-    weight_decay: float
-    no_decay: tuple[str, ...]  # parameter-name substrings that take no weight decay
     drop_path: float  # the backbone's stochastic depth rate (0 for non-BiFormer backbones)
     n_win: int  # BRA regions per side (BiFormer backbones)
-    epochs: int
-    lr_steps: tuple[int, ...]  # epochs after which the lr is multiplied by lr_gamma
-    lr_gamma: float
-    warmup_iters: int
-    warmup_ratio: float  # the warmup's first lr, as a fraction of lr
-    batch: int  # images per iteration, all GPUs together
 
 
 def split_detection_name(name: str) -> tuple[str, str] | None:
@@ -140,13 +125,10 @@ def _parse(name: str) -> tuple[str, str]:
 
 
 def detection_recipe(name: str) -> DetectionRecipe:
-    """The release's training settings for model `name`; UserError for an unknown name."""
+    """The release's model and input settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
-    drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get(backbone))
-    weight_decay, no_decay = (0.05, MASKRCNN_NO_DECAY) if head == "maskrcnn" else (1e-4, ())
-    return DetectionRecipe(max_size=1333, min_size=800, flip=0.5, opt="adamw", lr=1e-4, weight_decay=weight_decay,
-                           no_decay=no_decay, drop_path=drop_path, n_win=N_WIN, epochs=12, lr_steps=(8, 11),
-                           lr_gamma=0.1, warmup_iters=500, warmup_ratio=0.001, batch=16)
+    return DetectionRecipe(max_size=1333, min_size=800, flip=0.5,
+                           drop_path=recipe_drop_path(backbone, RELEASE_DROP_PATH.get(backbone)), n_win=N_WIN)
 
 
 class InputP6P7(ExtraFPNBlock):

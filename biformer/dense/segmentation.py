@@ -66,20 +66,13 @@ RELEASE_DROP_PATH = {
 
 @dataclass(frozen=True)
 class SegmentationRecipe:
-    """The original ADE20K training settings (the BiFormer release's mmseg configs) of a head and backbone.
-
-    Semantic FPN: AdamW, cosine schedule with 1k linear warmup iterations. UperNet: AdamW with no
-    weight decay on norms, poly schedule (power 1) with 1.5k warmup iterations. Both: 8 GPUs, AMP.
-    """
+    """What the original ADE20K configs (the BiFormer release's mmseg configs) fix about a head and backbone's
+    model and inputs; their optimization settings are the `ade20k-sfpn` and `ade20k-upernet` recipes of
+    `biformer.recipes`."""
 
     crop: int  # square training crop side
-    opt: str
-    lr: float
-    weight_decay: float
     drop_path: float  # the backbone's stochastic depth rate (0 for non-BiFormer backbones)
     aux_weight: float  # loss weight of the auxiliary head's output (0: no auxiliary head)
-    iters: int
-    batch: int  # images per iteration, all GPUs together
 
 
 def split_segmentation_name(name: str) -> tuple[str, str] | None:
@@ -100,14 +93,10 @@ def _parse(name: str) -> tuple[str, str]:
 
 
 def segmentation_recipe(name: str) -> SegmentationRecipe:
-    """The release's training settings for model `name`; UserError for an unknown name."""
+    """The release's model and input settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
     drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get((head, backbone)))
-    if head == "sfpn":  # UniFormer's Semantic FPN schedule at 8 GPUs: 2x the lr for half the iterations
-        return SegmentationRecipe(crop=512, opt="adamw", lr=2e-4, weight_decay=1e-4, drop_path=drop_path,
-                                  aux_weight=0.0, iters=80_000, batch=32)
-    return SegmentationRecipe(crop=512, opt="adamw", lr=6e-5, weight_decay=0.01, drop_path=drop_path,
-                              aux_weight=0.4, iters=160_000, batch=16)
+    return SegmentationRecipe(crop=512, drop_path=drop_path, aux_weight=0.4 if head == "upernet" else 0.0)
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:

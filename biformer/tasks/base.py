@@ -179,7 +179,8 @@ class Task(ABC):
 
     @abstractmethod
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
-        """The final report's first line (and anything the task adds, such as a per-class table)."""
+        """The final report's first line (and anything the task adds, such as a per-class table); best["at"] says
+        where the best validation was ("epoch 3", "iter 2000")."""
 
     # -- from a weights file: `biformer eval` and `biformer predict` --
 

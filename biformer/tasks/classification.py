@@ -112,7 +112,7 @@ class ClassificationTask(Task):
         return {"crop_pct": splits.crop_pct}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
-        return f"final validation top-1: {row['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']})"
+        return f"final validation top-1: {row['val_top1']:.2f}% (best {best['val_top1']:.2f}% at {best['at']})"
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return timm.create_model(model_name, num_classes=len(metadata["classes"]), **metadata.get("model_kwargs", {}))

@@ -113,8 +113,8 @@ class DetectionTask(Task):
         return {"category_ids": list(splits.category_ids)}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
-        text = (f"final validation box AP: {row['val_bbox_ap']:.2f}% (best {best['val_bbox_ap']:.2f}% at epoch "
-                f"{best['epoch']}), AP50 {row['val_bbox_ap50']:.2f}%")
+        text = (f"final validation box AP: {row['val_bbox_ap']:.2f}% (best {best['val_bbox_ap']:.2f}% at "
+                f"{best['at']}), AP50 {row['val_bbox_ap50']:.2f}%")
         if self.with_masks:
             text += f"; mask AP {row['val_segm_ap']:.2f}%, AP50 {row['val_segm_ap50']:.2f}%"
         return text

@@ -121,8 +121,8 @@ class SegmentationTask(Task):
         return {}
 
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
-        return (f"final validation mIoU: {row['val_miou']:.2f}% (best {best['val_miou']:.2f}% at epoch "
-                f"{best['epoch']}), aAcc {row['val_aacc']:.2f}%\n" + iou_table(classes, row["val_class_iou"]))
+        return (f"final validation mIoU: {row['val_miou']:.2f}% (best {best['val_miou']:.2f}% at "
+                f"{best['at']}), aAcc {row['val_aacc']:.2f}%\n" + iou_table(classes, row["val_class_iou"]))
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_segmentation_model(model_name, len(metadata["classes"]))

@@ -229,7 +229,7 @@ class Progress:
         self.history.append(row)
         value, best = row[self.metric], self.best.get(self.metric)
         if not self.best or (not math.isnan(value) and (math.isnan(best) or value > best)):
-            self.best = {self.metric: value, self.unit: row[self.unit]}
+            self.best = {self.metric: value, self.unit: row[self.unit], "at": f"{self.unit} {row[self.unit]}"}
 
 
 @dataclass
