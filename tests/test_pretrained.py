@@ -13,12 +13,12 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_data import make_mask_folder
 
 from biformer.checkpoints.loading import load_pretrained_classifier
 from biformer.checkpoints.original import to_original_state_dict
 from biformer.checkpoints.weights import read_metadata
 from biformer.cli import main
-from tiny_data import make_mask_folder
 
 TINY = ["--img-size", "32", "--no-tensorboard", "--warmup-epochs", "0", "--epochs", "1", "--batch-size", "4"]
 

@@ -5,9 +5,7 @@ configs' weight-decay rules, and an uninterrupted run or a run without accumulat
 """
 import csv
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from biformer.cli import build_parser, main
 from biformer.commands.train import config_from_args
-from biformer.recipes import apply_recipe
 from biformer.config import TrainConfig
 from biformer.errors import UserError
+from biformer.recipes import apply_recipe
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]

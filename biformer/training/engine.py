@@ -35,6 +35,8 @@ from ..checkpoints.weights import cpu_state_dict, save_weights
 from ..config import TrainConfig, builtin_default, flag
 from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
+from ..optim.param_groups import ParameterGroup, parameter_groups
+from ..optim.schedule import Schedule
 from ..recipes import apply_recipe, recipe_for
 from ..runtime import (
     Dist,
@@ -46,8 +48,6 @@ from ..runtime import (
     seed_everything,
 )
 from ..tasks.base import Objective, Task, UnreadableImages, val_loader
-from ..optim.param_groups import ParameterGroup, parameter_groups
-from ..optim.schedule import Schedule
 from ..tasks.registry import task_for_model
 from . import run_folder
 from .stream import RoundBatches, SeededSamples, TrainStream
