@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,12 @@ import torch.distributed as dist
 
 from .benchmarks.model import ModelEntry, bench_models
 from .checkpoints.weights import read_metadata
-from .config import TrainConfig, parse_model_kwargs
+from .config import TrainConfig, builtin_default, parse_model_kwargs
 from .errors import UserError
 from .files import atomic_output
 from .measure import format_table, write_csv
 from .models.mixers import MIXERS
+from .recipes import apply_recipe
 from .runtime import resolve_device
 from .training import run_folder
 
@@ -111,17 +112,18 @@ def train_configuration(options: AblationOptions, configuration: Configuration, 
     from .training.engine import train
 
     folder = options.output / configuration.label / f"seed{seed}"
-    config = TrainConfig(
+    config = apply_recipe(TrainConfig(
         data=options.data, model=options.model, model_kwargs=configuration.model_kwargs, epochs=options.epochs,
         img_size=options.img_size, batch_size=options.batch_size, lr=options.lr,
         warmup_epochs=options.warmup_epochs, seed=seed, output=folder, device=options.device,
         workers=options.workers, tensorboard=False, resume=(folder / run_folder.STATE).exists(),
-    )
+    ))
     settings = _json_normal(config.run_options())
+    defaults = _json_normal({spec.name: builtin_default(spec) for spec in fields(TrainConfig)})  # for newer options
     if (folder / RESULT).exists():
         result = json.loads((folder / RESULT).read_text())
-        if result["settings"] != settings:
-            changed = sorted(key for key in settings if result["settings"].get(key) != settings[key])
+        changed = sorted(key for key in settings if result["settings"].get(key, defaults.get(key)) != settings[key])
+        if changed:
             raise UserError(f"{folder} holds a finished run with other settings ({', '.join(changed)}); "
                             "use the same settings, or another --output")
         print(f"{configuration.label} seed {seed}: done before, val top-1 {result['val_top1']:.2f}%", flush=True)

@@ -5,6 +5,7 @@ configs' weight-decay rules, and an uninterrupted run or a run without accumulat
 """
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -265,3 +266,33 @@ def test_recipe_mistakes_are_one_line_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_recipes_command_lists_every_setting(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for recipe in RECIPES.values():
+        assert f"{recipe.name}: {recipe.summary}" in out
+    assert "--milestones (8, 11)" in out and "for maskrcnn: --weight-decay 0.05, --decay-rule 'mmcv'" in out
+    assert main(["recipes", "coco-2x"]) == 2
+    assert "recipe 'coco-2x' is not one of in1k, coco-1x" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_segmentation_model_trains_by_iters_under_its_recipe(tmp_path, capsys):
+    """sfpn_* under ade20k-sfpn (its default), shortened with --iters: validations by step, the recipe's schedule."""
+    out = tmp_path / "sfpn"
+    assert main(["train", "--model", "sfpn_biformer_nano", "--data", "digit-scenes", "--img-size", "64",
+                 "--batch-size", "4", "--iters", "6", "--val-every", "3", "--output", str(out), *QUIET]) == 0
+    printed = capsys.readouterr().out
+    assert "--sched          'cosine'" in printed and "recipe ade20k-sfpn" in printed
+    assert "note: recipe ade20k-sfpn trains with a global batch of 32" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in rows] == [3, 6] and all("val_miou" in row for row in rows)
+    _, schedule = read_schedule(out)
+    # mmcv's CosineAnnealing over the 6 steps, inside the recipe's 1000-step linear warm-up from 0.1
+    low = 2e-4 * 1e-8
+    expected = [(low + 0.5 * (2e-4 - low) * (1 + math.cos(math.pi * step / 6))) * (1 - (1 - step / 1000) * (1 - 0.1))
+                for step in range(6)]
+    assert len(schedule) == 6 and all(close(row["lr_group0"], lr) for row, lr in zip(schedule, expected))
+    assert rows[-1]["lr_group0"] == schedule[5]["lr_group0"]
