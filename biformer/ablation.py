@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .benchmarks.model import ModelEntry, bench_models
 from .checkpoints.weights import read_metadata
-from .config import TrainConfig, builtin_default, parse_model_kwargs
+from .config import TrainConfig, builtin_defaults, parse_model_kwargs
 from .errors import UserError
 from .files import atomic_output
 from .measure import format_table, write_csv
@@ -119,7 +119,7 @@ def train_configuration(options: AblationOptions, configuration: Configuration, 
         workers=options.workers, tensorboard=False, resume=(folder / run_folder.STATE).exists(),
     ))
     settings = _json_normal(config.run_options())
-    defaults = _json_normal({spec.name: builtin_default(spec) for spec in fields(TrainConfig)})  # for newer options
+    defaults = _json_normal(builtin_defaults())  # for options newer than the finished run
     if (folder / RESULT).exists():
         result = json.loads((folder / RESULT).read_text())
         changed = sorted(key for key in settings if result["settings"].get(key, defaults.get(key)) != settings[key])

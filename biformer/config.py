@@ -46,6 +46,11 @@ def builtin_default(spec: Any) -> Any:
     return spec.default.builtin if isinstance(spec.default, Unset) else spec.default
 
 
+def builtin_defaults() -> dict[str, Any]:
+    """Every TrainConfig option's built-in default, by field name (also the value of an option newer than a run)."""
+    return {spec.name: builtin_default(spec) for spec in fields(TrainConfig) if spec.init}
+
+
 def flag(name: str) -> str:
     """The command-line option of a field: img_size -> --img-size."""
     return "--" + name.replace("_", "-")

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TASK_TRAIN_OPTIONS, TrainConfig, builtin_default, flag
+from ..config import TASK_TRAIN_OPTIONS, TrainConfig, builtin_defaults, flag
 from ..dense.names import head_forms, is_head_model
 from ..errors import UserError
 from ..runtime import Dist
@@ -126,7 +126,7 @@ class Task(ABC):
     def check_config(self, config: TrainConfig) -> None:
         """UserError for options that make no sense for this task: by default the task-specific ones it does not
         take (a task with more rules extends this)."""
-        defaults = {spec.name: builtin_default(spec) for spec in fields(TrainConfig)}
+        defaults = builtin_defaults()
         used = [flag(name) for name in sorted(TASK_TRAIN_OPTIONS - self.train_options)
                 if getattr(config, name) != defaults[name]]
         if used:

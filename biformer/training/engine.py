@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import CheckpointReport
 from ..checkpoints.weights import cpu_state_dict, save_weights
-from ..config import TrainConfig, builtin_default, flag
+from ..config import TrainConfig, builtin_defaults, flag
 from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
 from ..optim.param_groups import ParameterGroup, parameter_groups
 from ..optim.schedule import Schedule
-from ..recipes import apply_recipe, recipe_for
+from ..recipes import Recipe, apply_recipe, recipe_for
 from ..runtime import (
     Dist,
     all_reduce_sum,
@@ -94,7 +94,7 @@ class Plan:
     @property
     def length(self) -> int:
         """The run's length in its unit."""
-        return self.total_steps if self.by_iters else self.total_steps // self.steps_per_epoch
+        return self.count(self.total_steps)
 
     def count(self, step: int) -> int:
         """Steps done, in the run's unit."""
@@ -131,11 +131,10 @@ def pretrained_report(model: nn.Module) -> CheckpointReport | None:
                  if getattr(module, "checkpoint_report", None) is not None), None)
 
 
-def peak_lr(config: TrainConfig, global_batch: int) -> float:
+def peak_lr(config: TrainConfig, recipe: Recipe | None, global_batch: int) -> float:
     """--lr, scaled by the global batch over the recipe's with --scale-lr."""
     if not config.scale_lr:
         return config.lr
-    recipe = recipe_for(config.model, config.recipe)
     if recipe is None:
         raise UserError("--scale-lr scales --lr by the global batch over the recipe's: give --recipe, or leave "
                         "--scale-lr out")
@@ -297,14 +296,15 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
-    schedule = build_schedule(config, plan, peak_lr(config, stream.global_batch))
+    recipe = recipe_for(config.model, config.recipe)
+    schedule = build_schedule(config, plan, peak_lr(config, recipe, stream.global_batch))
     model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
     optimization = build_optimization(model, config, schedule, amp, env)
     if env.main:
         output_folder(config.output, "--output")
         remove_stale_temporaries(config.output)  # left by a process killed while it saved
-        summary = run_summary(config, env, stream, plan, optimization)
+        summary = run_summary(config, recipe, env, stream, plan, optimization)
         run_folder.write_config(config.output, summary)
         run_folder.write_schedule(config.output, schedule, plan.steps_per_epoch, optimization.groups)
         print(options_table(config, summary), flush=True)
@@ -320,10 +320,9 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     return run, progress
 
 
-def run_summary(config: TrainConfig, env: Dist, stream: TrainStream, plan: Plan,
+def run_summary(config: TrainConfig, recipe: Recipe | None, env: Dist, stream: TrainStream, plan: Plan,
                 optimization: Optimization) -> dict[str, Any]:
     """config.json: every option with its value and source, and what the options come to."""
-    recipe = recipe_for(config.model, config.recipe)
     return {
         "options": {spec.name: {"value": _plain(getattr(config, spec.name)), "source": config.sources[spec.name]}
                     for spec in fields(config) if spec.init},
@@ -375,7 +374,7 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
         raise UserError(f"--output {str(config.output)!r} already holds a training run ({done}); "
                         "pass --resume to continue it, or choose another --output")
     saved, current = state["config"], run_options(config, env)
-    defaults = {spec.name: builtin_default(spec) for spec in fields(TrainConfig)}  # for options newer than the run
+    defaults = builtin_defaults()  # for options newer than the run
     changed = [f"{flag(k) if k != 'world_size' else 'number of processes'} {saved.get(k, defaults.get(k))!r} -> "
                f"{current[k]!r}" for k in current if saved.get(k, defaults.get(k)) != current[k]]
     if changed:
