@@ -1,5 +1,6 @@
 """The README's digit-scenes detection table from `biformer train` output folders: per model, the median and
-range (min-max) over its runs (one per seed) of the last epoch's COCO AP.
+range (min-max) over its runs (one per seed) of the last epoch's COCO AP; runs started with --pretrained form a
+row of their own.
 
 Usage: python tools/detection_table.py RUN_DIR [RUN_DIR ...]
 """
@@ -24,10 +25,14 @@ def spread(values: list[float]) -> str:
 
 
 def main(folders: list[str]) -> None:
-    runs = defaultdict(list)  # model -> the last metrics row of each run
+    runs = defaultdict(list)  # model (and start) -> the last metrics row of each run
     for folder in map(Path, folders):
         last = (folder / "metrics.jsonl").read_text().splitlines()[-1]
-        runs[read_metadata(folder / "last.safetensors")["model"]].append(json.loads(last))
+        model = read_metadata(folder / "last.safetensors")["model"]
+        config = folder / "config.json"
+        if config.exists() and json.loads(config.read_text())["options"].get("pretrained", {}).get("value"):
+            model += " (pretrained)"
+        runs[model].append(json.loads(last))
     print(f"| model | runs | {' | '.join(COLUMNS.values())} |")
     print("| --- " * (len(COLUMNS) + 2) + "|")
     for model, rows in runs.items():
