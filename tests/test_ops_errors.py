@@ -58,7 +58,7 @@ def test_available_backends_are_those_that_can_run(monkeypatch):
     from biformer.ops.backends import flex
 
     # in dispatch priority order
-    everywhere = ["flex"] * (flex.CPU_KERNEL_MISSING is None) + ["dense", "indexed", "reference", "original"]
+    everywhere = ["flex"] * (flex.CPU_KERNEL_MISSING is None) + ["dense", "indexed", "reference", "portable", "original"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert available_backends() == everywhere

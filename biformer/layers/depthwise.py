@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .exporting import is_exporting
 from .inplace import autograd_records
 
 FAST_WEIGHT_GRAD_WIDTH = 3  # widest depthwise kernel oneDNN's weight-gradient kernel serves fast
@@ -81,6 +82,7 @@ class DepthwiseConv2d(nn.Conv2d):
             x.device.type == "cpu"
             and self.kernel_size[1] > FAST_WEIGHT_GRAD_WIDTH
             and autograd_records(self.weight)
+            and not is_exporting()
         )
         if not sliced:
             return super().forward(x)

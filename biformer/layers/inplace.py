@@ -4,9 +4,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .exporting import is_exporting
+
 
 def autograd_records(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def overwrites(*tensors: Tensor) -> bool:
+    """Whether an op may overwrite its inputs: where autograd records nothing, and not under an exporter or
+    tracer (an exported graph is a function of its inputs; a trace must record the same ops however it runs)."""
+    return not (autograd_records(*tensors) or is_exporting())
 
 
 def add_into(fresh: Tensor, other: Tensor) -> Tensor:
@@ -17,7 +25,7 @@ def add_into(fresh: Tensor, other: Tensor) -> Tensor:
     conv output, a linear's reshaped output) would cost two extra copies in the backward.
     """
     rounds_down = torch.promote_types(fresh.dtype, other.dtype) != fresh.dtype  # `fresh` too narrow for the sum
-    if autograd_records(fresh, other) or rounds_down:
+    if not overwrites(fresh, other) or rounds_down:
         return fresh + other
     return fresh.add_(other)
 
@@ -27,6 +35,6 @@ class InplaceGELU(nn.GELU):
     holds (a linear's or a norm's fresh output), such as the MLP's hidden layer, a block's largest tensor."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if autograd_records(x):
+        if not overwrites(x):
             return super().forward(x)
         return torch.ops.aten.gelu_(x, approximate=self.approximate)

@@ -1,21 +1,27 @@
 """Bi-Level Routing Attention as a function of q, k, v."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
+from ..layers.exporting import traced_as_int
 from .backends import select_backend
 from .backends.inputs import RoutedAttentionInputs
 from .regions import RegionGrid, Routing, padding_mode, route
 
 
+def _is_size(n: object) -> bool:
+    """An int, or a symbolic one (torch.export's sizes)."""
+    return isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool)
+
+
 def _as_pair(n_win: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(n_win, int) and not isinstance(n_win, bool):
+    if _is_size(n_win):
         return n_win, n_win
-    if isinstance(n_win, Sequence) and len(n_win) == 2 and all(isinstance(n, int) for n in n_win):
-        return int(n_win[0]), int(n_win[1])
+    if isinstance(n_win, Sequence) and len(n_win) == 2 and all(_is_size(n) for n in n_win):
+        return n_win[0], n_win[1]
     raise ValueError(f"n_win must be an int or a (rows, cols) pair of ints, got {n_win!r}")
 
 
@@ -23,19 +29,32 @@ def region_grid(height: int, width: int, n_win: int | Sequence[int], padding: st
     """The region grid BRA uses for an H x W map in padding mode `padding` (see
     `biformer.ops.regions.PADDING_MODES`); ValueError if n_win does not fit the map."""
     rows, cols = _as_pair(n_win)
-    if rows < 1 or cols < 1:
-        raise ValueError(f"n_win must be positive, got {n_win!r}")
-    if rows > height or cols > width:
-        raise ValueError(
-            f"n_win={n_win!r} asks for more regions per side than the {height}x{width} map has tokens; "
-            f"use n_win <= ({height}, {width})"
-        )
+    if all(isinstance(n, int) for n in (rows, cols, height, width)):  # symbolic sizes: the caller clamped them
+        if rows < 1 or cols < 1:
+            raise ValueError(f"n_win must be positive, got {n_win!r}")
+        if rows > height or cols > width:
+            raise ValueError(
+                f"n_win={n_win!r} asks for more regions per side than the {height}x{width} map has tokens; "
+                f"use n_win <= ({height}, {width})"
+            )
+    # ceilings as (a + b - 1) // b: exact and symbolic for torch.export's sizes, and of non-negative operands,
+    # where ONNX's truncating integer division agrees with floor division
     if padding_mode(padding).floor_regions:  # as many floor-sized regions as cover the map
         region_h, region_w = height // rows, width // cols
-        rows, cols = math.ceil(height / region_h), math.ceil(width / region_w)
+        rows, cols = (height + region_h - 1) // region_h, (width + region_w - 1) // region_w
     else:
-        region_h, region_w = math.ceil(height / rows), math.ceil(width / cols)
+        region_h, region_w = (height + rows - 1) // rows, (width + cols - 1) // cols
     return RegionGrid(height=height, width=width, rows=rows, cols=cols, region_h=region_h, region_w=region_w)
+
+
+def _check_topk(topk: int, grid: RegionGrid) -> None:
+    """ValueError unless 1 <= topk <= the region count (asked of plain ints only: a symbolic topk is the caller's
+    clamp of one, and asking would put a guard into an exported graph)."""
+    checkable = isinstance(topk, int) and isinstance(grid.num_regions, int)
+    if not _is_size(topk) or (checkable and not 1 <= topk <= grid.num_regions):
+        raise ValueError(
+            f"topk must be an int in [1, {grid.num_regions}] (the number of regions, {grid.rows}x{grid.cols}), got {topk!r}"
+        )
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -131,12 +150,9 @@ def bi_level_routing_attention(
     """
     _check_inputs(q, k, v)
     mode = padding_mode(padding)
-    batch, height, width, heads, head_dim = q.shape
+    height, width, head_dim = traced_as_int(q.shape[1]), traced_as_int(q.shape[2]), traced_as_int(q.shape[-1])
     grid = region_grid(height, width, n_win, padding)
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= grid.num_regions:
-        raise ValueError(
-            f"topk must be an int in [1, {grid.num_regions}] (the number of regions, {grid.rows}x{grid.cols}), got {topk!r}"
-        )
+    _check_topk(topk, grid)
     if scale is None:
         scale = head_dim**-0.5
     routing = route(q, k, grid, topk, scale, mode.mask_routing)

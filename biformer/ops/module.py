@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.depthwise import DepthwiseConv2d
+from ..layers.exporting import traced_as_int
 from ..layers.inplace import add_into
 from .backends import check_backend_name
 from .functional import bi_level_routing_attention
@@ -106,8 +108,8 @@ class BiLevelRoutingAttention(nn.Module):
     def regions_per_side(self, height: int, width: int) -> tuple[int, int]:
         """The region grid of an H x W map: n_win, at most the map's size; with region_size, what that size needs."""
         if self.region_size is not None:
-            return -(-height // self.region_size), -(-width // self.region_size)
-        return min(self.n_win[0], height), min(self.n_win[1], width)
+            return (height + self.region_size - 1) // self.region_size, (width + self.region_size - 1) // self.region_size
+        return torch.sym_min(self.n_win[0], height), torch.sym_min(self.n_win[1], width)  # no guard on export
 
     def forward(self, x: Tensor) -> Tensor:
         channel_axis = -1 if self.channels_last else 1
@@ -116,9 +118,9 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"expected a {layout} input with C={self.dim} channels, got shape {tuple(x.shape)}")
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        batch, height, width, channels = x.shape
+        height, width = traced_as_int(x.shape[1]), traced_as_int(x.shape[2])
         n_win = self.regions_per_side(height, width)
-        topk = min(self.topk, n_win[0] * n_win[1])
+        topk = torch.sym_min(self.topk, n_win[0] * n_win[1])
         if self.padding == "legacy":
             # the original pads the normalised tokens before the projection: padded q/k/v are the biases
             pad_bottom, pad_right = -height % n_win[0], -width % n_win[1]
@@ -134,7 +136,7 @@ class BiLevelRoutingAttention(nn.Module):
         out = out.flatten(3)
         if self.lepe is not None:  # into the conv's output, never `out`: a backend may keep it for its backward
             out = add_into(self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
-        out = self.proj(out)[:, :height, :width]
+        out = self.proj(out).narrow(1, 0, height).narrow(2, 0, width)  # drop the "legacy" mode's padding
         return out if self.channels_last else out.permute(0, 3, 1, 2)
 
 

@@ -5,6 +5,7 @@ R regions (rows*cols), T tokens per region (region_h*region_w), K routed regions
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from ..layers.exporting import is_exporting, known_zero
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,19 @@ class RegionGrid:
 
     @property
     def is_padded(self) -> bool:
-        return self.padded_height != self.height or self.padded_width != self.width
+        """Whether the map needs padding; True for symbolic sizes that may need it (an exported graph pads)."""
+        return not (known_zero(self.padded_height - self.height) and known_zero(self.padded_width - self.width))
 
     def valid_tokens(self, device: torch.device | str | None = None) -> Tensor:
         """(R, T) bool: which token slots of each region lie inside the unpadded map."""
+        if is_exporting():
+            # each slot's map row and column from region and token coordinates, broadcast: no re-layout whose
+            # form depends on which (symbolic) sizes are 1, and no division (ONNX cannot take a symbolic divisor)
+            arange = functools.partial(torch.arange, device=device)
+            row = arange(self.rows)[:, None, None, None] * self.region_h + arange(self.region_h)[None, None, :, None]
+            col = arange(self.cols)[None, :, None, None] * self.region_w + arange(self.region_w)[None, None, None, :]
+            inside = (row < self.height) & (col < self.width)  # (rows, cols, region_h, region_w)
+            return inside.view(self.num_regions, self.tokens_per_region)
         rows = torch.arange(self.padded_height, device=device) < self.height
         cols = torch.arange(self.padded_width, device=device) < self.width
         valid = rows[:, None] & cols[None, :]
@@ -93,7 +105,7 @@ class RegionGrid:
     def pad(self, x: Tensor) -> Tensor:
         """(B, H, W, ...) -> (B, padded_H, padded_W, ...), zeros in the padding."""
         pad_bottom, pad_right = self.padded_height - self.height, self.padded_width - self.width
-        if not (pad_bottom or pad_right):
+        if known_zero(pad_bottom) and known_zero(pad_right):
             return x
         trailing = [0, 0] * (x.dim() - 3)
         return F.pad(x, trailing + [0, pad_right, 0, pad_bottom])
@@ -109,7 +121,12 @@ class RegionGrid:
         x = rearrange(
             x, "b (r c) (h w) ... -> b (r h) (c w) ...", r=self.rows, h=self.region_h, w=self.region_w
         )
-        return x[:, : self.height, : self.width]
+        return self.crop(x)
+
+    def crop(self, x: Tensor) -> Tensor:
+        """(B, padded_H, padded_W, ...) -> (B, H, W, ...). narrow, not a slice: an exported graph knows the
+        result's size as H itself, where a slice's is min(padded_H, H), which no later size check can match."""
+        return x.narrow(1, 0, self.height).narrow(2, 0, self.width)
 
 
 class Routing(NamedTuple):
@@ -134,6 +151,8 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
     zeros); else over all region_h*region_w slots, the padding counting as zeros.
     """
     x = x.flatten(3).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, W, C)
+    if is_exporting():
+        return _region_means_by_sums(x, grid, masked)
     if not masked:
         x = grid.pad(x)  # x itself where the map needs no padding
     # pooling the channels-last map reads each token once, without copying the map into region order;
@@ -142,6 +161,15 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
     if means.shape[-2:] != (grid.rows, grid.cols):  # no window starts beyond the map: regions of padding get zeros
         means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
     return means.flatten(2).transpose(1, 2)
+
+
+def _region_means_by_sums(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
+    """region_means of a (B, H, W, C) map as sums over its region-major view, divided by the tokens counted:
+    in an exported graph the region size follows the input's, and ONNX's AvgPool needs a fixed window."""
+    batch, channels = x.shape[0], x.shape[-1]
+    sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, channels).sum((2, 4))
+    counted = grid.valid_tokens(x.device) if masked else torch.ones_like(grid.valid_tokens(x.device))  # (R, T)
+    return sums.flatten(1, 2) / counted.sum(-1).clamp(min=1).to(x.dtype)[:, None]
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:

@@ -20,7 +20,8 @@ run and is fast for the inputs, else the first one that can run.
 
 The backends: "triton" (fused Triton kernels, CUDA), "flex" (the routing as a BlockMask for torch's
 compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a region-block bias),
-"indexed" (chunked gather-free attention, custom ops), "reference" (the specification), "original"
+"indexed" (chunked gather-free attention, custom ops), "reference" (the specification), "portable" (the
+reference's algorithm in ops that export at any input size; what dispatch runs under an exporter), "original"
 (the original release's algorithm, a benchmark baseline).
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import dense, flex, indexed, original, reference, triton_attention
+from ...layers.exporting import is_exporting
+from . import dense, flex, indexed, original, portable, reference, triton_attention
 from .inputs import RoutedAttentionInputs
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,15 @@ def _is_available(backend: Backend) -> bool:
 # Priority order, best first: the fused Triton kernels on CUDA; torch's block-sparse flex_attention
 # (compiled; on CUDA, and on CPU only forced: it has no CPU backward and was slower there); dense attention
 # with a block mask where the map is small next to the routed keys; the gather-free indexed backend; the
-# reference; the original release's algorithm, a benchmark baseline that dispatch never reaches.
+# reference; the portable formulation, which dispatch takes only under an exporter; the original release's
+# algorithm, a benchmark baseline that dispatch never reaches.
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (triton_attention, flex, dense, indexed, reference, original)
+    backend.name: backend for backend in (triton_attention, flex, dense, indexed, reference, portable, original)
 }
+
+
+# What automatic dispatch runs under an exporter or tracer (see `biformer.ops.exporting`).
+EXPORT_BACKEND: Backend = portable
 
 
 def available_backends() -> list[str]:
@@ -89,6 +96,8 @@ def select_backend(requested: str | None, inputs: RoutedAttentionInputs) -> Back
         if reasons:
             raise ValueError(f"backend={requested!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
+    if is_exporting():  # plain ops whose sizes follow the input's, chosen without asking a symbolic size
+        return EXPORT_BACKEND
     runnable = []
     for name, backend in BACKENDS.items():
         reasons = _unsupported_reasons(backend, inputs)

@@ -67,4 +67,4 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     bias = region_block_bias(indices, grid, masked, q.dtype)[:, None]  # (B, 1, N, N), shared by the heads
     out = scaled_dot_product_attention(q_map, k_map, v_map, attn_mask=bias, scale=scale)
     out = rearrange(out, "b m (h w) d -> b h w m d", h=grid.padded_height)
-    return out[:, : grid.height, : grid.width]
+    return grid.crop(out)

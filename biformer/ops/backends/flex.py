@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
-from ._export import exporting_reasons
 from .inputs import RoutedAttentionInputs
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
 from ...layers.sdpa import HALF_DTYPES
-from ._export import exporting_reasons
 from .inputs import RoutedAttentionInputs
 
 name = "indexed"
@@ -53,7 +53,7 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     out, _ = torch.ops.biformer.indexed_attention(
         grid.pad(q), grid.pad(k), grid.pad(v), indices, grid.region_h, grid.region_w, bias, scale, train, keep_probs
     )
-    return out[:, : grid.height, : grid.width]
+    return grid.crop(out)
 
 
 def _compute_dtype(dtype: torch.dtype, train: bool) -> torch.dtype:

@@ -21,8 +21,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
-from ._export import exporting_reasons
 from .inputs import RoutedAttentionInputs
 
 name = "triton"

@@ -1,0 +1,35 @@
+"""Exporters and tracers: when BRA runs under one, and what that asks of its sizes.
+
+torch.export (and the dynamo ONNX exporter) see sizes as symbols and keep only standard aten ops;
+torch.jit.trace (and the TorchScript ONNX exporter, which traces) records sizes as 0-d tensors and
+bakes Python arithmetic on them into constants. Custom-op backends cannot run under either.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+def is_exporting() -> bool:
+    """True under torch.export, either ONNX exporter or torch.jit.trace/script."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def exporting_reasons() -> list[str]:
+    """Why a custom-op backend cannot run now: an exporter would keep the op opaque, and ONNX has no
+    translation for it (under export, dispatch takes the plain-op formulation)."""
+    if is_exporting():
+        return ["an exporter or tracer is running, and this backend's custom op has no ONNX translation"]
+    return []
+
+
+def known_zero(value: int | torch.SymInt) -> bool:
+    """Whether `value` is 0 for every input size, asked without adding a guard: a symbolic size that may be
+    0 or not is taken as possibly non-zero, so that the exported graph handles both."""
+    return statically_known_true(value == 0)
+
+
+def traced_as_int(size: int | torch.SymInt | torch.Tensor) -> int | torch.SymInt:
+    """A size as an int where torch.jit.trace made it a 0-d tensor: Python arithmetic on a traced size is baked
+    into the trace anyway, so a traced model is fixed to the traced input's size (torch.export's are not)."""
+    return int(size) if isinstance(size, torch.Tensor) else size
