@@ -1,9 +1,10 @@
-"""Exported models: torch.export programs and ONNX files, at a fixed input size or with batch, height and width free.
+"""Exported models: ONNX files at a fixed input size or with height and width free.
 
 Under every exporter and tracer, BRA runs its portable formulation (`biformer.ops.backends.portable`), whose
-region grid follows the input's size inside the graph. Two torch.export settings make one graph serve every size:
-size-oblivious reasoning about backed sizes (a symbolic size is not asked whether it is 0 or 1) and guards that
-become runtime asserts instead of errors (the asserts it keeps hold for every size in range).
+region grid follows the input's size inside the graph. Two settings of torch.export, which the dynamo ONNX
+exporter runs, make one graph serve every size: size-oblivious reasoning about backed sizes (a symbolic size is
+not asked whether it is 0 or 1) and guards that become runtime asserts instead of errors (the asserts it keeps
+hold for every size in range).
 """
 from __future__ import annotations
 
@@ -29,16 +30,11 @@ def dynamic_shapes() -> tuple[dict[int, torch.export.Dim], ...]:
 
 
 @contextlib.contextmanager
-def _one_graph_for_every_size() -> Iterator[None]:
+def one_graph_for_every_size() -> Iterator[None]:
+    """Inside: torch.export reasons about sizes size-obliviously (pass it
+    prefer_deferred_runtime_asserts_over_guards=True as well; the ONNX exporter does)."""
     with fx_config.patch(backed_size_oblivious=True):
         yield
-
-
-def export_program(model: nn.Module, example: Tensor, *, dynamic: bool) -> torch.export.ExportedProgram:
-    """torch.export of `model` at `example`'s size, or (dynamic) at any size from MIN_SIDE up."""
-    with _one_graph_for_every_size():
-        return torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic_shapes() if dynamic else None,
-                                   prefer_deferred_runtime_asserts_over_guards=dynamic)
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Path, *, dynamic: bool = False, legacy: bool = False,
@@ -54,7 +50,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, *, dynamic: bool 
             torch.onnx.export(model, (example,), str(partial), dynamo=False, input_names=["images"],
                               output_names=["output"], opset_version=opset)
         else:
-            with _one_graph_for_every_size():
-                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                            dynamic_shapes=dynamic_shapes() if dynamic else None, input_names=["images"])
+            with one_graph_for_every_size():
+                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                                            dynamic_shapes=dynamic_shapes() if dynamic else None)
             program.save(str(partial))

@@ -1,6 +1,7 @@
-"""Exported BiFormer equals eager PyTorch: torch.jit.trace, both ONNX exporters (run by ONNX Runtime) and
-torch.export, at the export size and, for the dynamic exports, at other sizes: maps smaller than n_win (160 px:
-the third stage's 10x10 map has 7x7 regions, some of one token) and sides not divisible by 32 (200x296)."""
+"""Exported BiFormer equals eager PyTorch: torch.jit.trace and both ONNX exporters (run by ONNX Runtime) at the
+export size, and the dynamic exports (dynamo ONNX for the model, torch.export for one BRA layer) at other sizes:
+padded maps (160 px: the third stage's 10x10 map in 7x7 regions of 2x2), sides not divisible by 32 (200x296) and
+maps smaller than n_win (96x128: the third stage's 6x8 map in 6x7 regions)."""
 from __future__ import annotations
 
 import warnings
@@ -11,14 +12,14 @@ import timm
 import torch
 
 import biformer.models  # noqa: F401  (registers the models with timm)
-from biformer.export import _one_graph_for_every_size, export_onnx
+from biformer.export import export_onnx, one_graph_for_every_size
 from biformer.ops import BiLevelRoutingAttention
 
 ort = pytest.importorskip("onnxruntime")
 
 TOLERANCE = 1e-4  # max abs, float32
 EXPORT_SIZE = (224, 224)
-OTHER_SIZES = [(160, 160), (200, 296)]
+OTHER_SIZES = [(160, 160), (200, 296), (96, 128)]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_bra_layer_exports_one_graph_for_every_map(padding):
     torch.manual_seed(0)
     layer = BiLevelRoutingAttention(32, 2, 7, 4, padding=padding).eval()
     height, width = torch.export.Dim("height", min=2, max=256), torch.export.Dim("width", min=2, max=256)
-    with _one_graph_for_every_size():
+    with one_graph_for_every_size():
         program = torch.export.export(layer, (torch.randn(2, 14, 14, 32),), dynamic_shapes=({1: height, 2: width},),
                                       prefer_deferred_runtime_asserts_over_guards=True)
     exported = program.module()

@@ -108,7 +108,8 @@ class BiLevelRoutingAttention(nn.Module):
     def regions_per_side(self, height: int, width: int) -> tuple[int, int]:
         """The region grid of an H x W map: n_win, at most the map's size; with region_size, what that size needs."""
         if self.region_size is not None:
-            return (height + self.region_size - 1) // self.region_size, (width + self.region_size - 1) // self.region_size
+            size = self.region_size
+            return (height + size - 1) // size, (width + size - 1) // size
         return torch.sym_min(self.n_win[0], height), torch.sym_min(self.n_win[1], width)  # no guard on export
 
     def forward(self, x: Tensor) -> Tensor:

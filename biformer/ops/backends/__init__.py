@@ -59,7 +59,7 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-# What automatic dispatch runs under an exporter or tracer (see `biformer.ops.exporting`).
+# What automatic dispatch runs under an exporter or tracer (see `biformer.layers.exporting`).
 EXPORT_BACKEND: Backend = portable
 
 

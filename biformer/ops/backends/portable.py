@@ -59,7 +59,8 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
 
     # matmuls and a softmax, not SDPA: SDPA's decomposition broadcasts the key mask over the T query rows
     # in a way that asks whether T is 1
-    logits = (q_regions.view(batch * num_regions, heads, tokens, q.shape[-1]) * scale) @ routed(k_regions).transpose(-1, -2)
+    q_rows = q_regions.view(batch * num_regions, heads, tokens, q.shape[-1])  # (P, M, T, D)
+    logits = (q_rows * scale) @ routed(k_regions).transpose(-1, -2)
     if masked and grid.is_padded:  # (P, M, T, K*T)
         key_valid = grid.valid_tokens(q.device)[indices].view(batch * num_regions, 1, 1, topk * tokens)
         logits = logits.masked_fill(~key_valid, float("-inf"))
