@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import pytest
 import torch
 
+from biformer.layers.exporting import is_exporting
 from biformer.ops import bi_level_routing_attention
 from biformer.ops.backends import BACKENDS, select_backend
 from biformer.ops.backends.inputs import RoutedAttentionInputs
@@ -326,11 +327,28 @@ def test_triton_auto_selected_on_cuda_and_compiles(target):
 
 
 def test_custom_op_backends_step_aside_for_export(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True, raising=False)  # what torch.export sets
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert _selected_on(1, 56, 2, 32, 7, 1) == "portable"  # indexed otherwise (see above)
     q = torch.zeros(1, 8, 8, 1, 8)
     with pytest.raises(ValueError, match="backend='indexed' cannot run.*ONNX"):
         bi_level_routing_attention(q, q, q, 4, 2, backend="indexed")
+
+
+def test_compile_is_not_export(monkeypatch):
+    """torch <= 2.11's dynamo answers torch.compiler.is_exporting() with True inside any torch.compile (the
+    Triton backend then refused a compiled model on an H200); torch.export's own flag decides instead."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # as dynamo 2.11 folds it
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", False, raising=False)
+    assert _selected_on(1, 56, 2, 32, 7, 1) == "indexed"
+
+    class Exporting(torch.nn.Module):
+        def forward(self, x):
+            return x + is_exporting()
+
+    monkeypatch.undo()
+    assert torch.compile(Exporting(), fullgraph=True, backend="eager")(torch.zeros(1)).item() == 0
+    assert torch.export.export(Exporting(), (torch.zeros(1),)).module()(torch.zeros(1)).item() == 1
 
 
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):
@@ -356,3 +374,20 @@ def test_triton_kernels_in_interpreter(tmp_path):
     suite = ElementTree.parse(report).getroot().find("testsuite")
     ran, skipped = int(suite.get("tests")), int(suite.get("skipped"))
     assert ran > 0 and skipped == 0, f"the child reported {ran} tests, {skipped} of them skipped:\n" + result.stdout[-2000:]
+
+
+def test_inverse_routing_lists_the_query_regions_of_each_key_region():
+    """The Triton backward's CSR against the definition: key region j of batch b is routed to by exactly the
+    query regions r with j in indices[b, r], in ascending order."""
+    from biformer.ops.backends.triton_attention import inverse_routing
+
+    generator = torch.Generator().manual_seed(0)
+    batch, regions, topk = 3, 9, 4
+    indices = torch.stack([torch.randperm(regions, generator=generator)[:topk] for _ in range(batch * regions)])
+    indices = indices.view(batch, regions, topk)
+    routed_by, start = inverse_routing(indices, regions)
+    assert start.shape == (batch * regions + 1,) and start[-1] == routed_by.numel() == batch * regions * topk
+    for b in range(batch):
+        for j in range(regions):
+            want = [r for r in range(regions) if j in indices[b, r].tolist()]
+            assert routed_by[start[b * regions + j]:start[b * regions + j + 1]].tolist() == want

@@ -239,14 +239,16 @@ def test_cuda_half_precision_outputs_and_gradients(dtype):
         torch.testing.assert_close(a.float(), b, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
 
 
-@pytest.mark.gpu
-def test_cuda_auto_dispatch_may_take_flex():
-    """Without gradients or with them, flex is runnable and claims to be fast on CUDA."""
-    grid = region_grid(28, 28, 7)
-    for grad in (False, True):
-        q = torch.zeros(2, 28, 28, 2, 32, device="cuda", requires_grad=grad)
-        assert not flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 4, True))
-        assert flex.is_fast_for(RoutedAttentionInputs.of(q, q, q, grid, 4, True))
+@pytest.mark.parametrize("grad", [False, True])
+def test_never_auto_selected_where_it_claims_to_be_fast(monkeypatch, grad):
+    """Opt-in until a GPU run passes: dispatch skips flex even where it is runnable and fast (as on CUDA),
+    on a device the test fakes by making flex claim it and every backend before it step aside."""
+    monkeypatch.setattr(flex, "not_supported_reasons", lambda inputs: [])
+    monkeypatch.setattr(flex, "is_fast_for", lambda inputs: True)
+    monkeypatch.setattr(BACKENDS["triton"], "is_available", lambda: False)
+    q = torch.zeros(2, 28, 28, 2, 32, requires_grad=grad)
+    assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)).name != "flex"
+    assert select_backend("flex", RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)) is flex
 
 
 @pytest.mark.gpu

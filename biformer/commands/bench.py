@@ -1,9 +1,11 @@
-"""`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), the process
-memory of segmentation models (`segmentation`), and the memory and speed of detection models (`detection`)."""
+"""`biformer bench`: speed and memory of the BRA backends (`op`), of whole models (`model`), the CUDA work of
+whole models counted without a GPU (`trace`), the process memory of segmentation models (`segmentation`), and
+the memory and speed of detection models (`detection`)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from typing import Iterator
 
@@ -11,6 +13,7 @@ import torch
 
 from ..benchmarks import detection as detection_bench
 from ..benchmarks import segmentation as segmentation_bench
+from ..benchmarks import trace as trace_bench
 from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
 from ..benchmarks.model import (
     DEFAULT_MODELS,
@@ -22,7 +25,7 @@ from ..benchmarks.model import (
 from ..benchmarks.op import AUTO, OpShape, bench_op, stage_shapes
 from ..benchmarks.op import COLUMNS as OP_COLUMNS
 from ..errors import UserError
-from ..files import check_writable
+from ..files import atomic_output, check_writable
 from ..measure import format_table, write_csv
 from ..ops.backends import BACKENDS
 
@@ -72,8 +75,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="MODEL,GMACS table (multiply-adds per image) to use instead of counting")
     _common_options(model, repeats=5)
     model.set_defaults(run=run_model)
+    _register_trace(kinds)
     _register_segmentation(kinds)
     _register_detection(kinds)
+
+
+def _register_trace(kinds: argparse._SubParsersAction) -> None:
+    trace = kinds.add_parser(
+        "trace", help="the CUDA work of whole models, counted without a GPU: launches, bytes, FLOPs, host syncs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Runs each model on fake CUDA tensors (no GPU needed; nothing is timed) under the autocast of "
+                    "--dtype and counts, in total and per category (routing, attention, casts, module classes): "
+                    "kernel launches, bytes read and written, FLOPs and host synchronisations. See "
+                    "biformer.benchmarks.trace for the counting rules. A model may be written MODEL[:backend=NAME].",
+    )
+    trace.add_argument("models", nargs="*", metavar="MODEL",
+                       help="timm model names (default: biformer_small swin_tiny_patch4_window7_224)")
+    trace.add_argument("--mode", nargs="+", choices=trace_bench.MODES, default=list(trace_bench.MODES),
+                       help="inference forward and/or training step (forward, cross-entropy, backward, SGD step)")
+    trace.add_argument("--batch", type=int, default=128)
+    trace.add_argument("--img-size", type=int, default=224)
+    trace.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="autocast dtype (float32: none)")
+    trace.add_argument("--unfused-sdpa", action="store_true",
+                       help="count scaled_dot_product_attention as its math decomposition, not one fused kernel")
+    trace.add_argument("--json", default=None, metavar="PATH", help="write every trace (categories, ops) as JSON")
+    trace.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    trace.set_defaults(run=run_trace)
 
 
 def _register_segmentation(kinds: argparse._SubParsersAction) -> None:
@@ -218,6 +245,38 @@ def run_model(args: argparse.Namespace) -> int:
     _report(rows, MODEL_COLUMNS, args.csv,
             f"models at {args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
             f"{threads} threads, median of {args.repeats} interleaved rounds")
+    return 0
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.img_size < 32:
+        raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    for option in ("json", "csv"):
+        if getattr(args, option):
+            check_writable(getattr(args, option), f"--{option}")
+    try:
+        entries = [ModelEntry.parse(text) for text in args.models or trace_bench.DEFAULT_MODELS]
+        models = build_models(entries, torch.device("cpu"))
+    except (ValueError, OSError) as error:
+        raise UserError(str(error)) from None
+    rows, traces = [], {}
+    for entry, model in models.items():
+        for mode in args.mode:
+            trace = trace_bench.trace_model(model, mode, args.batch, args.img_size, getattr(torch, args.dtype),
+                                            entry.backend, fused_sdpa=not args.unfused_sdpa)
+            rows.append(trace_bench.summary_row(entry.label, mode, trace, trace_bench.bra_layers(model)))
+            traces[f"{entry.label} {mode}"] = trace_bench.as_json(trace)
+    _report(rows, trace_bench.COLUMNS, args.csv,
+            f"CUDA work traced on fake tensors (no GPU, nothing timed): {args.img_size}x{args.img_size}, batch "
+            f"{args.batch}, {args.dtype} autocast; GB read+written, GFLOP = 1e9 floating-point operations")
+    if args.json:
+        settings = {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype,
+                    "fused_sdpa": not args.unfused_sdpa}
+        with atomic_output(args.json) as temp:
+            temp.write_text(json.dumps({"settings": settings, "traces": traces}, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

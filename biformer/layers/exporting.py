@@ -11,8 +11,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def is_exporting() -> bool:
-    """True under torch.export, either ONNX exporter or torch.jit.trace/script."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    """True under torch.export, either ONNX exporter or torch.jit.trace/script; False under plain torch.compile."""
+    # dynamo of torch <= 2.11 folds torch.compiler.is_exporting() to True inside any torch.compile (seen on an
+    # H200 with torch 2.11: the Triton backend refused to run in a compiled model); the flag it wraps is set by
+    # torch.export (strict or not) and the dynamo ONNX exporter alone, and dynamo reads it as it is
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    exporting = torch.compiler.is_exporting() if flag is None else flag
+    return bool(exporting) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def exporting_reasons() -> list[str]:

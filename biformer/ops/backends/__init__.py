@@ -12,6 +12,7 @@ and, where it cannot run everywhere, any of
     unavailable_reason() -> str                              (why is_available() is False)
     not_supported_reasons(inputs) -> list[str]               (default []: it runs every input)
     is_fast_for(inputs) -> bool                              (default True: auto-dispatch takes it only where True)
+    AUTO_DISPATCH: bool                                      (default True; False: only when asked for by name)
 `inputs.masked`: padded keys take no part in attention (else they are attended to as zeros). The
 padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
 grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes
@@ -23,6 +24,18 @@ compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a re
 "indexed" (chunked gather-free attention, custom ops), "reference" (the specification), "portable" (the
 reference's algorithm in ops that export at any input size; what dispatch runs under an exporter), "original"
 (the original release's algorithm, a benchmark baseline).
+
+What automatic dispatch takes, and the measurements it rests on (commands in docs/results.md):
+
+| backend | auto-dispatched where | rests on |
+| --- | --- | --- |
+| triton | CUDA; in training only with regions of 16+ tokens | H100 `bench op` (stop of issue 5), H200 CUDA tests (2026-12-04) |
+| flex | never (opt-in by name) | H200, torch 2.11: 12 of 13 CUDA tests failed (inductor refuses 16-token blocks) |
+| dense | small maps next to the routed keys (CUDA: training at 2x2-token regions) | CPU `bench op`; CUDA tests (H200) |
+| indexed | CPU; CUDA where the above step aside | CPU `bench op`; CUDA tests (H200) |
+| reference | whatever is left (it runs everything) | the specification |
+| portable | under an exporter or tracer | export tests |
+| original | never (a benchmark baseline) | |
 """
 from __future__ import annotations
 
@@ -50,7 +63,7 @@ def _is_available(backend: Backend) -> bool:
 
 
 # Priority order, best first: the fused Triton kernels on CUDA; torch's block-sparse flex_attention
-# (compiled; on CUDA, and on CPU only forced: it has no CPU backward and was slower there); dense attention
+# (compiled; only forced: it failed its CUDA tests, and on CPU it has no backward and was slower); dense attention
 # with a block mask where the map is small next to the routed keys; the gather-free indexed backend; the
 # reference; the portable formulation, which dispatch takes only under an exporter; the original release's
 # algorithm, a benchmark baseline that dispatch never reaches.
@@ -100,6 +113,8 @@ def select_backend(requested: str | None, inputs: RoutedAttentionInputs) -> Back
         return EXPORT_BACKEND
     runnable = []
     for name, backend in BACKENDS.items():
+        if not getattr(backend, "AUTO_DISPATCH", True):
+            continue
         reasons = _unsupported_reasons(backend, inputs)
         if reasons:
             _debug("BRA backend %s skipped: %s", name, "; ".join(reasons))

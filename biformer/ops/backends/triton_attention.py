@@ -158,24 +158,31 @@ def _(q, k, v, indices, cols, region_h, region_w, scale, masked):
     return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
 
 
+def inverse_routing(indices: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
+    """The query regions that routed to each key region, as CSR: for batch b and key region j they are
+    routed_by[start[b*R + j] : start[b*R + j + 1]]. indices (B, R, K) -> routed_by (B*R*K,), start (B*R + 1,).
+
+    Sort and binary search only: no op reads a value back to the host (bincount does, twice per call on CUDA),
+    so a training step can run without host syncs and be captured in a CUDA graph."""
+    batch, _, topk = indices.shape
+    key_regions, order = torch.sort(indices.flatten(1), dim=1, stable=True)  # (B, R*K), each row ascending
+    routed_by = (order // topk).flatten()
+    bounds = torch.arange(num_regions + 1, device=indices.device, dtype=key_regions.dtype).expand(batch, -1)
+    start = torch.searchsorted(key_regions, bounds.contiguous())  # (B, R+1): row offsets of each key region
+    start = start + key_regions.shape[1] * torch.arange(batch, device=indices.device)[:, None]
+    # row b's end offset (its column R) equals row b+1's start: keep it for the last row only
+    return routed_by, torch.cat([start[:, :-1].flatten(), start[-1:, -1]])
+
+
 @torch.library.custom_op("biformer::triton_routed_attention_backward", mutates_args=())
 def triton_routed_attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
-    cols: int, region_h: int, region_w: int, scale: float, masked: bool,
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, indices: Tensor,
+    routed_by: Tensor, start: Tensor, cols: int, region_h: int, region_w: int, scale: float, masked: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Two kernels: dq (query-centric) and dk/dv (key-centric, over `inverse_routing`'s CSR)."""
     q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
     geo = _Geometry(q, v, indices, cols, region_h, region_w)
-    # delta_i = sum_j p_ij dp_ij = dO_i . O_i, per query token and head: (B, M, H, W)
-    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
-    # inverse routing, CSR: the query regions of batch b that routed to key region j are
-    # routed_by[start[b*R + j] : start[b*R + j + 1]]
     batch, num_regions, topk = indices.shape
-    key_regions = indices.flatten(1)
-    order = torch.argsort(key_regions, dim=1, stable=True)
-    routed_by = (order // topk).flatten().contiguous()
-    counts = torch.bincount((key_regions + num_regions * torch.arange(batch, device=q.device)[:, None]).flatten(),
-                            minlength=batch * num_regions)
-    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kernels, constants = _kernels(), geo.constants(masked, q.dtype)
     kernels._routed_attention_bwd_dq[(geo.query_tiles, batch * geo.heads)](
@@ -193,7 +200,7 @@ def triton_routed_attention_backward(
 
 
 @triton_routed_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, indices, cols, region_h, region_w, scale, masked):
+def _(grad_out, q, k, v, lse, delta, indices, routed_by, start, cols, region_h, region_w, scale, masked):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -209,7 +216,10 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
         return (None,) * 9
     q, k, v, out, lse, indices = ctx.saved_tensors
-    grads = triton_routed_attention_backward(grad_out, q, k, v, out, lse, indices, *ctx.geometry)
+    # delta_i = sum_j p_ij dp_ij = dO_i . O_i, per query token and head: (B, M, H, W)
+    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
+    routed_by, start = inverse_routing(indices, indices.shape[1])
+    grads = triton_routed_attention_backward(grad_out, q, k, v, lse, delta, indices, routed_by, start, *ctx.geometry)
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
 

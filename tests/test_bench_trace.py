@@ -1,0 +1,101 @@
+"""`biformer bench trace`: CUDA work counted on fake tensors, checked against counts written out by hand."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import biformer.models  # noqa: F401  (registers the timm models)
+from biformer.benchmarks import trace as trace_bench
+from biformer.cli import main
+from biformer.ops.backends import triton_attention
+
+
+class _Bincount(nn.Module):
+    """A linear layer that also counts its argmaxes with bincount (which reads min and max back to the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, images):
+        logits = self.linear(images.flatten(1))
+        return logits + torch.bincount(logits.argmax(-1), minlength=10)[None]
+
+
+def test_a_linear_layer_by_hand():
+    batch, features, classes = 4, 3 * 32 * 32, 10
+    model = nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+    trace = trace_bench.trace_model(model, "infer", batch, img_size=32, dtype=torch.float32)
+    total = trace.total()
+    assert dict(trace.ops) == {"aten::addmm": 1}  # flatten and the weight's transpose are views
+    assert total.launches == 1 and total.syncs == 0
+    assert total.flops == 2 * batch * features * classes
+    # addmm reads the bias, the input and the weight and writes the output, float32
+    assert total.bytes == 4 * (classes + batch * features + features * classes + batch * classes)
+
+
+def test_autocast_casts_are_their_own_category():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    trace = trace_bench.trace_model(model, "infer", 4, img_size=32, dtype=torch.bfloat16)
+    # input, weight and bias cast to bfloat16 before the addmm
+    assert trace.categories["cast"].launches == 3 and trace.ops["aten::addmm"] == 1
+
+
+@pytest.mark.parametrize("mode", trace_bench.MODES)
+def test_host_syncs_are_counted(mode):
+    trace = trace_bench.trace_model(_Bincount(), mode, 4, img_size=32, dtype=torch.float32)
+    assert trace.total().syncs == 2  # bincount's min and max, in the forward only
+
+
+def test_a_training_step_has_the_backward_and_the_optimizer():
+    batch, features, classes = 4, 3 * 32 * 32, 10
+    model = nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+    trace = trace_bench.trace_model(model, "train", batch, img_size=32, dtype=torch.float32)
+    # the weight gradient as one mm, the bias gradient as one sum; no grad for the input (no mm for it)
+    assert trace.ops["aten::mm"] == 1 and trace.ops["aten::addmm"] == 1
+    assert trace.total().flops == 2 * 2 * batch * features * classes  # forward and weight gradient products
+    assert any(name.startswith("aten::_foreach") for name in trace.ops)  # SGD with momentum, foreach
+
+
+@pytest.mark.slow
+def test_bra_training_step_is_free_of_host_syncs_and_counts_the_triton_kernels(monkeypatch):
+    model = timm.create_model("biformer_tiny")
+    trace = trace_bench.trace_model(model, "train", 2)
+    layers = trace_bench.bra_layers(model)
+    kernel_calls = trace.ops["biformer::triton_routed_attention"]
+    # 2x2-token regions (stage 3) train on another backend; every other BRA layer runs the Triton kernels
+    assert 0 < kernel_calls < layers and trace.ops["biformer::triton_routed_attention_backward"] == kernel_calls
+    assert trace.total().syncs == 0
+    assert trace.categories["routing"].launches > 0
+
+    def with_bincount(indices, num_regions):  # the earlier inverse routing: counts by bincount
+        routed_by, start = original(indices, num_regions)
+        torch.bincount(indices.flatten(), minlength=num_regions)
+        return routed_by, start
+
+    original = triton_attention.inverse_routing
+    monkeypatch.setattr(triton_attention, "inverse_routing", with_bincount)
+    trace = trace_bench.trace_model(timm.create_model("biformer_tiny"), "train", 2)
+    assert trace.total().syncs == 2 * kernel_calls
+
+
+def test_command_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "trace.json"
+    assert main(["bench", "trace", "resnet18", "--batch", "2", "--img-size", "64", "--mode", "infer",
+                 "--json", str(path)]) == 0
+    assert "resnet18" in capsys.readouterr().out
+    traces = json.loads(path.read_text())["traces"]
+    assert traces["resnet18 infer"]["total"]["launches"] > 0 and traces["resnet18 infer"]["total"]["syncs"] == 0
+
+
+def test_command_errors_name_the_option(tmp_path, capsys):
+    assert main(["bench", "trace", "resnet18", "--batch", "0"]) == 2
+    assert "--batch" in capsys.readouterr().err
+    assert main(["bench", "trace", "no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    assert main(["bench", "trace", "resnet18", "--json", str(tmp_path / "missing" / "t.json")]) == 2
+    assert "missing" in capsys.readouterr().err
