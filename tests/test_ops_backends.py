@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import pytest
@@ -110,8 +110,10 @@ ON_CUDA = Target(
 # flex on CPU: a compiled forward only (no backward, no float64), about 10 s of compilation per shape
 # and dtype, so one case here (shapes shared with tests/test_ops_flex.py, which tests it in full)
 FLEX_ON_CPU = Target("flex", cases=CPU_CASES[1:2], dtypes=HALF_DTYPES, dtype_cases=CPU_CASES[1:2], backward=False)
-TARGETS = [Target(name) for name in BACKENDS if name not in ("reference", "triton", "flex")] + [
-    FLEX_ON_CPU, INTERPRETED, ON_CUDA]
+# the Triton backends: the same cases for both kernels
+TRITON_BACKENDS = ("triton", "triton_region")
+TARGETS = [Target(name) for name in BACKENDS if name not in ("reference", "flex", *TRITON_BACKENDS)] + [
+    FLEX_ON_CPU, *(replace(target, backend=name) for name in TRITON_BACKENDS for target in (INTERPRETED, ON_CUDA))]
 
 
 def over_targets(

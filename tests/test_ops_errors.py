@@ -53,7 +53,7 @@ def test_bad_tensors(q, k, v, message):
 
 
 def test_available_backends_are_those_that_can_run(monkeypatch):
-    """All but triton and flex run anywhere; triton only with CUDA or under TRITON_INTERPRET=1, listed first;
+    """All but the Triton backends and flex run anywhere; those only with CUDA or under TRITON_INTERPRET=1, listed first;
     flex on a CPU with its compiled kernel's needs (AVX2, a C++ compiler)."""
     from biformer.ops.backends import flex
 
@@ -63,7 +63,7 @@ def test_available_backends_are_those_that_can_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert available_backends() == everywhere
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton = ["triton"] if importlib.util.find_spec("triton") else []
+    triton = ["triton", "triton_region"] if importlib.util.find_spec("triton") else []
     assert available_backends() == triton + everywhere
 
 

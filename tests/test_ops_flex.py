@@ -196,8 +196,8 @@ def test_unavailable_without_a_cpu_kernel_or_cuda(monkeypatch):
         _forward(ODD, "flex", "masked", qk, v)
 
 
-def test_registered_after_triton():
-    assert list(BACKENDS)[:2] == ["triton", "flex"]
+def test_registered_after_the_triton_backends():
+    assert list(BACKENDS)[:3] == ["triton", "triton_region", "flex"]
 
 
 def test_steps_aside_inside_torch_compile_on_cpu(monkeypatch):

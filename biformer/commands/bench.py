@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..benchmarks import detection as detection_bench
+from ..benchmarks import kernels as kernels_bench
 from ..benchmarks import segmentation as segmentation_bench
 from ..benchmarks import trace as trace_bench
 from ..benchmarks.model import COLUMNS as MODEL_COLUMNS
@@ -76,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_options(model, repeats=5)
     model.set_defaults(run=run_model)
     _register_trace(kinds)
+    _register_kernels(kinds)
     _register_segmentation(kinds)
     _register_detection(kinds)
 
@@ -101,6 +103,21 @@ def _register_trace(kinds: argparse._SubParsersAction) -> None:
     trace.add_argument("--json", default=None, metavar="PATH", help="write every trace (categories, ops) as JSON")
     trace.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     trace.set_defaults(run=run_trace)
+
+
+def _register_kernels(kinds: argparse._SubParsersAction) -> None:
+    kernels = kinds.add_parser(
+        "kernels", help="the Triton attention kernels without a GPU: useful work, registers, spills (sm_90)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="For each Triton backend and BiFormer-S stage at 224 px: the useful fraction of the forward's "
+                    "computed score entries (valid / computed, from the kernel's tiling), and registers per "
+                    "thread, spill bytes and shared memory of the forward, dq and dk/dv kernels compiled offline "
+                    "for sm_90 by Triton's own ptxas. Nothing runs; no GPU is needed.",
+    )
+    kernels.add_argument("--backends", nargs="+", choices=kernels_bench.BACKENDS, default=list(kernels_bench.BACKENDS))
+    kernels.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["bfloat16", "float32"])
+    kernels.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    kernels.set_defaults(run=run_kernels)
 
 
 def _register_segmentation(kinds: argparse._SubParsersAction) -> None:
@@ -245,6 +262,19 @@ def run_model(args: argparse.Namespace) -> int:
     _report(rows, MODEL_COLUMNS, args.csv,
             f"models at {args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
             f"{threads} threads, median of {args.repeats} interleaved rounds")
+    return 0
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    if args.csv:
+        check_writable(args.csv, "--csv")
+    missing = kernels_bench.missing_compiler()
+    if missing:
+        raise UserError(f"bench kernels: {missing}")
+    rows = kernels_bench.kernel_rows(tuple(args.backends), tuple(getattr(torch, d) for d in args.dtypes))
+    _report(rows, kernels_bench.COLUMNS, args.csv,
+            "Triton attention kernels compiled offline for sm_90 (nothing ran): BiFormer-S stages at 224 px; "
+            "useful_fraction = valid / computed score entries of the forward")
     return 0
 
 

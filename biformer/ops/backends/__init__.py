@@ -19,7 +19,8 @@ grid.region_w), never from the map and the region count: the "legacy_nchw" paddi
 regions differently. Backends are listed best first; auto-dispatch takes the first one that can
 run and is fast for the inputs, else the first one that can run.
 
-The backends: "triton" (fused Triton kernels, CUDA), "flex" (the routing as a BlockMask for torch's
+The backends: "triton" (fused Triton kernels, CUDA), "triton_region" (Triton kernels with one query region
+per program and no wasted score entries, CUDA), "flex" (the routing as a BlockMask for torch's
 compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a region-block bias),
 "indexed" (chunked gather-free attention, custom ops), "reference" (the specification), "portable" (the
 reference's algorithm in ops that export at any input size; what dispatch runs under an exporter), "original"
@@ -30,6 +31,7 @@ What automatic dispatch takes, and the measurements it rests on (commands in doc
 | backend | auto-dispatched where | rests on |
 | --- | --- | --- |
 | triton | CUDA; in training only with regions of 16+ tokens | H100 `bench op` (stop of issue 5), H200 CUDA tests (2026-12-04) |
+| triton_region | never (opt-in by name) | not yet run on a GPU; CPU interpreter tests |
 | flex | never (opt-in by name) | H200, torch 2.11: 12 of 13 CUDA tests failed (inductor refuses 16-token blocks) |
 | dense | small maps next to the routed keys (CUDA: training at 2x2-token regions) | CPU `bench op`; CUDA tests (H200) |
 | indexed | CPU; CUDA where the above step aside | CPU `bench op`; CUDA tests (H200) |
@@ -46,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ...layers.exporting import is_exporting
-from . import dense, flex, indexed, original, portable, reference, triton_attention
+from . import dense, flex, indexed, original, portable, reference, triton_attention, triton_region
 from .inputs import RoutedAttentionInputs
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,8 @@ def _is_available(backend: Backend) -> bool:
 # reference; the portable formulation, which dispatch takes only under an exporter; the original release's
 # algorithm, a benchmark baseline that dispatch never reaches.
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (triton_attention, flex, dense, indexed, reference, portable, original)
+    backend.name: backend
+    for backend in (triton_attention, triton_region, flex, dense, indexed, reference, portable, original)
 }
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
+from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
 
 name = "triton"
@@ -103,6 +104,23 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _tiles(tokens: int, regions: int) -> tuple[int, int, int, int]:
+    """Token slots per region (a power of two), regions packed per query tile, tiles per region, query tiles."""
+    tokens_p2 = 1 << (tokens - 1).bit_length()
+    slots = max(1, TILE // tokens_p2)
+    chunks = max(1, tokens_p2 // TILE)
+    return tokens_p2, slots, chunks, math.ceil(regions / slots) * chunks
+
+
+def score_tiling(grid: RegionGrid, topk: int) -> tuple[int, int]:
+    """(computed, valid) score entries per (batch, head) of the forward: every query tile (TILE rows) meets
+    a TILE-column key tile per routed region and chunk, of which the block-diagonal mask keeps 1 / slots;
+    valid = each query token with each token of its routed regions."""
+    tokens = grid.tokens_per_region
+    _, _, chunks, query_tiles = _tiles(tokens, grid.num_regions)
+    return query_tiles * topk * chunks * TILE * TILE, grid.num_regions * tokens * topk * tokens
+
+
 class _Geometry:
     """Region sizes and the tile layout of one call (see `_triton_kernels`)."""
 
@@ -111,13 +129,9 @@ class _Geometry:
         self.v_dim = v.shape[-1]
         self.num_regions, self.topk = indices.shape[1:]
         self.cols, self.region_h, self.region_w = cols, region_h, region_w
-        tokens_p2 = 1 << (self.region_h * self.region_w - 1).bit_length()
-        self.tokens_p2 = tokens_p2
-        self.slots = max(1, TILE // tokens_p2)  # regions packed per query tile
-        self.chunks = max(1, tokens_p2 // TILE)  # tiles per region
-        self.query_tiles = math.ceil(self.num_regions / self.slots) * self.chunks
-        self.key_tile = max(16, min(tokens_p2, TILE))
-        self.key_chunks = max(1, tokens_p2 // self.key_tile)
+        self.tokens_p2, self.slots, self.chunks, self.query_tiles = _tiles(region_h * region_w, self.num_regions)
+        self.key_tile = max(16, min(self.tokens_p2, TILE))
+        self.key_chunks = max(1, self.tokens_p2 // self.key_tile)
 
     def float32_precision(self) -> str:
         narrow = max(_head_dim_block(self.qk_dim), _head_dim_block(self.v_dim)) <= MAX_TF32X3_BLOCK

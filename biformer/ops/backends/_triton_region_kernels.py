@@ -1,0 +1,185 @@
+"""Triton kernels of routed region attention, one query region per program (forward, dQ with delta, dK/dV).
+
+Imported only when the triton_region backend runs (TRITON_INTERPRET must be set before, as for
+`_triton_kernels`, whose helpers these kernels share).
+
+Tiling, chosen so that no score entry is computed for nothing: a program takes up to QUERY_TILE tokens of one
+query region and all TOPK x T tokens of its routed regions, packed back to back into key tiles of KEY_TILE
+(T need not be a power of two; at BiFormer's stages every query attends to 64 keys: one key tile, a single-pass
+softmax). Regions of at least 16 tokens use tensor-core dots; smaller ones (2x2 tokens: 4 query rows, below
+tl.dot's 16) multiply and sum in registers instead of padding 4 rows to 16. Addresses are int32 (the indices
+are cast on load). The dq kernel also computes delta = dO . O per query token and stores it for the dk/dv
+kernel, which walks key region by key region over the query regions routed to it (no atomics).
+
+Shape legend: B batch, M heads, R regions, T tokens per region, K routed regions (TOPK), D/DV head dims.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton_kernels import _dot, _key_mask, _load_rows, _store_rows, _token_coords
+
+
+@triton.jit
+def _scores(q, k, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """q (rows, D) . k (cols, D) -> (rows, cols) float32."""
+    if USE_DOT:
+        return _dot(q, tl.trans(k), PRECISION, WIDEN)
+    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _weighted(p, v, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """p (rows, cols) float32 @ v (cols, DV) -> (rows, DV) float32."""
+    if USE_DOT:
+        return _dot(p.to(v.dtype), v, PRECISION, WIDEN)
+    return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _routed_keys(IDX, b, region, chunk, R: tl.constexpr, TOPK: tl.constexpr, T: tl.constexpr,
+                 COLS: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr, KEY_TILE: tl.constexpr,
+                 H, W, MASKED: tl.constexpr):
+    """Coordinates and masks of key tile `chunk` of the TOPK*T routed tokens of query region `region`."""
+    j = chunk * KEY_TILE + tl.arange(0, KEY_TILE)
+    routed = j < TOPK * T
+    key_region = tl.load(IDX + (b * R + region) * TOPK + j // T, mask=routed, other=0).to(tl.int32)
+    kh, kw = _token_coords(key_region, j % T, COLS, REGION_H, REGION_W)
+    key_ok, load_ok = _key_mask(kh, kw, routed, H, W, MASKED)
+    return kh, kw, key_ok, load_ok
+
+
+@triton.jit
+def _query_rows(region, chunk, QUERY_TILE: tl.constexpr, T: tl.constexpr, COLS: tl.constexpr,
+                REGION_H: tl.constexpr, REGION_W: tl.constexpr, H, W):
+    token = chunk * QUERY_TILE + tl.arange(0, QUERY_TILE)
+    h, w = _token_coords(region, token, COLS, REGION_H, REGION_W)
+    return h, w, (token < T) & (h < H) & (w < W)
+
+
+@triton.jit
+def _region_attention_fwd(
+    Q, K, V, O, LSE, IDX,
+    sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m, sv_b, sv_h, sv_w, sv_m, so_b, so_h, so_w, so_m,
+    scale, H, W,
+    HEADS: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, COLS: tl.constexpr,
+    REGION_H: tl.constexpr, REGION_W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUERY_TILE: tl.constexpr, QUERY_CHUNKS: tl.constexpr,
+    KEY_TILE: tl.constexpr, KEY_CHUNKS: tl.constexpr, USE_DOT: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):
+    region = tl.program_id(0) // QUERY_CHUNKS
+    b = tl.program_id(1) // HEADS
+    m = tl.program_id(1) % HEADS
+    T: tl.constexpr = REGION_H * REGION_W
+    h, w, query_ok = _query_rows(region, tl.program_id(0) % QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
+    m_i = tl.full((QUERY_TILE,), float("-inf"), tl.float32)
+    l_i = tl.zeros((QUERY_TILE,), tl.float32)
+    acc = tl.zeros((QUERY_TILE, BLOCK_DV), tl.float32)
+    for chunk in range(KEY_CHUNKS):  # one pass where all routed keys fit a tile
+        kh, kw, key_ok, load_ok = _routed_keys(IDX, b, region, chunk, R, TOPK, T, COLS, REGION_H, REGION_W,
+                                               KEY_TILE, H, W, MASKED)
+        k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
+        s = tl.where(key_ok[None, :], _scores(q, k, USE_DOT, PRECISION, WIDEN) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
+        acc = acc * alpha[:, None] + _weighted(p, v, USE_DOT, PRECISION, WIDEN)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_rows(O, acc / l_safe[:, None], b, h, w, m, so_b, so_h, so_w, so_m, dv, DV, query_ok)
+    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
+    tl.store(LSE + ((b * HEADS + m) * H + h) * W + w, lse, mask=query_ok)
+
+
+@triton.jit
+def _region_attention_bwd_dq(
+    Q, K, V, O, DO, DQ, LSE, DELTA, IDX,
+    sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m, sv_b, sv_h, sv_w, sv_m, so_b, so_h, so_w, so_m,
+    sdo_b, sdo_h, sdo_w, sdo_m, sdq_b, sdq_h, sdq_w, sdq_m,
+    scale, H, W,
+    HEADS: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, COLS: tl.constexpr,
+    REGION_H: tl.constexpr, REGION_W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUERY_TILE: tl.constexpr, QUERY_CHUNKS: tl.constexpr,
+    KEY_TILE: tl.constexpr, KEY_CHUNKS: tl.constexpr, USE_DOT: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """dq of a query tile, and delta = dO . O of its tokens (written for the dk/dv kernel)."""
+    region = tl.program_id(0) // QUERY_CHUNKS
+    b = tl.program_id(1) // HEADS
+    m = tl.program_id(1) % HEADS
+    T: tl.constexpr = REGION_H * REGION_W
+    h, w, query_ok = _query_rows(region, tl.program_id(0) % QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
+    do = _load_rows(DO, b, h, w, m, sdo_b, sdo_h, sdo_w, sdo_m, dv, DV, query_ok)
+    o = _load_rows(O, b, h, w, m, so_b, so_h, so_w, so_m, dv, DV, query_ok)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stat = ((b * HEADS + m) * H + h) * W + w
+    tl.store(DELTA + stat, delta, mask=query_ok)
+    lse = tl.load(LSE + stat, mask=query_ok, other=0.0)
+    dq = tl.zeros((QUERY_TILE, BLOCK_D), tl.float32)
+    for chunk in range(KEY_CHUNKS):
+        kh, kw, key_ok, load_ok = _routed_keys(IDX, b, region, chunk, R, TOPK, T, COLS, REGION_H, REGION_W,
+                                               KEY_TILE, H, W, MASKED)
+        k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
+        v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
+        s = _scores(q, k, USE_DOT, PRECISION, WIDEN) * scale
+        p = tl.where(key_ok[None, :] & query_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        ds = p * (_scores(do, v, USE_DOT, PRECISION, WIDEN) - delta[:, None])
+        dq += _weighted(ds, k, USE_DOT, PRECISION, WIDEN)
+    _store_rows(DQ, dq * scale, b, h, w, m, sdq_b, sdq_h, sdq_w, sdq_m, d, D, query_ok)
+
+
+@triton.jit
+def _region_attention_bwd_dkv(
+    Q, K, V, DO, DK, DV_OUT, LSE, DELTA, ROUTED_BY, ROUTED_BY_START,
+    sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m, sv_b, sv_h, sv_w, sv_m, sdo_b, sdo_h, sdo_w, sdo_m,
+    sdk_b, sdk_h, sdk_w, sdk_m, sdv_b, sdv_h, sdv_w, sdv_m,
+    scale, H, W,
+    HEADS: tl.constexpr, R: tl.constexpr, COLS: tl.constexpr,
+    REGION_H: tl.constexpr, REGION_W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUERY_TILE: tl.constexpr, QUERY_CHUNKS: tl.constexpr,
+    USE_DOT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """A tile of one key region's tokens accumulates over the query regions routed to it (the CSR of
+    `triton_attention.inverse_routing`), each in query tiles of the forward's size."""
+    key_region = tl.program_id(0) // QUERY_CHUNKS
+    b = tl.program_id(1) // HEADS
+    m = tl.program_id(1) % HEADS
+    T: tl.constexpr = REGION_H * REGION_W
+    key_token = (tl.program_id(0) % QUERY_CHUNKS) * QUERY_TILE + tl.arange(0, QUERY_TILE)
+    kh, kw = _token_coords(key_region, key_token, COLS, REGION_H, REGION_W)
+    key_ok, load_ok = _key_mask(kh, kw, key_token < T, H, W, MASKED)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K, b, kh, kw, m, sk_b, sk_h, sk_w, sk_m, d, D, load_ok)
+    v = _load_rows(V, b, kh, kw, m, sv_b, sv_h, sv_w, sv_m, dv, DV, load_ok)
+    dk = tl.zeros((QUERY_TILE, BLOCK_D), tl.float32)
+    dvacc = tl.zeros((QUERY_TILE, BLOCK_DV), tl.float32)
+    start = tl.load(ROUTED_BY_START + b * R + key_region).to(tl.int32)
+    end = tl.load(ROUTED_BY_START + b * R + key_region + 1).to(tl.int32)
+    for entry in range(start, end):
+        query_region = tl.load(ROUTED_BY + entry).to(tl.int32)
+        for chunk in range(QUERY_CHUNKS):
+            h, w, query_ok = _query_rows(query_region, chunk, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+            q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
+            do = _load_rows(DO, b, h, w, m, sdo_b, sdo_h, sdo_w, sdo_m, dv, DV, query_ok)
+            stat = ((b * HEADS + m) * H + h) * W + w
+            lse = tl.load(LSE + stat, mask=query_ok, other=0.0)
+            delta = tl.load(DELTA + stat, mask=query_ok, other=0.0)
+            s_t = _scores(k, q, USE_DOT, PRECISION, WIDEN) * scale  # (keys, queries)
+            p_t = tl.where(key_ok[:, None] & query_ok[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+            dvacc += _weighted(p_t, do, USE_DOT, PRECISION, WIDEN)
+            ds_t = p_t * (_scores(v, do, USE_DOT, PRECISION, WIDEN) - delta[None, :])
+            dk += _weighted(ds_t, q, USE_DOT, PRECISION, WIDEN)
+    _store_rows(DK, dk * scale, b, kh, kw, m, sdk_b, sdk_h, sdk_w, sdk_m, d, D, load_ok)
+    _store_rows(DV_OUT, dvacc, b, kh, kw, m, sdv_b, sdv_h, sdv_w, sdv_m, dv, DV, load_ok)

@@ -1,0 +1,165 @@
+"""triton_region backend: routed attention with one query region per program and no wasted score entries.
+
+The kernels of `_triton_region_kernels`: a program takes a query region's tokens (up to QUERY_TILE) and all
+TOPK x T routed key tokens, packed back to back; regions of under 16 tokens multiply in registers rather than
+padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
+computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.25 / 0.06 to 1.0 / 1.0 / 1.0
+(`score_tiling`). The backward has no host syncs (inverse routing by sort and search) and computes
+delta = dO . O inside the dq kernel. Opt-in (`backend="triton_region"`) until a GPU run has measured it.
+"""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..regions import RegionGrid
+from . import triton_attention
+from .inputs import RoutedAttentionInputs
+from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last, inverse_routing
+
+name = "triton_region"
+AUTO_DISPATCH = False  # never run on a GPU yet
+MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
+MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
+MIN_DOT_ROWS = 16  # tl.dot's smallest operand side
+
+is_available = triton_attention.is_available
+unavailable_reason = triton_attention.unavailable_reason
+not_supported_reasons = triton_attention.not_supported_reasons
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class Tiling:
+    """Tile sizes of one call, from the region size and the routed key count."""
+
+    def __init__(self, tokens: int, topk: int) -> None:
+        self.query_tile = min(_next_pow2(tokens), MAX_QUERY_TILE)
+        self.query_chunks = math.ceil(tokens / self.query_tile)
+        self.key_tile = max(min(_next_pow2(topk * tokens), MAX_KEY_TILE), MIN_DOT_ROWS)
+        self.key_chunks = math.ceil(topk * tokens / self.key_tile)
+        self.use_dot = self.query_tile >= MIN_DOT_ROWS
+        # the register products of small regions spread over 8 warps stay at 72 registers per thread (sm_90,
+        # offline compile: 128 with 2 warps, 167 with 4); tensor-core tiles take 4
+        self.num_warps = 4 if self.use_dot else 8
+
+    def computed_scores(self, regions: int) -> int:
+        """Score entries the forward computes per (batch, head)."""
+        return regions * self.query_chunks * self.query_tile * self.key_chunks * self.key_tile
+
+
+def score_tiling(grid: RegionGrid, topk: int) -> tuple[int, int]:
+    """(computed, valid) score entries per (batch, head) of this backend's forward: valid = each query token
+    with each token of its routed regions."""
+    tokens = grid.tokens_per_region
+    return Tiling(tokens, topk).computed_scores(grid.num_regions), grid.num_regions * tokens * topk * tokens
+
+
+def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
+    q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
+    out, _ = torch.ops.biformer.triton_region_attention(
+        q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
+    )
+    return out
+
+
+def _kernels() -> ModuleType:
+    from . import _triton_region_kernels
+
+    return _triton_region_kernels
+
+
+def _constants(q: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int,
+               masked: bool) -> tuple[dict, Tiling]:
+    heads, qk_dim, v_dim = q.shape[3], q.shape[-1], v.shape[-1]
+    tiling = Tiling(region_h * region_w, indices.shape[-1])
+    wide = max(_head_dim_block(qk_dim), _head_dim_block(v_dim)) > triton_attention.MAX_TF32X3_BLOCK
+    float32_precision = triton_attention.WIDE_HEAD_FLOAT32_PRECISION if wide else triton_attention.FLOAT32_PRECISION
+    return dict(
+        HEADS=heads, R=indices.shape[1], COLS=cols, REGION_H=region_h, REGION_W=region_w, D=qk_dim, DV=v_dim,
+        BLOCK_D=_head_dim_block(qk_dim), BLOCK_DV=_head_dim_block(v_dim), QUERY_TILE=tiling.query_tile,
+        QUERY_CHUNKS=tiling.query_chunks, USE_DOT=tiling.use_dot, MASKED=masked,
+        PRECISION=float32_precision if q.dtype == torch.float32 else "tf32",
+        WIDEN=_interpreting() and q.dtype == torch.bfloat16, num_warps=tiling.num_warps,
+    ), tiling
+
+
+@torch.library.custom_op("biformer::triton_region_attention", mutates_args=())
+def triton_region_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int, scale: float,
+    masked: bool,
+) -> tuple[Tensor, Tensor]:
+    """q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv), lse (B, M, H, W)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, height, width, heads, _ = q.shape
+    constants, tiling = _constants(q, v, indices, cols, region_h, region_w, masked)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse = torch.empty(batch, heads, height, width, dtype=torch.float32, device=q.device)
+    _kernels()._region_attention_fwd[(indices.shape[1] * tiling.query_chunks, batch * heads)](
+        q, k, v, out, lse, indices.contiguous(), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        scale, height, width, TOPK=indices.shape[-1], KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks,
+        **constants,
+    )
+    return out, lse
+
+
+@triton_region_attention.register_fake
+def _(q, k, v, indices, cols, region_h, region_w, scale, masked):
+    batch, height, width, heads, _ = q.shape
+    return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
+
+
+@torch.library.custom_op("biformer::triton_region_attention_backward", mutates_args=())
+def triton_region_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
+    routed_by: Tensor, start: Tensor, cols: int, region_h: int, region_w: int, scale: float, masked: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two kernels: dq with delta (query-centric), then dk/dv (key-centric over the inverse routing)."""
+    q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
+    batch, height, width, heads, _ = q.shape
+    constants, tiling = _constants(q, v, indices, cols, region_h, region_w, masked)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    kernels, grid = _kernels(), (indices.shape[1] * tiling.query_chunks, batch * heads)
+    kernels._region_attention_bwd_dq[grid](
+        q, k, v, out, grad_out, grad_q, lse, delta, indices.contiguous(),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(grad_q),
+        scale, height, width, TOPK=indices.shape[-1], KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks,
+        **constants,
+    )
+    kernels._region_attention_bwd_dkv[grid](
+        q, k, v, grad_out, grad_k, grad_v, lse, delta, routed_by, start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_k), *_strides(grad_v),
+        scale, height, width, **constants,
+    )
+    return grad_q, grad_k, grad_v
+
+
+@triton_region_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, indices, routed_by, start, cols, region_h, region_w, scale, masked):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, indices, cols, region_h, region_w, scale, masked = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices)
+    ctx.geometry = (cols, region_h, region_w, scale, masked)
+    ctx.set_materialize_grads(False)  # the log-sum-exp gets no gradient
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
+    if grad_out is None:
+        return (None,) * 9
+    q, k, v, out, lse, indices = ctx.saved_tensors
+    routed_by, start = inverse_routing(indices, indices.shape[1])
+    grads = triton_region_attention_backward(grad_out, q, k, v, out, lse, indices, routed_by, start, *ctx.geometry)
+    return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
+
+
+triton_region_attention.register_autograd(_backward, setup_context=_setup_context)
