@@ -393,3 +393,59 @@ def test_inverse_routing_lists_the_query_regions_of_each_key_region():
         for j in range(regions):
             want = [r for r in range(regions) if j in indices[b, r].tolist()]
             assert routed_by[start[b * regions + j]:start[b * regions + j + 1]].tolist() == want
+
+
+_REGION_INTERPRETED = replace(INTERPRETED, backend="triton_region")
+
+
+@over_targets(["case", "padding", "dtype"], lambda target: [
+    (case, padding, dtype) for case in CPU_CASES for padding in PADDING_MODES for dtype in (torch.float32, torch.bfloat16)
+], targets=[_REGION_INTERPRETED])
+def test_fused_routing_matches_the_specification(target, case, padding, dtype):
+    """triton_region's one-launch routing against `regions.route` (the specification): the same logits, top-k
+    sets of the same logits (padding-only query regions tie everywhere, so their order is free), the same
+    weights."""
+    from biformer.ops.backends import triton_region
+    from biformer.ops.regions import padding_mode, route
+
+    batch, height, width, heads, head_dim, n_win, topk = case
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(batch, height, width, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    grid = region_grid(height, width, n_win, padding)
+    masked = padding_mode(padding).mask_routing
+    want = route(q, k, grid, topk, head_dim**-0.5, masked)
+    got = triton_region.route(q, k, grid, topk, head_dim**-0.5, masked)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(want.logits.gather(-1, got.indices), want.logits.gather(-1, want.indices))
+    assert all(len(set(row)) == topk for row in got.indices.flatten(0, 1).tolist())
+    torch.testing.assert_close(got.weights, want.weights, atol=1e-6, rtol=1e-5)
+
+
+@over_targets(targets=[_REGION_INTERPRETED])
+def test_region_backend_routes_with_its_fused_kernel(target, monkeypatch):
+    from biformer.ops.backends import triton_region
+    from biformer.ops.regions import route as route_spec
+
+    calls = []
+    monkeypatch.setattr(triton_region, "route", lambda *args: calls.append(1) or route_spec(*args))
+
+    q = torch.randn(1, 8, 8, 1, 16)
+    bi_level_routing_attention(q, q, q, 4, 2, backend="triton_region")
+    assert calls == [1]
+
+
+@over_targets(["shape"], lambda target: [((3, 9, 4),), ((2, 49, 16),), ((1, 49, 1),), ((2, 12, 12),), ((1, 1, 1),)],
+              targets=[_REGION_INTERPRETED])
+def test_one_launch_inverse_routing_lists_the_query_regions_of_each_key_region(target, shape):
+    from biformer.ops.backends.triton_region import triton_region_inverse_routing
+
+    batch, regions, topk = shape
+    generator = torch.Generator().manual_seed(1)
+    indices = torch.stack([torch.randperm(regions, generator=generator)[:topk] for _ in range(batch * regions)])
+    routed_by, start = triton_region_inverse_routing(indices.view(batch, regions, topk))
+    indices = indices.view(batch, regions, topk)
+    assert start.tolist()[-1] == routed_by.numel() == batch * regions * topk
+    for b in range(batch):
+        for j in range(regions):
+            want = [r for r in range(regions) if j in indices[b, r].tolist()]
+            assert routed_by[start[b * regions + j]:start[b * regions + j + 1]].tolist() == want

@@ -53,6 +53,10 @@ COLUMNS = ("model", "mode", "launches", "gbytes", "gflops", "host_syncs", "casts
 CUSTOM_OP_LAUNCHES = {
     "biformer::triton_routed_attention": 1,
     "biformer::triton_routed_attention_backward": 2,
+    "biformer::triton_region_attention": 1,
+    "biformer::triton_region_attention_backward": 2,
+    "biformer::triton_region_route": 1,
+    "biformer::triton_region_inverse_routing": 1,
 }
 # ops that make the host wait for the device, with how many times per call
 SYNC_OPS = {
@@ -150,7 +154,7 @@ class _Categories:
         module_name = None
         while frame is not None:
             code = frame.f_code
-            if code.co_name == "route" and code.co_filename.endswith("regions.py"):
+            if code.co_name == "route" and "/ops/" in code.co_filename.replace("\\", "/"):
                 return "routing"
             if code.co_name == "attend" and any(part in code.co_filename for part in self.ATTENTION_FILES):
                 return "attention"
@@ -197,7 +201,7 @@ class _Counter(TorchDispatchMode):
             if out is not NotImplemented:
                 return out
         out = func(*args, **kwargs)
-        if func.is_view or name in NO_LAUNCH:
+        if func.is_view or name in NO_LAUNCH or func.namespace == "profiler":
             return out
         tally = self.trace.categories[self._category(name, args, out)]
         tally.launches += CUSTOM_OP_LAUNCHES.get(name, 1)
@@ -212,11 +216,18 @@ class _Counter(TorchDispatchMode):
 
     @staticmethod
     def _flops(func, name: str, args: tuple, kwargs: dict, out: Any) -> int:
-        if name == "biformer::triton_routed_attention":  # q, k, v, indices, cols, region_h, region_w, ...
+        if name in ("biformer::triton_routed_attention", "biformer::triton_region_attention"):
+            # q, k, v, indices, cols, region_h, region_w, ...
             return _triton_attention_flops(args[0], args[2], args[3], args[5], args[6])
         if name == "biformer::triton_routed_attention_backward":  # dq, dk, dv and the recomputed scores
             # grad_out, q, k, v, lse, delta, indices, routed_by, start, cols, region_h, region_w, ...
             return 2 * _triton_attention_flops(args[1], args[3], args[6], args[10], args[11])
+        if name == "biformer::triton_region_attention_backward":
+            # grad_out, q, k, v, out, lse, indices, routed_by, start, cols, region_h, region_w, ...
+            return 2 * _triton_attention_flops(args[1], args[3], args[6], args[10], args[11])
+        if name == "biformer::triton_region_route":  # region sums of q and k, then the affinity products
+            q, rows, cols = args[0], args[2], args[3]
+            return 2 * q.numel() + 2 * q.shape[0] * (rows * cols) ** 2 * q.shape[3] * q.shape[4]
         formula = flop_registry.get(func.overloadpacket)
         return int(formula(*args, **kwargs, out_val=out)) if formula else 0
 

@@ -155,7 +155,8 @@ def bi_level_routing_attention(
     _check_topk(topk, grid)
     if scale is None:
         scale = head_dim**-0.5
-    routing = route(q, k, grid, topk, scale, mode.mask_routing)
     inputs = RoutedAttentionInputs(q, k, v, grid, topk, mode.mask_attention, scale)
-    out = select_backend(backend, inputs).attend(inputs, routing.indices)
+    chosen = select_backend(backend, inputs)
+    routing = getattr(chosen, "route", route)(q, k, grid, topk, scale, mode.mask_routing)
+    out = chosen.attend(inputs, routing.indices)
     return (out, routing) if return_routing else out

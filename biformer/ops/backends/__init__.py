@@ -13,6 +13,7 @@ and, where it cannot run everywhere, any of
     not_supported_reasons(inputs) -> list[str]               (default []: it runs every input)
     is_fast_for(inputs) -> bool                              (default True: auto-dispatch takes it only where True)
     AUTO_DISPATCH: bool                                      (default True; False: only when asked for by name)
+    route(q, k, grid, topk, scale, masked) -> Routing        (default `biformer.ops.regions.route`: its own routing)
 `inputs.masked`: padded keys take no part in attention (else they are attended to as zeros). The
 padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
 grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes

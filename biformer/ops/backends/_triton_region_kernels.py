@@ -183,3 +183,98 @@ def _region_attention_bwd_dkv(
             dk += _weighted(ds_t, q, USE_DOT, PRECISION, WIDEN)
     _store_rows(DK, dk * scale, b, kh, kw, m, sdk_b, sdk_h, sdk_w, sdk_m, d, D, load_ok)
     _store_rows(DV_OUT, dvacc, b, kh, kw, m, sdv_b, sdv_h, sdv_w, sdv_m, dv, DV, load_ok)
+
+
+@triton.jit
+def _region_sums(X, b, regions, region_ok, channels, s_b, s_h, s_w, s_m, H, W, C: tl.constexpr, D: tl.constexpr,
+                 COLS: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr, R_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """(R_P, BLOCK_C) float32 sums over each region's tokens inside the map of channels `channels` of a
+    (B, H, W, M, D) map (channel c is head c // D, dim c % D), read in its own dtype."""
+    total = tl.zeros((R_P, BLOCK_C), tl.float32)
+    offsets = (channels // D) * s_m + channels % D
+    for t in range(REGION_H * REGION_W):
+        h, w = _token_coords(regions, t, COLS, REGION_H, REGION_W)
+        inside = region_ok & (h < H) & (w < W)
+        total += tl.load(X + b * s_b + h[:, None] * s_h + w[:, None] * s_w + offsets[None, :],
+                         mask=inside[:, None] & (channels < C)[None, :], other=0.0).to(tl.float32)
+    return total
+
+
+@triton.jit
+def _route_fused(
+    Q, K, LOGITS, INDICES, WEIGHTS,
+    sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m,
+    scale, H, W,
+    R: tl.constexpr, R_P: tl.constexpr, COLS: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
+    C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Routing of one image in one launch: region means of q and k (MASKED: over the map's tokens; else over
+    all region slots, padding as zeros), logits = (q_mean * scale) @ k_mean^T with key regions of padding only
+    at -inf (MASKED), the TOPK best key regions per query region (ties: the lower index), and the softmax of
+    their logits. Shapes: LOGITS (B, R, R) float32, INDICES (B, R, TOPK) int64, WEIGHTS (B, R, TOPK) float32."""
+    b = tl.program_id(0)
+    regions = tl.arange(0, R_P)
+    region_ok = regions < R
+    row0 = (regions // COLS) * REGION_H
+    col0 = (regions % COLS) * REGION_W
+    inside = tl.minimum(tl.maximum(H - row0, 0), REGION_H) * tl.minimum(tl.maximum(W - col0, 0), REGION_W)
+    if MASKED:
+        count = tl.maximum(inside, 1).to(tl.float32)
+    else:
+        count = tl.zeros((R_P,), tl.float32) + REGION_H * REGION_W
+    logits = tl.zeros((R_P, R_P), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C)
+        q_mean = _region_sums(Q, b, regions, region_ok, channels, sq_b, sq_h, sq_w, sq_m, H, W, C, D, COLS,
+                              REGION_H, REGION_W, R_P, BLOCK_C) / count[:, None]
+        k_mean = _region_sums(K, b, regions, region_ok, channels, sk_b, sk_h, sk_w, sk_m, H, W, C, D, COLS,
+                              REGION_H, REGION_W, R_P, BLOCK_C) / count[:, None]
+        logits += tl.dot(q_mean * scale, tl.trans(k_mean), input_precision="ieee")
+    key_ok = region_ok
+    if MASKED:
+        key_ok = key_ok & (inside > 0)
+    logits = tl.where(key_ok[None, :], logits, float("-inf"))
+    pair = (b * R + regions[:, None]) * R + regions[None, :]
+    tl.store(LOGITS + pair, logits, mask=region_ok[:, None] & region_ok[None, :])
+    slots = tl.arange(0, TOPK_P)
+    best = tl.full((R_P, TOPK_P), float("-inf"), tl.float32)
+    chosen = tl.zeros((R_P, TOPK_P), tl.int32)
+    free = tl.zeros((R_P, R_P), tl.int32) + region_ok[None, :].to(tl.int32)  # 1: a key region still to pick
+    for kk in range(TOPK):
+        top = tl.max(tl.where(free > 0, logits, float("-inf")), 1)
+        index = tl.min(tl.where((logits == top[:, None]) & (free > 0), regions[None, :], R_P), 1)
+        best = tl.where(slots[None, :] == kk, top[:, None], best)
+        chosen = tl.where(slots[None, :] == kk, index[:, None], chosen)
+        free = tl.where(regions[None, :] == index[:, None], 0, free)
+    in_topk = slots[None, :] < TOPK
+    top_max = tl.max(best, 1)
+    p = tl.where(in_topk & (best > float("-inf")), tl.exp(best - top_max[:, None]), 0.0)
+    weights = p / tl.sum(p, 1)[:, None]
+    out = (b * R + regions[:, None]) * TOPK + slots[None, :]
+    store_ok = region_ok[:, None] & in_topk
+    tl.store(INDICES + out, chosen.to(tl.int64), mask=store_ok)
+    tl.store(WEIGHTS + out, weights, mask=store_ok)
+
+
+@triton.jit
+def _inverse_routing(IDX, ROUTED_BY, START, B, R: tl.constexpr, R_P: tl.constexpr, TOPK: tl.constexpr):
+    """The CSR of `triton_attention.inverse_routing` for one image in one launch, without sorting: the routing
+    matrix A[r, j] (query region r routed to key region j) gives each key region's count, its start (an
+    exclusive prefix sum over key regions) and each query region's place in its list (one over query regions)."""
+    b = tl.program_id(0)
+    regions = tl.arange(0, R_P)
+    region_ok = regions < R
+    routed = tl.zeros((R_P, R_P), tl.int32)
+    for kk in range(TOPK):
+        key_region = tl.load(IDX + (b * R + regions) * TOPK + kk, mask=region_ok, other=R_P).to(tl.int32)
+        routed += (key_region[:, None] == regions[None, :]).to(tl.int32)
+    counts = tl.sum(routed, 0)  # (R_P,) per key region
+    start = b * R * TOPK + tl.cumsum(counts, 0) - counts
+    tl.store(START + b * R + regions, start, mask=region_ok)
+    if b == B - 1:
+        tl.store(START + B * R, B * R * TOPK)
+    place = start[None, :] + tl.cumsum(routed, 0) - routed  # (R_P, R_P): r's place in key region j's list
+    query = tl.zeros((R_P, R_P), tl.int32) + regions[:, None]
+    tl.store(ROUTED_BY + place, query.to(tl.int64), mask=routed > 0)

@@ -4,8 +4,8 @@ The kernels of `_triton_region_kernels`: a program takes a query region's tokens
 TOPK x T routed key tokens, packed back to back; regions of under 16 tokens multiply in registers rather than
 padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
 computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.25 / 0.06 to 1.0 / 1.0 / 1.0
-(`score_tiling`). The backward has no host syncs (inverse routing by sort and search) and computes
-delta = dO . O inside the dq kernel. Opt-in (`backend="triton_region"`) until a GPU run has measured it.
+(`score_tiling`). Routing (region means, affinity, top-k) and the backward's inverse routing take one launch
+each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Opt-in (`backend="triton_region"`) until a GPU run has measured it.
 """
 from __future__ import annotations
 
@@ -15,18 +15,24 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..regions import RegionGrid
+from ..regions import RegionGrid, Routing
 from . import triton_attention
 from .inputs import RoutedAttentionInputs
-from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last, inverse_routing
+from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last
 
 name = "triton_region"
 AUTO_DISPATCH = False  # never run on a GPU yet
 MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
 MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
 MIN_DOT_ROWS = 16  # tl.dot's smallest operand side
+ROUTING_CHANNELS = 32  # channels of q and k summed per step of the routing kernel
 
-is_available = triton_attention.is_available
+
+
+def is_available() -> bool:  # where the triton backend is (read at the call: a test or the trace may patch it)
+    return triton_attention.is_available()
+
+
 unavailable_reason = triton_attention.unavailable_reason
 not_supported_reasons = triton_attention.not_supported_reasons
 
@@ -58,6 +64,44 @@ def score_tiling(grid: RegionGrid, topk: int) -> tuple[int, int]:
     with each token of its routed regions."""
     tokens = grid.tokens_per_region
     return Tiling(tokens, topk).computed_scores(grid.num_regions), grid.num_regions * tokens * topk * tokens
+
+
+def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
+    """`biformer.ops.regions.route` in one launch per call (`_route_fused`): region means read in the input's
+    dtype and summed in float32, region affinity and top-k in registers."""
+    logits, indices, weights = torch.ops.biformer.triton_region_route(
+        q.detach(), k.detach(), grid.rows, grid.cols, grid.region_h, grid.region_w, topk, scale, masked)
+    return Routing(indices=indices, weights=weights, logits=logits, grid=grid)
+
+
+@torch.library.custom_op("biformer::triton_region_route", mutates_args=())
+def triton_region_route(
+    q: Tensor, k: Tensor, rows: int, cols: int, region_h: int, region_w: int, topk: int, scale: float, masked: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (B, H, W, M, D) -> logits (B, R, R) float32, indices (B, R, topk) int64, weights (B, R, topk)."""
+    q, k = _unit_last(q), _unit_last(k)
+    batch, height, width, heads, dim = q.shape
+    regions = rows * cols
+    logits, indices, weights = _route_outputs(q, regions, topk)
+    _kernels()._route_fused[(batch,)](
+        q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width,
+        R=regions, R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), COLS=cols, REGION_H=region_h, REGION_W=region_w,
+        C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS, TOPK=topk, TOPK_P=_next_pow2(topk), MASKED=masked,
+        num_warps=8,
+    )
+    return logits, indices, weights
+
+
+def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    batch = q.shape[0]
+    return (q.new_empty((batch, regions, regions), dtype=torch.float32),
+            q.new_empty((batch, regions, topk), dtype=torch.long),
+            q.new_empty((batch, regions, topk), dtype=torch.float32))
+
+
+@triton_region_route.register_fake
+def _(q, k, rows, cols, region_h, region_w, topk, scale, masked):
+    return _route_outputs(q, rows * cols, topk)
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
@@ -145,6 +189,26 @@ def _(grad_out, q, k, v, out, lse, indices, routed_by, start, cols, region_h, re
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("biformer::triton_region_inverse_routing", mutates_args=())
+def triton_region_inverse_routing(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """`triton_attention.inverse_routing` (the same CSR) in one launch: indices (B, R, K) -> routed_by
+    (B*R*K,), start (B*R + 1,), int64."""
+    batch, regions, topk = indices.shape
+    routed_by, start = _inverse_routing_outputs(indices)
+    _kernels()._inverse_routing[(batch,)](indices.contiguous(), routed_by, start, batch, R=regions,
+                                          R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), TOPK=topk)
+    return routed_by, start
+
+
+def _inverse_routing_outputs(indices: Tensor) -> tuple[Tensor, Tensor]:
+    return indices.new_empty(indices.numel()), indices.new_empty(indices.shape[0] * indices.shape[1] + 1)
+
+
+@triton_region_inverse_routing.register_fake
+def _(indices):
+    return _inverse_routing_outputs(indices)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, indices, cols, region_h, region_w, scale, masked = inputs
     out, lse = output
@@ -157,7 +221,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
         return (None,) * 9
     q, k, v, out, lse, indices = ctx.saved_tensors
-    routed_by, start = inverse_routing(indices, indices.shape[1])
+    routed_by, start = triton_region_inverse_routing(indices)
     grads = triton_region_attention_backward(grad_out, q, k, v, out, lse, indices, routed_by, start, *ctx.geometry)
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
