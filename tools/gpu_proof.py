@@ -76,7 +76,7 @@ def _step(model, images, labels, backend, train: bool, runner=None):
     """One inference forward or training step (bf16 autocast; SGD) under a forced BRA backend."""
     from biformer.ops import use_backend
 
-    runner = runner or model
+    runner = model if runner is None else runner
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if train else None
 
     def run():
