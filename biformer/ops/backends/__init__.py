@@ -12,7 +12,8 @@ and, where it cannot run everywhere, any of
     unavailable_reason() -> str                              (why is_available() is False)
     not_supported_reasons(inputs) -> list[str]               (default []: it runs every input)
     is_fast_for(inputs) -> bool                              (default True: auto-dispatch takes it only where True)
-    AUTO_DISPATCH: bool                                      (default True; False: only when asked for by name)
+    AUTO_DEVICES: tuple[str, ...]                            (default: every device; the device types where
+                                                             auto-dispatch may take it: where it was measured)
     route(q, k, grid, topk, scale, masked) -> Routing        (default `biformer.ops.regions.route`: its own routing)
 `inputs.masked`: padded keys take no part in attention (else they are attended to as zeros). The
 padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
@@ -27,16 +28,17 @@ compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a re
 reference's algorithm in ops that export at any input size; what dispatch runs under an exporter), "original"
 (the original release's algorithm, a benchmark baseline).
 
-What automatic dispatch takes, and the measurements it rests on (commands in docs/results.md):
+What automatic dispatch takes, and the measurements it rests on (commands in docs/results.md). On CUDA only
+backends that have run on a GPU:
 
 | backend | auto-dispatched where | rests on |
 | --- | --- | --- |
-| triton | CUDA; in training only with regions of 16+ tokens | H100 `bench op` (stop of issue 5), H200 CUDA tests (2026-12-04) |
-| triton_region | never (opt-in by name) | not yet run on a GPU; CPU interpreter tests |
+| triton | CUDA; in training only with regions of 16+ tokens | H100 `bench op` (2026-11), H200 CUDA tests (2026-12-04) |
+| triton_region | never (opt-in by name) | not yet run on a GPU: CPU interpreter tests, offline sm_90 compile |
 | flex | never (opt-in by name) | H200, torch 2.11: 12 of 13 CUDA tests failed (inductor refuses 16-token blocks) |
-| dense | small maps next to the routed keys (CUDA: training at 2x2-token regions) | CPU `bench op`; CUDA tests (H200) |
-| indexed | CPU; CUDA where the above step aside | CPU `bench op`; CUDA tests (H200) |
-| reference | whatever is left (it runs everything) | the specification |
+| dense | CPU: small maps next to the routed keys | CPU `bench op`; never run on a GPU |
+| indexed | CPU | CPU `bench op`; never run on a GPU |
+| reference | whatever is left (it runs everything) | the specification; the oracle of the CUDA tests; H100: 10% faster than triton in training at 2x2-token regions |
 | portable | under an exporter or tracer | export tests |
 | original | never (a benchmark baseline) | |
 """
@@ -117,7 +119,7 @@ def select_backend(requested: str | None, inputs: RoutedAttentionInputs) -> Back
         return EXPORT_BACKEND
     runnable = []
     for name, backend in BACKENDS.items():
-        if not getattr(backend, "AUTO_DISPATCH", True):
+        if inputs.q.device.type not in getattr(backend, "AUTO_DEVICES", (inputs.q.device.type,)):
             continue
         reasons = _unsupported_reasons(backend, inputs)
         if reasons:

@@ -17,6 +17,8 @@ from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
 
 name = "dense"
+# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
+AUTO_DEVICES: tuple[str, ...] = ("cpu",)
 
 # Auto-dispatch takes this backend on maps of at most SMALL_MAP tokens, or where the whole map is
 # at most MAX_DENSE_WORK_RATIO times the keys each query routes to (measured on CPU: at 3x the

@@ -45,7 +45,7 @@ name = "flex"
 # Opt-in only (backend="flex"): its first GPU run (H200, torch 2.11, `pytest -m gpu tests/test_ops_flex.py`) failed
 # 12 of 13 tests, inductor refusing the 16-token blocks of small regions ("Q and KV block size must be divisible by
 # BLOCK_M and BLOCK_N"), and a compiled BiFormer-S training step failed the same way.
-AUTO_DISPATCH = False
+AUTO_DEVICES: tuple[str, ...] = ()
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Smallest sparse block: flex's Triton kernels shrink their tiles to power-of-two blocks of at least 16 tokens.

@@ -28,6 +28,8 @@ from ...layers.sdpa import HALF_DTYPES
 from .inputs import RoutedAttentionInputs
 
 name = "indexed"
+# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
+AUTO_DEVICES: tuple[str, ...] = ("cpu",)
 
 # Bytes of per-chunk temporaries (scores, probabilities, gathered keys/values and their
 # gradients); small enough to stay in cache, large enough for efficient batched matmuls.

@@ -27,6 +27,7 @@ from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
 
 name = "triton"
+AUTO_DEVICES: tuple[str, ...] = ("cuda",)  # (on CPU the kernels only run interpreted, for tests)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256

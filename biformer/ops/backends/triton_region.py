@@ -21,7 +21,7 @@ from .inputs import RoutedAttentionInputs
 from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last
 
 name = "triton_region"
-AUTO_DISPATCH = False  # never run on a GPU yet
+AUTO_DEVICES: tuple[str, ...] = ()  # opt-in: never run on a GPU
 MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
 MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
 MIN_DOT_ROWS = 16  # tl.dot's smallest operand side
