@@ -99,3 +99,14 @@ def test_command_errors_name_the_option(tmp_path, capsys):
     assert "no_such_model" in capsys.readouterr().err
     assert main(["bench", "trace", "resnet18", "--json", str(tmp_path / "missing" / "t.json")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_depthwise_convolution_backward_counts_its_groups():
+    """2 FLOPs per multiply-add; a 7x7 depthwise conv: each output element sums 49 products, in the forward and
+    in the weight gradient (the input, which needs no gradient, gets none)."""
+    batch, channels, side = 2, 3, 32
+    model = nn.Sequential(nn.Conv2d(channels, channels, 7, padding=3, groups=channels, bias=False),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    traced = trace_bench.trace_model(model, "train", batch, img_size=side, dtype=torch.float32)
+    per_pass = 2 * batch * channels * side * side * 49
+    assert traced.categories["Conv2d"].flops == 2 * per_pass

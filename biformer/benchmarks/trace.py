@@ -9,7 +9,8 @@ autocast a GPU run would use, and a dispatch mode below autograd sees every ATen
   unfused math path; `fused_sdpa=False` counts that instead). foreach ops count one launch each (CUDA splits
   long lists).
 - bytes: the distinct tensors a launch reads and writes (inputs and outputs), each once.
-- FLOPs: torch.utils.flop_counter's formulas (2 per multiply-add); the Triton attention's from its geometry.
+- FLOPs: torch.utils.flop_counter's formulas (2 per multiply-add), but a convolution's backward counted with
+  its groups (torch's formula ignores them); the Triton kernels' from their geometry.
 - host syncs: ops that read a value back to the host (`SYNC_OPS`; bincount reads its min and max) and copies
   from CUDA to the CPU.
 - category: a dtype-changing copy is a "cast"; else BRA's routing ("routing") or token attention ("attention")
@@ -228,6 +229,10 @@ class _Counter(TorchDispatchMode):
         if name == "biformer::triton_region_route":  # region sums of q and k, then the affinity products
             q, rows, cols = args[0], args[2], args[3]
             return 2 * q.numel() + 2 * q.shape[0] * (rows * cols) ** 2 * q.shape[3] * q.shape[4]
+        if name == "aten::convolution_backward" and not args[7]:  # torch's formula ignores groups
+            grad_out, weight, output_mask = args[0], args[2], args[10]
+            per_product = 2 * grad_out.numel() * math.prod(weight.shape[1:])
+            return per_product * (int(output_mask[0]) + int(output_mask[1]))
         formula = flop_registry.get(func.overloadpacket)
         return int(formula(*args, **kwargs, out_val=out)) if formula else 0
 
