@@ -59,6 +59,17 @@ def _query_rows(region, chunk, QUERY_TILE: tl.constexpr, T: tl.constexpr, COLS: 
 
 
 @triton.jit
+def _program_rows(HEADS: tl.constexpr, QUERY_CHUNKS: tl.constexpr, QUERY_TILE: tl.constexpr, T: tl.constexpr,
+                  COLS: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr, H, W):
+    """This program's query region, image, head, and its query tile's coordinates and mask."""
+    region = tl.program_id(0) // QUERY_CHUNKS
+    b = tl.program_id(1) // HEADS
+    m = tl.program_id(1) % HEADS
+    h, w, query_ok = _query_rows(region, tl.program_id(0) % QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+    return region, b, m, h, w, query_ok
+
+
+@triton.jit
 def _region_attention_fwd(
     Q, K, V, O, LSE, IDX,
     sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m, sv_b, sv_h, sv_w, sv_m, so_b, so_h, so_w, so_m,
@@ -69,11 +80,8 @@ def _region_attention_fwd(
     KEY_TILE: tl.constexpr, KEY_CHUNKS: tl.constexpr, USE_DOT: tl.constexpr,
     MASKED: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    region = tl.program_id(0) // QUERY_CHUNKS
-    b = tl.program_id(1) // HEADS
-    m = tl.program_id(1) % HEADS
     T: tl.constexpr = REGION_H * REGION_W
-    h, w, query_ok = _query_rows(region, tl.program_id(0) % QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+    region, b, m, h, w, query_ok = _program_rows(HEADS, QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)
@@ -112,11 +120,8 @@ def _region_attention_bwd_dq(
     MASKED: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):
     """dq of a query tile, and delta = dO . O of its tokens (written for the dk/dv kernel)."""
-    region = tl.program_id(0) // QUERY_CHUNKS
-    b = tl.program_id(1) // HEADS
-    m = tl.program_id(1) % HEADS
     T: tl.constexpr = REGION_H * REGION_W
-    h, w, query_ok = _query_rows(region, tl.program_id(0) % QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
+    region, b, m, h, w, query_ok = _program_rows(HEADS, QUERY_CHUNKS, QUERY_TILE, T, COLS, REGION_H, REGION_W, H, W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q, b, h, w, m, sq_b, sq_h, sq_w, sq_m, d, D, query_ok)

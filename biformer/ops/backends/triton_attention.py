@@ -168,7 +168,8 @@ def triton_routed_attention(
 
 
 @triton_routed_attention.register_fake
-def _(q, k, v, indices, cols, region_h, region_w, scale, masked):
+def forward_fake(q, k, v, indices, cols, region_h, region_w, scale, masked):
+    """Output (B, H, W, M, Dv) and log-sum-exp (B, M, H, W) of a forward of these inputs, unfilled."""
     batch, height, width, heads, _ = q.shape
     return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
 
@@ -219,7 +220,8 @@ def _(grad_out, q, k, v, lse, delta, indices, routed_by, start, cols, region_h, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output) -> None:
+    """What a backward of a forward op of this signature needs (both Triton backends use it)."""
     q, k, v, indices, cols, region_h, region_w, scale, masked = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, indices)
@@ -238,4 +240,4 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
 
-triton_routed_attention.register_autograd(_backward, setup_context=_setup_context)
+triton_routed_attention.register_autograd(_backward, setup_context=setup_context)

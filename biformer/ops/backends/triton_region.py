@@ -152,10 +152,7 @@ def triton_region_attention(
     return out, lse
 
 
-@triton_region_attention.register_fake
-def _(q, k, v, indices, cols, region_h, region_w, scale, masked):
-    batch, height, width, heads, _ = q.shape
-    return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
+triton_region_attention.register_fake(triton_attention.forward_fake)
 
 
 @torch.library.custom_op("biformer::triton_region_attention_backward", mutates_args=())
@@ -209,14 +206,6 @@ def _(indices):
     return _inverse_routing_outputs(indices)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, indices, cols, region_h, region_w, scale, masked = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, indices)
-    ctx.geometry = (cols, region_h, region_w, scale, masked)
-    ctx.set_materialize_grads(False)  # the log-sum-exp gets no gradient
-
-
 def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
         return (None,) * 9
@@ -226,4 +215,4 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
 
-triton_region_attention.register_autograd(_backward, setup_context=_setup_context)
+triton_region_attention.register_autograd(_backward, setup_context=triton_attention.setup_context)
