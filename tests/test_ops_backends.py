@@ -224,8 +224,18 @@ def _half_cases(target: Target) -> list[tuple]:
 
 @over_targets(["dtype", "case"], _half_cases)
 def test_half_precision(target, dtype, case):
+    """Within HALF_TOLERANCE of the float32 reference, or at least as close to it as the reference's own run in
+    this dtype: with 128-wide heads, gradients grow to about 12; there the Triton kernels were 0.057 (bfloat16)
+    and 0.0053 (float16) from float32 on an H200, and the reference's own half-precision run is 0.13 and 0.010 on
+    a CPU (on a GPU not yet measured)."""
     qk, v = _qkv(case, dtype, target.device)
-    _assert_half_matches_float32(_run(case, target.backend, "masked", qk, v), _float32_reference(case, qk, v), dtype)
+    got, want = _run(case, target.backend, "masked", qk, v), _float32_reference(case, qk, v)
+    own = _run(case, "reference", "masked", *_qkv(case, dtype, target.device))
+    for g, w, o in zip(got, want, own):
+        assert g.dtype == dtype
+        if not torch.allclose(g.float(), w, atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype]):
+            assert (g.float() - w).abs().max() <= (o.float() - w).abs().max(), f"{dtype}: further from float32 " \
+                f"than the reference's own {dtype} run ({(g.float() - w).abs().max():.4g} > {(o.float() - w).abs().max():.4g})"
 
 
 @over_targets(["dtype", "case"], _half_cases, backward=False)
