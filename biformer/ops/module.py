@@ -137,7 +137,9 @@ class BiLevelRoutingAttention(nn.Module):
         out = out.flatten(3)
         if self.lepe is not None:  # into the conv's output, never `out`: a backend may keep it for its backward
             out = add_into(self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
-        out = self.proj(out).narrow(1, 0, height).narrow(2, 0, width)  # drop the "legacy" mode's padding
+        out = self.proj(out)
+        if self.padding == "legacy":  # drop its padding (other modes' outputs are the map's size already: a narrow
+            out = out.narrow(1, 0, height).narrow(2, 0, width)  # there would cost two full copies in the backward)
         return out if self.channels_last else out.permute(0, 3, 1, 2)
 
 
