@@ -14,23 +14,26 @@ pytestmark = pytest.mark.skipif(kernels_bench.missing_compiler() is not None,
 
 @pytest.mark.parametrize("stage", list(kernels_bench.STAGES))
 def test_useful_fraction_at_every_biformer_s_stage(stage):
-    """The tiled kernel's share written out: its 64-row tiles pack 64 / T_P regions and keep 1 / slots of each
-    64x64 score tile; the region kernel computes exactly the routed entries."""
-    side, heads, dim, n_win, topk = kernels_bench.STAGES[stage]
-    tokens = (side // n_win) ** 2
-    regions, slots = n_win * n_win, 64 // tokens
-    tiled = regions * tokens * topk * tokens / (-(-regions // slots) * topk * 64 * 64)
-    stage = kernels_bench.Stage(side, heads, dim, n_win, topk)
-    assert kernels_bench.useful_fraction("triton", stage) == pytest.approx(tiled)
-    assert kernels_bench.useful_fraction("triton_region", stage) >= 0.8
+    stage = kernels_bench.Stage(*kernels_bench.STAGES[stage])
+    assert kernels_bench.useful_fraction("triton_region", stage) == 1.0
 
 
-def test_region_tiling_counts_odd_regions_and_long_key_lists():
+def test_useful_fraction_of_the_tiled_kernel_at_stage_3():
+    """14x14 map, 2x2-token regions, 49 of them, 16 routed: valid = 49 regions x 4 queries x 16 x 4 keys; the
+    tiled kernel packs 16 regions to a 64-row tile (4 tiles) and meets a 64-column key tile per routed region."""
+    stage = kernels_bench.Stage(*kernels_bench.STAGES["stage3"])
+    assert kernels_bench.useful_fraction("triton", stage) == 12544 / (4 * 16 * 64 * 64)
+
+
+def test_region_tiling_counts_odd_regions_long_key_lists_and_wide_heads():
     from biformer.ops.backends import triton_region
 
     grid = region_grid(30, 33, 7)  # 5x5-token regions (25 tokens: a 32-row query tile), 7 routed: 175 keys
-    computed, valid = triton_region.score_tiling(grid, 7)
+    computed, valid = triton_region.score_tiling(grid, 7, 16)
     assert valid == 49 * 25 * 7 * 25 and computed == 49 * 32 * 3 * 64  # three 64-key tiles
+    grid = region_grid(14, 14, 7)  # 2x2-token regions with 128-wide heads: dots on 16-row query tiles
+    computed, valid = triton_region.score_tiling(grid, 16, 128)
+    assert valid == 49 * 4 * 16 * 4 and computed == 49 * 16 * 64
 
 
 @pytest.mark.slow

@@ -72,9 +72,9 @@ def test_bra_training_step_is_free_of_host_syncs_and_counts_the_triton_kernels(m
     assert trace.total().syncs == 0
     assert trace.categories["routing"].launches > 0
 
-    def with_bincount(indices, num_regions):  # the earlier inverse routing: counts by bincount
-        routed_by, start = original(indices, num_regions)
-        torch.bincount(indices.flatten(), minlength=num_regions)
+    def with_bincount(indices):  # the earlier inverse routing: counts by bincount
+        routed_by, start = original(indices)
+        torch.bincount(indices.flatten(), minlength=indices.shape[1])
         return routed_by, start
 
     original = triton_attention.inverse_routing

@@ -30,5 +30,20 @@ def test_a_spent_budget_skips_the_sections_left(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--budget-s", "1", "--sections", "ops"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "gpu_proof.csv", newline="")))
-    assert [(r["section"], r["metric"], r["note"]) for r in rows] == [("ops", "not_run", "budget spent")]
+    with open(tmp_path / "gpu_proof.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["section"] == "ops"]  # a CUDA machine adds a device row
+    assert [(r["metric"], r["note"]) for r in rows] == [("not_run", "budget spent")]
+
+
+def test_a_section_past_its_cap_is_killed_with_its_children():
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_proof", SCRIPT)
+    proof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proof)
+    started = time.monotonic()
+    # a shell whose child sleeps: both must be gone when the cap ends the wait
+    assert proof._run_capped(["bash", "-c", "sleep 30 & wait"], 1) is None
+    assert time.monotonic() - started < 10
+    assert proof._run_capped([sys.executable, "-c", "pass"], 30) == 0

@@ -397,7 +397,7 @@ def test_inverse_routing_lists_the_query_regions_of_each_key_region():
     batch, regions, topk = 3, 9, 4
     indices = torch.stack([torch.randperm(regions, generator=generator)[:topk] for _ in range(batch * regions)])
     indices = indices.view(batch, regions, topk)
-    routed_by, start = inverse_routing(indices, regions)
+    routed_by, start = inverse_routing(indices)
     assert start.shape == (batch * regions + 1,) and start[-1] == routed_by.numel() == batch * regions * topk
     for b in range(batch):
         for j in range(regions):
@@ -432,7 +432,7 @@ def test_fused_routing_matches_the_specification(target, case, padding, dtype):
 
 
 @over_targets(targets=[_REGION_INTERPRETED])
-def test_region_backend_routes_with_its_fused_kernel(target, monkeypatch):
+def test_bra_takes_the_routing_of_the_chosen_backend(target, monkeypatch):
     from biformer.ops.backends import triton_region
     from biformer.ops.regions import route as route_spec
 
@@ -478,3 +478,24 @@ def test_auto_dispatch_on_cuda_takes_only_backends_run_on_a_gpu(monkeypatch, gra
             picked[stage] = select_backend(None, RoutedAttentionInputs.of(q, q, q, grid, topk, True)).name
     # training with 2x2-token regions: the reference (measured 10% faster there than triton on an H100)
     assert picked == {"1": "triton", "2": "triton", "3": "reference" if grad else "triton"}
+
+
+@over_targets(targets=[_REGION_INTERPRETED])
+def test_region_backend_beyond_its_fused_routing(target):
+    """81 regions (more than MAX_FUSED_REGIONS): the plain-op routing and CSR, with the same kernels."""
+    from biformer.ops.backends import triton_region
+
+    case = (1, 18, 18, 1, 16, 9, 3)
+    assert 9 * 9 > triton_region.MAX_FUSED_REGIONS
+    _assert_matches_reference(target, case, "masked")
+
+
+@over_targets(targets=[_REGION_INTERPRETED])
+def test_fused_routing_ranks_nan_last_and_stays_in_range(target):
+    from biformer.ops.backends import triton_region
+
+    q = torch.randn(1, 8, 8, 1, 16)
+    q[0, 0, 0, 0, 0] = float("nan")  # region 0's mean, and so its row of logits, is NaN
+    routing = triton_region.route(q, torch.randn(1, 8, 8, 1, 16), region_grid(8, 8, 4), 3, 0.25, True)
+    assert routing.indices.min() >= 0 and routing.indices.max() < 16
+    assert all(len(set(row)) == 3 for row in routing.indices[0].tolist())

@@ -3,7 +3,9 @@
 For each Triton backend and BiFormer-S stage (224 px): the useful share of the forward's computed score
 entries (from the backend's tiling: valid entries, each query token with each token of its routed regions,
 over the entries its tiles compute), and the registers and spills of every kernel compiled offline for a
-Hopper GPU (sm_90, Triton's own ptxas; nothing runs).
+Hopper GPU (sm_90, Triton's own ptxas; nothing runs). The compile sees plain pointer and stride arguments,
+without the divisible-by-16 specialisation the runtime adds where they allow it, so its figures are those of the
+unspecialised kernel.
 """
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ def missing_compiler() -> str | None:
 
 
 def useful_fraction(backend: str, stage: Stage) -> float:
-    tiling = {"triton": triton_attention.score_tiling, "triton_region": triton_region.score_tiling}[backend]
-    computed, valid = tiling(stage.grid, stage.topk)
+    if backend == "triton":
+        computed, valid = triton_attention.score_tiling(stage.grid, stage.topk)
+    else:
+        computed, valid = triton_region.score_tiling(stage.grid, stage.topk, stage.head_dim)
     return valid / computed
 
 

@@ -21,7 +21,9 @@ A training step is forward, cross-entropy, backward and an SGD step (momentum, f
 untraced step so that the optimizer state exists. torch's autograd engine needs a CUDA driver for CUDA tensors,
 fake ones too, so the backward runs here by walking the autograd graph as the engine would: gradients summed
 per input, broadcasts reduced and dtypes cast to what the forward saw, and a leaf's first gradient taken as its
-.grad without a copy.
+.grad without a copy. One difference: a Python autograd Function's missing output gradients reach its backward
+as None, where the engine would fill them with zeros unless the Function turned that off (its setting cannot be
+read back); ours turn it off or have one output.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ SYNC_OPS = {
 # ops that launch nothing: views whose schema does not say so, and allocations
 NO_LAUNCH = {
     "aten::_unsafe_view", "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided", "aten::new_empty",
-    "aten::new_empty_strided", "aten::lift_fresh", "prim::device", "aten::set_",
+    "aten::new_empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::lift_fresh", "prim::device",
+    "aten::set_",
 }
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _HALF = (torch.float16, torch.bfloat16)
@@ -112,7 +115,11 @@ def _triton_attention_flops(q: Tensor, v: Tensor, indices: Tensor, region_h: int
 def _fused_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
     """scaled_dot_product_attention as the fused kernel a Hopper GPU takes (the fake device would take the
-    unfused math path): flash attention in half precision without a mask, else memory-efficient attention."""
+    unfused math path): flash attention in half precision without a mask, else memory-efficient attention.
+    Under autocast the inputs are cast first, as autocast does for SDPA (the private kernels are not on its lists)."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     if query.dtype in _HALF and attn_mask is None and query.shape[-1] <= 256:
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
                                                                    scale=scale)[0]
@@ -121,8 +128,9 @@ def _fused_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
             ~attn_mask, float("-inf"))
     if attn_mask is not None:
         attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])
+    needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))  # for its backward
     return torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+        query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
 
 
 def _is_dtype_cast(name: str, args: tuple, out: Any) -> bool:
@@ -142,8 +150,6 @@ def _is_device_to_host(name: str, args: tuple, out: Any) -> bool:
 class _Categories:
     """The category of the code running now (see the module docstring), read off the Python stack."""
 
-    ROUTING = {("regions.py", "route")}
-    ATTENTION_FILES = ("ops/backends/",)
 
     def __init__(self) -> None:
         self.backward_node_category: str | None = None  # set while the graph walk runs a node
@@ -155,9 +161,10 @@ class _Categories:
         module_name = None
         while frame is not None:
             code = frame.f_code
-            if code.co_name == "route" and "/ops/" in code.co_filename.replace("\\", "/"):
+            path = code.co_filename.replace("\\", "/")
+            if code.co_name == "route" and "/ops/" in path:
                 return "routing"
-            if code.co_name == "attend" and any(part in code.co_filename for part in self.ATTENTION_FILES):
+            if code.co_name == "attend" and "/ops/backends/" in path:
                 return "attention"
             if module_name is None and code.co_name == "forward":
                 owner = frame.f_locals.get("self")
@@ -194,7 +201,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name in SYNC_OPS:
+        if name in SYNC_OPS and not (name == "aten::repeat_interleave" and kwargs.get("output_size") is not None):
             return self._sync(func, name, args, kwargs)
         if func.namespace == "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
             with self:
@@ -220,11 +227,10 @@ class _Counter(TorchDispatchMode):
         if name in ("biformer::triton_routed_attention", "biformer::triton_region_attention"):
             # q, k, v, indices, cols, region_h, region_w, ...
             return _triton_attention_flops(args[0], args[2], args[3], args[5], args[6])
-        if name == "biformer::triton_routed_attention_backward":  # dq, dk, dv and the recomputed scores
-            # grad_out, q, k, v, lse, delta, indices, routed_by, start, cols, region_h, region_w, ...
-            return 2 * _triton_attention_flops(args[1], args[3], args[6], args[10], args[11])
-        if name == "biformer::triton_region_attention_backward":
-            # grad_out, q, k, v, out, lse, indices, routed_by, start, cols, region_h, region_w, ...
+        # backward: the products it needs, dP, dV, dQ and dK, twice the forward (torch's convention for SDPA's
+        # backward, so that models compare alike); the kernels also recompute the scores, once per kernel
+        if name in ("biformer::triton_routed_attention_backward", "biformer::triton_region_attention_backward"):
+            # grad_out, q, k, v, (out or lse), (lse or delta), indices, routed_by, start, cols, region_h, region_w
             return 2 * _triton_attention_flops(args[1], args[3], args[6], args[10], args[11])
         if name == "biformer::triton_region_route":  # region sums of q and k, then the affinity products
             q, rows, cols = args[0], args[2], args[3]
@@ -347,7 +353,7 @@ def trace_model(model: nn.Module, mode: str, batch: int, img_size: int = 224, dt
             with torch.inference_mode(), autocast, _FunctionLevel(categories, fused_sdpa), _Counter(trace, categories):
                 model(images)
             return trace
-        labels = torch.zeros(batch, dtype=torch.long, device="cuda")
+        labels = torch.zeros(batch, dtype=torch.long, device="cuda")  # class 0: valid for any head
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
         model.train()
         for traced in (False, True):  # the first step makes the momentum buffers
@@ -355,7 +361,7 @@ def trace_model(model: nn.Module, mode: str, batch: int, img_size: int = 224, dt
             with _Counter(trace if traced else Trace(), categories):  # it also stands in for data-dependent sizes
                 with nodes, autocast:
                     logits = model(images)
-                    loss = F.cross_entropy(logits, labels % logits.shape[-1])
+                    loss = F.cross_entropy(logits, labels)
                 _run_backward(loss, categories, nodes.of_node)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -28,8 +28,9 @@ compiled flex_attention; forward only on CPU), "dense" (whole-map SDPA with a re
 reference's algorithm in ops that export at any input size; what dispatch runs under an exporter), "original"
 (the original release's algorithm, a benchmark baseline).
 
-What automatic dispatch takes, and the measurements it rests on (commands in docs/results.md). On CUDA only
-backends that have run on a GPU:
+What automatic dispatch takes, and the measurements it rests on (commands in docs/results.md): on each device
+only backends measured there, so on CUDA only backends that have run on a GPU, and on other devices (mps, xpu)
+the reference:
 
 | backend | auto-dispatched where | rests on |
 | --- | --- | --- |

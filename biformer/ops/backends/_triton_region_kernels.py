@@ -3,12 +3,13 @@
 Imported only when the triton_region backend runs (TRITON_INTERPRET must be set before, as for
 `_triton_kernels`, whose helpers these kernels share).
 
-Tiling, chosen so that no score entry is computed for nothing: a program takes up to QUERY_TILE tokens of one
-query region and all TOPK x T tokens of its routed regions, packed back to back into key tiles of KEY_TILE
-(T need not be a power of two; at BiFormer's stages every query attends to 64 keys: one key tile, a single-pass
-softmax). Regions of at least 16 tokens use tensor-core dots; smaller ones (2x2 tokens: 4 query rows, below
-tl.dot's 16) multiply and sum in registers instead of padding 4 rows to 16. Addresses are int32 (the indices
-are cast on load). The dq kernel also computes delta = dO . O per query token and stores it for the dk/dv
+Tiling, chosen to compute as few score entries for nothing as it can (none at BiFormer's stages): a program takes
+up to QUERY_TILE tokens of one query region and all TOPK x T tokens of its routed regions, packed back to back
+into key tiles of KEY_TILE (T need not be a power of two; at BiFormer's stages every query attends to 64 keys: one
+key tile, a single-pass softmax). Regions of more than 8 tokens, and heads of 128 or more, use tensor-core dots
+(query tiles of at least 16 rows); smaller regions (2x2 tokens: 4 query rows) multiply and sum in registers
+instead of padding 4 rows to 16. Addresses are int32 (the backend refuses inputs whose offsets would not fit; the
+indices are cast on load). The dq kernel also computes delta = dO . O per query token and stores it for the dk/dv
 kernel, which walks key region by key region over the query regions routed to it (no atomics).
 
 Shape legend: B batch, M heads, R regions, T tokens per region, K routed regions (TOPK), D/DV head dims.
@@ -247,9 +248,10 @@ def _route_fused(
     best = tl.full((R_P, TOPK_P), float("-inf"), tl.float32)
     chosen = tl.zeros((R_P, TOPK_P), tl.int32)
     free = tl.zeros((R_P, R_P), tl.int32) + region_ok[None, :].to(tl.int32)  # 1: a key region still to pick
+    ranked = tl.where(logits == logits, logits, float("-inf"))  # NaN (from NaN inputs) ranks last, never out of range
     for kk in range(TOPK):
-        top = tl.max(tl.where(free > 0, logits, float("-inf")), 1)
-        index = tl.min(tl.where((logits == top[:, None]) & (free > 0), regions[None, :], R_P), 1)
+        top = tl.max(tl.where(free > 0, ranked, float("-inf")), 1)
+        index = tl.min(tl.where((ranked == top[:, None]) & (free > 0), regions[None, :], R_P), 1)
         best = tl.where(slots[None, :] == kk, top[:, None], best)
         chosen = tl.where(slots[None, :] == kk, index[:, None], chosen)
         free = tl.where(regions[None, :] == index[:, None], 0, free)

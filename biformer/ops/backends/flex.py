@@ -102,7 +102,7 @@ def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
 
 
 def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
-    """On CUDA (unmeasured: see AUTO_DISPATCH). Not on CPU: at BiFormer-T's stage shapes (batch 8, 224 input,
+    """On CUDA (never measured: its first GPU run failed, see AUTO_DEVICES). Not on CPU: at BiFormer-T's stage shapes (batch 8, 224 input,
     inference, 2 threads, routing included) flex took 42.8/20.7/38.1 ms at stages 1/2/3 against the
     indexed backend's 32.3/21.4/30.6 ms (at 1 thread 57.9/28.8/49.7 against 42.4/24.9/28.7), and each
     new shape costs a compilation of about 10 s."""

@@ -65,7 +65,14 @@ def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
         reasons.append(f"dtype {q.dtype} is not one of {[str(d) for d in DTYPES]}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         reasons.append(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {MAX_HEAD_DIM}")
+    largest = max(_largest_offset(t) for t in (q, inputs.k, v))
+    if largest >= 2**31:
+        reasons.append(f"element offsets up to {largest} exceed the kernels' int32 addressing; use smaller batches")
     return reasons
+
+
+def _largest_offset(x: Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
 
 
 def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
@@ -174,13 +181,13 @@ def forward_fake(q, k, v, indices, cols, region_h, region_w, scale, masked):
     return v.new_empty(v.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
 
 
-def inverse_routing(indices: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
+def inverse_routing(indices: Tensor) -> tuple[Tensor, Tensor]:
     """The query regions that routed to each key region, as CSR: for batch b and key region j they are
     routed_by[start[b*R + j] : start[b*R + j + 1]]. indices (B, R, K) -> routed_by (B*R*K,), start (B*R + 1,).
 
     Sort and binary search only: no op reads a value back to the host (bincount does, twice per call on CUDA),
     so a training step can run without host syncs and be captured in a CUDA graph."""
-    batch, _, topk = indices.shape
+    batch, num_regions, topk = indices.shape
     key_regions, order = torch.sort(indices.flatten(1), dim=1, stable=True)  # (B, R*K), each row ascending
     routed_by = (order // topk).flatten()
     bounds = torch.arange(num_regions + 1, device=indices.device, dtype=key_regions.dtype).expand(batch, -1)
@@ -235,7 +242,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     q, k, v, out, lse, indices = ctx.saved_tensors
     # delta_i = sum_j p_ij dp_ij = dO_i . O_i, per query token and head: (B, M, H, W)
     delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
-    routed_by, start = inverse_routing(indices, indices.shape[1])
+    routed_by, start = inverse_routing(indices)
     grads = triton_routed_attention_backward(grad_out, q, k, v, lse, delta, indices, routed_by, start, *ctx.geometry)
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 

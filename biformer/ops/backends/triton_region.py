@@ -3,7 +3,7 @@
 The kernels of `_triton_region_kernels`: a program takes a query region's tokens (up to QUERY_TILE) and all
 TOPK x T routed key tokens, packed back to back; regions of under 16 tokens multiply in registers rather than
 padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
-computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.25 / 0.06 to 1.0 / 1.0 / 1.0
+computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.236 / 0.048 to 1.0 / 1.0 / 1.0
 (`score_tiling`). Routing (region means, affinity, top-k) and the backward's inverse routing take one launch
 each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Opt-in (`backend="triton_region"`) until a GPU run has measured it.
 """
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..regions import RegionGrid, Routing
+from ..regions import route as regions_route
 from . import triton_attention
 from .inputs import RoutedAttentionInputs
 from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last
@@ -25,16 +26,25 @@ AUTO_DEVICES: tuple[str, ...] = ()  # opt-in: never run on a GPU
 MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
 MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
 MIN_DOT_ROWS = 16  # tl.dot's smallest operand side
+WIDE_HEAD = 128  # head dims from which even small regions use dots
+# regions up to which routing and inverse routing run fused, one program per image holding R x R tiles (at 256
+# regions they spill 110 KB and 21 KB in an offline sm_90 compile): beyond, the plain-op routing and CSR
+MAX_FUSED_REGIONS = 64
 ROUTING_CHANNELS = 32  # channels of q and k summed per step of the routing kernel
 
 
 
-def is_available() -> bool:  # where the triton backend is (read at the call: a test or the trace may patch it)
+# where the triton backend runs (read at each call: a test or the trace may patch it)
+def is_available() -> bool:
     return triton_attention.is_available()
 
 
-unavailable_reason = triton_attention.unavailable_reason
-not_supported_reasons = triton_attention.not_supported_reasons
+def unavailable_reason() -> str:
+    return triton_attention.unavailable_reason()
+
+
+def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
+    return triton_attention.not_supported_reasons(inputs)
 
 
 def _next_pow2(n: int) -> int:
@@ -44,12 +54,14 @@ def _next_pow2(n: int) -> int:
 class Tiling:
     """Tile sizes of one call, from the region size and the routed key count."""
 
-    def __init__(self, tokens: int, topk: int) -> None:
-        self.query_tile = min(_next_pow2(tokens), MAX_QUERY_TILE)
+    def __init__(self, tokens: int, topk: int, head_dim: int) -> None:
+        # register products of wide heads spill (head dim 256: 4.5 KB in an offline sm_90 compile): dots instead,
+        # on query tiles padded to tl.dot's 16 rows
+        self.use_dot = _next_pow2(tokens) >= MIN_DOT_ROWS or head_dim >= WIDE_HEAD
+        self.query_tile = min(max(_next_pow2(tokens), MIN_DOT_ROWS if self.use_dot else 1), MAX_QUERY_TILE)
         self.query_chunks = math.ceil(tokens / self.query_tile)
         self.key_tile = max(min(_next_pow2(topk * tokens), MAX_KEY_TILE), MIN_DOT_ROWS)
         self.key_chunks = math.ceil(topk * tokens / self.key_tile)
-        self.use_dot = self.query_tile >= MIN_DOT_ROWS
         # the register products of small regions spread over 8 warps stay at 72 registers per thread (sm_90,
         # offline compile: 128 with 2 warps, 167 with 4); tensor-core tiles take 4
         self.num_warps = 4 if self.use_dot else 8
@@ -59,16 +71,19 @@ class Tiling:
         return regions * self.query_chunks * self.query_tile * self.key_chunks * self.key_tile
 
 
-def score_tiling(grid: RegionGrid, topk: int) -> tuple[int, int]:
+def score_tiling(grid: RegionGrid, topk: int, head_dim: int) -> tuple[int, int]:
     """(computed, valid) score entries per (batch, head) of this backend's forward: valid = each query token
     with each token of its routed regions."""
     tokens = grid.tokens_per_region
-    return Tiling(tokens, topk).computed_scores(grid.num_regions), grid.num_regions * tokens * topk * tokens
+    computed = Tiling(tokens, topk, head_dim).computed_scores(grid.num_regions)
+    return computed, grid.num_regions * tokens * topk * tokens
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
     """`biformer.ops.regions.route` in one launch per call (`_route_fused`): region means read in the input's
-    dtype and summed in float32, region affinity and top-k in registers."""
+    dtype and summed in float32, region affinity and top-k in registers; up to MAX_FUSED_REGIONS regions."""
+    if grid.num_regions > MAX_FUSED_REGIONS:
+        return regions_route(q, k, grid, topk, scale, masked)
     logits, indices, weights = torch.ops.biformer.triton_region_route(
         q.detach(), k.detach(), grid.rows, grid.cols, grid.region_h, grid.region_w, topk, scale, masked)
     return Routing(indices=indices, weights=weights, logits=logits, grid=grid)
@@ -121,7 +136,7 @@ def _kernels() -> ModuleType:
 def _constants(q: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int,
                masked: bool) -> tuple[dict, Tiling]:
     heads, qk_dim, v_dim = q.shape[3], q.shape[-1], v.shape[-1]
-    tiling = Tiling(region_h * region_w, indices.shape[-1])
+    tiling = Tiling(region_h * region_w, indices.shape[-1], max(qk_dim, v_dim))
     wide = max(_head_dim_block(qk_dim), _head_dim_block(v_dim)) > triton_attention.MAX_TF32X3_BLOCK
     float32_precision = triton_attention.WIDE_HEAD_FLOAT32_PRECISION if wide else triton_attention.FLOAT32_PRECISION
     return dict(
@@ -193,7 +208,7 @@ def triton_region_inverse_routing(indices: Tensor) -> tuple[Tensor, Tensor]:
     batch, regions, topk = indices.shape
     routed_by, start = _inverse_routing_outputs(indices)
     _kernels()._inverse_routing[(batch,)](indices.contiguous(), routed_by, start, batch, R=regions,
-                                          R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), TOPK=topk)
+                                          R_P=_next_pow2(regions), TOPK=topk)
     return routed_by, start
 
 
@@ -210,7 +225,10 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
         return (None,) * 9
     q, k, v, out, lse, indices = ctx.saved_tensors
-    routed_by, start = triton_region_inverse_routing(indices)
+    if indices.shape[1] > MAX_FUSED_REGIONS:
+        routed_by, start = triton_attention.inverse_routing(indices)
+    else:
+        routed_by, start = triton_region_inverse_routing(indices)
     grads = triton_region_attention_backward(grad_out, q, k, v, out, lse, indices, routed_by, start, *ctx.geometry)
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
