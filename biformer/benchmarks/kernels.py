@@ -1,6 +1,7 @@
 """`biformer bench kernels`: the Triton attention kernels judged without a GPU.
 
-For each Triton backend and BiFormer-S stage (224 px): the useful share of the forward's computed score
+For each Triton backend and BiFormer-S stage (224 px), and each of its kernels (triton_region's routing and inverse
+routing too): the useful share of the forward's computed score
 entries (from the backend's tiling: valid entries, each query token with each token of its routed regions,
 over the entries its tiles compute), and the registers and spills of every kernel compiled offline for a
 Hopper GPU (sm_90, Triton's own ptxas; nothing runs). The compile sees plain pointer and stride arguments,
@@ -25,7 +26,9 @@ COLUMNS = ("backend", "stage", "kernel", "dtype", "useful_fraction", "registers"
 SM90 = 90
 # BiFormer-S at 224 px: map side, heads, head dim, n_win, topk of its three BRA stages
 STAGES = {"stage1": (56, 2, 32, 7, 1), "stage2": (28, 4, 32, 7, 4), "stage3": (14, 8, 32, 7, 16)}
-_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "IDX": "i64", "ROUTED_BY": "i64", "ROUTED_BY_START": "i64"}
+_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "LOGITS": "fp32", "WEIGHTS": "fp32", "IDX": "i64",
+                   "INDICES": "i64", "ROUTED_BY": "i64", "ROUTED_BY_START": "i64", "START": "i64"}
+_INT_ARGUMENTS = ("H", "W", "B")
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -88,22 +91,30 @@ def _kernel_launches(backend: str, stage: Stage, dtype: torch.dtype) -> dict[str
     constants, tiling = triton_region._constants(q, q, indices, grid.cols, grid.region_h, grid.region_w, True)
     warps = constants.pop("num_warps")
     keys = dict(TOPK=stage.topk, KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks)
+    routing = dict(R=grid.num_regions, R_P=triton_region._next_pow2(grid.num_regions), COLS=grid.cols,
+                   REGION_H=grid.region_h, REGION_W=grid.region_w, TOPK=stage.topk)
     return {
         "forward": (kernels._region_attention_fwd, {**constants, **keys}, warps),
         "dq": (kernels._region_attention_bwd_dq, {**constants, **keys}, warps),
         "dkv": (kernels._region_attention_bwd_dkv, constants, warps),
+        "route": (kernels._route_fused, {**routing, "MASKED": True, **triton_region.routing_constants(
+            grid.num_regions, stage.heads, stage.head_dim, stage.topk)}, triton_region.ROUTING_WARPS),
+        "inverse": (kernels._inverse_routing, routing, 4),
     }
 
 
 def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
-    """Triton argument types by our kernels' naming: upper-case names are pointers, s*_ strides and H, W int32."""
+    """Triton argument types by our kernels' naming: upper-case names are pointers, strides and H, W, B int32."""
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for its constexprs {missing}")
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "scale":
             signature[name] = "fp32"
-        elif name.isupper() and name not in ("H", "W"):
+        elif name.isupper() and name not in _INT_ARGUMENTS:
             signature[name] = "*" + _POINTER_DTYPES.get(name, _TRITON_DTYPES[dtype])
         else:
             signature[name] = "i32"

@@ -31,6 +31,7 @@ WIDE_HEAD = 128  # head dims from which even small regions use dots
 # regions they spill 110 KB and 21 KB in an offline sm_90 compile): beyond, the plain-op routing and CSR
 MAX_FUSED_REGIONS = 64
 ROUTING_CHANNELS = 32  # channels of q and k summed per step of the routing kernel
+ROUTING_WARPS = 8
 
 
 
@@ -100,11 +101,16 @@ def triton_region_route(
     logits, indices, weights = _route_outputs(q, regions, topk)
     _kernels()._route_fused[(batch,)](
         q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width,
-        R=regions, R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), COLS=cols, REGION_H=region_h, REGION_W=region_w,
-        C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS, TOPK=topk, TOPK_P=_next_pow2(topk), MASKED=masked,
-        num_warps=8,
+        R=regions, COLS=cols, REGION_H=region_h, REGION_W=region_w, MASKED=masked, num_warps=ROUTING_WARPS,
+        **routing_constants(regions, heads, dim, topk),
     )
     return logits, indices, weights
+
+
+def routing_constants(regions: int, heads: int, dim: int, topk: int) -> dict:
+    """The routing kernel's tile sizes: regions padded to a power of two of at least tl.dot's 16."""
+    return dict(R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS,
+                TOPK_P=_next_pow2(topk))
 
 
 def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
