@@ -101,7 +101,7 @@ def triton_region_route(
     logits, indices, weights = _route_outputs(q, regions, topk)
     _kernels()._route_fused[(batch,)](
         q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width,
-        R=regions, COLS=cols, REGION_H=region_h, REGION_W=region_w, MASKED=masked, num_warps=ROUTING_WARPS,
+        R=regions, COLS=cols, REGION_H=region_h, REGION_W=region_w, TOPK=topk, MASKED=masked, num_warps=ROUTING_WARPS,
         **routing_constants(regions, heads, dim, topk),
     )
     return logits, indices, weights
