@@ -202,9 +202,11 @@ def _setup(args: argparse.Namespace):
 @contextlib.contextmanager
 def _threads(count: int | None) -> Iterator[None]:
     """torch's CPU thread count set for the benchmark, restored afterwards (the CLI may run in-process)."""
+    if count is None:  # left alone: setting even the same count changes how later float sums round
+        yield
+        return
     previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
