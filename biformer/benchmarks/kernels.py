@@ -78,28 +78,25 @@ def _kernel_launches(backend: str, stage: Stage, dtype: torch.dtype) -> dict[str
         from ..ops.backends import _triton_kernels as kernels
 
         geometry = triton_attention._Geometry(q, q, indices, grid.cols, grid.region_h, grid.region_w)
-        shared = dict(geometry.constants(True, dtype), TILE=triton_attention.TILE)
-        tiles = dict(TOPK=stage.topk, T_P=geometry.tokens_p2, G=geometry.slots, CHUNKS=geometry.chunks)
+        shared = geometry.constants(True, dtype)
         return {
-            "forward": (kernels._routed_attention_fwd, {**shared, **tiles}, 4),
-            "dq": (kernels._routed_attention_bwd_dq, {**shared, **tiles}, 4),
-            "dkv": (kernels._routed_attention_bwd_dkv,
-                    {**shared, "KEY_TILE": geometry.key_tile, "CHUNKS": geometry.key_chunks}, 4),
+            "forward": (kernels._routed_attention_fwd, {**shared, **geometry.query_tile_constants()}, 4),
+            "dq": (kernels._routed_attention_bwd_dq, {**shared, **geometry.query_tile_constants()}, 4),
+            "dkv": (kernels._routed_attention_bwd_dkv, {**shared, **geometry.key_tile_constants()}, 4),
         }
     from ..ops.backends import _triton_region_kernels as kernels
 
     constants, tiling = triton_region._constants(q, q, indices, grid.cols, grid.region_h, grid.region_w, True)
     warps = constants.pop("num_warps")
-    keys = dict(TOPK=stage.topk, KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks)
-    routing = dict(R=grid.num_regions, R_P=triton_region._next_pow2(grid.num_regions), COLS=grid.cols,
-                   REGION_H=grid.region_h, REGION_W=grid.region_w, TOPK=stage.topk)
+    routing = triton_region.routing_constants(grid.rows, grid.cols, grid.region_h, grid.region_w, stage.heads,
+                                              stage.head_dim, stage.topk)
     return {
-        "forward": (kernels._region_attention_fwd, {**constants, **keys}, warps),
-        "dq": (kernels._region_attention_bwd_dq, {**constants, **keys}, warps),
+        "forward": (kernels._region_attention_fwd, {**constants, **tiling.routed_key_constants()}, warps),
+        "dq": (kernels._region_attention_bwd_dq, {**constants, **tiling.routed_key_constants()}, warps),
         "dkv": (kernels._region_attention_bwd_dkv, constants, warps),
-        "route": (kernels._route_fused, {**routing, "MASKED": True, **triton_region.routing_constants(
-            grid.num_regions, stage.heads, stage.head_dim, stage.topk)}, triton_region.ROUTING_WARPS),
-        "inverse": (kernels._inverse_routing, routing, 4),
+        "route": (kernels._route_fused, {**routing, "MASKED": True}, triton_region.ROUTING_WARPS),
+        "inverse": (kernels._inverse_routing,
+                    triton_region.inverse_routing_constants(grid.num_regions, stage.topk), 4),
     }
 
 
@@ -129,7 +126,6 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype, num_warps: int) -> di
     from triton.compiler import ASTSource
 
     names = list(fn.arg_names)
-    constexprs = {name: value for name, value in constexprs.items() if name in names}  # shared sets of constants
     signature = _signature(fn, constexprs, dtype)
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()})

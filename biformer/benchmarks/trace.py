@@ -150,7 +150,6 @@ def _is_device_to_host(name: str, args: tuple, out: Any) -> bool:
 class _Categories:
     """The category of the code running now (see the module docstring), read off the Python stack."""
 
-
     def __init__(self) -> None:
         self.backward_node_category: str | None = None  # set while the graph walk runs a node
 

@@ -153,6 +153,14 @@ class _Geometry:
             WIDEN=_interpreting() and dtype == torch.bfloat16,
         )
 
+    def query_tile_constants(self) -> dict:
+        """The forward's and the dq kernel's tile layout (with `constants`)."""
+        return dict(TOPK=self.topk, TILE=TILE, T_P=self.tokens_p2, G=self.slots, CHUNKS=self.chunks)
+
+    def key_tile_constants(self) -> dict:
+        """The dk/dv kernel's tile layout (with `constants`)."""
+        return dict(KEY_TILE=self.key_tile, CHUNKS=self.key_chunks)
+
 
 @torch.library.custom_op("biformer::triton_routed_attention", mutates_args=())
 def triton_routed_attention(
@@ -168,8 +176,7 @@ def triton_routed_attention(
     lse = torch.empty(geo.batch, geo.heads, geo.height, geo.width, dtype=torch.float32, device=q.device)
     _kernels()._routed_attention_fwd[(geo.query_tiles, geo.batch * geo.heads)](
         q, k, v, out, lse, indices.contiguous(), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        scale, geo.height, geo.width, TOPK=geo.topk, TILE=TILE, T_P=geo.tokens_p2, G=geo.slots,
-        CHUNKS=geo.chunks, **geo.constants(masked, q.dtype),
+        scale, geo.height, geo.width, **geo.query_tile_constants(), **geo.constants(masked, q.dtype),
     )
     return out, lse
 
@@ -205,19 +212,18 @@ def triton_routed_attention_backward(
     """Two kernels: dq (query-centric) and dk/dv (key-centric, over `inverse_routing`'s CSR)."""
     q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
     geo = _Geometry(q, v, indices, cols, region_h, region_w)
-    batch, num_regions, topk = indices.shape
+    batch, num_regions = indices.shape[:2]
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kernels, constants = _kernels(), geo.constants(masked, q.dtype)
     kernels._routed_attention_bwd_dq[(geo.query_tiles, batch * geo.heads)](
         q, k, v, grad_out, grad_q, lse, delta, indices.contiguous(),
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_q),
-        scale, geo.height, geo.width, TOPK=topk, TILE=TILE, T_P=geo.tokens_p2, G=geo.slots, CHUNKS=geo.chunks,
-        **constants,
+        scale, geo.height, geo.width, **geo.query_tile_constants(), **constants,
     )
     kernels._routed_attention_bwd_dkv[(num_regions * geo.key_chunks, batch * geo.heads)](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, routed_by, start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_k), *_strides(grad_v),
-        scale, geo.height, geo.width, KEY_TILE=geo.key_tile, CHUNKS=geo.key_chunks, **constants,
+        scale, geo.height, geo.width, **geo.key_tile_constants(), **constants,
     )
     return grad_q, grad_k, grad_v
 

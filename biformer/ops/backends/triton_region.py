@@ -1,11 +1,12 @@
 """triton_region backend: routed attention with one query region per program and no wasted score entries.
 
 The kernels of `_triton_region_kernels`: a program takes a query region's tokens (up to QUERY_TILE) and all
-TOPK x T routed key tokens, packed back to back; regions of under 16 tokens multiply in registers rather than
-padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
+TOPK x T routed key tokens, packed back to back; regions of up to 8 tokens (with heads under 128 wide) multiply
+in registers rather than padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
 computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.236 / 0.048 to 1.0 / 1.0 / 1.0
 (`score_tiling`). Routing (region means, affinity, top-k) and the backward's inverse routing take one launch
-each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Opt-in (`backend="triton_region"`) until a GPU run has measured it.
+each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Opt-in
+(`backend="triton_region"`) until a GPU run has measured it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ ROUTING_CHANNELS = 32  # channels of q and k summed per step of the routing kern
 ROUTING_WARPS = 8
 
 
-
 # where the triton backend runs (read at each call: a test or the trace may patch it)
 def is_available() -> bool:
     return triton_attention.is_available()
@@ -56,6 +56,7 @@ class Tiling:
     """Tile sizes of one call, from the region size and the routed key count."""
 
     def __init__(self, tokens: int, topk: int, head_dim: int) -> None:
+        self.topk = topk
         # register products of wide heads spill (head dim 256: 4.5 KB in an offline sm_90 compile): dots instead,
         # on query tiles padded to tl.dot's 16 rows
         self.use_dot = _next_pow2(tokens) >= MIN_DOT_ROWS or head_dim >= WIDE_HEAD
@@ -66,6 +67,10 @@ class Tiling:
         # the register products of small regions spread over 8 warps stay at 72 registers per thread (sm_90,
         # offline compile: 128 with 2 warps, 167 with 4); tensor-core tiles take 4
         self.num_warps = 4 if self.use_dot else 8
+
+    def routed_key_constants(self) -> dict:
+        """The forward's and the dq kernel's key tiles (with `_constants`)."""
+        return dict(TOPK=self.topk, KEY_TILE=self.key_tile, KEY_CHUNKS=self.key_chunks)
 
     def computed_scores(self, regions: int) -> int:
         """Score entries the forward computes per (batch, head)."""
@@ -100,17 +105,21 @@ def triton_region_route(
     regions = rows * cols
     logits, indices, weights = _route_outputs(q, regions, topk)
     _kernels()._route_fused[(batch,)](
-        q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width,
-        R=regions, COLS=cols, REGION_H=region_h, REGION_W=region_w, TOPK=topk, MASKED=masked, num_warps=ROUTING_WARPS,
-        **routing_constants(regions, heads, dim, topk),
+        q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width, MASKED=masked,
+        num_warps=ROUTING_WARPS, **routing_constants(rows, cols, region_h, region_w, heads, dim, topk),
     )
     return logits, indices, weights
 
 
-def routing_constants(regions: int, heads: int, dim: int, topk: int) -> dict:
-    """The routing kernel's tile sizes: regions padded to a power of two of at least tl.dot's 16."""
-    return dict(R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS,
-                TOPK_P=_next_pow2(topk))
+def routing_constants(rows: int, cols: int, region_h: int, region_w: int, heads: int, dim: int, topk: int) -> dict:
+    """The routing kernel's constants but MASKED: regions padded to a power of two of at least tl.dot's 16."""
+    regions = rows * cols
+    return dict(R=regions, R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), COLS=cols, REGION_H=region_h,
+                REGION_W=region_w, C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS, TOPK=topk, TOPK_P=_next_pow2(topk))
+
+
+def inverse_routing_constants(regions: int, topk: int) -> dict:
+    return dict(R=regions, R_P=_next_pow2(regions), TOPK=topk)
 
 
 def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,8 +176,7 @@ def triton_region_attention(
     lse = torch.empty(batch, heads, height, width, dtype=torch.float32, device=q.device)
     _kernels()._region_attention_fwd[(indices.shape[1] * tiling.query_chunks, batch * heads)](
         q, k, v, out, lse, indices.contiguous(), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        scale, height, width, TOPK=indices.shape[-1], KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks,
-        **constants,
+        scale, height, width, **tiling.routed_key_constants(), **constants,
     )
     return out, lse
 
@@ -191,8 +199,7 @@ def triton_region_attention_backward(
     kernels._region_attention_bwd_dq[grid](
         q, k, v, out, grad_out, grad_q, lse, delta, indices.contiguous(),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(grad_q),
-        scale, height, width, TOPK=indices.shape[-1], KEY_TILE=tiling.key_tile, KEY_CHUNKS=tiling.key_chunks,
-        **constants,
+        scale, height, width, **tiling.routed_key_constants(), **constants,
     )
     kernels._region_attention_bwd_dkv[grid](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, routed_by, start,
@@ -213,8 +220,8 @@ def triton_region_inverse_routing(indices: Tensor) -> tuple[Tensor, Tensor]:
     (B*R*K,), start (B*R + 1,), int64."""
     batch, regions, topk = indices.shape
     routed_by, start = _inverse_routing_outputs(indices)
-    _kernels()._inverse_routing[(batch,)](indices.contiguous(), routed_by, start, batch, R=regions,
-                                          R_P=_next_pow2(regions), TOPK=topk)
+    _kernels()._inverse_routing[(batch,)](indices.contiguous(), routed_by, start, batch,
+                                          **inverse_routing_constants(regions, topk))
     return routed_by, start
 
 
