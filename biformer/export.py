@@ -1,32 +1,85 @@
-"""Exported models: ONNX files at a fixed input size or with height and width free.
+"""Exported models: ONNX (dynamo or TorchScript-based exporter), TorchScript traces and torch.export programs,
+at a fixed input size or with batch, height and width free, written atomically and checked against eager PyTorch.
 
 Under every exporter and tracer, BRA runs its portable formulation (`biformer.ops.backends.portable`), whose
 region grid follows the input's size inside the graph. Two settings of torch.export, which the dynamo ONNX
 exporter runs, make one graph serve every size: size-oblivious reasoning about backed sizes (a symbolic size is
 not asked whether it is 0 or 1) and guards that become runtime asserts instead of errors (the asserts it keeps
-hold for every size in range).
+hold for every size in range). A trace (torch.jit.trace, and the TorchScript-based ONNX exporter, which traces)
+records the sizes of its example: its file is for that input size only.
+
+Shape legend: B batch, H/W input height/width.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import UserError
 from .files import atomic_output
 
-# Sides a dynamic export accepts. At 32 px BiFormer's last map is a single token, which the exported graph
-# would have to tell apart from larger maps; from 33 px up one graph serves every size.
-MIN_SIDE, MAX_SIDE = 33, 4096
+FORMATS = ("onnx", "torchscript", "exported")
+SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported"}
+# The smallest side of a static export: BiFormer's stem and three downsamplings make a 32 px input a single
+# token at the last stage. A dynamic export needs maps of at least 2x2 there (see `smallest_dynamic_side`).
+MIN_SIDE, MIN_DYNAMIC_SIDE, MAX_SIDE = 32, 33, 4096
+MAX_BATCH = 1024
+TOLERANCE = 1e-4  # max abs difference from eager PyTorch, float32, relative to outputs of magnitude up to 1
 
 
-def dynamic_shapes() -> tuple[dict[int, torch.export.Dim], ...]:
-    """Height and width of a (B, 3, H, W) input free (the batch stays the example's)."""
-    return ({2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-             3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)},)
+def dynamic_shapes(batch: bool = False, min_side: int = MIN_DYNAMIC_SIDE) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Height and width (from `min_side` px; with `batch`, the batch too) of a (B, 3, H, W) input free."""
+    free = {2: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=min_side, max=MAX_SIDE)}
+    if batch:
+        free[0] = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return (free,)
+
+
+class _ConvolutionInputs(TorchDispatchMode):
+    """Records the (H, W) of every convolution's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.sizes.append(tuple(args[0].shape[2:]))
+        return func(*args, **(kwargs or {}))
+
+
+def smallest_dynamic_side(model: nn.Module) -> int:
+    """The smallest input side at which every convolution of `model` sees a map of more than one pixel per side:
+    below it, torch.export's convolutions take another path for 1-pixel maps, which one graph cannot hold. For
+    BiFormer with the overlapping conv stem that is 33 px, with the patch stem (the STL layout) 64 px."""
+    def more_than_one_pixel(side: int) -> bool:
+        recorder = _ConvolutionInputs()
+        try:
+            with torch.no_grad(), recorder:
+                model(torch.zeros(1, 3, side, side))
+        except RuntimeError:  # too small for the model at all
+            return False
+        return all(min(size) > 1 for size in recorder.sizes)
+
+    low, high = MIN_DYNAMIC_SIDE, MIN_DYNAMIC_SIDE  # small sides first: they cost little to run
+    while not more_than_one_pixel(high):
+        if high >= MAX_SIDE:
+            raise ValueError(f"the model has a 1-pixel map at every input side up to {MAX_SIDE}: no dynamic export")
+        low, high = high + 1, min(2 * high, MAX_SIDE)
+    while low < high:  # the answer lies in low..high
+        middle = (low + high) // 2
+        low, high = (low, middle) if more_than_one_pixel(middle) else (middle + 1, high)
+    return low
 
 
 @contextlib.contextmanager
@@ -37,20 +90,179 @@ def one_graph_for_every_size() -> Iterator[None]:
         yield
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path, *, dynamic: bool = False, legacy: bool = False,
-                opset: int | None = None) -> None:
-    """Write an ONNX file of `model` (atomically): with the dynamo exporter, or (legacy) the TorchScript one,
-    which traces, so that its file keeps `example`'s size."""
-    if legacy and dynamic:
-        raise ValueError("dynamic=True needs the dynamo exporter: the TorchScript exporter (legacy=True) traces, "
-                         "which fixes the input size; export at the size you run, or without legacy")
-    model = model.eval()
-    with atomic_output(Path(path)) as partial, torch.no_grad():
-        if legacy:
-            torch.onnx.export(model, (example,), str(partial), dynamo=False, input_names=["images"],
-                              output_names=["output"], opset_version=opset)
+@dataclass(frozen=True)
+class ExportSettings:
+    """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (dynamo ONNX and
+    torch.export); `legacy`: ONNX through the TorchScript-based exporter (what Ultralytics and mmdeploy use);
+    `opset`: the ONNX opset (None: the exporter's default)."""
+
+    format: str = "onnx"
+    dynamic: bool = False
+    legacy: bool = False
+    opset: int | None = None
+
+    def not_supported_reasons(self) -> list[str]:
+        reasons = []
+        if self.format not in FORMATS:
+            reasons.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.legacy and self.format != "onnx":
+            reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx'")
+        if self.dynamic and (self.legacy or self.format == "torchscript"):
+            reasons.append("dynamic sizes need the dynamo ONNX exporter or torch.export ('exported'): "
+                           "torch.jit.trace and the TorchScript-based ONNX exporter trace, which fixes the input "
+                           "size; export at the size you run instead")
+        if self.opset is not None and self.format != "onnx":
+            reasons.append("opset is for ONNX files")
+        return reasons
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """The format a file name asks for by its suffix; UserError for a suffix that names none."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        known = ", ".join(f"{suffix} ({name})" for suffix, name in SUFFIX_FORMATS.items())
+        raise UserError(f"cannot tell the format of {os.fspath(path)!r} from its suffix; name it {known} or "
+                        f"pass --format")
+    return SUFFIX_FORMATS[suffix]
+
+
+def check_size(height: int, width: int, smallest: int = MIN_SIDE) -> None:
+    """UserError unless each side is within smallest..MAX_SIDE pixels."""
+    if min(height, width) < smallest or max(height, width) > MAX_SIDE:
+        why = "" if smallest == MIN_SIDE else " (a dynamic export of this model starts at maps of 2x2 at the last stage)"
+        raise UserError(f"--img-size {height} {width}: each side must be within {smallest}..{MAX_SIDE} "
+                        f"pixels{why}; choose a size in range")
+
+
+def flat_outputs(value: Any) -> list[Tensor]:
+    """A model's output (a tensor, or lists, tuples and dicts of them, as a backbone's feature maps) as a flat
+    list in order: the order the exporters number their outputs in."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [tensor for item in value for tensor in flat_outputs(item)]
+
+
+def _output_names(model: nn.Module, example: Tensor) -> list[str]:
+    with torch.no_grad():
+        count = len(flat_outputs(model(example)))
+    return ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
+
+
+def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: ExportSettings,
+          min_side: int = MIN_DYNAMIC_SIDE) -> None:
+    """Export `model` (in eval mode) at `example`'s size to `path` (not atomically: see `export`); a dynamic
+    export takes sides from `min_side` px (see `smallest_dynamic_side`)."""
+    reasons = settings.not_supported_reasons()
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    model, path = model.eval(), os.fspath(path)
+    names = {"input_names": ["images"], "output_names": _output_names(model, example)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings: a trace keeps its example's sizes, which the module docstring says
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if settings.format == "torchscript":
+            # check_trace runs the model again and compares: `export` checks the file itself
+            torch.jit.save(torch.jit.trace(model, example, strict=False, check_trace=False), path)
+        elif settings.format == "onnx" and settings.legacy:
+            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=settings.opset, **names)
         else:
+            shapes = dynamic_shapes(batch=True, min_side=min_side) if settings.dynamic else None
             with one_graph_for_every_size():
-                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["images"],
-                                            dynamic_shapes=dynamic_shapes() if dynamic else None)
-            program.save(str(partial))
+                if settings.format == "exported":
+                    program = torch.export.export(model, (example,), dynamic_shapes=shapes,
+                                                  prefer_deferred_runtime_asserts_over_guards=True)
+                    with open(path, "wb") as file:  # a file object: torch.export.save wants .pt2 names otherwise
+                        torch.export.save(program, file)
+                else:
+                    onnx_program = torch.onnx.export(model, (example,), dynamo=True, opset_version=settings.opset,
+                                                     dynamic_shapes=shapes, verbose=False, **names)
+                    onnx_program.save(path)
+
+
+def load(path: str | os.PathLike, format: str) -> Callable[[Tensor], list[Tensor]]:
+    """A function running the exported file at `path` (ONNX files in ONNX Runtime, on the CPU): images in, the
+    flat list of outputs out."""
+    path = os.fspath(path)
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda images: [torch.from_numpy(array) for array in session.run(None, {name: images.numpy()})]
+    if format == "torchscript":
+        module = torch.jit.load(path)
+    else:
+        with open(path, "rb") as file:
+            module = torch.export.load(file).module()
+    return lambda images: flat_outputs(module(images))
+
+
+def verification_inputs(batch: int, height: int, width: int, dynamic: bool,
+                        min_side: int = MIN_DYNAMIC_SIDE) -> list[tuple[int, int, int]]:
+    """(B, H, W) of the example an export traces (the first) and of the inputs it is checked on: the example;
+    with `dynamic`, also batch 1 at sides not divisible by 32 (nor BiFormer's maps by the 7 regions per side),
+    and batch 3 of a small input whose third-stage map is smaller than 7x7 (regions of one token, fewer regions
+    than n_win). A dynamic export's example has a batch of at least 2: at batch 1 torch.export would fix it
+    (CPU convolutions choose their memory format by whether the batch is 1)."""
+    if not dynamic:
+        return [(batch, height, width)]
+    return [(max(batch, 2), height, width),
+            (1, height * 7 // 8 // 8 * 8 + 4, width * 4 // 3 // 8 * 8 + 4),
+            (3, max(min_side, height * 3 // 7), max(min_side, width * 4 // 7))]
+
+
+@dataclass(frozen=True)
+class Check:
+    """An exported file run on one input beside eager PyTorch."""
+
+    input_shape: tuple[int, ...]  # (B, 3, H, W)
+    max_error: float  # max abs difference over all outputs
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_error <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "MISMATCH"
+        return f"input {tuple(self.input_shape)}: max abs error {self.max_error:.2e} (tolerance {self.tolerance:.1e}) {verdict}"
+
+
+def compare(run: Callable[[Tensor], list[Tensor]], model: nn.Module, images: Tensor) -> Check:
+    """Run `images` through the exported `run` and eager `model`; the tolerance scales with the outputs'
+    magnitude above 1 (float32 rounding is relative)."""
+    with torch.no_grad():
+        expected = flat_outputs(model(images))
+    got = run(images)
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
+        return Check(tuple(images.shape), float("inf"), 0.0)
+    error = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, expected))
+    scale = max(1.0, max(b.abs().max().item() for b in expected))
+    return Check(tuple(images.shape), error, TOLERANCE * scale)
+
+
+class ExportMismatchError(UserError):
+    """An exported file whose outputs differ from eager PyTorch's beyond the tolerance."""
+
+
+def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, height: int, width: int,
+           batch: int = 1, seed: int = 0) -> list[Check]:
+    """Export `model` at (batch, 3, height, width) to `path`, then load the file and check it against eager
+    PyTorch on `verification_inputs` (random images from `seed`). The file appears only once every check
+    passed: ExportMismatchError (listing the checks) otherwise, and no file."""
+    min_side = smallest_dynamic_side(model) if settings.dynamic else MIN_SIDE
+    check_size(height, width, min_side)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)
+              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side)]
+    with atomic_output(path) as partial:
+        write(model, inputs[0], partial, settings, min_side)
+        run = load(partial, settings.format)
+        checks = [compare(run, model, images) for images in inputs]
+        if not all(check.passed for check in checks):
+            raise ExportMismatchError(f"the exported file differs from eager PyTorch, so {os.fspath(path)!r} was not "
+                                      f"written: " + "; ".join(map(str, checks)))
+    return checks
+

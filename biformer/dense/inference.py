@@ -23,9 +23,23 @@ STRIDE_MULTIPLE = 32  # the backbones' total downsampling
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
     """(B, 3, H, W) -> (B, K, H, W) for any H, W: zero-padded at the bottom/right to multiples of 32, then cropped."""
     height, width = images.shape[-2:]
-    pad_h, pad_w = (-height) % STRIDE_MULTIPLE, (-width) % STRIDE_MULTIPLE
-    padded = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    # the padded sides written as multiples of 32: for symbolic sizes (torch.export) the model's maps then have
+    # sides that simplify (a multiple of 32 halved is a multiple of 16), not nested remainders
+    fit = lambda side: (side + STRIDE_MULTIPLE - 1) // STRIDE_MULTIPLE * STRIDE_MULTIPLE - side  # noqa: E731
+    padded = F.pad(images, (0, fit(width), 0, fit(height)))
     return model(padded)["out"][..., :height, :width]
+
+
+class AnySizeSegmenter(nn.Module):
+    """A segmentation model as one module for any input size, to export: (B, 3, H, W) -> (B, K, H, W) logits,
+    the whole-image inference of `segment`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return _logits(self.model, images)
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -180,7 +180,8 @@ class SegmentationModel(nn.Module):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         height, width = images.shape[-2:]
-        if height % STRIDE or width % STRIDE:
+        # symbolic sizes (torch.export) go unchecked: a check would fix them; AnySizeSegmenter pads them to fit
+        if isinstance(height, int) and isinstance(width, int) and (height % STRIDE or width % STRIDE):
             fit = lambda n: -(-n // STRIDE) * STRIDE  # noqa: E731
             raise ValueError(
                 f"images of {height}x{width}: {self.name} needs height and width divisible by {STRIDE}; "

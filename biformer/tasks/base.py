@@ -98,6 +98,7 @@ class Task(ABC):
     name: ClassVar[str]
     heads: ClassVar[tuple[str, ...]] = ()  # model-name prefixes it owns: <head>_<backbone>
     default_data: ClassVar[str]  # the data set `eval` uses when --data is not given
+    reference_classes: ClassVar[int]  # the class count of the task's reference data set (an untrained model's)
     # the task-specific options it takes: of `train` (TrainConfig fields among TASK_TRAIN_OPTIONS), `eval` and
     # `predict` (argparse dests); the others must keep their defaults
     train_options: ClassVar[frozenset[str]] = frozenset()
@@ -187,6 +188,15 @@ class Task(ABC):
     @abstractmethod
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         """The untrained model that a weights file with this metadata holds the weights of."""
+
+    def untrained_model(self, model_name: str, img_size: int) -> nn.Module:
+        """Model `model_name` with random weights and the reference data set's classes (to export or measure)."""
+        return self.restored_model(model_name, {"classes": [str(index) for index in range(self.reference_classes)]},
+                                   img_size).eval()
+
+    def deployable(self, model: nn.Module) -> nn.Module:
+        """What `biformer export` writes of a restored model: images in, the task's raw outputs out."""
+        return model
 
     def restore(self, checkpoint: str | os.PathLike, metadata: dict[str, Any], model_name: str,
                 img_size: int | None = None) -> Restored:

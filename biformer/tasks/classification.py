@@ -28,6 +28,7 @@ from .base import Objective, Restored, Task, UnreadableImages, eval_batches
 class ClassificationTask(Task):
     name = "classification"
     default_data = "digits"
+    reference_classes = 1000  # ImageNet
     train_options = TASK_TRAIN_OPTIONS  # every one: they are all classification's
     predict_options = frozenset({"topk", "json"})
     metric = "val_top1"

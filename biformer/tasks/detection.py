@@ -35,6 +35,7 @@ class DetectionTask(Task):
     name = "detection"
     heads = DETECTION_HEADS
     default_data = "digit-scenes"
+    reference_classes = 80  # COCO
     predict_options = frozenset({"output", "score_threshold", "annotations"})
     predicts_files = True
     metric = "val_bbox_ap"

@@ -26,7 +26,7 @@ from ..data.segmentation import (
     build_segmentation_datasets,
     collate_segmentation,
 )
-from ..dense.inference import resize_scores, segment
+from ..dense.inference import AnySizeSegmenter, resize_scores, segment
 from ..dense.metrics import ConfusionMatrix, iou_table
 from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
 from ..errors import UserError
@@ -47,6 +47,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     heads = SEGMENTATION_HEADS
     default_data = "digit-scenes"
+    reference_classes = 150  # ADE20K
     eval_options = frozenset({"mode", "window", "stride", "flip"})
     predict_options = frozenset({"mode", "flip", "output"})
     predicts_files = True
@@ -123,6 +124,10 @@ class SegmentationTask(Task):
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
         return (f"final validation mIoU: {row['val_miou']:.2f}% (best {best['val_miou']:.2f}% at "
                 f"{best['at']}), aAcc {row['val_aacc']:.2f}%\n" + iou_table(classes, row["val_class_iou"]))
+
+    def deployable(self, model: nn.Module) -> nn.Module:
+        """Logits (B, K, H, W) for images of any size (padded to multiples of 32 inside, then cropped)."""
+        return AnySizeSegmenter(model).eval()
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_segmentation_model(model_name, len(metadata["classes"]))

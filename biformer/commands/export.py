@@ -1,0 +1,101 @@
+"""`biformer export`: a model as an ONNX file, a TorchScript trace or a torch.export program, checked against eager
+PyTorch before the file appears."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..errors import UserError
+from ._options import positive
+
+DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's training size
+
+FORMAT_HELP = ("onnx: the dynamo exporter (--legacy: the TorchScript-based one that Ultralytics and mmdeploy use), "
+               "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools), valid at the "
+               "traced size only; exported: torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
+               "output's suffix (.onnx, .pt or .ts, .pt2)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..export import FORMATS
+
+    parser = subparsers.add_parser(
+        "export", help="export a model to ONNX, TorchScript or torch.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Export a model (from a checkpoint, or a bare --model with random weights) for deployment. The "
+                    "file takes normalised images (B, 3, H, W), as the model in PyTorch does. Before it appears, it "
+                    "is loaded back and run beside eager PyTorch on the export size and, with --dynamic, on another "
+                    "batch at sides not divisible by 32 and on a small input (maps smaller than the 7x7 regions); "
+                    "a difference beyond 1e-4 (max abs, scaled by outputs above 1) is an error and leaves no file. "
+                    "torch.jit.trace and the TorchScript-based ONNX exporter (--legacy) trace: their files are for "
+                    "the export size only; --dynamic (dynamo ONNX or torch.export) gives one file for every size.",
+    )
+    parser.add_argument("output", help="the file to write (atomically)")
+    parser.add_argument("--checkpoint", default=None, help=".safetensors from `biformer train`, or a release .pth "
+                                                           "with --model")
+    parser.add_argument("--model", default=None, help="model name (read from our checkpoints when omitted); "
+                                                      "without --checkpoint: random weights")
+    parser.add_argument("--format", choices=FORMATS, default=None, help=FORMAT_HELP)
+    parser.add_argument("--legacy", action="store_true", help="ONNX: the TorchScript-based exporter (traces)")
+    parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (dynamo ONNX, exported)")
+    parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
+                        help="input height and width (one value: square); default: the checkpoint's training "
+                             "size, else 224")
+    parser.add_argument("--batch", type=positive, default=1, help="the example's batch (the file's, unless --dynamic)")
+    parser.add_argument("--opset", type=positive, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--backbone", action="store_true",
+                        help="export the dense backbone of a BiFormer classifier: its four feature maps "
+                             "(strides 4, 8, 16, 32) as the outputs")
+    parser.set_defaults(run=run)
+
+
+def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
+    sizes = args.img_size or [default]
+    if len(sizes) > 2:
+        raise UserError(f"--img-size takes H and W (or one value for both), got {len(sizes)} values")
+    return sizes[0], sizes[-1]
+
+
+def _model(args: argparse.Namespace):
+    """(the model to export, its default input side)."""
+    from ..tasks.registry import restore, task_for_checkpoint, task_for_model
+
+    if args.checkpoint is None and args.model is None:
+        raise UserError("pass --checkpoint FILE (and --model for a release file) or --model NAME")
+    if args.checkpoint is not None:
+        task, _, name = task_for_checkpoint(args.checkpoint, args.model)
+    else:
+        task, name = task_for_model(args.model), args.model
+    if args.backbone:
+        from ..dense import create_backbone
+
+        if task.name != "classification" or not name.startswith("biformer"):
+            raise UserError(f"--backbone needs a BiFormer classifier (biformer_tiny, ...), got {task.name} model "
+                            f"{name!r}")
+        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE
+    if args.checkpoint is not None:
+        restored = restore(args.checkpoint, args.model)
+        return task.deployable(restored.model), restored.img_size
+    return task.deployable(task.untrained_model(name, DEFAULT_SIDE)), DEFAULT_SIDE
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
+    from ..files import check_writable
+
+    settings = ExportSettings(args.format or format_for_path(args.output), args.dynamic, args.legacy, args.opset)
+    reasons = settings.not_supported_reasons()
+    if reasons:
+        raise UserError("; ".join(reasons))
+    if args.img_size:
+        check_size(*_size(args, 0), MIN_DYNAMIC_SIDE if settings.dynamic else MIN_SIDE)  # before the model is built
+    check_writable(args.output, "output")
+    model, default_side = _model(args)
+    height, width = _size(args, default_side)
+    start = time.perf_counter()
+    checks = export(model, args.output, settings, height, width, batch=args.batch)
+    for check in checks:
+        print(f"  {check}")
+    kind = "dynamic" if settings.dynamic else f"{args.batch}x3x{height}x{width}"
+    print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {kind}, written in "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
