@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..benchmarks import detection as detection_bench
+from ..benchmarks import export as export_bench
 from ..benchmarks import kernels as kernels_bench
 from ..benchmarks import segmentation as segmentation_bench
 from ..benchmarks import trace as trace_bench
@@ -29,6 +30,7 @@ from ..errors import UserError
 from ..files import atomic_output, check_writable
 from ..measure import format_table, write_csv
 from ..ops.backends import BACKENDS
+from ._options import non_negative, positive
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -80,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_kernels(kinds)
     _register_segmentation(kinds)
     _register_detection(kinds)
+    _register_export(kinds)
 
 
 def _register_trace(kinds: argparse._SubParsersAction) -> None:
@@ -160,6 +163,29 @@ def _register_detection(kinds: argparse._SubParsersAction) -> None:
     detection.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     _threads_and_csv_options(detection)
     detection.set_defaults(run=run_detection)
+
+
+def _register_export(kinds: argparse._SubParsersAction) -> None:
+    export = kinds.add_parser(
+        "export", help="exported models in ONNX Runtime beside eager PyTorch, on CPU: ms per batch",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Each model is exported with the dynamo ONNX exporter at a fixed size (one file per batch) and "
+                    "run by ONNX Runtime (every graph optimisation, --threads intra-op threads) and by eager "
+                    "PyTorch (as many threads, no autograd), interleaved: median and range of --rounds rounds. "
+                    "With --profile MODEL: ONNX Runtime's profile of that model instead, by operator type.",
+    )
+    export.add_argument("models", nargs="*", metavar="MODEL",
+                        help=f"timm model names (default: {' '.join(export_bench.DEFAULT_MODELS)})")
+    export.add_argument("--batches", type=positive, nargs="+", default=[1, 8])
+    export.add_argument("--img-size", type=positive, default=224)
+    export.add_argument("--threads", type=positive, default=2, help="ONNX Runtime and torch CPU threads")
+    export.add_argument("--rounds", type=positive, default=7, help="timed rounds")
+    export.add_argument("--warmup", type=non_negative, default=2, help="untimed rounds first")
+    export.add_argument("--keep", default=None, metavar="FOLDER", help="keep the ONNX files in this folder")
+    export.add_argument("--profile", default=None, metavar="MODEL",
+                        help="print ONNX Runtime's profile of MODEL (batch: the first of --batches) instead")
+    export.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    export.set_defaults(run=run_export)
 
 
 def _threads_and_csv_options(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +375,27 @@ def run_segmentation(args: argparse.Namespace) -> int:
     if any(row["backend"] == segmentation_bench.ORIGINAL for row in rows):
         print("backend original: the release's gather algorithm, which a user of the original code measured at "
               "5.8 GB over its loaded model")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    _check_threads_and_csv(args)
+    if args.img_size < 32:
+        raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    try:
+        if args.profile:
+            rows = export_bench.profile_onnx(args.profile, args.batches[0], args.img_size, args.threads)
+            _report(rows, export_bench.PROFILE_COLUMNS, args.csv,
+                    f"{args.profile} in ONNX Runtime, batch {args.batches[0]}, {args.img_size}x{args.img_size}, "
+                    f"{args.threads} threads: kernel time by operator type, per run")
+            return 0
+        rows = export_bench.bench_export(args.models or list(export_bench.DEFAULT_MODELS), tuple(args.batches),
+                                         args.img_size, args.threads, args.rounds, args.warmup, args.keep)
+    except ValueError as error:
+        raise UserError(f"bench export: {error}") from None
+    _report(rows, export_bench.COLUMNS, args.csv,
+            f"exported (dynamo ONNX, fixed size) at {args.img_size}x{args.img_size} on CPU, {args.threads} threads: "
+            f"ms per batch, median and range of {args.rounds} interleaved rounds")
     return 0
 
 
