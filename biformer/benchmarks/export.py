@@ -3,8 +3,9 @@
 Every model is exported the same way (`biformer.export.write`: the dynamo exporter at a fixed size, one file per
 batch size) and run by an ONNX Runtime session with every graph optimisation on and `threads` intra-op threads,
 as a user deploying it would set them; eager PyTorch runs the same input with as many threads, no autograd.
-Timing is interleaved: each round runs every (model, batch, runtime) once after warm-up rounds, so that a busy
-spell of the machine slows all alike; the table gives the median and range over the rounds.
+Timing is interleaved: each round runs every (model, batch) once after warm-up rounds, so that a busy spell of the
+machine slows all alike; the table gives the median and range over the rounds. ONNX Runtime's rounds and eager
+PyTorch's run apart: a runtime's idle threads spin for a while after each run and would slow the other's.
 
 With `profile`, ONNX Runtime's profiler runs one model's session a few times and the time is summed by operator
 type: where an exported model's time goes.
@@ -78,8 +79,10 @@ def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: 
                 runs[name, batch, "eager"] = lambda model=model, images=images: _eager(model, images)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-        try:
-            times = _interleaved_ms(runs, rounds, warmup)
+        try:  # each runtime's rounds apart: one's idle threads spin for a while and would slow the other's runs
+            times = {key: ms for runtime in ("onnxruntime", "eager")
+                     for key, ms in _interleaved_ms({key: run for key, run in runs.items() if key[2] == runtime},
+                                                    rounds, warmup, runtime).items()}
         finally:
             torch.set_num_threads(previous_threads)
     rows = []
@@ -98,9 +101,10 @@ def _eager(model: torch.nn.Module, images: torch.Tensor) -> None:
         model(images)
 
 
-def _interleaved_ms(runs: dict[Any, Callable[[], Any]], rounds: int, warmup: int) -> dict[Any, list[float]]:
+def _interleaved_ms(runs: dict[Any, Callable[[], Any]], rounds: int, warmup: int, desc: str) -> dict[Any, list[float]]:
+    """Milliseconds of each run per round: every round runs each once, in turn, after `warmup` untimed rounds."""
     times: dict[Any, list[float]] = {key: [] for key in runs}
-    for round_index in progress(range(warmup + rounds), desc="timing", unit="round"):
+    for round_index in progress(range(warmup + rounds), desc=desc, unit="round"):
         for key, run in runs.items():
             start = time.perf_counter()
             run()

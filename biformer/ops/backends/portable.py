@@ -35,11 +35,13 @@ def head_first_regions(x: Tensor, grid: RegionGrid) -> Tensor:
 
 
 def from_head_first_regions(x: Tensor, grid: RegionGrid, batch: int, heads: int) -> Tensor:
-    """(B, M, R, T, D) -> (B, H, W, M, D), dropping the padding: the padded map, then its H x W tokens gathered.
+    """(B, M, R, T, D) -> (B, H, W, M, D), dropping any padding: the padded map, then its H x W tokens gathered.
     (A gather rather than a crop: a cropped map's layout asks whether it was padded.)"""
     dim = x.shape[-1]
     x = x.view(batch, heads, grid.rows, grid.cols, grid.region_h, grid.region_w, dim)
     x = _standard(x.permute(0, 2, 4, 3, 5, 1, 6))  # (B, rows, region_h, cols, region_w, M, D)
+    if not grid.is_padded:  # known to need no padding (a fixed-size export): the padded map is the map
+        return x.view(batch, grid.height, grid.width, heads, dim)
     x = x.view(batch, grid.padded_height * grid.padded_width, heads, dim)
     inside = torch.arange(grid.height, device=x.device)[:, None] * grid.padded_width \
         + torch.arange(grid.width, device=x.device)[None, :]  # (H, W): each token's place in the padded map
