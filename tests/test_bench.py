@@ -43,6 +43,8 @@ def test_bench_op_reports_a_backend_that_cannot_run(tmp_path, capsys, monkeypatc
     (["bench", "model", "--backend", "nope"], "unknown --backend"),
     (["bench", "model", "no_such_model"], "unknown model"),
     (["bench", "model", "resnet18:backend=indexed"], "BiFormer models only"),
+    (["bench", "export", "no_such_model"], "unknown model"),
+    (["bench", "export", "--img-size", "16"], "--img-size must be at least 32"),
 ])
 def test_bench_bad_input(argv, message, capsys):
     assert main(argv) == 2
@@ -60,6 +62,34 @@ def test_bench_model_smoke(tmp_path, capsys):
     for row in rows:
         assert float(row["infer_img_s"]) > 0 and float(row["train_img_s"]) > 0 and float(row["gflops"]) > 0
         assert float(row["infer_gflop_s"]) == pytest.approx(float(row["gflops"]) * float(row["infer_img_s"]))
+
+
+@pytest.mark.slow
+def test_bench_export_smoke(tmp_path, capsys):
+    path, kept = tmp_path / "export.csv", tmp_path / "onnx"
+    code = main(["bench", "export", "biformer_nano", "resnet18", "--img-size", "32", "--batches", "1", "2",
+                 "--rounds", "2", "--warmup", "0", "--threads", "1", "--keep", str(kept), "--csv", str(path)])
+    assert code == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["model"], r["batch"]) for r in rows] == [("biformer_nano", "1"), ("biformer_nano", "2"),
+                                                        ("resnet18", "1"), ("resnet18", "2")]
+    for row in rows:
+        assert float(row["onnxruntime_ms"]) > 0 and float(row["eager_ms"]) > 0
+        low, high = map(float, row["ort_range"].split("-"))
+        assert low <= float(row["onnxruntime_ms"]) <= high
+    assert sorted(p.name for p in kept.iterdir()) == ["biformer_nano_b1.onnx", "biformer_nano_b2.onnx",
+                                                      "resnet18_b1.onnx", "resnet18_b2.onnx"]
+
+
+@pytest.mark.slow
+def test_bench_export_profile_sums_kernel_time_by_op_type(capsys):
+    assert main(["bench", "export", "--profile", "biformer_nano", "--img-size", "32", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel time by operator type" in out
+    rows = [line.split() for line in out.splitlines()[3:] if line.strip()]
+    shares = [float(row[2].rstrip("%")) for row in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+    assert {"MatMul", "Gemm", "FusedMatMul"} & {row[0] for row in rows}  # the attention and projections
 
 
 @pytest.mark.slow

@@ -62,6 +62,20 @@ def test_the_backbone_of_a_checkpoint_gives_four_maps(checkpoint, tmp_path, caps
     assert shapes == [(1, 32, 16, 24), (1, 64, 8, 12), (1, 128, 4, 6), (1, 256, 2, 3)]
 
 
+@pytest.mark.slow
+def test_a_detector_through_the_legacy_onnx_exporter(tmp_path, capsys):
+    """FCOS with random weights finds boxes at 128 px (RetinaNet and Mask R-CNN find none): non-empty outputs
+    compared, boxes, scores and labels."""
+    rc, out, err = cli(capsys, "export", tmp_path / "fcos.onnx", "--model", "fcos_biformer_nano", "--legacy",
+                       "--img-size", "128")
+    assert rc == 0, err
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "fcos.onnx"), providers=["CPUExecutionProvider"])
+    boxes = session.run(None, {"images": torch.randn(1, 3, 128, 128).numpy()})[0]
+    assert boxes.ndim == 2 and boxes.shape[1] == 4 and " ok" in out
+
+
 @pytest.mark.parametrize("argv, fragments", [
     (["--model", "biformer_nano", "--format", "torchscript", "--dynamic"], ["dynamic sizes need the dynamo ONNX"]),
     (["--model", "biformer_nano", "--img-size", "16"], ["--img-size 16 16", "within 32..4096"]),
@@ -70,6 +84,7 @@ def test_the_backbone_of_a_checkpoint_gives_four_maps(checkpoint, tmp_path, caps
     (["--model", "no_such_model"], ["--model 'no_such_model' is no model of any task"]),
     ([], ["pass --checkpoint FILE", "or --model NAME"]),
     (["--model", "sfpn_biformer_nano", "--backbone"], ["--backbone needs a BiFormer classifier"]),
+    (["--model", "retinanet_biformer_nano"], ["detection models export with --format onnx --legacy only"]),
 ])
 def test_bad_options(tmp_path, capsys, argv, fragments):
     rc, _, err = cli(capsys, "export", tmp_path / "model.pt", *argv)

@@ -55,8 +55,8 @@ def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
-def _model(args: argparse.Namespace):
-    """(the model to export, its default input side)."""
+def _model(args: argparse.Namespace, settings):
+    """(the model to export, its default input side); UserError if its task cannot export with `settings`."""
     from ..tasks.registry import restore, task_for_checkpoint, task_for_model
 
     if args.checkpoint is None and args.model is None:
@@ -65,6 +65,9 @@ def _model(args: argparse.Namespace):
         task, _, name = task_for_checkpoint(args.checkpoint, args.model)
     else:
         task, name = task_for_model(args.model), args.model
+    reasons = [] if args.backbone else task.export_not_supported_reasons(settings)
+    if reasons:
+        raise UserError("; ".join(reasons))
     if args.backbone:
         from ..dense import create_backbone
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size:
         check_size(*_size(args, 0), MIN_DYNAMIC_SIDE if settings.dynamic else MIN_SIDE)  # before the model is built
     check_writable(args.output, "output")
-    model, default_side = _model(args)
+    model, default_side = _model(args, settings)
     height, width = _size(args, default_side)
     start = time.perf_counter()
     checks = export(model, args.output, settings, height, width, batch=args.batch)

@@ -198,6 +198,10 @@ class Task(ABC):
         """What `biformer export` writes of a restored model: images in, the task's raw outputs out."""
         return model
 
+    def export_not_supported_reasons(self, settings: Any) -> list[str]:
+        """Why this task's models cannot be exported with `settings` (a biformer.export.ExportSettings)."""
+        return []
+
     def restore(self, checkpoint: str | os.PathLike, metadata: dict[str, Any], model_name: str,
                 img_size: int | None = None) -> Restored:
         """The model of a weights file that `biformer train` wrote, with its classes and preprocessing;

@@ -120,6 +120,15 @@ class DetectionTask(Task):
             text += f"; mask AP {row['val_segm_ap']:.2f}%, AP50 {row['val_segm_ap50']:.2f}%"
         return text
 
+    def export_not_supported_reasons(self, settings: Any) -> list[str]:
+        """torchvision's detectors export through the TorchScript-based ONNX exporter only (fixed size): their
+        box filtering has data-dependent sizes, which torch.export (and so the dynamo exporter) cannot hold, and
+        they return a list of dicts, which torch.jit.trace refuses."""
+        if settings.format == "onnx" and settings.legacy:
+            return []
+        return ["detection models export with --format onnx --legacy only (torchvision's box filtering has "
+                "data-dependent sizes, which torch.export cannot hold; a trace cannot return their dicts)"]
+
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return detection_model_for_size(model_name, len(metadata["classes"]), img_size)
 
