@@ -89,6 +89,20 @@ def test_legacy_onnx_at_its_size(model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("settings", [ExportSettings("torchscript"), ExportSettings("onnx", legacy=True)],
+                         ids=["torchscript", "legacy_onnx"])
+def test_traced_at_maps_smaller_than_n_win(settings, tmp_path):
+    """Traced at 96x128, where the third stage's 6x8 map is smaller than its 7x7 regions (the sizes a trace
+    records as tensors once made n_win a tensor)."""
+    torch.manual_seed(0)
+    model, x = timm.create_model("biformer_tiny").eval(), _images(1, 96, 128)
+    path = tmp_path / ("model.pt" if settings.format == "torchscript" else "model.onnx")
+    write(model, x, path, settings)
+    run = torch.jit.load(path) if settings.format == "torchscript" else _onnx_runner(path)
+    assert _max_error(run, model, x) < TOLERANCE
+
+
+@pytest.mark.slow
 def test_dynamo_onnx_dynamic_runs_every_size(dynamic_model, tmp_path):
     model = dynamic_model
     write(model, _images(*EXPORT_SIZE), tmp_path / "model.onnx", ExportSettings("onnx", dynamic=True),
