@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ._options import positive
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..export import ExportSettings
 
 DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's training size
 
@@ -55,19 +61,21 @@ def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
-def _model(args: argparse.Namespace, settings):
-    """(the model to export, its default input side); UserError if its task cannot export with `settings`."""
-    from ..tasks.registry import restore, task_for_checkpoint, task_for_model
+def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int]:
+    """(the model to export, its default input side); UserError if its task cannot export with `settings`.
+    A model that resizes its input (a detector) is built for --img-size's shorter side."""
+    from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.checkpoint is None and args.model is None:
         raise UserError("pass --checkpoint FILE (and --model for a release file) or --model NAME")
     if args.checkpoint is not None:
-        task, _, name = task_for_checkpoint(args.checkpoint, args.model)
+        task, metadata, name = task_for_checkpoint(args.checkpoint, args.model)
     else:
         task, name = task_for_model(args.model), args.model
     reasons = [] if args.backbone else task.export_not_supported_reasons(settings)
     if reasons:
         raise UserError("; ".join(reasons))
+    side = min(_size(args, 0)) if args.img_size else None
     if args.backbone:
         from ..dense import create_backbone
 
@@ -76,9 +84,9 @@ def _model(args: argparse.Namespace, settings):
                             f"{name!r}")
         return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE
     if args.checkpoint is not None:
-        restored = restore(args.checkpoint, args.model)
+        restored = task.restore(args.checkpoint, metadata, name, side)
         return task.deployable(restored.model), restored.img_size
-    return task.deployable(task.untrained_model(name, DEFAULT_SIDE)), DEFAULT_SIDE
+    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE
 
 
 def run(args: argparse.Namespace) -> int:
