@@ -36,13 +36,11 @@ MAX_BATCH = 1024
 TOLERANCE = 1e-4  # max abs difference from eager PyTorch, float32, relative to outputs of magnitude up to 1
 
 
-def dynamic_shapes(batch: bool = False, min_side: int = MIN_DYNAMIC_SIDE) -> tuple[dict[int, torch.export.Dim], ...]:
-    """Height and width (from `min_side` px; with `batch`, the batch too) of a (B, 3, H, W) input free."""
-    free = {2: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
-            3: torch.export.Dim("width", min=min_side, max=MAX_SIDE)}
-    if batch:
-        free[0] = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return (free,)
+def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Batch, height and width (from `min_side` px) of a (B, 3, H, W) input free."""
+    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH),
+             2: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
+             3: torch.export.Dim("width", min=min_side, max=MAX_SIDE)},)
 
 
 class _ConvolutionInputs(TorchDispatchMode):
@@ -129,7 +127,8 @@ def format_for_path(path: str | os.PathLike) -> str:
 def check_size(height: int, width: int, smallest: int = MIN_SIDE) -> None:
     """UserError unless each side is within smallest..MAX_SIDE pixels."""
     if min(height, width) < smallest or max(height, width) > MAX_SIDE:
-        why = "" if smallest == MIN_SIDE else " (a dynamic export of this model starts at maps of 2x2 at the last stage)"
+        why = "" if smallest == MIN_SIDE else \
+            " (a dynamic export of this model starts at maps of 2x2 at the last stage)"
         raise UserError(f"--img-size {height} {width}: each side must be within {smallest}..{MAX_SIDE} "
                         f"pixels{why}; choose a size in range")
 
@@ -168,7 +167,7 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
         elif settings.format == "onnx" and settings.legacy:
             torch.onnx.export(model, (example,), path, dynamo=False, opset_version=settings.opset, **names)
         else:
-            shapes = dynamic_shapes(batch=True, min_side=min_side) if settings.dynamic else None
+            shapes = dynamic_shapes(min_side) if settings.dynamic else None
             with one_graph_for_every_size():
                 if settings.format == "exported":
                     program = torch.export.export(model, (example,), dynamic_shapes=shapes,
@@ -227,7 +226,8 @@ class Check:
 
     def __str__(self) -> str:
         verdict = "ok" if self.passed else "MISMATCH"
-        return f"input {tuple(self.input_shape)}: max abs error {self.max_error:.2e} (tolerance {self.tolerance:.1e}) {verdict}"
+        return (f"input {tuple(self.input_shape)}: max abs error {self.max_error:.2e} "
+                f"(tolerance {self.tolerance:.1e}) {verdict}")
 
 
 def compare(run: Callable[[Tensor], list[Tensor]], model: nn.Module, images: Tensor) -> Check:
@@ -238,6 +238,7 @@ def compare(run: Callable[[Tensor], list[Tensor]], model: nn.Module, images: Ten
     got = run(images)
     if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
         return Check(tuple(images.shape), float("inf"), 0.0)
+
     def largest(x: Tensor) -> float:  # 0 for an empty output (a detector that found nothing)
         return x.float().abs().max().item() if x.numel() else 0.0
 

@@ -19,10 +19,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_median_seconds(
+def interleaved_seconds(
     runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int, desc: str = "timing"
-) -> dict[str, float]:
-    """Median wall time of each callable, measured round-robin so that they share machine conditions.
+) -> dict[str, list[float]]:
+    """Wall time of each callable in every round, measured round-robin so that they share machine conditions.
 
     Every round runs each callable once; a slow spell of the (shared) machine hits all of them
     alike instead of whichever happened to run then.
@@ -38,6 +38,14 @@ def interleaved_median_seconds(
             run()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_median_seconds(
+    runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int, desc: str = "timing"
+) -> dict[str, float]:
+    """Median of `interleaved_seconds`' rounds for each callable."""
+    times = interleaved_seconds(runs, device, repeats, warmup, desc)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

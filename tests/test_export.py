@@ -30,7 +30,8 @@ MODELS = {
     "biformer_tiny": lambda **kwargs: timm.create_model("biformer_tiny", **kwargs),
     "biformer_stl": lambda **kwargs: timm.create_model("biformer_stl", **kwargs),
     "dense_backbone": lambda **kwargs: create_backbone("biformer_tiny", **kwargs),
-    "sfpn_biformer_tiny": lambda **kwargs: AnySizeSegmenter(create_segmentation_model("sfpn_biformer_tiny", 5, **kwargs)),
+    "sfpn_biformer_tiny":
+        lambda **kwargs: AnySizeSegmenter(create_segmentation_model("sfpn_biformer_tiny", 5, **kwargs)),
 }
 # A dynamic export of a whole model takes minutes on a 2-core CPU (biformer_tiny: about 3 per exporter), so the
 # dynamic tests export each model with one block per stage: the blocks of a stage are alike, so these graphs

@@ -2,10 +2,11 @@
 
 Every model is exported the same way (`biformer.export.write`: the dynamo exporter at a fixed size, one file per
 batch size) and run by an ONNX Runtime session with every graph optimisation on and `threads` intra-op threads,
-as a user deploying it would set them; eager PyTorch runs the same input with as many threads, no autograd.
-Timing is interleaved: each round runs every (model, batch) once after warm-up rounds, so that a busy spell of the
-machine slows all alike; the table gives the median and range over the rounds. ONNX Runtime's rounds and eager
-PyTorch's run apart: a runtime's idle threads spin for a while after each run and would slow the other's.
+as a user deploying it would set them; eager PyTorch runs the same input with torch's threads, no autograd.
+Timing is interleaved (`biformer.measure.interleaved_seconds`): after warm-up runs, each round runs every (model,
+batch) once, so that a busy spell of the machine slows all alike; the table gives the median and range over the
+rounds. ONNX Runtime's rounds and eager PyTorch's run apart: a runtime's idle threads spin for a while after each
+run and would slow the other's.
 
 With `profile`, ONNX Runtime's profiler runs one model's session a few times and the time is summed by operator
 type: where an exported model's time goes.
@@ -16,7 +17,6 @@ import contextlib
 import json
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +24,9 @@ from typing import Any, Callable
 import torch
 
 from ..export import ExportSettings, write
+from ..measure import interleaved_seconds
 from ..progress import progress
+from .model import ModelEntry, build_models
 
 DEFAULT_MODELS = ("biformer_tiny", "biformer_small", "swin_tiny_patch4_window7_224", "convnext_tiny",
                   "deit_small_patch16_224")
@@ -45,31 +47,29 @@ def onnx_session(path: str | Path, threads: int, profile_prefix: str | None = No
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _timm_model(name: str) -> torch.nn.Module:
-    import timm
-
-    import biformer.models  # noqa: F401  (registers the BiFormer models with timm)
-
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}; see timm.list_models()")
+def _model(name: str) -> torch.nn.Module:
+    """timm model `name` with random weights (seed 0), in eval mode; ValueError for an unknown name."""
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False).eval()
+    entry = ModelEntry(name)
+    return build_models([entry], torch.device("cpu"))[entry].eval()
 
 
-def _median_and_range(values: list[float]) -> tuple[float, str]:
-    return statistics.median(values), f"{min(values):.1f}-{max(values):.1f}"
+def _median_and_range_ms(seconds: list[float]) -> tuple[float, str]:
+    ms = [value * 1e3 for value in seconds]
+    return statistics.median(ms), f"{min(ms):.1f}-{max(ms):.1f}"
 
 
 def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: int = 224, threads: int = 2,
                  rounds: int = 7, warmup: int = 2, folder: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per (model, batch): ONNX Runtime and eager PyTorch milliseconds per batch (median and range of
-    interleaved rounds). The ONNX files go to `folder` (default: a temporary folder, removed after)."""
+    """One row per (model, batch): ONNX Runtime (`threads` intra-op threads) and eager PyTorch (torch's threads
+    as the caller set them) milliseconds per batch, median and range of interleaved rounds after `warmup` runs
+    of each. The ONNX files go to `folder` (default: a temporary folder, removed after)."""
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() if folder is None else contextlib.nullcontext(folder) as where:
         runs: dict[tuple[str, int, str], Callable[[], Any]] = {}
         for name in progress(names, desc="exporting", unit="model"):
-            model = _timm_model(name)
+            model = _model(name)
             for batch in batches:
                 images = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
                 path = Path(where) / f"{name}_b{batch}.onnx"
@@ -77,19 +77,15 @@ def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: 
                 session, feed = onnx_session(path, threads), {"images": images.numpy()}
                 runs[name, batch, "onnxruntime"] = lambda session=session, feed=feed: session.run(None, feed)
                 runs[name, batch, "eager"] = lambda model=model, images=images: _eager(model, images)
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:  # each runtime's rounds apart: one's idle threads spin for a while and would slow the other's runs
-            times = {key: ms for runtime in ("onnxruntime", "eager")
-                     for key, ms in _interleaved_ms({key: run for key, run in runs.items() if key[2] == runtime},
-                                                    rounds, warmup, runtime).items()}
-        finally:
-            torch.set_num_threads(previous_threads)
+        # each runtime's rounds apart: one's idle threads spin for a while and would slow the other's runs
+        times = {key: seconds for runtime in ("onnxruntime", "eager")
+                 for key, seconds in interleaved_seconds({key: run for key, run in runs.items() if key[2] == runtime},
+                                                         torch.device("cpu"), rounds, warmup, runtime).items()}
     rows = []
     for name in names:
         for batch in batches:
-            ort_ms, ort_range = _median_and_range(times[name, batch, "onnxruntime"])
-            eager_ms, eager_range = _median_and_range(times[name, batch, "eager"])
+            ort_ms, ort_range = _median_and_range_ms(times[name, batch, "onnxruntime"])
+            eager_ms, eager_range = _median_and_range_ms(times[name, batch, "eager"])
             rows.append({"model": name, "batch": batch, "onnxruntime_ms": round(ort_ms, 1), "ort_range": ort_range,
                          "eager_ms": round(eager_ms, 1), "eager_range": eager_range,
                          "ort_vs_eager": round(eager_ms / ort_ms, 2)})
@@ -101,23 +97,11 @@ def _eager(model: torch.nn.Module, images: torch.Tensor) -> None:
         model(images)
 
 
-def _interleaved_ms(runs: dict[Any, Callable[[], Any]], rounds: int, warmup: int, desc: str) -> dict[Any, list[float]]:
-    """Milliseconds of each run per round: every round runs each once, in turn, after `warmup` untimed rounds."""
-    times: dict[Any, list[float]] = {key: [] for key in runs}
-    for round_index in progress(range(warmup + rounds), desc=desc, unit="round"):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if round_index >= warmup:
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def profile_onnx(name: str, batch: int = 1, img_size: int = 224, threads: int = 2, runs: int = 10,
                  top: int = 15) -> list[dict[str, Any]]:
     """ONNX Runtime's profile of model `name` exported as `bench_export` does: per operator type, the summed
     kernel time per run (ms), its share, and the node count; the `top` types by time."""
-    model = _timm_model(name)
+    model = _model(name)
     images = torch.randn(batch, 3, img_size, img_size)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.onnx"

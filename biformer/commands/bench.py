@@ -180,7 +180,7 @@ def _register_export(kinds: argparse._SubParsersAction) -> None:
     export.add_argument("--img-size", type=positive, default=224)
     export.add_argument("--threads", type=positive, default=2, help="ONNX Runtime and torch CPU threads")
     export.add_argument("--rounds", type=positive, default=7, help="timed rounds")
-    export.add_argument("--warmup", type=non_negative, default=2, help="untimed rounds first")
+    export.add_argument("--warmup", type=non_negative, default=2, help="untimed runs of each first")
     export.add_argument("--keep", default=None, metavar="FOLDER", help="keep the ONNX files in this folder")
     export.add_argument("--profile", default=None, metavar="MODEL",
                         help="print ONNX Runtime's profile of MODEL (batch: the first of --batches) instead")
@@ -389,8 +389,9 @@ def run_export(args: argparse.Namespace) -> int:
                     f"{args.profile} in ONNX Runtime, batch {args.batches[0]}, {args.img_size}x{args.img_size}, "
                     f"{args.threads} threads: kernel time by operator type, per run")
             return 0
-        rows = export_bench.bench_export(args.models or list(export_bench.DEFAULT_MODELS), tuple(args.batches),
-                                         args.img_size, args.threads, args.rounds, args.warmup, args.keep)
+        with _threads(args.threads):  # eager PyTorch's, as many as ONNX Runtime's
+            rows = export_bench.bench_export(args.models or list(export_bench.DEFAULT_MODELS), tuple(args.batches),
+                                             args.img_size, args.threads, args.rounds, args.warmup, args.keep)
     except ValueError as error:
         raise UserError(f"bench export: {error}") from None
     _report(rows, export_bench.COLUMNS, args.csv,

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from ..export import FORMATS
 
     parser = subparsers.add_parser(
-        "export", help="export a model to ONNX, TorchScript or torch.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "export", help="export a model to ONNX, TorchScript or torch.export",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Export a model (from a checkpoint, or a bare --model with random weights) for deployment. The "
                     "file takes normalised images (B, 3, H, W), as the model in PyTorch does. Before it appears, it "
                     "is loaded back and run beside eager PyTorch on the export size and, with --dynamic, on another "

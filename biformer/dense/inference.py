@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.exporting import known_zero
+
 SEGMENTATION_MODES = ("whole", "slide")
 STRIDE_MULTIPLE = 32  # the backbones' total downsampling
 
@@ -26,7 +28,8 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
     # the padded sides written as multiples of 32: for symbolic sizes (torch.export) the model's maps then have
     # sides that simplify (a multiple of 32 halved is a multiple of 16), not nested remainders
     fit = lambda side: (side + STRIDE_MULTIPLE - 1) // STRIDE_MULTIPLE * STRIDE_MULTIPLE - side  # noqa: E731
-    padded = F.pad(images, (0, fit(width), 0, fit(height)))
+    pad_h, pad_w = fit(height), fit(width)
+    padded = images if known_zero(pad_h) and known_zero(pad_w) else F.pad(images, (0, pad_w, 0, pad_h))
     return model(padded)["out"][..., :height, :width]
 
 

@@ -1,11 +1,11 @@
 """Portable backend: routed attention in plain aten ops whose sizes follow the input's, for exporters.
 
 What automatic dispatch runs under torch.export, the ONNX exporters and torch.jit.trace. The reference's
-gather and attention (in a head-first layout that ONNX Runtime runs fast), with every size computed from the (possibly symbolic) map size, and every
-re-layout written as permute, copy, view. Whether a permuted tensor reshapes as a view depends on which of
-its sizes are 1, and a region is 1x1 wherever a map is smaller than n_win; torch.export asks that question
-of a symbolic size and bakes the answer into the graph, so that one exported at 224 px would fail on a
-160 px input. A copy into the standard layout leaves nothing to ask.
+gather and attention (in a head-first layout that ONNX Runtime runs fast), with every size computed from the
+(possibly symbolic) map size, and every re-layout written as permute, copy, view. Whether a permuted tensor
+reshapes as a view depends on which of its sizes are 1, and a region is 1x1 wherever a map is smaller than n_win;
+torch.export asks that question of a symbolic size and bakes the answer into the graph, so that one exported at
+224 px would fail on a 160 px input. A copy into the standard layout leaves nothing to ask.
 
 Shape legend: B batch, H/W map, M heads, D head dim, R regions (rows*cols), T tokens per region
 (region_h*region_w), K routed regions.
