@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,30 +24,36 @@ DIGIT_SCENES_CLASSES = ["background", *(str(d) for d in range(10))]
 DIGIT_SCENES_MEAN = DIGIT_SCENES_STD = (0.5, 0.5, 0.5)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where generated data sets and files are kept: $BIFORMER_CACHE, else ~/.cache/biformer."""
     return Path(os.environ.get("BIFORMER_CACHE") or Path.home() / ".cache" / "biformer")
 
 
 def digit_scenes_folder() -> Path:
     """The digit-scenes data set in the generic folder layout, generated on first use into the cache
-    ($BIFORMER_CACHE or ~/.cache/biformer). It is written to a temporary folder and renamed into place
-    when complete, so an interrupted generation leaves nothing that looks finished."""
-    final = _cache_root() / DIGIT_SCENES_NAME
+    ($BIFORMER_CACHE or ~/.cache/biformer)."""
+    return cached_folder(DIGIT_SCENES_NAME, _write_digit_scenes)
+
+
+def cached_folder(name: str, write: Callable[[Path], None]) -> Path:
+    """The cache folder `name`, filled by `write(folder)` on first use. It is written to a temporary folder and
+    renamed into place when complete, so an interrupted generation leaves nothing that looks finished."""
+    final = cache_root() / name
     if final.is_dir():
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{DIGIT_SCENES_NAME}-", dir=final.parent))
+        temp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     except OSError as error:
-        raise OutputError(f"cannot create the digit-scenes cache in {str(final.parent)!r}: "
+        raise OutputError(f"cannot create the cache folder {str(final.parent)!r}: "
                           f"{error.strerror or error}; set BIFORMER_CACHE to a writable folder") from error
     try:
-        _write_digit_scenes(temp)
+        write(temp)
         os.replace(temp, final)
     except OSError as error:
         if final.is_dir():  # another process finished first: its folder is as good as ours
             return final
-        raise OutputError(f"cannot write the digit-scenes cache {str(final)!r}: {error.strerror or error}; "
+        raise OutputError(f"cannot write the cache folder {str(final)!r}: {error.strerror or error}; "
                           "set BIFORMER_CACHE to a writable folder") from error
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # nothing left after a successful rename

@@ -28,13 +28,24 @@ def exporting_reasons() -> list[str]:
     return []
 
 
-def known_zero(value: int | torch.SymInt) -> bool:
+def known_zero(value: int | torch.SymInt | torch.Tensor) -> bool:
     """Whether `value` is 0 for every input size, asked without adding a guard: a symbolic size that may be
-    0 or not is taken as possibly non-zero, so that the exported graph handles both."""
+    0 or not, or a size torch.jit.trace records (a 0-d tensor), is taken as possibly non-zero, so that the
+    exported graph handles both."""
+    if isinstance(value, torch.Tensor):
+        return False
     return statically_known_true(value == 0)
 
 
+def size_min(a: int | torch.SymInt | torch.Tensor, b: int | torch.SymInt | torch.Tensor) -> int | torch.SymInt | torch.Tensor:
+    """min of two sizes, as an op in the graph where a tracer follows sizes: torch.export's symbols (sym_min) or
+    torch.jit.trace's 0-d tensors (torch.minimum; the builtin min would compare once and bake the answer in)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return torch.sym_min(a, b)
+
+
 def traced_as_int(size: int | torch.SymInt | torch.Tensor) -> int | torch.SymInt:
-    """A size as an int where torch.jit.trace made it a 0-d tensor: Python arithmetic on a traced size is baked
-    into the trace anyway, so a traced model is fixed to the traced input's size (torch.export's are not)."""
+    """A size as an int where torch.jit.trace made it a 0-d tensor, for code whose sizes may be baked into a
+    trace: a traced model is then fixed to the traced input's size (torch.export's are not)."""
     return int(size) if isinstance(size, torch.Tensor) else size

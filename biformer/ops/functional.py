@@ -13,7 +13,9 @@ from .regions import RegionGrid, Routing, padding_mode, route
 
 
 def _is_size(n: object) -> bool:
-    """An int, or a symbolic one (torch.export's sizes)."""
+    """An int, a symbolic one (torch.export's sizes) or one that torch.jit.trace records (a 0-d integer tensor)."""
+    if isinstance(n, Tensor):
+        return torch.jit.is_tracing() and n.dim() == 0 and not n.is_floating_point() and n.dtype != torch.bool
     return isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool)
 
 
@@ -150,7 +152,7 @@ def bi_level_routing_attention(
     """
     _check_inputs(q, k, v)
     mode = padding_mode(padding)
-    height, width, head_dim = traced_as_int(q.shape[1]), traced_as_int(q.shape[2]), traced_as_int(q.shape[-1])
+    height, width, head_dim = q.shape[1], q.shape[2], traced_as_int(q.shape[-1])  # the trace follows H, W
     grid = region_grid(height, width, n_win, padding)
     _check_topk(topk, grid)
     if scale is None:

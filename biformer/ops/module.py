@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.depthwise import DepthwiseConv2d
-from ..layers.exporting import traced_as_int
+from ..layers.exporting import size_min
 from ..layers.inplace import add_into
 from .backends import check_backend_name
 from .functional import bi_level_routing_attention
@@ -110,7 +110,7 @@ class BiLevelRoutingAttention(nn.Module):
         if self.region_size is not None:
             size = self.region_size
             return (height + size - 1) // size, (width + size - 1) // size
-        return torch.sym_min(self.n_win[0], height), torch.sym_min(self.n_win[1], width)  # no guard on export
+        return size_min(self.n_win[0], height), size_min(self.n_win[1], width)  # no guard, nothing baked on export
 
     def forward(self, x: Tensor) -> Tensor:
         channel_axis = -1 if self.channels_last else 1
@@ -119,14 +119,15 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"expected a {layout} input with C={self.dim} channels, got shape {tuple(x.shape)}")
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        height, width = traced_as_int(x.shape[1]), traced_as_int(x.shape[2])
+        height, width = x.shape[1], x.shape[2]  # 0-d tensors under torch.jit.trace: the trace follows them
         n_win = self.regions_per_side(height, width)
-        topk = torch.sym_min(self.topk, n_win[0] * n_win[1])
+        topk = size_min(self.topk, n_win[0] * n_win[1])
         if self.padding == "legacy":
             # the original pads the normalised tokens before the projection: padded q/k/v are the biases
             pad_bottom, pad_right = -height % n_win[0], -width % n_win[1]
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(3)  # each (B, H', W', M, D)
+        qkv = self.qkv(x)  # a view, not unflatten: the TorchScript ONNX exporter bakes unflatten's sizes in
+        q, k, v = qkv.view(*qkv.shape[:-1], 3, self.num_heads, -1).unbind(3)  # each (B, H', W', M, D)
         out = bi_level_routing_attention(
             q, k, v, n_win, topk, scale=self.scale, padding=self.padding, backend=self.backend,
             return_routing=self.record_routing,
