@@ -273,6 +273,22 @@ def count_flops(
     )
 
 
+def total_multiply_adds(model: nn.Module, input_size: tuple[int, int], batch: int = 1, in_chans: int = 3) -> int:
+    """The paper convention's multiply-adds of one forward, for the whole model only: FlopCounterMode's global
+    count, right also for models that `count_flops`' split by module misreads (a forward that bypasses its
+    containers, or one module instance at many places, as ultralytics' models have)."""
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = torch.randn(batch, in_chans, *input_size, device=next(model.parameters()).device)
+        counter = FlopCounterMode(display=False, custom_mapping=PAPER_FORMULAS)
+        with torch.no_grad(), use_backend(model, "reference"), counter:
+            model(inputs)
+    finally:
+        model.train(was_training)
+    return sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op in PAPER_OPS) // 2
+
+
 def si(value: float) -> str:
     """13142760 -> '13.1M'."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -83,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_segmentation(kinds)
     _register_detection(kinds)
     _register_export(kinds)
+    _register_yolo(kinds)
 
 
 def _register_trace(kinds: argparse._SubParsersAction) -> None:
@@ -186,6 +187,30 @@ def _register_export(kinds: argparse._SubParsersAction) -> None:
                         help="print ONNX Runtime's profile of MODEL (batch: the first of --batches) instead")
     export.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     export.set_defaults(run=run_export)
+
+
+def _register_yolo(kinds: argparse._SubParsersAction) -> None:
+    from ..benchmarks.yolo import DEFAULT_MODELS as YOLO_MODELS
+
+    yolo = kinds.add_parser(
+        "yolo", help="YOLO with and without BRA, trained on digit-scenes on CPU: mAP, size, latency",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Trains every model from scratch with one shared command (`biformer yolo train ... "
+                    "data=digit-scenes`, the options below, one process per run) for each seed; reports mAP50 and "
+                    "mAP50-95 of the last epoch (median and range over the seeds), parameters, GFLOPs at 640x640 "
+                    "(2 x multiply-adds, attention included) and CPU latency at 640x640, batch 1 (interleaved "
+                    "rounds). Finished runs in --output are read back, not trained again. Needs the ultralytics extra.",
+    )
+    yolo.add_argument("models", nargs="*", metavar="MODEL",
+                      help=f"ultralytics YAMLs or generated BRA names (default: {' '.join(YOLO_MODELS)})")
+    yolo.add_argument("--seeds", type=non_negative, nargs="+", default=[0, 1, 2])
+    yolo.add_argument("--epochs", type=positive, default=20)
+    yolo.add_argument("--img-size", type=positive, default=128, help="training and validation size (the scenes')")
+    yolo.add_argument("--batch", type=positive, default=16)
+    yolo.add_argument("--output", default="runs/bench-yolo", help="the runs' folder (finished runs are reused)")
+    yolo.add_argument("--rounds", type=positive, default=7, help="timed latency rounds")
+    _threads_and_csv_options(yolo)
+    yolo.set_defaults(run=run_yolo)
 
 
 def _threads_and_csv_options(parser: argparse.ArgumentParser) -> None:
@@ -419,4 +444,23 @@ def run_detection(args: argparse.Namespace) -> int:
     _report(rows, detection_bench.COLUMNS, args.csv,
             f"detection on CPU, batch 1, {rows[0]['threads']} threads; memory: each case in a fresh process "
             f"(MB = 2**20 bytes); images/s: median of {args.rounds} interleaved rounds")
+    return 0
+
+
+def run_yolo(args: argparse.Namespace) -> int:
+    from ..benchmarks import yolo as yolo_bench
+
+    _check_threads_and_csv(args)
+    try:
+        import biformer.integrations.ultralytics  # noqa: F401  (registers the blocks)
+    except ImportError as error:
+        raise UserError(str(error)) from error
+    models = args.models or list(yolo_bench.DEFAULT_MODELS)
+    with _threads(args.threads):
+        rows = yolo_bench.bench_yolo(models, args.seeds, args.epochs, args.img_size, args.batch, args.output,
+                                     rounds=args.rounds)
+    _report(rows, yolo_bench.COLUMNS, args.csv,
+            f"YOLO on digit-scenes, trained from scratch on CPU: {args.epochs} epochs at {args.img_size} px, batch "
+            f"{args.batch}, seeds {' '.join(map(str, args.seeds))} (mAP of the last epoch: median, range); size "
+            f"and CPU latency at 640x640, batch 1, {torch.get_num_threads()} threads")
     return 0
