@@ -204,17 +204,17 @@ def test_one_epoch_keeps_the_bra_layers_through_the_trainers_rebuild(trained, ti
 
 
 @pytest.mark.slow
-def test_best_pt_loads_in_a_fresh_process_without_register(trained, tiny_data):
+def test_best_pt_loads_in_a_fresh_process_without_register(trained, tiny_data, tmp_path):
     _, best = trained
     script = (
-        "import sys\n"
         "from ultralytics import YOLO\n"
         f"model = YOLO({str(best)!r})\n"
         "names = {type(m).__name__ for m in model.model.modules()}\n"
         "assert {'C2fBRA', 'BRABlock'} <= names, names\n"
-        "import ultralytics.nn.tasks as tasks\n"
-        "print('registered' if hasattr(tasks, 'C2fBRA') else 'unregistered')\n"
         f"model.val(data={str(tiny_data)!r}, imgsz=64, batch=8, workers=0, plots=False, verbose=False)\n"
+        # training on from it re-parses its YAML in this process
+        f"model.train(data={str(tiny_data)!r}, project={str(tmp_path)!r}, name='again', **{TRAIN_OPTIONS!r})\n"
+        "assert sum(type(m).__name__ == 'C2fBRA' for m in model.trainer.model.modules()) == 4\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -300,7 +300,21 @@ def test_an_ultralytics_version_it_does_not_know(monkeypatch):
     with pytest.raises(IntegrationError, match=r"ultralytics 9.0.0 is not a version .* pip install 'ultralytics>=8.4,<8.5'"):
         register()
     monkeypatch.undo()
-    register()  # the installed version registers again (idempotent)
+
+
+def test_unregister_undoes_register():
+    import ultralytics.nn.tasks as tasks
+
+    try:
+        integration.unregister()
+        assert tasks.parse_model is integration._original_parse_model and not hasattr(tasks, "C2fBRA")
+        with pytest.raises(KeyError, match="C2fBRA"):
+            DetectionModel(bra_yaml("yolov8n.yaml", "neck"), verbose=False)
+    finally:
+        register()
+        register()  # idempotent: one wrapper, not two
+    assert tasks.parse_model is integration.parse_model and tasks.C2fBRA is C2fBRA
+    assert len(layers_of(DetectionModel(bra_yaml("yolov8n.yaml", "neck"), verbose=False), C2fBRA)) == 4
 
 
 def test_without_ultralytics_installed():
@@ -316,3 +330,37 @@ def test_without_ultralytics_installed():
 def test_tutorial_layer_given_other_channels_than_its_input():
     with pytest.raises(IntegrationError, match=r"given dim=128 but its input has 64 channels; write its YAML arguments as \[\]"):
         TutorialRoutingAttention(128)(torch.rand(1, 64, 8, 8))
+
+
+# the benchmark: one command per run, finished runs read back; its multiply-adds against ultralytics' own count
+
+
+def test_multiply_adds_of_a_plain_yolo_match_ultralytics_count():
+    from ultralytics.utils.torch_utils import get_flops
+
+    from biformer.analysis.flops import total_multiply_adds
+
+    model = DetectionModel("yolov8n.yaml", verbose=False).fuse(verbose=False).eval()
+    ours = 2 * total_multiply_adds(model, (640, 640)) / 1e9
+    assert ours == pytest.approx(get_flops(model, 640), rel=1e-3)  # thop's count by module hooks: no attention here
+
+
+@pytest.mark.slow
+def test_bench_yolo_trains_each_run_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BIFORMER_CACHE", str(tmp_path / "cache"))
+    args = ["bench", "yolo", "yolov8n.yaml", "yolov8n-bra-sppf.yaml", "--seeds", "0", "--epochs", "1",
+            "--img-size", "32", "--rounds", "1", "--output", str(tmp_path / "runs"), "--csv", str(tmp_path / "t.csv")]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    names = {"yolov8n", "yolov8n-bra-sppf"}
+    rows = {line.split()[0]: line.split() for line in first.splitlines() if line.split()[:1] and line.split()[0] in names}
+    assert set(rows) == names
+    assert rows["yolov8n"][6] == "8.7"  # GFLOPs at 640, as ultralytics reports yolov8n
+    assert float(rows["yolov8n-bra-sppf"][5]) > float(rows["yolov8n"][5])  # params_M: the BRA block's
+    log = tmp_path / "runs" / "yolov8n-seed0.log"
+    stamp = log.stat().st_mtime_ns
+    assert main(args) == 0  # the finished runs are read back, not trained again
+    assert log.stat().st_mtime_ns == stamp
+    again = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+             if line.split()[:1] and line.split()[0] in names}
+    assert {name: row[:7] for name, row in again.items()} == {name: row[:7] for name, row in rows.items()}
