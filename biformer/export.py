@@ -6,7 +6,8 @@ region grid follows the input's size inside the graph. Two settings of torch.exp
 exporter runs, make one graph serve every size: size-oblivious reasoning about backed sizes (a symbolic size is
 not asked whether it is 0 or 1) and guards that become runtime asserts instead of errors (the asserts it keeps
 hold for every size in range). A trace (torch.jit.trace, and the TorchScript-based ONNX exporter, which traces)
-records the sizes of its example: its file is for that input size only.
+records sizes as they are computed from the input's: BRA and the segmentation models' padding keep every size
+they derive as a traced value, so a traced file also serves every size (`dynamic` names the ONNX file's axes).
 
 Shape legend: B batch, H/W input height/width.
 """
@@ -90,8 +91,8 @@ def one_graph_for_every_size() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (dynamo ONNX and
-    torch.export); `legacy`: ONNX through the TorchScript-based exporter (what Ultralytics and mmdeploy use);
+    """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (and checked at other
+    sizes); `legacy`: ONNX through the TorchScript-based exporter (what Ultralytics and mmdeploy use);
     `opset`: the ONNX opset (None: the exporter's default)."""
 
     format: str = "onnx"
@@ -105,10 +106,6 @@ class ExportSettings:
             reasons.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.legacy and self.format != "onnx":
             reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx'")
-        if self.dynamic and (self.legacy or self.format == "torchscript"):
-            reasons.append("dynamic sizes need the dynamo ONNX exporter or torch.export ('exported'): "
-                           "torch.jit.trace and the TorchScript-based ONNX exporter trace, which fixes the input "
-                           "size; export at the size you run instead")
         if self.opset is not None and self.format != "onnx":
             reasons.append("opset is for ONNX files")
         return reasons
@@ -143,10 +140,16 @@ def flat_outputs(value: Any) -> list[Tensor]:
     return [tensor for item in value for tensor in flat_outputs(item)]
 
 
-def _output_names(model: nn.Module, example: Tensor) -> list[str]:
+def _onnx_names(model: nn.Module, example: Tensor, dynamic: bool) -> dict[str, Any]:
+    """The input and output names of an ONNX export, and for a dynamic trace the axes its sizes free: the batch,
+    and the height and width of images and of every map among the outputs."""
     with torch.no_grad():
-        count = len(flat_outputs(model(example)))
-    return ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
+        outputs = flat_outputs(model(example))
+    names = ["output"] if len(outputs) == 1 else [f"output_{index}" for index in range(len(outputs))]
+    axes = {name: {0: "batch", **({2: f"{name}_height", 3: f"{name}_width"} if output.dim() == 4 else {})}
+            for name, output in zip(names, outputs)}
+    return {"input_names": ["images"], "output_names": names,
+            "dynamic_axes": {"images": {0: "batch", 2: "height", 3: "width"}, **axes} if dynamic else None}
 
 
 def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: ExportSettings,
@@ -157,9 +160,9 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
     if reasons:
         raise ValueError("; ".join(reasons))
     model, path = model.eval(), os.fspath(path)
-    names = {"input_names": ["images"], "output_names": _output_names(model, example)}
+    names = _onnx_names(model, example, settings.dynamic and settings.legacy)
     with torch.no_grad(), warnings.catch_warnings():
-        # TracerWarnings: a trace keeps its example's sizes, which the module docstring says
+        # TracerWarnings name each Python value a trace keeps fixed (channel counts, checks): the file is checked
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         if settings.format == "torchscript":
             # check_trace runs the model again and compares: `export` checks the file itself
@@ -176,7 +179,9 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
                         torch.export.save(program, file)
                 else:
                     onnx_program = torch.onnx.export(model, (example,), dynamo=True, opset_version=settings.opset,
-                                                     dynamic_shapes=shapes, verbose=False, **names)
+                                                     dynamic_shapes=shapes, verbose=False,
+                                                     input_names=names["input_names"],
+                                                     output_names=names["output_names"])
                     onnx_program.save(path)
 
 

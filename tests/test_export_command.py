@@ -51,6 +51,15 @@ def test_a_bare_model_dynamic_onnx_checked_on_three_sizes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_dynamic_trace_checked_on_three_sizes(tmp_path, capsys):
+    rc, out, err = cli(capsys, "export", tmp_path / "nano.pt", "--model", "biformer_nano", "--img-size", "64",
+                       "--dynamic")
+    assert rc == 0, err
+    checked = [line for line in out.splitlines() if "max abs error" in line]
+    assert len(checked) == 3 and all(line.endswith(" ok") for line in checked), out
+
+
+@pytest.mark.slow
 def test_the_backbone_of_a_checkpoint_gives_four_maps(checkpoint, tmp_path, capsys):
     rc, out, err = cli(capsys, "export", tmp_path / "backbone.onnx", "--checkpoint", checkpoint, "--backbone",
                        "--legacy", "--img-size", "64", "96")
@@ -77,7 +86,6 @@ def test_a_detector_through_the_legacy_onnx_exporter(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--model", "biformer_nano", "--format", "torchscript", "--dynamic"], ["dynamic sizes need the dynamo ONNX"]),
     (["--model", "biformer_nano", "--img-size", "16"], ["--img-size 16 16", "within 32..4096"]),
     (["--model", "biformer_nano", "--img-size", "32", "--dynamic", "--format", "onnx"], ["within 33..4096"]),
     (["--model", "biformer_nano", "--img-size", "32", "48", "64"], ["--img-size takes H and W"]),
@@ -85,6 +93,7 @@ def test_a_detector_through_the_legacy_onnx_exporter(tmp_path, capsys):
     ([], ["pass --checkpoint FILE", "or --model NAME"]),
     (["--model", "sfpn_biformer_nano", "--backbone"], ["--backbone needs a BiFormer classifier"]),
     (["--model", "retinanet_biformer_nano"], ["detection models export with --format onnx --legacy only"]),
+    (["--model", "fcos_biformer_nano", "--format", "onnx", "--legacy", "--dynamic"], ["detection models export at a fixed size"]),
 ])
 def test_bad_options(tmp_path, capsys, argv, fragments):
     rc, _, err = cli(capsys, "export", tmp_path / "model.pt", *argv)

@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's training size
 
 FORMAT_HELP = ("onnx: the dynamo exporter (--legacy: the TorchScript-based one that Ultralytics and mmdeploy use), "
-               "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools), valid at the "
-               "traced size only; exported: torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
+               "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools); exported: torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
                "output's suffix (.onnx, .pt or .ts, .pt2)")
 
 
@@ -33,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "is loaded back and run beside eager PyTorch on the export size and, with --dynamic, on another "
                     "batch at sides not divisible by 32 and on a small input (maps smaller than the 7x7 regions); "
                     "a difference beyond 1e-4 (max abs, scaled by outputs above 1) is an error and leaves no file. "
-                    "torch.jit.trace and the TorchScript-based ONNX exporter (--legacy) trace: their files are for "
-                    "the export size only; --dynamic (dynamo ONNX or torch.export) gives one file for every size.",
+                    "With --dynamic, every format gives one file for every batch and size: torch.export's "
+                    "symbolic sizes, or a trace that follows the sizes BRA computes from its input.",
     )
     parser.add_argument("output", help="the file to write (atomically)")
     parser.add_argument("--checkpoint", default=None, help=".safetensors from `biformer train`, or a release .pth "
@@ -43,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                       "without --checkpoint: random weights")
     parser.add_argument("--format", choices=FORMATS, default=None, help=FORMAT_HELP)
     parser.add_argument("--legacy", action="store_true", help="ONNX: the TorchScript-based exporter (traces)")
-    parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (dynamo ONNX, exported)")
+    parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (every format)")
     parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
                         help="input height and width (one value: square); default: the checkpoint's training "
                              "size, else 224")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.exporting import known_zero, traced_as_int
+from ..layers.exporting import known_zero
 
 SEGMENTATION_MODES = ("whole", "slide")
 STRIDE_MULTIPLE = 32  # the backbones' total downsampling
@@ -24,7 +24,7 @@ STRIDE_MULTIPLE = 32  # the backbones' total downsampling
 
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
     """(B, 3, H, W) -> (B, K, H, W) for any H, W: zero-padded at the bottom/right to multiples of 32, then cropped."""
-    height, width = (traced_as_int(side) for side in images.shape[-2:])
+    height, width = images.shape[-2:]  # 0-d tensors under torch.jit.trace: the trace follows them
     # the padded sides written as multiples of 32: for symbolic sizes (torch.export) the model's maps then have
     # sides that simplify (a multiple of 32 halved is a multiple of 16), not nested remainders
     fit = lambda side: (side + STRIDE_MULTIPLE - 1) // STRIDE_MULTIPLE * STRIDE_MULTIPLE - side  # noqa: E731

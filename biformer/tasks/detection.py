@@ -121,11 +121,12 @@ class DetectionTask(Task):
         return text
 
     def export_not_supported_reasons(self, settings: Any) -> list[str]:
-        """torchvision's detectors export through the TorchScript-based ONNX exporter only (fixed size): their
+        """torchvision's detectors export through the TorchScript-based ONNX exporter only, at a fixed size: their
         box filtering has data-dependent sizes, which torch.export (and so the dynamo exporter) cannot hold, and
         they return a list of dicts, which torch.jit.trace refuses."""
         if settings.format == "onnx" and settings.legacy:
-            return []
+            return ["detection models export at a fixed size: leave out --dynamic (torchvision's detectors resize "
+                    "and filter with sizes a trace keeps)"] if settings.dynamic else []
         return ["detection models export with --format onnx --legacy only (torchvision's box filtering has "
                 "data-dependent sizes, which torch.export cannot hold; a trace cannot return their dicts)"]
 
