@@ -3,8 +3,10 @@
 Every model gets the same command and budget: `biformer yolo train model=<name> data=digit-scenes` with the shared
 settings below and one seed per run, each run in its own process (ultralytics' defaults for everything else). The
 table gives each model's mAP50 and mAP50-95 of its last epoch (median and range over the seeds), its parameters,
-its GFLOPs at 640x640 (2 x the multiply-adds that `biformer.analysis.flops` counts, attention included, on the fused
-model; ultralytics' own count, by module hooks, leaves attention out) and its CPU latency at 640x640, batch 1 (median and range of interleaved rounds).
+its GFLOPs at 640x640 (2 x the multiply-adds that `biformer.analysis.flops` counts, attention included, on the
+fused model; ultralytics' own count, by module hooks, leaves attention out), its CPU latency at 640x640, batch 1
+(median and range of interleaved rounds), and the median seconds a run took (ultralytics' clock: training and
+each epoch's validation).
 
 A finished run (its results.csv holds every epoch) is read back, not trained again: an interrupted benchmark,
 run again with the same output folder, goes on where it stopped.
@@ -27,7 +29,7 @@ from ..progress import progress
 
 DEFAULT_MODELS = ("yolov8n.yaml", "yolov8n-bra.yaml", "yolo11n.yaml", "yolo11n-bra-neck.yaml")
 COLUMNS = ("model", "mAP50", "mAP50_range", "mAP50-95", "mAP50-95_range", "params_M", "GFLOPs_640", "cpu_ms_640",
-           "cpu_ms_range")
+           "cpu_ms_range", "train_s")
 
 
 def train_command(model: str, seed: int, epochs: int, img_size: int, batch: int, folder: Path) -> list[str]:
@@ -49,7 +51,8 @@ def _last_epoch(results: Path, epochs: int) -> dict[str, float] | None:
         rows = [{key.strip(): value for key, value in row.items()} for row in csv.DictReader(handle)]
     if len(rows) < epochs:
         return None
-    return {"mAP50": float(rows[-1]["metrics/mAP50(B)"]), "mAP50-95": float(rows[-1]["metrics/mAP50-95(B)"])}
+    return {"mAP50": float(rows[-1]["metrics/mAP50(B)"]), "mAP50-95": float(rows[-1]["metrics/mAP50-95(B)"]),
+            "train_s": float(rows[-1]["time"])}
 
 
 def train_runs(models: list[str], seeds: list[int], epochs: int, img_size: int, batch: int,
@@ -121,5 +124,6 @@ def bench_yolo(models: list[str], seeds: list[int], epochs: int, img_size: int, 
             values = [metrics[model, seed][key] for seed in seeds]
             row[key] = round(statistics.median(values), 3)
             row[f"{key}_range"] = f"{min(values):.3f}-{max(values):.3f}"
+        row["train_s"] = round(statistics.median(metrics[model, seed]["train_s"] for seed in seeds))
         rows.append({**row, **speed[model]})
     return rows
