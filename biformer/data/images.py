@@ -9,8 +9,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 
-# what PIL raises for a file it cannot decode (truncated, corrupt, not an image)
-UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# what PIL raises for a file it cannot decode (truncated, corrupt, not an image); ImportError: ultralytics, once
+# imported, patches PIL.Image.open to load a HEIF decoder (pi-heif) for a file PIL cannot identify, and where that
+# decoder cannot be installed the import error is what reaches us
+UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNG/TIFF (PIL opens some as 32-bit "I")
 
