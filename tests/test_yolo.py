@@ -13,12 +13,18 @@ import pytest
 import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics checks nothing online
+# importing ultralytics sets OMP_NUM_THREADS=1, KINETO_LOG_LEVEL and more in os.environ: collected with the other
+# tests, this module must not hand them to every subprocess the suite starts
+_ENVIRONMENT = dict(os.environ)
 pytest.importorskip("ultralytics", reason="the YOLO integration needs the ultralytics extra")
 
 import ultralytics  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.modules import C2f, C3k2, Detect  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+os.environ.clear()
+os.environ.update(_ENVIRONMENT)
 
 from biformer.cli import main  # noqa: E402
 from biformer.integrations import ultralytics as integration  # noqa: E402
@@ -28,6 +34,15 @@ from biformer.integrations.ultralytics import (  # noqa: E402
 
 TRAIN_OPTIONS = {"epochs": 1, "imgsz": 64, "batch": 8, "workers": 0, "plots": False, "device": "cpu", "seed": 0,
                  "deterministic": False, "amp": False, "verbose": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads_restored():
+    """ultralytics' CPU training sets torch's thread count for the process; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def layers_of(model: torch.nn.Module, kind: type) -> list[torch.nn.Module]:
