@@ -49,6 +49,12 @@ def interleaved_median_seconds(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def median_and_range_ms(seconds: Sequence[float]) -> tuple[float, str]:
+    """The median of `seconds` in milliseconds, and their range as "min-max" ms with one decimal."""
+    ms = [value * 1e3 for value in seconds]
+    return statistics.median(ms), f"{min(ms):.1f}-{max(ms):.1f}"
+
+
 def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int | None:
     """Peak of the memory that run() allocates above what was allocated before it; None if unmeasurable.
 

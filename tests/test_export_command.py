@@ -41,22 +41,13 @@ def test_a_checkpoint_at_its_training_size(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_bare_model_dynamic_onnx_checked_on_three_sizes(tmp_path, capsys):
-    rc, out, err = cli(capsys, "export", tmp_path / "nano.onnx", "--model", "biformer_nano", "--img-size", "64",
-                       "--dynamic")
+@pytest.mark.parametrize("name", ["nano.onnx", "nano.pt"], ids=["dynamo_onnx", "trace"])
+def test_a_bare_model_dynamic_export_checked_on_three_sizes(tmp_path, capsys, name):
+    rc, out, err = cli(capsys, "export", tmp_path / name, "--model", "biformer_nano", "--img-size", "64", "--dynamic")
     assert rc == 0, err
     checked = [line for line in out.splitlines() if "max abs error" in line]
     assert len(checked) == 3 and all(line.endswith(" ok") for line in checked), out
     assert "(1, 3, 60, 84)" in out and "(3, 3, 33, 36)" in out  # sides not divisible by 32; maps below n_win
-
-
-@pytest.mark.slow
-def test_a_dynamic_trace_checked_on_three_sizes(tmp_path, capsys):
-    rc, out, err = cli(capsys, "export", tmp_path / "nano.pt", "--model", "biformer_nano", "--img-size", "64",
-                       "--dynamic")
-    assert rc == 0, err
-    checked = [line for line in out.splitlines() if "max abs error" in line]
-    assert len(checked) == 3 and all(line.endswith(" ok") for line in checked), out
 
 
 @pytest.mark.slow

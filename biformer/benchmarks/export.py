@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..export import ExportSettings, write
-from ..measure import interleaved_seconds
+from ..measure import interleaved_seconds, median_and_range_ms
 from ..progress import progress
 from .model import ModelEntry, build_models
 
@@ -54,11 +53,6 @@ def _model(name: str) -> torch.nn.Module:
     return build_models([entry], torch.device("cpu"))[entry].eval()
 
 
-def _median_and_range_ms(seconds: list[float]) -> tuple[float, str]:
-    ms = [value * 1e3 for value in seconds]
-    return statistics.median(ms), f"{min(ms):.1f}-{max(ms):.1f}"
-
-
 def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: int = 224, threads: int = 2,
                  rounds: int = 7, warmup: int = 2, folder: str | Path | None = None) -> list[dict[str, Any]]:
     """One row per (model, batch): ONNX Runtime (`threads` intra-op threads) and eager PyTorch (torch's threads
@@ -84,8 +78,8 @@ def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: 
     rows = []
     for name in names:
         for batch in batches:
-            ort_ms, ort_range = _median_and_range_ms(times[name, batch, "onnxruntime"])
-            eager_ms, eager_range = _median_and_range_ms(times[name, batch, "eager"])
+            ort_ms, ort_range = median_and_range_ms(times[name, batch, "onnxruntime"])
+            eager_ms, eager_range = median_and_range_ms(times[name, batch, "eager"])
             rows.append({"model": name, "batch": batch, "onnxruntime_ms": round(ort_ms, 1), "ort_range": ort_range,
                          "eager_ms": round(eager_ms, 1), "eager_range": eager_range,
                          "ort_vs_eager": round(eager_ms / ort_ms, 2)})

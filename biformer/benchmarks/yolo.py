@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..measure import interleaved_seconds
+from ..measure import interleaved_seconds, median_and_range_ms
 from ..progress import progress
 
 DEFAULT_MODELS = ("yolov8n.yaml", "yolov8n-bra.yaml", "yolo11n.yaml", "yolo11n-bra-neck.yaml")
@@ -75,24 +75,22 @@ def train_runs(models: list[str], seeds: list[int], epochs: int, img_size: int, 
     return metrics
 
 
-def _detection_model(name: str, folder: Path) -> torch.nn.Module:
+def _detection_model(name: str) -> torch.nn.Module:
     """The model `name` (a YAML of ultralytics or a generated BRA name) for 80 classes, fused, in eval mode."""
     from ultralytics.nn.tasks import DetectionModel
 
-    from ..integrations.ultralytics import GENERATED_NAME, write_bra_yaml
+    from ..integrations.ultralytics import model_file
 
-    path = write_bra_yaml(name, folder) if GENERATED_NAME.match(name) else name
     torch.manual_seed(0)
-    return DetectionModel(str(path), verbose=False).fuse(verbose=False).eval()
+    return DetectionModel(model_file(name), verbose=False).fuse(verbose=False).eval()
 
 
-def size_and_speed(models: list[str], folder: Path, img_size: int = 640, rounds: int = 7,
+def size_and_speed(models: list[str], img_size: int = 640, rounds: int = 7,
                    warmup: int = 2) -> dict[str, dict[str, Any]]:
     """Parameters, GFLOPs and CPU latency (batch 1) of each model at img_size x img_size."""
     from ..analysis.flops import total_multiply_adds
 
-    folder.mkdir(parents=True, exist_ok=True)
-    built = {name: _detection_model(name, folder) for name in models}
+    built = {name: _detection_model(name) for name in models}
     images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
 
     def forward(model: torch.nn.Module) -> None:
@@ -104,10 +102,10 @@ def size_and_speed(models: list[str], folder: Path, img_size: int = 640, rounds:
     out = {}
     for name, model in built.items():
         multiply_adds = total_multiply_adds(model, (img_size, img_size))
-        ms = [seconds * 1e3 for seconds in times[name]]
+        ms, ms_range = median_and_range_ms(times[name])
         params = sum(parameter.numel() for parameter in model.parameters())
         out[name] = {"params_M": round(params / 1e6, 2), "GFLOPs_640": round(2 * multiply_adds / 1e9, 1),
-                     "cpu_ms_640": round(statistics.median(ms), 1), "cpu_ms_range": f"{min(ms):.1f}-{max(ms):.1f}"}
+                     "cpu_ms_640": round(ms, 1), "cpu_ms_range": ms_range}
     return out
 
 
@@ -116,7 +114,7 @@ def bench_yolo(models: list[str], seeds: list[int], epochs: int, img_size: int, 
     """One row per model: accuracy over the seeds, size and CPU latency (see the module docstring)."""
     folder = Path(folder)
     metrics = train_runs(models, seeds, epochs, img_size, batch, folder)
-    speed = size_and_speed(models, folder, latency_size, rounds)
+    speed = size_and_speed(models, latency_size, rounds)
     rows = []
     for model in models:
         row: dict[str, Any] = {"model": Path(model).stem}

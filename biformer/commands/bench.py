@@ -31,6 +31,7 @@ from ..files import atomic_output, check_writable
 from ..measure import format_table, write_csv
 from ..ops.backends import BACKENDS
 from ._options import non_negative, positive
+from .yolo import require_integration
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -451,10 +452,7 @@ def run_yolo(args: argparse.Namespace) -> int:
     from ..benchmarks import yolo as yolo_bench
 
     _check_threads_and_csv(args)
-    try:
-        import biformer.integrations.ultralytics  # noqa: F401  (registers the blocks)
-    except ImportError as error:
-        raise UserError(str(error)) from error
+    require_integration()
     models = args.models or list(yolo_bench.DEFAULT_MODELS)
     with _threads(args.threads):
         rows = yolo_bench.bench_yolo(models, args.seeds, args.epochs, args.img_size, args.batch, args.output,

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's training size
 
 FORMAT_HELP = ("onnx: the dynamo exporter (--legacy: the TorchScript-based one that Ultralytics and mmdeploy use), "
-               "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools); exported: torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
+               "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools); exported: "
+               "torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
                "output's suffix (.onnx, .pt or .ts, .pt2)")
 
 

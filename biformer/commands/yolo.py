@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..errors import UserError
 
@@ -26,18 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_arguments(arguments: list[str]) -> list[str]:
     """`model=` and `data=` values that biformer provides, replaced by the paths of the files it writes for them."""
-    from ..data.scenes import cache_root
-
     resolved = []
     for argument in arguments:
         key, _, value = argument.partition("=")
-        if key == "model" and value.endswith(".yaml") and not Path(value).exists():
-            from ..integrations.ultralytics import GENERATED_NAME, write_bra_yaml
+        if key == "model":
+            from ..integrations.ultralytics import model_file
 
-            if GENERATED_NAME.match(Path(value).name):
-                folder = cache_root() / "yolo-models"
-                folder.mkdir(parents=True, exist_ok=True)
-                value = str(write_bra_yaml(Path(value).name, folder))
+            value = model_file(value)
         elif key == "data" and value == "digit-scenes":
             from ..data.yolo import digit_scenes_yolo
 
@@ -46,12 +40,18 @@ def resolve_arguments(arguments: list[str]) -> list[str]:
     return resolved
 
 
-def run(args: argparse.Namespace) -> int:
+def require_integration() -> None:
+    """Import (and so register) the YOLO integration; UserError naming the install if ultralytics is missing."""
     try:
-        import biformer.integrations.ultralytics  # noqa: F401  (registers the blocks)
-        from ultralytics.cfg import entrypoint
+        import biformer.integrations.ultralytics  # noqa: F401
     except ImportError as error:
         raise UserError(str(error)) from error
+
+
+def run(args: argparse.Namespace) -> int:
+    require_integration()
+    from ultralytics.cfg import entrypoint
+
     arguments = resolve_arguments(args.arguments)
     saved = sys.argv[:]
     sys.argv[:] = ["yolo", *arguments]  # in place: ultralytics reads the list it imported as its ARGV

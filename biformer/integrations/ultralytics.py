@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data.scenes import cache_root
 from ..errors import UserError
 from ..files import atomic_output
 from ..models.biformer import Block
@@ -45,8 +46,8 @@ except ImportError as error:
         raise
     raise ImportError("biformer's YOLO integration needs ultralytics: pip install 'biformer[ultralytics]'") from error
 
-__all__ = ["BRABlock", "C2fBRA", "C3k2BRA", "TutorialRoutingAttention", "bra_yaml", "register", "unregister",
-           "write_bra_yaml"]
+__all__ = ["BRABlock", "C2fBRA", "C3k2BRA", "TutorialRoutingAttention", "bra_yaml", "model_file", "register",
+           "unregister", "write_bra_yaml"]
 
 SUPPORTED_SERIES = "8.4"  # parse_model's rows and its host blocks (C2f, C3k2) as this module knows them
 HEAD_WIDTH = 32  # channels per head when a YAML leaves `heads` out, as in BiFormer
@@ -88,13 +89,18 @@ class BRABlock(nn.Module):
         return self.block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _bra_blocks(c: int, n: int, heads: int | None, n_win: int, topk: int) -> nn.ModuleList:
+    """The n inner blocks of a C2f-style block of hidden width c, as BRA blocks."""
+    return nn.ModuleList(BRABlock(c, heads, n_win, topk) for _ in range(n))
+
+
 class C2fBRA(C2f):
     """C2f (split, n inner blocks each feeding the next, concatenate, fuse) with BRA blocks as its inner blocks."""
 
     def __init__(self, c1: int, c2: int, n: int = 1, heads: int | None = None, n_win: int = 7, topk: int = 4,
                  e: float = 0.5) -> None:
         super().__init__(c1, c2, n, e=e)
-        self.m = nn.ModuleList(BRABlock(self.c, heads, n_win, topk) for _ in range(n))
+        self.m = _bra_blocks(self.c, n, heads, n_win, topk)
 
 
 class C3k2BRA(C3k2):
@@ -103,7 +109,7 @@ class C3k2BRA(C3k2):
     def __init__(self, c1: int, c2: int, n: int = 1, heads: int | None = None, n_win: int = 7, topk: int = 4,
                  e: float = 0.5) -> None:
         super().__init__(c1, c2, n, e=e)
-        self.m = nn.ModuleList(BRABlock(self.c, heads, n_win, topk) for _ in range(n))
+        self.m = _bra_blocks(self.c, n, heads, n_win, topk)
 
 
 class TutorialRoutingAttention(nn.Module):
@@ -310,6 +316,16 @@ def write_bra_yaml(name: str, folder: str | Path) -> Path:
     with atomic_output(path) as temp:
         temp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def model_file(name: str) -> str:
+    """What a `model=` value names: the value itself where such a file exists or it is no generated name, else the
+    generated YAML (see `write_bra_yaml`), written into the cache ($BIFORMER_CACHE/yolo-models)."""
+    if Path(name).exists() or not GENERATED_NAME.match(Path(name).name):
+        return name
+    folder = cache_root() / "yolo-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(write_bra_yaml(Path(name).name, folder))
 
 
 register()
