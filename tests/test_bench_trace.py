@@ -110,3 +110,18 @@ def test_depthwise_convolution_backward_counts_its_groups():
     traced = trace_bench.trace_model(model, "train", batch, img_size=side, dtype=torch.float32)
     per_pass = 2 * batch * channels * side * side * 49
     assert traced.categories["Conv2d"].flops == 2 * per_pass
+
+
+class _Concatenation(nn.Module):
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, images):
+        return torch.cat([images] * self.pieces)
+
+
+@pytest.mark.parametrize("pieces, launches", [(2, 1), (128, 1), (129, 2), (300, 3)])
+def test_a_cat_takes_one_launch_per_128_inputs(pieces, launches):
+    trace = trace_bench.trace_model(_Concatenation(pieces), "infer", 1, img_size=4, dtype=torch.float32)
+    assert dict(trace.ops) == {"aten::cat": 1} and trace.total().launches == launches

@@ -7,7 +7,7 @@ autocast a GPU run would use, and a dispatch mode below autograd sees every ATen
   (CompositeImplicitAutograd) counts as the ops it runs. Our Triton custom ops count as their kernels
   (`CUSTOM_OP_LAUNCHES`). SDPA runs the fused kernel a Hopper GPU would pick (the fake device would take its
   unfused math path; `fused_sdpa=False` counts that instead). foreach ops count one launch each (CUDA splits
-  long lists).
+  long lists); cat and stack one per 128 inputs (CUDA's batched copy takes at most 128 per kernel).
 - bytes: the distinct tensors a launch reads and writes (inputs and outputs), each once.
 - FLOPs: torch.utils.flop_counter's formulas (2 per multiply-add), but a convolution's backward counted with
   its groups (torch's formula ignores them); the Triton kernels' from their geometry.
@@ -73,6 +73,8 @@ NO_LAUNCH = {
     "aten::new_empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::lift_fresh", "prim::device",
     "aten::set_",
 }
+CAT_INPUTS_PER_LAUNCH = 128  # CAT_ARRAY_BATCH_SIZE of ATen's CUDA cat
+_CATS = ("aten::cat", "aten::stack")
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -211,7 +213,8 @@ class _Counter(TorchDispatchMode):
         if func.is_view or name in NO_LAUNCH or func.namespace == "profiler":
             return out
         tally = self.trace.categories[self._category(name, args, out)]
-        tally.launches += CUSTOM_OP_LAUNCHES.get(name, 1)
+        tally.launches += math.ceil(len(args[0]) / CAT_INPUTS_PER_LAUNCH) if name in _CATS else \
+            CUSTOM_OP_LAUNCHES.get(name, 1)
         tally.bytes += _nbytes(_tensors((args, kwargs, out)))
         tally.syncs += _is_device_to_host(name, args, out)
         tally.flops += self._flops(func, name, args, kwargs, out)

@@ -29,6 +29,7 @@ from ..layers.depthwise import DepthwiseConv2d
 from ..layers.inplace import InplaceGELU, add_into
 from ..layers.mlp import LeanMlp
 from ..layers.sdpa import scaled_dot_product_attention
+from ..layers.weight_cast import weights_cast_once
 from ..ops import BiLevelRoutingAttention
 from .mixers import MIXERS
 
@@ -82,20 +83,26 @@ class Block(nn.Module):
 
 
 class BiFormerStage(nn.Module):
-    """Downsampling (identity in the first stage, which follows the stem) then blocks."""
+    """Downsampling (identity in the first stage, which follows the stem) then blocks.
+
+    Under autocast the stage's Linear and conv weights are cast to half precision all at once
+    (`weights_cast_once`: one cast kernel per stage instead of two per weight); `cast_weights_once=False`
+    leaves each to autocast. Gradient checkpointing recomputes blocks after the stage's forward, so it
+    leaves them to autocast too.
+    """
 
     def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
+        self.cast_weights_once = True
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
-        x = self.downsample(x).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) memory: channels-last convs and adds
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
+        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
+        with weights_cast_once(self, x.device, enabled=self.cast_weights_once and not checkpointing):
+            x = self.downsample(x).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) memory: channels-last convs, adds
+            x = checkpoint_seq(self.blocks, x) if checkpointing else self.blocks(x)
         return x.permute(0, 3, 1, 2)
 
 
