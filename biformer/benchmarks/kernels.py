@@ -26,7 +26,7 @@ COLUMNS = ("backend", "stage", "kernel", "dtype", "useful_fraction", "registers"
 SM90 = 90
 # BiFormer-S at 224 px: map side, heads, head dim, n_win, topk of its three BRA stages
 STAGES = {"stage1": (56, 2, 32, 7, 1), "stage2": (28, 4, 32, 7, 4), "stage3": (14, 8, 32, 7, 16)}
-_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "LOGITS": "fp32", "WEIGHTS": "fp32", "IDX": "i64",
+_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "LOGITS": "fp32", "IDX": "i64",
                    "INDICES": "i64", "ROUTED_BY": "i64", "ROUTED_BY_START": "i64", "START": "i64"}
 _INT_ARGUMENTS = ("H", "W", "B")
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

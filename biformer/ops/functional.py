@@ -116,7 +116,7 @@ def bi_level_routing_attention(
             region means over the map's tokens only, padded keys attended to.
         backend: force a backend by name (see `available_backends()`); None picks the fastest
             one that can run. A forced backend that cannot run raises ValueError with the reasons.
-        return_routing: also return a `Routing` (indices, weights, logits, grid).
+        return_routing: also return a `Routing` (indices, logits, grid; weights on request).
 
     Returns:
         Output shaped like v, and the `Routing` if return_routing.

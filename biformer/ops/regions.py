@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -129,61 +128,81 @@ class RegionGrid:
         return x.narrow(1, 0, self.height).narrow(2, 0, self.width)
 
 
-class Routing(NamedTuple):
+@dataclass(frozen=True)
+class Routing:
     """What routing decided, for inspection and visualisation.
 
     indices: (B, R, K) int64, the key regions each query region attends to, best first.
-    weights: (B, R, K) softmax of the routed region logits (the original's unused `r_weight`).
-    logits: (B, R, R) region-to-region affinity (-inf for key regions made only of padding).
+    logits: (B, R, R) float32 region-to-region affinity (-inf for key regions made only of padding).
     grid: the region geometry (regions are numbered row-major over grid.rows x grid.cols).
     """
 
     indices: Tensor
-    weights: Tensor
     logits: Tensor
     grid: RegionGrid
 
+    @property
+    def weights(self) -> Tensor:
+        """(B, R, K) softmax of the routed region logits (the original's `r_weight`, which its attention never
+        uses: computed when asked)."""
+        return self.logits.gather(-1, self.indices).softmax(-1)
 
-def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
-    """(B, H, W, M, D) -> (B, R, M*D) means over each region's tokens, in at least float32.
 
-    masked: over the map's tokens only, never reading the padding (regions of padding only get
-    zeros); else over all region_h*region_w slots, the padding counting as zeros.
+def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
+    """(B, H, W, 2, M, D): q and k side by side. BRA's q and k are slices of one qkv tensor at a fixed distance:
+    then a view (one reduction reads both), else a copy; a copy under an exporter too, which would bake a
+    view's strides in, and under torch.compile, which fuses the copy away."""
+    if torch.compiler.is_compiling() or is_exporting():
+        return torch.stack((q, k), dim=3)
+    distance = k.storage_offset() - q.storage_offset()
+    same_storage = torch._C._is_alias_of(q, k)  # torch has no public name for it
+    if same_storage and distance > 0 and q.shape == k.shape and q.stride() == k.stride():
+        return q.as_strided((*q.shape[:3], 2, *q.shape[3:]), (*q.stride()[:3], distance, *q.stride()[3:]))
+    return torch.stack((q, k), dim=3)
+
+
+def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, float]:
+    """(B, H, W, S, M, D) -> (B, R, S, M*D) float32 region sums or means, and the factor that makes sums means.
+
+    Means are over all T slots of a region, the padding counting as zeros: then x is read in its own dtype and
+    summed in float32 by one reduction over the map's region view (no copy where the map needs no padding),
+    and the division is left to the caller (sums, factor 1 / T). Masked on a padded map, they are over the map's
+    tokens only, which are all that is read (means, factor 1; regions of padding only get zeros).
     """
-    x = x.flatten(3).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, W, C)
-    if is_exporting():
-        return _region_means_by_sums(x, grid, masked)
-    if not masked:
-        x = grid.pad(x)  # x itself where the map needs no padding
-    # pooling the channels-last map reads each token once, without copying the map into region order;
+    batch, rest = x.shape[0], x.shape[3:]
+    if not (masked and grid.is_padded):
+        regions = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, *rest)
+        if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (two launches elsewhere)
+            sums = regions.sum(4, dtype=torch.float32).sum(2)
+        else:
+            sums = regions.sum((2, 4), dtype=torch.float32)
+        return sums.flatten(1, 2).flatten(3), 1.0 / grid.tokens_per_region
+    x = x.flatten(3).float()  # (B, H, W, S*C)
+    if is_exporting():  # ONNX's AvgPool needs a fixed window: sums of the zero-padded map over the counted tokens
+        sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, -1).sum((2, 4))
+        counted = grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(x.dtype)  # (R,)
+        return (sums.flatten(1, 2) / counted[:, None]).unflatten(-1, rest[:1] + (-1,)), 1.0
     # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map
-    means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, C, r, c)
+    means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, S*C, r, c)
     if means.shape[-2:] != (grid.rows, grid.cols):  # no window starts beyond the map: regions of padding get zeros
         means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
-    return means.flatten(2).transpose(1, 2)
-
-
-def _region_means_by_sums(x: Tensor, grid: RegionGrid, masked: bool) -> Tensor:
-    """region_means of a (B, H, W, C) map as sums over its region-major view, divided by the tokens counted:
-    in an exported graph the region size follows the input's, and ONNX's AvgPool needs a fixed window."""
-    batch, channels = x.shape[0], x.shape[-1]
-    sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, channels).sum((2, 4))
-    counted = grid.valid_tokens(x.device) if masked else torch.ones_like(grid.valid_tokens(x.device))  # (R, T)
-    return sums.flatten(1, 2) / counted.sum(-1).clamp(min=1).to(x.dtype)[:, None]
+    return means.flatten(2).transpose(1, 2).unflatten(-1, rest[:1] + (-1,)), 1.0
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
     """Top-k key regions per query region from region means of q and k (all heads jointly).
 
-    Runs on detached tensors in at least float32: routing is a discrete choice and passes no gradient.
+    Runs on detached tensors, in float32 from the region sums on: routing is a discrete choice and passes no
+    gradient. Three kernels where q and k are slices of one tensor and the map needs no padding: the region
+    sums of both, the scaled affinity, top-k.
     """
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        q_region = region_means(q.detach(), grid, masked)
-        k_region = region_means(k.detach(), grid, masked)
-        logits = (q_region * scale) @ k_region.transpose(-1, -2)  # (B, R, R)
+        means, factor = region_means(_query_key_pair(q.detach(), k.detach()), grid, masked)  # (B, R, 2, C)
+        q_region, k_region = means.unbind(2)
+        logits = torch.baddbmm(means.new_empty(()).expand(q_region.shape[0], grid.num_regions, grid.num_regions),
+                               q_region, k_region.transpose(-1, -2), beta=0, alpha=scale * factor**2)  # (B, R, R)
         if masked and grid.is_padded:
             empty = ~grid.valid_tokens(q.device).any(-1)  # key regions made only of padding
             logits = logits.masked_fill(empty[None, None, :], float("-inf"))
-        top_logits, indices = torch.topk(logits, k=topk, dim=-1)
-        weights = torch.softmax(top_logits, dim=-1)
-    return Routing(indices=indices, weights=weights, logits=logits, grid=grid)
+        indices = torch.topk(logits, k=topk, dim=-1).indices
+    return Routing(indices=indices, logits=logits, grid=grid)

@@ -209,7 +209,7 @@ def _region_sums(X, b, regions, region_ok, channels, s_b, s_h, s_w, s_m, H, W, C
 
 @triton.jit
 def _route_fused(
-    Q, K, LOGITS, INDICES, WEIGHTS,
+    Q, K, LOGITS, INDICES,
     sq_b, sq_h, sq_w, sq_m, sk_b, sk_h, sk_w, sk_m,
     scale, H, W,
     R: tl.constexpr, R_P: tl.constexpr, COLS: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
@@ -218,8 +218,8 @@ def _route_fused(
 ):
     """Routing of one image in one launch: region means of q and k (MASKED: over the map's tokens; else over
     all region slots, padding as zeros), logits = (q_mean * scale) @ k_mean^T with key regions of padding only
-    at -inf (MASKED), the TOPK best key regions per query region (ties: the lower index), and the softmax of
-    their logits. Shapes: LOGITS (B, R, R) float32, INDICES (B, R, TOPK) int64, WEIGHTS (B, R, TOPK) float32."""
+    at -inf (MASKED), and the TOPK best key regions per query region (ties: the lower index). Shapes: LOGITS
+    (B, R, R) float32, INDICES (B, R, TOPK) int64."""
     b = tl.program_id(0)
     regions = tl.arange(0, R_P)
     region_ok = regions < R
@@ -245,24 +245,16 @@ def _route_fused(
     pair = (b * R + regions[:, None]) * R + regions[None, :]
     tl.store(LOGITS + pair, logits, mask=region_ok[:, None] & region_ok[None, :])
     slots = tl.arange(0, TOPK_P)
-    best = tl.full((R_P, TOPK_P), float("-inf"), tl.float32)
     chosen = tl.zeros((R_P, TOPK_P), tl.int32)
     free = tl.zeros((R_P, R_P), tl.int32) + region_ok[None, :].to(tl.int32)  # 1: a key region still to pick
     ranked = tl.where(logits == logits, logits, float("-inf"))  # NaN (from NaN inputs) ranks last, never out of range
     for kk in range(TOPK):
         top = tl.max(tl.where(free > 0, ranked, float("-inf")), 1)
         index = tl.min(tl.where((ranked == top[:, None]) & (free > 0), regions[None, :], R_P), 1)
-        best = tl.where(slots[None, :] == kk, top[:, None], best)
         chosen = tl.where(slots[None, :] == kk, index[:, None], chosen)
         free = tl.where(regions[None, :] == index[:, None], 0, free)
-    in_topk = slots[None, :] < TOPK
-    top_max = tl.max(best, 1)
-    p = tl.where(in_topk & (best > float("-inf")), tl.exp(best - top_max[:, None]), 0.0)
-    weights = p / tl.sum(p, 1)[:, None]
     out = (b * R + regions[:, None]) * TOPK + slots[None, :]
-    store_ok = region_ok[:, None] & in_topk
-    tl.store(INDICES + out, chosen.to(tl.int64), mask=store_ok)
-    tl.store(WEIGHTS + out, weights, mask=store_ok)
+    tl.store(INDICES + out, chosen.to(tl.int64), mask=region_ok[:, None] & (slots[None, :] < TOPK))
 
 
 @triton.jit

@@ -90,25 +90,25 @@ def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, maske
     dtype and summed in float32, region affinity and top-k in registers; up to MAX_FUSED_REGIONS regions."""
     if grid.num_regions > MAX_FUSED_REGIONS:
         return regions_route(q, k, grid, topk, scale, masked)
-    logits, indices, weights = torch.ops.biformer.triton_region_route(
+    logits, indices = torch.ops.biformer.triton_region_route(
         q.detach(), k.detach(), grid.rows, grid.cols, grid.region_h, grid.region_w, topk, scale, masked)
-    return Routing(indices=indices, weights=weights, logits=logits, grid=grid)
+    return Routing(indices=indices, logits=logits, grid=grid)
 
 
 @torch.library.custom_op("biformer::triton_region_route", mutates_args=())
 def triton_region_route(
     q: Tensor, k: Tensor, rows: int, cols: int, region_h: int, region_w: int, topk: int, scale: float, masked: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k (B, H, W, M, D) -> logits (B, R, R) float32, indices (B, R, topk) int64, weights (B, R, topk)."""
+) -> tuple[Tensor, Tensor]:
+    """q, k (B, H, W, M, D) -> logits (B, R, R) float32, indices (B, R, topk) int64."""
     q, k = _unit_last(q), _unit_last(k)
     batch, height, width, heads, dim = q.shape
     regions = rows * cols
-    logits, indices, weights = _route_outputs(q, regions, topk)
+    logits, indices = _route_outputs(q, regions, topk)
     _kernels()._route_fused[(batch,)](
-        q, k, logits, indices, weights, *_strides(q), *_strides(k), scale, height, width, MASKED=masked,
+        q, k, logits, indices, *_strides(q), *_strides(k), scale, height, width, MASKED=masked,
         num_warps=ROUTING_WARPS, **routing_constants(rows, cols, region_h, region_w, heads, dim, topk),
     )
-    return logits, indices, weights
+    return logits, indices
 
 
 def routing_constants(rows: int, cols: int, region_h: int, region_w: int, heads: int, dim: int, topk: int) -> dict:
@@ -122,11 +122,10 @@ def inverse_routing_constants(regions: int, topk: int) -> dict:
     return dict(R=regions, R_P=_next_pow2(regions), TOPK=topk)
 
 
-def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor]:
     batch = q.shape[0]
     return (q.new_empty((batch, regions, regions), dtype=torch.float32),
-            q.new_empty((batch, regions, topk), dtype=torch.long),
-            q.new_empty((batch, regions, topk), dtype=torch.float32))
+            q.new_empty((batch, regions, topk), dtype=torch.long))
 
 
 @triton_region_route.register_fake
