@@ -8,6 +8,8 @@ stage's 6x8 map, smaller than its 7x7 regions).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import timm
@@ -156,3 +158,19 @@ def test_bra_layer_exports_one_graph_for_every_map(padding):
         x = torch.randn(2, *size, 32)
         with torch.no_grad():
             np.testing.assert_allclose(exported(x).detach(), layer(x), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["masked", "legacy", "legacy_nchw"])
+def test_bra_layer_in_legacy_onnx_runs_every_map(padding, tmp_path):
+    """One BRA layer through the TorchScript-based ONNX exporter (a trace) at a 14x14 map, run in ONNX Runtime
+    on maps with other region sizes, padded maps and maps smaller than n_win: no size of the traced map baked in."""
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(32, 2, 7, 4, padding=padding).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's and the exporter's warnings about the sizes they record
+        torch.onnx.export(layer, (torch.randn(2, 14, 14, 32),), tmp_path / "bra.onnx", dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "height", 2: "width"}})
+    run = _onnx_runner(tmp_path / "bra.onnx")
+    for size in [(21, 28), (13, 17), (5, 6)]:
+        x = torch.randn(1, *size, 32)
+        assert _max_error(run, layer, x) < TOLERANCE, size

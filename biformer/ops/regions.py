@@ -176,7 +176,10 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, flo
             sums = regions.sum(4, dtype=torch.float32).sum(2)
         else:
             sums = regions.sum((2, 4), dtype=torch.float32)
-        return sums.flatten(1, 2).flatten(3), 1.0 / grid.tokens_per_region
+        sums = sums.flatten(1, 2).flatten(3)
+        if is_exporting():  # divided in the graph: a traced region size must not become a constant factor
+            return sums / grid.tokens_per_region, 1.0
+        return sums, 1.0 / grid.tokens_per_region
     x = x.flatten(3).float()  # (B, H, W, S*C)
     if is_exporting():  # ONNX's AvgPool needs a fixed window: sums of the zero-padded map over the counted tokens
         sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, -1).sum((2, 4))
@@ -199,8 +202,8 @@ def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, maske
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         means, factor = region_means(_query_key_pair(q.detach(), k.detach()), grid, masked)  # (B, R, 2, C)
         q_region, k_region = means.unbind(2)
-        logits = torch.baddbmm(means.new_empty(()).expand(q_region.shape[0], grid.num_regions, grid.num_regions),
-                               q_region, k_region.transpose(-1, -2), beta=0, alpha=scale * factor**2)  # (B, R, R)
+        logits = torch.baddbmm(means.new_empty(()), q_region, k_region.transpose(-1, -2), beta=0,
+                               alpha=scale * factor**2)  # (B, R, R); beta=0: the 0-d input is never read
         if masked and grid.is_padded:
             empty = ~grid.valid_tokens(q.device).any(-1)  # key regions made only of padding
             logits = logits.masked_fill(empty[None, None, :], float("-inf"))
