@@ -129,8 +129,8 @@ def compile_sm90(fn, constexprs: dict, dtype: torch.dtype, num_warps: int) -> di
     signature = _signature(fn, constexprs, dtype)
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", SM90, 32),
-                              options={"num_warps": num_warps, "num_stages": 2})
+    # the other options at Triton's defaults (num_stages 3), as the backends launch the kernels
+    compiled = triton.compile(source, target=GPUTarget("cuda", SM90, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as folder:
         ptx = f"{folder}/kernel.ptx"
         with open(ptx, "w") as handle:
