@@ -8,9 +8,16 @@ from torch import Tensor, nn
 
 import biformer.models  # noqa: F401  (registers the timm models)
 from biformer.benchmarks import trace as trace_bench
+from biformer.layers import weight_cast
 from biformer.layers.weight_cast import weights_cast_once
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def on_the_cpu_too(monkeypatch):
+    """The casts made at once on the CPU as well (by default only on CUDA), to compare them here."""
+    monkeypatch.setattr(weight_cast, "DEVICES", {"cuda", "cpu"})
 
 
 def _layers() -> nn.Module:
@@ -27,7 +34,7 @@ def _run(model: nn.Module, x: Tensor, dtype: torch.dtype, cast_once: bool) -> tu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_values_and_gradients_equal_autocasts_own(dtype):
+def test_values_and_gradients_equal_autocasts_own(dtype, on_the_cpu_too):
     model, x = _layers(), torch.randn(2, 3, 5, 5)
     want, want_grads = _run(model, x, dtype, cast_once=False)
     got, got_grads = _run(model, x, dtype, cast_once=True)
@@ -38,7 +45,7 @@ def test_values_and_gradients_equal_autocasts_own(dtype):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
-def test_parameters_are_back_after_the_context_also_on_errors():
+def test_parameters_are_back_after_the_context_also_on_errors(on_the_cpu_too):
     model = _layers()
     parameters = dict(model.named_parameters())
     with pytest.raises(RuntimeError, match="boom"):
@@ -50,15 +57,18 @@ def test_parameters_are_back_after_the_context_also_on_errors():
     assert all(isinstance(p, nn.Parameter) and p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_nothing_happens_without_half_autocast():
+def test_nothing_happens_without_half_autocast_or_on_other_devices(on_the_cpu_too, monkeypatch):
     model = _layers()
     with weights_cast_once(model, CPU):
         assert model[0].weight.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False), weights_cast_once(model, CPU):
         assert isinstance(model[3].weight, nn.Parameter)
+    monkeypatch.setattr(weight_cast, "DEVICES", {"cuda"})
+    with torch.autocast("cpu", dtype=torch.bfloat16), weights_cast_once(model, CPU):
+        assert isinstance(model[3].weight, nn.Parameter)
 
 
-def test_biformer_stage_casts_once_and_leaves_checkpointing_to_autocast():
+def test_biformer_stage_casts_once_and_leaves_checkpointing_to_autocast(on_the_cpu_too):
     """A stage's layers see half weights under autocast; with gradient checkpointing (blocks recomputed after
     the stage's forward) they see the Parameters."""
     model = timm.create_model("biformer_nano", num_classes=3)

@@ -85,7 +85,7 @@ class Block(nn.Module):
 class BiFormerStage(nn.Module):
     """Downsampling (identity in the first stage, which follows the stem) then blocks.
 
-    Under autocast the stage's Linear and conv weights are cast to half precision all at once
+    Under CUDA autocast the stage's Linear and conv weights are cast to half precision all at once
     (`weights_cast_once`: one cast kernel per stage instead of two per weight); `cast_weights_once=False`
     leaves each to autocast. Gradient checkpointing recomputes blocks after the stage's forward, so it
     leaves them to autocast too.
