@@ -113,15 +113,21 @@ def test_depthwise_convolution_backward_counts_its_groups():
 
 
 class _Concatenation(nn.Module):
-    def __init__(self, pieces: int) -> None:
+    def __init__(self, pieces: int, form: str) -> None:
         super().__init__()
-        self.pieces = pieces
+        self.pieces, self.form = pieces, form
 
-    def forward(self, images):
-        return torch.cat([images] * self.pieces)
+    def forward(self, images):  # (B, 3, 4, 4)
+        piece = {"contiguous": images, "strided": images.transpose(2, 3), "5-d": images[:, None]}[self.form]
+        return torch.cat([piece] * self.pieces)
 
 
-@pytest.mark.parametrize("pieces, launches", [(2, 1), (128, 1), (129, 2), (300, 3)])
-def test_a_cat_takes_one_launch_per_128_inputs(pieces, launches):
-    trace = trace_bench.trace_model(_Concatenation(pieces), "infer", 1, img_size=4, dtype=torch.float32)
+@pytest.mark.parametrize("pieces, form, launches", [
+    (2, "contiguous", 1), (128, "contiguous", 1), (129, "contiguous", 2), (300, "contiguous", 3),
+    (64, "strided", 1), (65, "strided", 2), (3, "5-d", 3),
+])
+def test_a_cat_takes_launches_as_atens_cuda_cat(pieces, form, launches):
+    """ATen's CUDA cat copies up to 128 contiguous (64 strided) inputs per kernel into an output of up to 4
+    dimensions, else one input per kernel."""
+    trace = trace_bench.trace_model(_Concatenation(pieces, form), "infer", 1, img_size=4, dtype=torch.float32)
     assert dict(trace.ops) == {"aten::cat": 1} and trace.total().launches == launches

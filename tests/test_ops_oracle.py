@@ -110,6 +110,24 @@ def test_matches_dense_masked_attention(case, padding):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("padding", PADDING_MODES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_routing_of_slices_of_one_qkv_tensor(case, padding):
+    """q and k as the BRA layer makes them, slices of one qkv tensor (routing reads them through one view of
+    it): the oracle's routing, and the same logits as from separate copies of q and k."""
+    batch, height, width, heads, head_dim, n_win, topk = case
+    qkv = torch.randn(batch, height, width, 3, heads, head_dim, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+    q, k, v = qkv.unbind(3)
+    _, routing = bi_level_routing_attention(q, k, v, n_win, topk, scale=0.3, padding=padding, return_routing=True)
+    _, copied = bi_level_routing_attention(q.clone(), k.clone(), v, n_win, topk, scale=0.3, padding=padding,
+                                           return_routing=True)
+    torch.testing.assert_close(routing.logits, copied.logits, atol=1e-12, rtol=1e-12)
+    if padding != "legacy":  # region means over the map's tokens only
+        want = _oracle_routing(q, k, n_win, topk, 0.3, padding)
+        assert torch.equal(routing.indices.sort(-1).values, want.sort(-1).values)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_float32_close_to_float64_oracle(case):
     *_, n_win, topk = case

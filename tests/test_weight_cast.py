@@ -45,6 +45,18 @@ def test_values_and_gradients_equal_autocasts_own(dtype, on_the_cpu_too):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+def test_frozen_layers_stay_without_gradients(on_the_cpu_too):
+    """A frozen layer is left to autocast: it gets no gradient, and the others get autocast's."""
+    model, x = _layers(), torch.randn(2, 3, 5, 5)
+    model[0].requires_grad_(False)
+    want, want_grads = _run(model, x, torch.bfloat16, cast_once=False)
+    got, got_grads = _run(model, x, torch.bfloat16, cast_once=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert got_grads[:2] == [None, None]
+    for g, w in zip(got_grads[2:], want_grads[2:], strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 def test_parameters_are_back_after_the_context_also_on_errors(on_the_cpu_too):
     model = _layers()
     parameters = dict(model.named_parameters())

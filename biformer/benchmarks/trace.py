@@ -7,7 +7,8 @@ autocast a GPU run would use, and a dispatch mode below autograd sees every ATen
   (CompositeImplicitAutograd) counts as the ops it runs. Our Triton custom ops count as their kernels
   (`CUSTOM_OP_LAUNCHES`). SDPA runs the fused kernel a Hopper GPU would pick (the fake device would take its
   unfused math path; `fused_sdpa=False` counts that instead). foreach ops count one launch each (CUDA splits
-  long lists); cat and stack one per 128 inputs (CUDA's batched copy takes at most 128 per kernel).
+  long lists); cat and stack as ATen's CUDA cat: one launch per 128 inputs (64 if some is not contiguous) where
+  the output has at most 4 dimensions and the inputs its dtype, else one per input.
 - bytes: the distinct tensors a launch reads and writes (inputs and outputs), each once.
 - FLOPs: torch.utils.flop_counter's formulas (2 per multiply-add), but a convolution's backward counted with
   its groups (torch's formula ignores them); the Triton kernels' from their geometry.
@@ -73,7 +74,8 @@ NO_LAUNCH = {
     "aten::new_empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::lift_fresh", "prim::device",
     "aten::set_",
 }
-CAT_INPUTS_PER_LAUNCH = 128  # CAT_ARRAY_BATCH_SIZE of ATen's CUDA cat
+CAT_INPUTS_PER_LAUNCH = 128  # CAT_ARRAY_BATCH_SIZE of ATen's CUDA cat (half for strided inputs)
+CAT_MAX_DIMS = 4  # CAT_ARRAY_MAX_INPUT_DIMS: beyond, one copy per input
 _CATS = ("aten::cat", "aten::stack")
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _HALF = (torch.float16, torch.bfloat16)
@@ -133,6 +135,13 @@ def _fused_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))  # for its backward
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+
+def _cat_launches(inputs: list[Tensor], out: Tensor) -> int:
+    if out.dim() > CAT_MAX_DIMS or any(t.dtype != out.dtype for t in inputs):
+        return len(inputs)
+    per_launch = CAT_INPUTS_PER_LAUNCH if all(t.is_contiguous() for t in inputs) else CAT_INPUTS_PER_LAUNCH // 2
+    return math.ceil(len(inputs) / per_launch)
 
 
 def _is_dtype_cast(name: str, args: tuple, out: Any) -> bool:
@@ -213,8 +222,7 @@ class _Counter(TorchDispatchMode):
         if func.is_view or name in NO_LAUNCH or func.namespace == "profiler":
             return out
         tally = self.trace.categories[self._category(name, args, out)]
-        tally.launches += math.ceil(len(args[0]) / CAT_INPUTS_PER_LAUNCH) if name in _CATS else \
-            CUSTOM_OP_LAUNCHES.get(name, 1)
+        tally.launches += _cat_launches(args[0], out) if name in _CATS else CUSTOM_OP_LAUNCHES.get(name, 1)
         tally.bytes += _nbytes(_tensors((args, kwargs, out)))
         tally.syncs += _is_device_to_host(name, args, out)
         tally.flops += self._flops(func, name, args, kwargs, out)

@@ -9,8 +9,11 @@ the layers as views of the result; in the backward their gradients come back thr
 The values are autocast's own (the same rounding of the same tensors); the extra work is one copy of the
 float32 weights each way, small beside a step's activations.
 
-While the context is open, the layers' parameters are those views (`layer.weight` is a half-precision
-tensor); the Parameters are back when it closes, and their gradients accumulate as usual.
+While the context is open, the layers' weights and biases are those views (`layer.weight` is a half-precision
+tensor, also to hooks, `parameters()` and `state_dict()`, so the model must not run in two threads at once);
+the Parameters are back when it closes, and their gradients accumulate as usual, all of a module's at the end
+of its backward (under DistributedDataParallel, a stage's all-reduce starts after the stage's backward).
+Frozen parameters are left to autocast.
 
 Only on CUDA (`DEVICES`), where each kernel launch costs microseconds of host time: on the CPU the extra copy
 costs more than the casts it saves (biformer_small, bfloat16 inference at batch 1 on 2 cores: 71 ms with
@@ -36,12 +39,15 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _cast_parameters(module: nn.Module, device: torch.device) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """(layer, name, parameter) of every float32 weight and bias autocast would cast below `module`."""
+    """(layer, name, parameter) of every float32 weight and bias autocast would cast below `module`; where
+    autograd records, only those that train (a frozen one in the concatenation would get a gradient)."""
+    training = torch.is_grad_enabled()
     return [
         (layer, name, parameter)
         for layer in module.modules() if isinstance(layer, _CAST_LAYERS)
-        for name, parameter in layer._parameters.items()
-        if parameter is not None and parameter.dtype == torch.float32 and parameter.device == device
+        for name in ("weight", "bias")
+        if (parameter := layer._parameters.get(name)) is not None and parameter.dtype == torch.float32
+        and parameter.device == device and (parameter.requires_grad or not training)
     ]
 
 
@@ -63,9 +69,9 @@ def weights_cast_once(module: nn.Module, device: torch.device, enabled: bool = T
     dtype = torch.get_autocast_dtype(device.type)
     flat = torch.cat([parameter.reshape(-1) for _, _, parameter in entries]).to(dtype)
     pieces = flat.split([parameter.numel() for _, _, parameter in entries])
-    for (layer, name, parameter), piece in zip(entries, pieces):
-        layer._parameters[name] = piece.view(parameter.shape)  # not setattr: a plain tensor stands in
     try:
+        for (layer, name, parameter), piece in zip(entries, pieces):
+            layer._parameters[name] = piece.view(parameter.shape)  # not setattr: a plain tensor stands in
         yield
     finally:
         for layer, name, parameter in entries:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +129,11 @@ class RegionGrid:
         return x.narrow(1, 0, self.height).narrow(2, 0, self.width)
 
 
-@dataclass(frozen=True)
-class Routing:
+class Routing(NamedTuple):
     """What routing decided, for inspection and visualisation.
 
     indices: (B, R, K) int64, the key regions each query region attends to, best first.
-    logits: (B, R, R) float32 region-to-region affinity (-inf for key regions made only of padding).
+    logits: (B, R, R) region-to-region affinity in at least float32 (-inf for key regions made only of padding).
     grid: the region geometry (regions are numbered row-major over grid.rows x grid.cols).
     """
 
@@ -152,35 +152,36 @@ def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
     """(B, H, W, 2, M, D): q and k side by side. BRA's q and k are slices of one qkv tensor at a fixed distance:
     then a view (one reduction reads both), else a copy; a copy under an exporter too, which would bake a
     view's strides in, and under torch.compile, which fuses the copy away."""
-    if torch.compiler.is_compiling() or is_exporting():
-        return torch.stack((q, k), dim=3)
-    distance = k.storage_offset() - q.storage_offset()
-    same_storage = torch._C._is_alias_of(q, k)  # torch has no public name for it
-    if same_storage and distance > 0 and q.shape == k.shape and q.stride() == k.stride():
+    view = not (torch.compiler.is_compiling() or is_exporting()) and q.layout == k.layout == torch.strided \
+        and q.dtype == k.dtype and q.shape == k.shape and q.stride() == k.stride() \
+        and torch._C._is_alias_of(q, k)  # the same storage (torch has no public name for it)
+    distance = k.storage_offset() - q.storage_offset() if view else 0
+    if distance > 0:
         return q.as_strided((*q.shape[:3], 2, *q.shape[3:]), (*q.stride()[:3], distance, *q.stride()[3:]))
     return torch.stack((q, k), dim=3)
 
 
 def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, float]:
-    """(B, H, W, S, M, D) -> (B, R, S, M*D) float32 region sums or means, and the factor that makes sums means.
+    """(B, H, W, S, M, D) -> (B, R, S, M*D) region sums or means in at least float32, and the factor that makes
+    sums means.
 
     Means are over all T slots of a region, the padding counting as zeros: then x is read in its own dtype and
     summed in float32 by one reduction over the map's region view (no copy where the map needs no padding),
     and the division is left to the caller (sums, factor 1 / T). Masked on a padded map, they are over the map's
     tokens only, which are all that is read (means, factor 1; regions of padding only get zeros).
     """
-    batch, rest = x.shape[0], x.shape[3:]
+    batch, rest, dtype = x.shape[0], x.shape[3:], torch.promote_types(x.dtype, torch.float32)
     if not (masked and grid.is_padded):
         regions = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, *rest)
         if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (two launches elsewhere)
-            sums = regions.sum(4, dtype=torch.float32).sum(2)
+            sums = regions.sum(4, dtype=dtype).sum(2)
         else:
-            sums = regions.sum((2, 4), dtype=torch.float32)
+            sums = regions.sum((2, 4), dtype=dtype)
         sums = sums.flatten(1, 2).flatten(3)
         if is_exporting():  # divided in the graph: a traced region size must not become a constant factor
             return sums / grid.tokens_per_region, 1.0
         return sums, 1.0 / grid.tokens_per_region
-    x = x.flatten(3).float()  # (B, H, W, S*C)
+    x = x.to(dtype).flatten(3)  # (B, H, W, S*C)
     if is_exporting():  # ONNX's AvgPool needs a fixed window: sums of the zero-padded map over the counted tokens
         sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, -1).sum((2, 4))
         counted = grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(x.dtype)  # (R,)
