@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,17 @@ def golden_dir() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"GOLDEN DATA MISSING: {GOLDEN} not found; equivalence with the original is NOT checked")
     return GOLDEN
+
+
+@pytest.fixture(autouse=True)
+def _process_left_as_found():
+    """Each test leaves the environment and torch's thread count as it found them: importing ultralytics (the
+    guide's YOLO example) sets OMP_NUM_THREADS=1, and a later test's subprocess would then train on one thread
+    against an in-process reference on two, which differ in the last bits."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    if os.environ != environment:
+        os.environ.clear()
+        os.environ.update(environment)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
