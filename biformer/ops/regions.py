@@ -161,36 +161,42 @@ def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
     return torch.stack((q, k), dim=3)
 
 
+def _region_sums(x: Tensor, grid: RegionGrid, dtype: torch.dtype) -> Tensor:
+    """(B, H, W, S, M, D) -> (B, R, S, M*D) sums over each region's T slots, the padding counting as zeros: x read
+    in its own dtype and summed in `dtype` over the map's region view (no copy where the map needs no padding)."""
+    regions = grid.pad(x).view(x.shape[0], grid.rows, grid.region_h, grid.cols, grid.region_w, *x.shape[3:])
+    if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (two launches elsewhere)
+        sums = regions.sum(4, dtype=dtype).sum(2)
+    else:
+        sums = regions.sum((2, 4), dtype=dtype)
+    return sums.flatten(1, 2).flatten(3)
+
+
 def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, float]:
     """(B, H, W, S, M, D) -> (B, R, S, M*D) region sums or means in at least float32, and the factor that makes
     sums means.
 
-    Means are over all T slots of a region, the padding counting as zeros: then x is read in its own dtype and
-    summed in float32 by one reduction over the map's region view (no copy where the map needs no padding),
-    and the division is left to the caller (sums, factor 1 / T). Masked on a padded map, they are over the map's
-    tokens only, which are all that is read (means, factor 1; regions of padding only get zeros).
+    Means are over all T slots of a region, the padding counting as zeros: then one reduction gives the sums
+    (`_region_sums`) and the division is left to the caller (sums, factor 1 / T). Masked on a padded map, they
+    are over the map's tokens only, which are all that is read (means, factor 1; regions of padding only get
+    zeros).
     """
-    batch, rest, dtype = x.shape[0], x.shape[3:], torch.promote_types(x.dtype, torch.float32)
+    dtype = torch.promote_types(x.dtype, torch.float32)
     if not (masked and grid.is_padded):
-        regions = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, *rest)
-        if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (two launches elsewhere)
-            sums = regions.sum(4, dtype=dtype).sum(2)
-        else:
-            sums = regions.sum((2, 4), dtype=dtype)
-        sums = sums.flatten(1, 2).flatten(3)
+        sums = _region_sums(x, grid, dtype)
         if is_exporting():  # divided in the graph: a traced region size must not become a constant factor
             return sums / grid.tokens_per_region, 1.0
         return sums, 1.0 / grid.tokens_per_region
-    x = x.to(dtype).flatten(3)  # (B, H, W, S*C)
     if is_exporting():  # ONNX's AvgPool needs a fixed window: sums of the zero-padded map over the counted tokens
-        sums = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, -1).sum((2, 4))
-        counted = grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(x.dtype)  # (R,)
-        return (sums.flatten(1, 2) / counted[:, None]).unflatten(-1, rest[:1] + (-1,)), 1.0
+        counted = grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(dtype)  # (R,)
+        return _region_sums(x, grid, dtype) / counted[:, None, None], 1.0
+    pair = x.shape[3]
+    x = x.to(dtype).flatten(3)  # (B, H, W, S*C)
     # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map
     means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, S*C, r, c)
     if means.shape[-2:] != (grid.rows, grid.cols):  # no window starts beyond the map: regions of padding get zeros
         means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
-    return means.flatten(2).transpose(1, 2).unflatten(-1, rest[:1] + (-1,)), 1.0
+    return means.flatten(2).transpose(1, 2).unflatten(-1, (pair, -1)), 1.0
 
 
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
