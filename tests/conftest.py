@@ -24,15 +24,19 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+THREADS = torch.get_num_threads()  # the process's own, before any test or fixture changes it
+
+
 @pytest.fixture(autouse=True)
 def _process_left_as_found():
-    """Each test leaves the environment and torch's thread count as it found them: importing ultralytics (the
-    guide's YOLO example) sets OMP_NUM_THREADS=1, and a later test's subprocess would then train on one thread
-    against an in-process reference on two, which differ in the last bits."""
-    environment, threads = dict(os.environ), torch.get_num_threads()
+    """Each test leaves the environment as it found it and torch's thread count as the process started with, also
+    where a module fixture changed it: importing ultralytics (the guide's YOLO example) sets OMP_NUM_THREADS=1 and
+    its CPU training sets the thread count, and a later test's subprocess or in-process run would then train on
+    one thread against a reference on two, which differ in the last bits."""
+    environment = dict(os.environ)
     yield
     if os.environ != environment:
         os.environ.clear()
         os.environ.update(environment)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)

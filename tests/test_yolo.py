@@ -36,15 +36,6 @@ TRAIN_OPTIONS = {"epochs": 1, "imgsz": 64, "batch": 8, "workers": 0, "plots": Fa
                  "deterministic": False, "amp": False, "verbose": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_threads_restored():
-    """ultralytics' CPU training sets torch's thread count for the process; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def layers_of(model: torch.nn.Module, kind: type) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, kind)]
 
