@@ -57,12 +57,9 @@ def weights_cast_once(module: nn.Module, device: torch.device, enabled: bool = T
     autocast dtype of `device` (see the module docstring). Does nothing unless `device` is of a type in
     `DEVICES` and autocast to float16 or bfloat16 is on there, or under torch.compile (the compiler places
     casts itself) or an exporter."""
-    autocast = device.type in DEVICES and torch.is_autocast_enabled(device.type)
-    if not (enabled and autocast and torch.get_autocast_dtype(device.type) in _HALF) or \
-            torch.compiler.is_compiling() or is_exporting():
-        yield
-        return
-    entries = _cast_parameters(module, device)
+    active = enabled and device.type in DEVICES and torch.is_autocast_enabled(device.type) \
+        and torch.get_autocast_dtype(device.type) in _HALF and not (torch.compiler.is_compiling() or is_exporting())
+    entries = _cast_parameters(module, device) if active else []
     if not entries:
         yield
         return
