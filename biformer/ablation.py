@@ -29,12 +29,12 @@ import torch.distributed as dist
 
 from .benchmarks.model import ModelEntry, bench_models
 from .checkpoints.weights import read_metadata
-from .config import TrainConfig, builtin_defaults, parse_model_kwargs
+from .config import TrainConfig, builtin_defaults, parse_model_kwargs, setting_changes
 from .errors import UserError
 from .files import atomic_output
 from .measure import format_table, write_csv
 from .models.mixers import MIXERS
-from .recipes import apply_recipe
+from .recipes import resolve
 from .runtime import resolve_device
 from .training import run_folder
 
@@ -112,24 +112,24 @@ def train_configuration(options: AblationOptions, configuration: Configuration, 
     from .training.engine import train
 
     folder = options.output / configuration.label / f"seed{seed}"
-    config = apply_recipe(TrainConfig(
+    resolved = resolve(TrainConfig(
         data=options.data, model=options.model, model_kwargs=configuration.model_kwargs, epochs=options.epochs,
         img_size=options.img_size, batch_size=options.batch_size, lr=options.lr,
         warmup_epochs=options.warmup_epochs, seed=seed, output=folder, device=options.device,
         workers=options.workers, tensorboard=False, resume=(folder / run_folder.STATE).exists(),
     ))
-    settings = _json_normal(config.run_options())
-    defaults = _json_normal(builtin_defaults())  # for options newer than the finished run
+    settings = _json_normal(resolved.config.run_options())
     if (folder / RESULT).exists():
         result = json.loads((folder / RESULT).read_text())
-        changed = sorted(key for key in settings if result["settings"].get(key, defaults.get(key)) != settings[key])
+        # as JSON reads them back, with options newer than the finished run at their defaults
+        changed = setting_changes({**_json_normal(builtin_defaults()), **result["settings"]}, settings)
         if changed:
             raise UserError(f"{folder} holds a finished run with other settings ({', '.join(changed)}); "
                             "use the same settings, or another --output")
         print(f"{configuration.label} seed {seed}: done before, val top-1 {result['val_top1']:.2f}%", flush=True)
         return result
     print(f"== {configuration.label} seed {seed} ({' '.join(configuration.model_kwargs)}) -> {folder}", flush=True)
-    row = train(config, alone=True)
+    row = train(resolved, alone=True)
     classes = read_metadata(folder / run_folder.WEIGHTS)["classes"]
     result = {"settings": settings, "val_top1": row["val_top1"], "num_classes": len(classes),
               "rank": int(os.environ.get("RANK", "0"))}

@@ -10,13 +10,20 @@ from . import commands
 from .errors import UserError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand. A command module's `add_task_options(parser)`, whose options the tasks
+    declare (importing them imports timm and torchvision), runs only for the command that `argv` names, so that
+    `biformer --help` and the other commands answer without them."""
     parser = argparse.ArgumentParser(prog="biformer", description="BiFormer: train, evaluate, analyse, convert.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    named = next((word for word in argv or () if not word.startswith("-")), None)
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if module_info.name.startswith("_"):  # shared helpers, not commands
             continue
-        importlib.import_module(f"{commands.__name__}.{module_info.name}").register(subparsers)
+        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
+        module.register(subparsers)
+        if module_info.name == named and hasattr(module, "add_task_options"):
+            module.add_task_options(subparsers.choices[named])
     return parser
 
 
@@ -33,7 +40,8 @@ def user_message(error: UserError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args) or 0
     except UserError as error:

@@ -56,6 +56,38 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_fields(options: Any) -> None:
+    """UserError for a field of an options dataclass below its least value, or outside its choices."""
+    for spec in fields(options):
+        value, least = getattr(options, spec.name), spec.metadata.get("least")
+        if not spec.init or isinstance(value, Unset) or value is None:
+            continue
+        choices = spec.metadata["cli"].get("choices")
+        if least is not None and value < least:
+            raise UserError(f"{flag(spec.name)} must be at least {least}{spec.metadata['why']}, got {value}")
+        if choices is not None and value not in choices:
+            raise UserError(f"{flag(spec.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    labels: Mapping[str, str] | None = None) -> list[str]:
+    """'--option old -> new' for each setting of `current` that differs from `saved` (a run's settings written
+    earlier); an option newer than the saved run counts as its built-in default there. labels: how to name
+    settings that are no option (e.g. the number of processes)."""
+    defaults, labels = builtin_defaults(), labels or {}
+    return [f"{labels.get(name) or flag(name)} {saved.get(name, defaults.get(name))!r} -> {value!r}"
+            for name, value in current.items() if saved.get(name, defaults.get(name)) != value]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """The options a task takes for `biformer eval` or `predict`: a frozen dataclass of `option` fields (a
+    subclass adds them), checked when built; the commands generate their parser groups from the fields."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE texts as keyword arguments, each value a Python literal if it reads as one, else text."""
     arguments = {}
@@ -178,15 +210,7 @@ class TrainConfig:
                 raise UserError(f"--pretrained {self.pretrained!r} does not exist; give the weights file to start from")
         self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
         object.__setattr__(self, "milestones", tuple(self.milestones) if self.is_set("milestones") else self.milestones)
-        for spec in fields(self):
-            value, least = getattr(self, spec.name), spec.metadata.get("least")
-            if not spec.init or isinstance(value, Unset):
-                continue
-            choices = spec.metadata["cli"].get("choices")
-            if least is not None and value is not None and value < least:
-                raise UserError(f"{flag(spec.name)} must be at least {least}{spec.metadata['why']}, got {value}")
-            if choices is not None and value not in choices:
-                raise UserError(f"{flag(spec.name)} must be one of {', '.join(choices)}, got {value!r}")
+        check_fields(self)
         if self.is_set("val_every") and self.is_set("iters") and self.val_every is not None and self.iters is None:
             raise UserError("--val-every counts steps of an --iters run; with --epochs the run validates after "
                             "each epoch: leave --val-every out, or train by --iters")

@@ -5,6 +5,7 @@ A recipe names values of `TrainConfig` options: for every model it trains, then 
 are facts read from the release's configs (its classification `main.py` and `configs/`, `object_detection/configs/`
 and `semantic_segmentation/configs/`); `notes` says what an option cannot express. A dense model trains with its
 head's recipe unless --recipe says otherwise; a classifier with the built-in defaults (the digits' settings).
+`resolve` settles a run's options once: its task, its recipe, every option's value and where it came from.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 
 from .config import TrainConfig
 from .errors import UserError
+from .tasks.base import Task
 from .tasks.registry import task_for_model
 
 NONE = "none"  # --recipe none: the built-in defaults
@@ -121,10 +123,9 @@ def _head(model: str, heads: tuple[str, ...]) -> str | None:
     return next((head for head in heads if model.startswith(head + "_")), None)
 
 
-def recipe_for(model: str, requested: str | None) -> Recipe | None:
-    """The recipe `model` trains with: --recipe's (None: the model's own; "none": no recipe); UserError for an
-    unknown name or a recipe of another task."""
-    task = task_for_model(model)
+def recipe_for(model: str, requested: str | None, task: Task) -> Recipe | None:
+    """The recipe `model` (of `task`) trains with: --recipe's (None: the model's own; "none": no recipe); UserError
+    for an unknown name or a recipe of another task."""
     if requested is None:
         head = _head(model, task.heads)
         return next((recipe for recipe in RECIPES.values() if head is not None and head in recipe.default_for), None)
@@ -141,7 +142,24 @@ def recipe_for(model: str, requested: str | None) -> Recipe | None:
     return recipe
 
 
-def apply_recipe(config: TrainConfig) -> TrainConfig:
-    """`config` with its unset options filled in from its recipe (see `recipe_for`), else the built-in defaults."""
-    recipe = recipe_for(config.model, config.recipe)
-    return config.resolved(recipe.name if recipe else None, recipe.settings(config.model) if recipe else {})
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A training run's settings, resolved once for the engine, `ablate` and --dry-run: every option has its value
+    (`config.sources` says whether given, from the recipe or built in), with the task that trains the model and
+    the recipe (None: the built-in defaults) and its global batch."""
+
+    config: TrainConfig
+    task: Task
+    recipe: Recipe | None
+    recipe_global_batch: int | None
+
+
+def resolve(config: TrainConfig) -> ResolvedRun:
+    """`config` with its unset options filled in from its recipe (see `recipe_for`), else the built-in defaults,
+    checked against its task; UserError for options its task does not take."""
+    task = task_for_model(config.model)
+    recipe = recipe_for(config.model, config.recipe, task)
+    settings = recipe.settings(config.model) if recipe is not None else {}
+    resolved = config.resolved(recipe.name if recipe is not None else None, settings)
+    task.check_config(resolved)
+    return ResolvedRun(resolved, task, recipe, recipe.global_batch(config.model) if recipe is not None else None)

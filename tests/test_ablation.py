@@ -102,7 +102,7 @@ def test_ablate_table_csv_plot_and_a_rerun_that_trains_nothing(tmp_path, capsys,
 
     # the same folders with another recipe are refused, not mixed into the table
     assert main([*args[:-2], "--lr", "1e-3", "--output", str(out)]) == 2
-    assert "holds a finished run with other settings (lr)" in capsys.readouterr().err
+    assert "holds a finished run with other settings (--lr " in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from biformer.dense import (
     RetinaNetModel,
     create_backbone,
     create_detection_model,
-    detection_recipe,
+    detection_settings,
     is_detection_model,
     split_detection_name,
 )
@@ -268,20 +268,20 @@ def test_normalization_is_the_backbones():
     assert (timm_model.transform.min_size, timm_model.transform.max_size) == ((320,), 480)
 
 
-def test_attributes_and_recipes():
+def test_attributes_and_model_settings():
     """The release's COCO configs: 1333x800 with flip 0.5, 16 BRA regions per side, drop path S 0.2 / B 0.3 (their
     optimization is the coco-1x recipe: tests/test_recipes.py)."""
     for head in ("retinanet", "fcos", "maskrcnn"):
         for variant, rate in (("small", 0.2), ("base", 0.3), ("tiny", 0.1)):  # tiny: no release config, ours
-            recipe = detection_recipe(f"{head}_biformer_{variant}")
-            assert (recipe.max_size, recipe.min_size, recipe.flip) == (1333, 800, 0.5)
-            assert (recipe.drop_path, recipe.n_win) == (rate, 16)
-        assert detection_recipe(f"{head}_resnet50").drop_path == 0.0
+            settings = detection_settings(f"{head}_biformer_{variant}")
+            assert (settings.max_size, settings.min_size, settings.flip) == (1333, 800, 0.5)
+            assert (settings.drop_path, settings.n_win) == (rate, 16)
+        assert detection_settings(f"{head}_resnet50").drop_path == 0.0
     model = create_detection_model("maskrcnn_biformer_nano", 7, **SMALL)
-    assert (model.name, model.num_classes, model.recipe) == ("maskrcnn_biformer_nano", 7, detection_recipe(model.name))
+    assert (model.name, model.num_classes, model.settings) == ("maskrcnn_biformer_nano", 7, detection_settings(model.name))
     assert isinstance(model, MaskRCNNModel)
     model = create_detection_model("retinanet_resnet18", 2, **SMALL)
-    assert (model.name, model.num_classes, model.recipe) == ("retinanet_resnet18", 2, detection_recipe(model.name))
+    assert (model.name, model.num_classes, model.settings) == ("retinanet_resnet18", 2, detection_settings(model.name))
     assert isinstance(model, RetinaNetModel)
     assert isinstance(create_detection_model("fcos_resnet18", 2, **SMALL), FCOSModel)
 
@@ -311,7 +311,7 @@ def test_names():
     ("yolo_resnet18", "no head prefix"),
 ])
 def test_unknown_names_list_the_accepted_forms(name, reason):
-    for make in (lambda: create_detection_model(name, 3), lambda: detection_recipe(name)):
+    for make in (lambda: create_detection_model(name, 3), lambda: detection_settings(name)):
         with pytest.raises(UserError, match=f"{reason}.*HEAD_BACKBONE with HEAD one of retinanet, fcos, maskrcnn"):
             make()
 

@@ -12,7 +12,7 @@ from biformer.dense import (
     create_backbone,
     create_segmentation_model,
     is_segmentation_model,
-    segmentation_recipe,
+    segmentation_settings,
     split_segmentation_name,
 )
 from biformer.dense.segmentation import LeanUPerNetDecoder
@@ -71,7 +71,7 @@ def test_names():
     ("deeplab_resnet18", "no head prefix"),
 ])
 def test_unknown_names_list_the_accepted_forms(name, reason):
-    for make in (lambda: create_segmentation_model(name, 3), lambda: segmentation_recipe(name)):
+    for make in (lambda: create_segmentation_model(name, 3), lambda: segmentation_settings(name)):
         with pytest.raises(UserError, match=f"{reason}.*HEAD_BACKBONE with HEAD one of sfpn, upernet"):
             make()
 
@@ -88,26 +88,26 @@ def test_biformer_options_are_refused_for_other_backbones(option):
         create_segmentation_model("sfpn_resnet18", 3, **option)
 
 
-def test_recipes_are_the_original_configs():
+def test_model_settings_are_the_original_configs():
     """The release's ADE20K configs: crop 512, drop path S 0.15 / B 0.3 (Semantic FPN), S 0.3 / B 0.4 (UperNet), the
     auxiliary head's weight (their optimization is the ade20k-* recipes: tests/test_recipes.py)."""
     for variant, rate in (("small", 0.15), ("base", 0.3)):
-        recipe = segmentation_recipe(f"sfpn_biformer_{variant}")
-        assert (recipe.crop, recipe.drop_path, recipe.aux_weight) == (512, rate, 0.0)
+        settings = segmentation_settings(f"sfpn_biformer_{variant}")
+        assert (settings.crop, settings.drop_path, settings.aux_weight) == (512, rate, 0.0)
     for variant, rate in (("small", 0.3), ("base", 0.4)):
-        recipe = segmentation_recipe(f"upernet_biformer_{variant}")
-        assert (recipe.crop, recipe.drop_path, recipe.aux_weight) == (512, rate, 0.4)
-    assert segmentation_recipe("upernet_biformer_tiny").drop_path == 0.1  # no release config: ours
-    assert segmentation_recipe("upernet_convnext_tiny").drop_path == 0.0
+        settings = segmentation_settings(f"upernet_biformer_{variant}")
+        assert (settings.crop, settings.drop_path, settings.aux_weight) == (512, rate, 0.4)
+    assert segmentation_settings("upernet_biformer_tiny").drop_path == 0.1  # no release config: ours
+    assert segmentation_settings("upernet_convnext_tiny").drop_path == 0.0
 
 
-def test_drop_path_comes_from_the_recipe_unless_given():
+def test_drop_path_comes_from_the_model_settings_unless_given():
     def largest_rate(model):
         return max(module.drop_prob for module in model.modules() if isinstance(module, DropPath))
 
     model = create_segmentation_model("upernet_biformer_nano", 3)
-    assert model.recipe == segmentation_recipe("upernet_biformer_nano")
-    assert largest_rate(model) == pytest.approx(model.recipe.drop_path)  # the last block takes the full rate
+    assert model.settings == segmentation_settings("upernet_biformer_nano")
+    assert largest_rate(model) == pytest.approx(model.settings.drop_path)  # the last block takes the full rate
     assert largest_rate(create_segmentation_model("upernet_biformer_nano", 3, drop_path_rate=0.25)) == pytest.approx(0.25)
 
 

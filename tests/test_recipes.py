@@ -20,7 +20,7 @@ from biformer.config import TrainConfig
 from biformer.dense import create_detection_model
 from biformer.errors import UserError
 from biformer.optim.param_groups import parameter_groups
-from biformer.recipes import RECIPES, apply_recipe
+from biformer.recipes import RECIPES, resolve
 from biformer.tasks.registry import TASKS
 
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
@@ -44,7 +44,7 @@ def close(got: float, expected: float) -> bool:
 
 def test_recipes_hold_the_original_configs():
     """The settings read from the release's configs, written out here (see each recipe's `source`)."""
-    coco = {name: apply_recipe(TrainConfig(model=f"{name}_biformer_small")) for name in ("retinanet", "maskrcnn")}
+    coco = {name: resolve(TrainConfig(model=f"{name}_biformer_small")).config for name in ("retinanet", "maskrcnn")}
     for config in coco.values():
         assert (config.epochs, config.sched, config.milestones, config.decay_rate, config.lr_per_epoch) == (
             12, "step", (8, 11), 0.1, True)
@@ -52,21 +52,21 @@ def test_recipes_hold_the_original_configs():
         assert (config.opt, config.lr, config.batch_size, config.img_size) == ("adamw", 1e-4, 2, 800)
     assert (coco["retinanet"].weight_decay, coco["retinanet"].decay_rule) == (1e-4, "all")
     assert (coco["maskrcnn"].weight_decay, coco["maskrcnn"].decay_rule) == (0.05, "mmcv")
-    sfpn = apply_recipe(TrainConfig(model="sfpn_biformer_small"))
+    sfpn = resolve(TrainConfig(model="sfpn_biformer_small")).config
     assert (sfpn.iters, sfpn.sched, sfpn.warmup_iters, sfpn.warmup_ratio, sfpn.min_lr) == (
         80_000, "cosine", 1000, 0.1, 2e-4 * 1e-8)
     assert (sfpn.lr, sfpn.weight_decay, sfpn.decay_rule, sfpn.batch_size, sfpn.img_size) == (2e-4, 1e-4, "all", 4, 512)
-    upernet = apply_recipe(TrainConfig(model="upernet_biformer_base"))
+    upernet = resolve(TrainConfig(model="upernet_biformer_base")).config
     assert (upernet.iters, upernet.sched, upernet.poly_power, upernet.min_lr) == (160_000, "poly", 1.0, 0.0)
     assert (upernet.warmup_iters, upernet.warmup_ratio, upernet.lr, upernet.weight_decay, upernet.decay_rule) == (
         1500, 1e-6, 6e-5, 0.01, "mmcv")
-    in1k = apply_recipe(TrainConfig(model="biformer_small", recipe="in1k"))
+    in1k = resolve(TrainConfig(model="biformer_small", recipe="in1k")).config
     assert (in1k.epochs, in1k.warmup_epochs, in1k.min_lr, in1k.lr * in1k.warmup_ratio) == (300, 5, 1e-5, 1e-6)
     assert in1k.lr == pytest.approx(5e-4 * 128 * 8 / 512)  # main.py's rule at the README's 8 GPUs x 128
     assert (in1k.aa, in1k.reprob, in1k.mixup, in1k.cutmix, in1k.smoothing, in1k.aug_repeats) == (
         "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1, 3)
     assert (in1k.drop_path, in1k.model_ema, in1k.ema_decay) == (0.15, True, 0.99996)
-    assert apply_recipe(TrainConfig(model="biformer_tiny", recipe="in1k")).drop_path == 0.1
+    assert resolve(TrainConfig(model="biformer_tiny", recipe="in1k")).config.drop_path == 0.1
 
 
 def test_each_recipe_names_real_options_and_heads():
@@ -80,17 +80,17 @@ def test_each_recipe_names_real_options_and_heads():
 
 
 def test_sources_and_alternatives():
-    config = apply_recipe(TrainConfig(model="maskrcnn_biformer_tiny", lr=2e-4, epochs=1))
+    config = resolve(TrainConfig(model="maskrcnn_biformer_tiny", lr=2e-4, epochs=1)).config
     assert (config.sources["lr"], config.sources["sched"], config.sources["aa"]) == ("given", "recipe coco-1x", "default")
     assert config.milestones == (8, 11)  # an --epochs run keeps the recipe's epoch milestones
-    by_iters = apply_recipe(TrainConfig(model="maskrcnn_biformer_tiny", iters=40))
+    by_iters = resolve(TrainConfig(model="maskrcnn_biformer_tiny", iters=40)).config
     assert by_iters.milestones == () and by_iters.epochs == 30 and by_iters.sources["epochs"] == "default"
-    shorter = apply_recipe(TrainConfig(model="upernet_biformer_tiny", iters=100))
+    shorter = resolve(TrainConfig(model="upernet_biformer_tiny", iters=100)).config
     assert (shorter.iters, shorter.val_every) == (100, 16_000)  # same unit: the recipe's --val-every stays
-    assert apply_recipe(TrainConfig(model="upernet_biformer_tiny", epochs=2)).val_every is None
-    assert apply_recipe(TrainConfig(model="upernet_biformer_tiny", recipe="none")).sched == "cosine"
+    assert resolve(TrainConfig(model="upernet_biformer_tiny", epochs=2)).config.val_every is None
+    assert resolve(TrainConfig(model="upernet_biformer_tiny", recipe="none")).config.sched == "cosine"
     with pytest.raises(UserError, match="--epochs and --iters are alternatives"):
-        apply_recipe(TrainConfig(epochs=2, iters=5))
+        resolve(TrainConfig(epochs=2, iters=5)).config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_in1k_schedule_is_timms_epoch_stepped_cosine(tmp_path):
 def test_maskrcnn_coco_1x_decay_rule():
     """mmdet's custom_keys: no decay for names containing norm, absolute_pos_embed or relative_position_bias_table;
     everything else decays, biases and BatchNorm layers with other names included."""
-    config = apply_recipe(TrainConfig(model="maskrcnn_biformer_small"))
+    config = resolve(TrainConfig(model="maskrcnn_biformer_small")).config
     model = create_detection_model("maskrcnn_biformer_small", 80)
     groups = parameter_groups(model, config.weight_decay, config.decay_rule)
     no_decay = {name for group in groups if group.weight_decay == 0 for name in group.names}
@@ -175,7 +175,7 @@ def test_in1k_decay_rule():
     """timm's rule: no decay for 1-D parameters, names ending in .bias and exact no_weight_decay() names."""
     import timm
 
-    config = apply_recipe(TrainConfig(model="biformer_small", recipe="in1k"))
+    config = resolve(TrainConfig(model="biformer_small", recipe="in1k")).config
     model = timm.create_model("biformer_small")
     groups = parameter_groups(model, config.weight_decay, config.decay_rule)
     no_decay = {name for group in groups if group.weight_decay == 0 for name in group.names}

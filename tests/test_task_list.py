@@ -3,6 +3,7 @@ line once it is registered; and the list answers which task a model name or a we
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +15,41 @@ from timm.data import create_transform
 from torch import nn
 
 from biformer.cli import main
+from biformer.config import TaskOptions, option
 from biformer.data.classification import collate_readable
 from biformer.data.digits import digit_image
 from biformer.runtime import all_reduce_sum, autocast
-from biformer.tasks import Objective, Task, register_task, task_for_checkpoint, task_for_model, unregister_task
+from biformer.tasks import (
+    Objective,
+    Prediction,
+    Task,
+    register_task,
+    task_for_checkpoint,
+    task_for_model,
+    unregister_task,
+)
 from biformer.tasks.base import eval_batches
 from biformer.tasks.classification import ClassificationTask
 
-CLOSE = 0.5  # a predicted digit value this near the true one counts as right
+@dataclass(frozen=True)
+class DigitValueEvalOptions(TaskOptions):
+    close: float = option(0.5, "a predicted digit value this near the true one counts as right", least=0)
+
+
+@dataclass(frozen=True)
+class DigitValuePredictOptions(TaskOptions):
+    decimals: int = option(2, "digits after the point in the printed value", least=0)
 
 
 class DigitValueTask(Task):
     """Image-level regression: the value (0..9) of the digit in an image, by a timm backbone with one output.
-    Models are `digitvalue_<backbone>`; the metric is the share of images predicted within CLOSE."""
+    Models are `digitvalue_<backbone>`; the metric is the share of images predicted within --close."""
 
     name = "digit-value"
     heads = ("digitvalue",)
     default_data = "digits"
-    predict_options = frozenset({"json"})
+    EvalOptions = DigitValueEvalOptions
+    PredictOptions = DigitValuePredictOptions
     metric = "val_close"
     train_accuracy = None
     collate = staticmethod(collate_readable)
@@ -56,13 +74,14 @@ class DigitValueTask(Task):
         return 0.0, 0.0
 
     @torch.no_grad()
-    def evaluate(self, model, loader, env, amp="none", desc="val", unreadable=None) -> dict[str, Any]:
+    def evaluate(self, model, loader, env, *, splits, options=None, amp="none", desc="val", unreadable=None):
+        close_enough = (options or DigitValueEvalOptions()).close
         model.eval()
         totals = [0.0, 0.0, 0.0]  # absolute error sum, close, count
         for images, targets in eval_batches(loader, env, desc, unreadable):
             with autocast(env.device, amp):
                 error = (model(images)[:, 0].float() - targets.float()).abs()
-            totals = [a + b for a, b in zip(totals, (error.sum().item(), (error < CLOSE).sum().item(), len(error)))]
+            totals = [a + b for a, b in zip(totals, (error.sum().item(), (error < close_enough).sum().item(), len(error)))]
         error_sum, close, count = all_reduce_sum(totals, env)
         return {"mae": error_sum / count, "close": 100 * close / count, "count": int(count)}
 
@@ -82,13 +101,14 @@ class DigitValueTask(Task):
         return f"{checkpoint}: close {result['close']:.2f}%  mae {result['mae']:.4f}  ({result['count']} images)"
 
     @torch.no_grad()
-    def predict(self, images, restored, args, device, outputs) -> None:
+    def predict(self, restored, images, options, device, outputs):
         transform = create_transform(restored.img_size, crop_pct=restored.metadata["crop_pct"], mean=restored.mean,
                                      std=restored.std)
         for path, image in images:
-            value = restored.model(transform(image)[None]).item()
-            print(json.dumps({"image": path, "value": value}) if args.json else f"{path}: value {value:.2f}")
-        return []
+            yield Prediction(path, {"value": round(restored.model(transform(image)[None]).item(), options.decimals)})
+
+    def prediction_text(self, prediction) -> str:
+        return f"{prediction.image}: value {prediction.result['value']}"
 
 
 @pytest.fixture
@@ -125,8 +145,19 @@ def test_a_task_from_outside_the_package_runs_through_train_eval_and_predict(dig
     assert [Path(line["image"]).name for line in predicted] == ["0.png", "1.png"]
     assert all(isinstance(line["value"], float) for line in predicted)
 
+    assert main(["predict", str(images), "--checkpoint", str(weights), "--decimals", "1", "--json"]) == 0  # its own
+    values = [json.loads(line)["value"] for line in capsys.readouterr().out.splitlines()]
+    assert len(values) == 2 and all(value == round(value, 1) for value in values)
+    assert main(["eval", "--checkpoint", str(weights), "--json", "--close", "1e9"]) == 0  # every value counts
+    assert json.loads(capsys.readouterr().out)["close"] == 100
+
     assert main(["predict", str(images), "--checkpoint", str(weights), "--topk", "3"]) == 2  # a classifier's option
     assert "--topk is for classification models" in capsys.readouterr().err
+    for command, flag in (("eval", "--close"), ("predict", "--decimals")):  # in the help, in a group of their own
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        assert "digit-value models:" in shown and flag in shown
 
 
 def test_model_names_and_weights_files_name_their_task(digit_value_task, tmp_path):

@@ -16,7 +16,7 @@ from biformer.cli import build_parser, main
 from biformer.commands.train import config_from_args
 from biformer.config import TrainConfig
 from biformer.errors import UserError
-from biformer.recipes import apply_recipe
+from biformer.recipes import resolve
 
 TINY = ["--model", "biformer_nano", "--img-size", "32", "--no-tensorboard", "--warmup-epochs", "1"]
 DIGITS = ["--data", "digits", *TINY]
@@ -299,9 +299,9 @@ def test_config_is_the_command_line():
         TrainConfig(epochs=0)
     with pytest.raises(UserError, match="--amp must be one of none, auto, bf16, fp16, got 'fp32'"):
         TrainConfig(amp="fp32")
-    resolved = apply_recipe(TrainConfig())
+    resolved = resolve(TrainConfig()).config
     assert "output" not in resolved.run_options() and resolved.run_options()["lr"] == 2e-3
-    assert resolved.sources["lr"] == "default" and apply_recipe(TrainConfig(lr=1e-3)).sources["lr"] == "given"
+    assert resolved.sources["lr"] == "default" and resolve(TrainConfig(lr=1e-3)).config.sources["lr"] == "given"
 
 
 def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -1,9 +1,14 @@
-"""What several commands share: argparse types for counts, and the check that a task-specific option is set only
-for a model of a task that takes it."""
+"""What several commands share: argparse types for counts, parser arguments generated from the fields of an
+options dataclass (`biformer.config.option`), and the task-specific options of `eval` and `predict`, generated
+from every registered task's `EvalOptions` / `PredictOptions`."""
 from __future__ import annotations
 
 import argparse
+import typing
+from dataclasses import Field, fields
+from typing import Any
 
+from ..config import Unset, builtin_default, flag
 from ..errors import UserError
 
 
@@ -23,22 +28,60 @@ def non_negative(text: str) -> int:
     return value
 
 
-def check_task_options(args: argparse.Namespace, task, accepted: frozenset[str], command: str) -> None:
-    """UserError naming the task-specific options given away from their defaults that `task` does not take."""
+def add_field(group: Any, spec: Field, hint: Any, *, default: Any, help: str) -> None:
+    """One argument of `group` for an options dataclass field: a switch for a bool, else a value of its type."""
+    if hint is bool:  # on by default, or a recipe may switch it on (an Unset default): --no-NAME switches it off
+        switch_off = isinstance(spec.default, Unset) or spec.default
+        parsing = {"action": argparse.BooleanOptionalAction if switch_off else "store_true"}
+    else:
+        parsing = {"type": next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))}
+    group.add_argument(flag(spec.name), default=default, help=help, **parsing, **spec.metadata["cli"])
+
+
+def add_fields(group: Any, options: type) -> None:
+    """An argument per field of the options dataclass `options`, its default shown by the parser's formatter."""
+    hints = typing.get_type_hints(options)
+    for spec in fields(options):
+        if spec.init:
+            add_field(group, spec, hints[spec.name], default=spec.default, help=spec.metadata["help"])
+
+
+def _task_fields(command: str) -> dict[str, tuple[Field, Any, list[str]]]:
+    """Each task-specific option of `command` ("eval" or "predict") by name: its field, type and the tasks that
+    take it (in the task list's order; the first declaration gives the help)."""
     from ..tasks.registry import TASKS
 
-    defaults = args.task_option_defaults
-    given = [dest for dest in defaults if getattr(args, dest) != defaults[dest]]
-    refused = [dest for dest in given if dest not in accepted]
+    options: dict[str, tuple[Field, Any, list[str]]] = {}
+    for task in TASKS:
+        declared = getattr(task, f"{command.capitalize()}Options")
+        hints = typing.get_type_hints(declared)
+        for spec in fields(declared):
+            options.setdefault(spec.name, (spec, hints[spec.name], []))[2].append(task.name)
+    return options
+
+
+def add_task_option_groups(parser: argparse.ArgumentParser, command: str) -> None:
+    """A group per set of tasks with the options they take. Their defaults are left out of the parsed arguments
+    (so `task_options` sees which were given) and said in the help."""
+    groups: dict[tuple[str, ...], Any] = {}
+    for spec, hint, takers in _task_fields(command).values():
+        key = tuple(takers)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(" and ".join(takers) + " models")
+        default = builtin_default(spec)
+        shown = "" if default is None or default is False else f" (default: {default})"
+        add_field(groups[key], spec, hint, default=argparse.SUPPRESS, help=spec.metadata["help"] + shown)
+
+
+def task_options(args: argparse.Namespace, task: Any, command: str) -> Any:
+    """The task's typed options of `command` from the parsed arguments; UserError naming any option given that
+    belongs to other tasks."""
+    declared = getattr(task, f"{command.capitalize()}Options")
+    accepted = {spec.name for spec in fields(declared)}
+    given = {name: getattr(args, name) for name in _task_fields(command) if hasattr(args, name)}
+    refused = [name for name in given if name not in accepted]
     if refused:
-        def takers(dest: str) -> str:
-            names = [other.name for other in TASKS if dest in getattr(other, f"{command}_options")]
-            return " and ".join(names) or "no"
-        raise UserError("; ".join(f"--{dest.replace('_', '-')} is for {takers(dest)} models" for dest in refused)
+        takers = _task_fields(command)
+        raise UserError("; ".join(f"{flag(name)} is for {' and '.join(takers[name][2])} models" for name in refused)
                         + f": leave it out for {task.name} model {args.model or 'of --checkpoint'}")
-
-
-def record_defaults(parser: argparse.ArgumentParser, task_options: tuple[str, ...]) -> None:
-    """Keep the defaults of the command's task-specific options (argparse dests; each task lists those it takes)
-    in the parsed arguments, for `check_task_options`."""
-    parser.set_defaults(task_option_defaults={dest: parser.get_default(dest) for dest in task_options})
+    return declared(**given)

@@ -6,8 +6,7 @@ import json
 import math
 import sys
 
-from ..errors import UserError
-from ._options import check_task_options, non_negative, positive, record_defaults
+from ._options import add_task_option_groups, non_negative, positive, task_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,44 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--amp", nargs="?", const="auto", choices=("none", "auto", "bf16", "fp16"), default="none",
                         help="mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs")
     parser.add_argument("--device", default=None)
-    segmentation = parser.add_argument_group("segmentation")
-    segmentation.add_argument("--mode", choices=("whole", "slide"), default="whole",
-                              help="the whole (padded) image at once, or a sliding window")
-    segmentation.add_argument("--window", type=positive, default=None, help="sliding window size (default: --img-size)")
-    segmentation.add_argument("--stride", type=positive, default=None, help="sliding window stride (default: 2/3 window)")
-    segmentation.add_argument("--flip", action="store_true", help="average with the mirrored image's prediction")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
-    record_defaults(parser, ("mode", "window", "stride", "flip"))
+
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    """The options of each task's `EvalOptions`, a group per task."""
+    add_task_option_groups(parser, "eval")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import Dist, resolve_amp, resolve_device
-    from ..tasks.base import UnreadableImages, val_loader
+    from ..tasks.inference import evaluate
     from ..tasks.registry import task_for_checkpoint
 
-    env = Dist(device=resolve_device(args.device))
-    amp = resolve_amp(args.amp, env.device)
     task, metadata, model_name = task_for_checkpoint(args.checkpoint, args.model)
-    check_task_options(args, task, task.eval_options, "eval")
+    options = task_options(args, task, "eval")
     restored = task.restore(args.checkpoint, metadata, model_name, args.img_size)
-    task.configure(args, restored)
-    splits = task.build_datasets(args.data or task.default_data, restored.img_size, eval_only=True)
-    _check_classes(splits.classes, restored.classes, restored.classes_recorded)
-    unreadable = UnreadableImages()
-    loader = val_loader(splits.val, args.batch_size, args.workers, env, task.collate)
-    result = task.evaluate(restored.model.to(env.device), loader, env, amp, unreadable=unreadable)
-    skipped = unreadable.count(env)
-    if skipped:
-        print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
+    result = evaluate(restored, args.data, options, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                      device=args.device)
+    if result["unreadable"]:
+        print(f"{result['unreadable']} unreadable image(s) were skipped", file=sys.stderr)
     if args.json:  # an AP without ground truth in its size range is NaN, which JSON spells null
         result = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in result.items()}
     print(json.dumps(result) if args.json else task.report(result, restored, args.checkpoint))
     return 0
-
-
-def _check_classes(found: list[str], saved: list[str], recorded: bool = True) -> None:
-    if len(found) != len(saved):
-        raise UserError(f"--data has {len(found)} classes but the checkpoint has {len(saved)}")
-    if recorded and found != saved:
-        raise UserError(f"--data classes {found[:5]}... differ from the checkpoint's {saved[:5]}...")

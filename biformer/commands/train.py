@@ -5,10 +5,10 @@ The options are generated from `TrainConfig`'s fields: their defaults, help and 
 from __future__ import annotations
 
 import argparse
-import typing
 from dataclasses import fields
 
-from ..config import TrainConfig, flag
+from ..config import TrainConfig
+from ._options import add_fields
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,20 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "upernet_biformer_tiny or maskrcnn_biformer_small) on --data digit-scenes or their own layouts. The "
                     "model's name decides its task. Under torchrun it trains with DistributedDataParallel.",
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for spec in fields(TrainConfig):
-        if not spec.init:
-            continue
-        parser.add_argument(flag(spec.name), default=spec.default, help=spec.metadata["help"],
-                            **_parsing(hints[spec.name], spec.default), **spec.metadata["cli"])
+    add_fields(parser, TrainConfig)
     parser.set_defaults(run=run)
-
-
-def _parsing(hint: typing.Any, default: typing.Any) -> dict[str, typing.Any]:
-    """How argparse reads a field of this type: a switch for a bool, else a value of the type (None aside)."""
-    if hint is bool:  # a recipe may switch it on (an Unset default): then --no-NAME switches it off
-        return {"action": argparse.BooleanOptionalAction if default else "store_true"}
-    return {"type": next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

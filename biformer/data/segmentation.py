@@ -72,6 +72,7 @@ class SegmentationSplits:
     std: tuple[float, float, float]
     layout: str  # "folder", "ade20k" or "digit-scenes"
     flip: bool  # whether horizontal flips are valid augmentation (a mirrored digit is another symbol)
+    img_size: int  # the shorter side images are resized to
 
 
 @dataclass(frozen=True)
@@ -307,5 +308,6 @@ def build_segmentation_datasets(data: str, img_size: int, *, eval_only: bool = F
         skip = eval_only and split == "train"
         files = ([], []) if skip else _pair_files(root / image_dir, root / mask_dir, layout_help)
         splits[split] = SegmentationDataset(*files, coding, transforms[split])
-    return SegmentationSplits(splits["train"], splits["val"], classes, tuple(mean), tuple(std), layout, flip)
+    return SegmentationSplits(splits["train"], splits["val"], classes, tuple(mean), tuple(std), layout, flip,
+                              img_size)
 

@@ -75,7 +75,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from .backbone import DenseBackbone
-from .features import head_and_features, recipe_drop_path
+from .features import head_and_features, release_drop_path
 from .names import is_biformer, is_head_model, parse_head_name, split_head_name
 
 DETECTION_HEADS = ("retinanet", "fcos", "maskrcnn")
@@ -93,7 +93,7 @@ RELEASE_DROP_PATH = {"biformer_small": 0.2, "biformer_base": 0.3}
 
 
 @dataclass(frozen=True)
-class DetectionRecipe:
+class DetectionSettings:
     """What the original COCO configs (the BiFormer release's mmdet 1x configs) fix about a head and backbone's
     model and inputs; their optimization settings are the `coco-1x` recipe of `biformer.recipes`.
 
@@ -124,11 +124,11 @@ def _parse(name: str) -> tuple[str, str]:
     return parse_head_name(name, DETECTION_HEADS, "detection")
 
 
-def detection_recipe(name: str) -> DetectionRecipe:
+def detection_settings(name: str) -> DetectionSettings:
     """The release's model and input settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
-    return DetectionRecipe(max_size=1333, min_size=800, flip=0.5,
-                           drop_path=recipe_drop_path(backbone, RELEASE_DROP_PATH.get(backbone)), n_win=N_WIN)
+    return DetectionSettings(max_size=1333, min_size=800, flip=0.5,
+                           drop_path=release_drop_path(backbone, RELEASE_DROP_PATH.get(backbone)), n_win=N_WIN)
 
 
 class InputP6P7(ExtraFPNBlock):
@@ -224,10 +224,10 @@ class RetinaNetModel(SigmoidClasses, RetinaNet):
     "scores": (N,), "labels": (N,)}] in each input image's pixels.
     """
 
-    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, settings: DetectionSettings,
                  **kwargs: Any) -> None:
         super().__init__(backbone, num_classes, detections_per_img=DETECTIONS_PER_IMAGE, **kwargs)
-        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+        self.name, self.num_classes, self.settings = name, num_classes, settings
 
 
 class FCOSModel(SigmoidClasses, FCOS):
@@ -237,11 +237,11 @@ class FCOSModel(SigmoidClasses, FCOS):
     losses; eval: model(images) -> [{"boxes": (N, 4), "scores": (N,), "labels": (N,)}].
     """
 
-    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, settings: DetectionSettings,
                  **kwargs: Any) -> None:
         kwargs = {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": DETECTIONS_PER_IMAGE, **kwargs}
         super().__init__(backbone, num_classes, **kwargs)
-        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+        self.name, self.num_classes, self.settings = name, num_classes, settings
 
 
 class MaskRCNNModel(CheckedLabels, MaskRCNN):
@@ -253,12 +253,12 @@ class MaskRCNNModel(CheckedLabels, MaskRCNN):
     "masks": (N, 1, H, W) probabilities}] in each input image's pixels.
     """
 
-    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, recipe: DetectionRecipe,
+    def __init__(self, name: str, num_classes: int, backbone: FeaturePyramid, settings: DetectionSettings,
                  **kwargs: Any) -> None:
         kwargs = {"box_detections_per_img": DETECTIONS_PER_IMAGE, "rpn_post_nms_top_n_train": RPN_POST_NMS_TRAIN,
                   **kwargs}
         super().__init__(backbone, num_classes + 1, **kwargs)
-        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+        self.name, self.num_classes, self.settings = name, num_classes, settings
 
 
 DetectionModel = RetinaNetModel | FCOSModel | MaskRCNNModel
@@ -295,19 +295,19 @@ def create_detection_model(
         as in the original COCO configs. backbone_checkpoint: a classification checkpoint (the release's or
         ours) or an original mmdet/mmseg one (its `backbone.` part); the backbone's `.checkpoint_report`
         says what was used. Other backbones take none of them (ValueError).
-    drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`detection_recipe`).
+    drop_path_rate: the backbone's stochastic depth; None takes the settings' (`detection_settings`).
     head_options: more arguments of torchvision's `RetinaNet` or `MaskRCNN` (e.g. box_batch_size_per_image).
     norm_eval: keep the backbone's BatchNorm statistics frozen in training; None: only when it starts from
         backbone_checkpoint (see the module docstring).
     backbone_kwargs: more arguments of the backbone model.
     Returns a `RetinaNetModel`, `FCOSModel` or `MaskRCNNModel` (torchvision's forward contract) with `.name`,
-    `.num_classes` and `.recipe`. UserError for an unknown name or a backbone without maps at strides 4-32.
+    `.num_classes` and `.settings`. UserError for an unknown name or a backbone without maps at strides 4-32.
     """
     if num_classes < 1:  # before the backbone's construction: K counts object classes, not the background
         raise ValueError(f"num_classes must be at least 1 (object classes, the background not counted), got {num_classes}")
-    recipe = detection_recipe(name)
+    settings = detection_settings(name)
     head, body = head_and_features(
-        name, DETECTION_HEADS, "detection", num_classes, recipe_drop_path=recipe.drop_path, default_n_win=N_WIN,
+        name, DETECTION_HEADS, "detection", num_classes, default_drop_path=settings.drop_path, default_n_win=N_WIN,
         drop_path_rate=drop_path_rate, n_win=n_win, region_size=region_size, padding=padding,
         backbone_checkpoint=backbone_checkpoint, **backbone_kwargs)
     first = FIRST_LEVEL[head]
@@ -321,7 +321,7 @@ def create_detection_model(
         body.norms[0].requires_grad_(False)  # (DDP needs none)
     backbone = FeaturePyramid(body, first, extra, backbone_checkpoint is not None if norm_eval is None else norm_eval)
     mean, std = _normalization(body)
-    model = MODEL_CLASSES[head](name, num_classes, backbone, recipe, min_size=min_size, max_size=max_size,
+    model = MODEL_CLASSES[head](name, num_classes, backbone, settings, min_size=min_size, max_size=max_size,
                                 image_mean=mean, image_std=std, **(head_options or {}))
     return model.train()  # frozen BatchNorms in eval mode from the start
 
@@ -329,14 +329,14 @@ def create_detection_model(
 def detection_model_for_size(name: str, num_classes: int, img_size: int, drop_path_rate: float | None = None,
                              backbone_checkpoint: str | os.PathLike | None = None) -> DetectionModel:
     """Detection model `name` for images whose shorter side is resized to `img_size` (`biformer train
-    --img-size`): the recipe's 800x1333 scaled by img_size / 800. The longer side is at most img_size x 1333 /
+    --img-size`): the release's 800x1333 scaled by img_size / 800. The longer side is at most img_size x 1333 /
     800, and a BiFormer backbone's regions keep the size they have at 800 (n_win 16 there; 3 at 128). Below
     800, Mask R-CNN's box counts shrink with the image side too (RPN proposals kept after NMS 1000 -> 160 at
     128, RoIs sampled per image 512 -> 82, detections per image 100 -> 16): a smaller image holds fewer boxes
     worth proposing, and at 128 px the full counts make the RoI and mask heads cost 10x the backbone."""
-    recipe = detection_recipe(name)
+    settings = detection_settings(name)
     head, backbone = split_detection_name(name)
-    scale = img_size / recipe.min_size
+    scale = img_size / settings.min_size
     n_win = max(1, round(N_WIN * scale)) if is_biformer(backbone) else None
     head_options = {}
     if head == "maskrcnn" and scale < 1:
@@ -345,6 +345,6 @@ def detection_model_for_size(name: str, num_classes: int, img_size: int, drop_pa
                         "box_batch_size_per_image": round(MASKRCNN_ROIS_PER_IMAGE * scale),
                         "box_detections_per_img": round(DETECTIONS_PER_IMAGE * scale)}
     return create_detection_model(name, num_classes, min_size=img_size,
-                                  max_size=round(img_size * recipe.max_size / recipe.min_size),
+                                  max_size=round(img_size * settings.max_size / settings.min_size),
                                   n_win=n_win, drop_path_rate=drop_path_rate, head_options=head_options,
                                   backbone_checkpoint=backbone_checkpoint)

@@ -1,5 +1,5 @@
 """A dense model's backbone, built one way for every head: the original BiFormer backbone (`create_backbone`) or
-any timm model's feature maps at strides 4-32 (`TimmFeatures`), and the recipes' drop-path rule."""
+any timm model's feature maps at strides 4-32 (`TimmFeatures`), and the release configs' drop-path rule."""
 from __future__ import annotations
 
 import os
@@ -20,8 +20,8 @@ from .names import is_biformer
 OTHER_BIFORMER_DROP_PATH = 0.1
 
 
-def recipe_drop_path(backbone: str, release_rate: float | None) -> float:
-    """A dense recipe's backbone drop path: the release config's rate (None: it has none for this backbone),
+def release_drop_path(backbone: str, release_rate: float | None) -> float:
+    """A dense model's backbone drop path: the release config's rate (None: it has none for this backbone),
     OTHER_BIFORMER_DROP_PATH for such a BiFormer, 0 for other backbones."""
     if not is_biformer(backbone):
         return 0.0
@@ -128,13 +128,13 @@ def head_and_features(
     task: str,
     num_classes: int,
     *,
-    recipe_drop_path: float,
+    default_drop_path: float,
     default_n_win: int,
     drop_path_rate: float | None,
     **backbone_options: Any,
 ) -> tuple[str, nn.Module]:
     """(head, backbone) of dense model `name` (`<head>_<backbone>`, a head of `heads`): the one construction path
-    of the segmentation and detection models. drop_path_rate None takes the recipe's; backbone_options are
+    of the segmentation and detection models. drop_path_rate None takes the model settings'; backbone_options are
     `create_features`'. UserError for an unknown name; ValueError for fewer than one class."""
     from .names import parse_head_name
 
@@ -142,6 +142,6 @@ def head_and_features(
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     features = create_features(backbone_name, default_n_win=default_n_win,
-                               drop_path_rate=recipe_drop_path if drop_path_rate is None else drop_path_rate,
+                               drop_path_rate=default_drop_path if drop_path_rate is None else drop_path_rate,
                                **backbone_options)
     return head, features

@@ -43,7 +43,7 @@ from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import Tensor, nn
 
 from .backbone import REDUCTIONS
-from .features import head_and_features, recipe_drop_path
+from .features import head_and_features, release_drop_path
 from .names import is_biformer, is_head_model, parse_head_name, split_head_name
 
 SEGMENTATION_HEADS = ("sfpn", "upernet")
@@ -65,7 +65,7 @@ RELEASE_DROP_PATH = {
 
 
 @dataclass(frozen=True)
-class SegmentationRecipe:
+class SegmentationSettings:
     """What the original ADE20K configs (the BiFormer release's mmseg configs) fix about a head and backbone's
     model and inputs; their optimization settings are the `ade20k-sfpn` and `ade20k-upernet` recipes of
     `biformer.recipes`."""
@@ -92,11 +92,11 @@ def _parse(name: str) -> tuple[str, str]:
     return parse_head_name(name, SEGMENTATION_HEADS, "segmentation")
 
 
-def segmentation_recipe(name: str) -> SegmentationRecipe:
+def segmentation_settings(name: str) -> SegmentationSettings:
     """The release's model and input settings for model `name`; UserError for an unknown name."""
     head, backbone = _parse(name)
-    drop_path = recipe_drop_path(backbone, RELEASE_DROP_PATH.get((head, backbone)))
-    return SegmentationRecipe(crop=512, drop_path=drop_path, aux_weight=0.4 if head == "upernet" else 0.0)
+    drop_path = release_drop_path(backbone, RELEASE_DROP_PATH.get((head, backbone)))
+    return SegmentationSettings(crop=512, drop_path=drop_path, aux_weight=0.4 if head == "upernet" else 0.0)
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -159,10 +159,10 @@ class SegmentationModel(nn.Module):
     stride 4; head: the classifier; aux_head: the FCN head on the stride-16 map (UperNet), else None.
     """
 
-    def __init__(self, name: str, num_classes: int, backbone: nn.Module, recipe: SegmentationRecipe) -> None:
+    def __init__(self, name: str, num_classes: int, backbone: nn.Module, settings: SegmentationSettings) -> None:
         super().__init__()
         kind, backbone_name = _parse(name)
-        self.name, self.num_classes, self.recipe = name, num_classes, recipe
+        self.name, self.num_classes, self.settings = name, num_classes, settings
         self.backbone = backbone
         channels = list(backbone.out_channels)
         if kind == "sfpn":  # dropout is the classifier's (as mmseg's), not smp's decoder's
@@ -211,13 +211,13 @@ def create_segmentation_model(
 
     n_win, region_size, padding, backbone_checkpoint: the BiFormer backbone's (see `create_backbone`);
         n_win 8 as in the original ADE20K configs (512x512 crops). Other backbones take none of them.
-    drop_path_rate: the backbone's stochastic depth; None takes the recipe's (`segmentation_recipe`).
+    drop_path_rate: the backbone's stochastic depth; None takes the settings' (`segmentation_settings`).
     backbone_kwargs: more arguments of the backbone model.
     UserError for an unknown name or a backbone without maps at strides 4-32.
     """
-    recipe = segmentation_recipe(name)
+    settings = segmentation_settings(name)
     _, backbone = head_and_features(
-        name, SEGMENTATION_HEADS, "segmentation", num_classes, recipe_drop_path=recipe.drop_path, default_n_win=8,
+        name, SEGMENTATION_HEADS, "segmentation", num_classes, default_drop_path=settings.drop_path, default_n_win=8,
         drop_path_rate=drop_path_rate, n_win=n_win, region_size=region_size, padding=padding,
         backbone_checkpoint=backbone_checkpoint, **backbone_kwargs)
-    return SegmentationModel(name, num_classes, backbone, recipe)
+    return SegmentationModel(name, num_classes, backbone, settings)

@@ -1,7 +1,9 @@
 """Tasks: what classification, segmentation and detection each supply to `biformer train`, `eval` and
-`predict` (`base.Task`), and the list that says which task a model name or a weights file belongs to."""
-from .base import Objective, Restored, Task
+`predict` (`base.Task`), the list that says which task a model name or a weights file belongs to, and `eval` and
+`predict` as functions (`evaluate`, `predict`)."""
+from .base import NoOptions, Objective, Prediction, Restored, Task
+from .inference import evaluate, predict
 from .registry import TASKS, register_task, restore, task_for_checkpoint, task_for_model, unregister_task
 
-__all__ = ["TASKS", "Objective", "Restored", "Task", "register_task", "restore", "task_for_checkpoint",
-           "task_for_model", "unregister_task"]
+__all__ = ["TASKS", "NoOptions", "Objective", "Prediction", "Restored", "Task", "evaluate", "predict",
+           "register_task", "restore", "task_for_checkpoint", "task_for_model", "unregister_task"]

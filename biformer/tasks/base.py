@@ -6,16 +6,20 @@ model names it answers for (`heads`, `claims`), the data sets, the model, the lo
 weights file it restores the model (`restore`), reports its metrics (`report`) and predicts and draws
 (`predict`). Batches are (images, targets, problems): the problems name samples that could not be read
 (dropped from the batch, reported once, counted). `biformer.tasks.registry` lists the tasks.
+
+A task's `eval` and `predict` options are typed (`EvalOptions`, `PredictOptions`: frozen dataclasses of
+`biformer.config.option` fields); the commands generate their parsers from them, and `biformer.tasks.inference`
+calls the same methods from Python. Tasks return results (metrics, `Prediction`s) and leave showing them to the
+caller.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -24,7 +28,7 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TASK_TRAIN_OPTIONS, TrainConfig, builtin_defaults, flag
+from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, builtin_defaults, flag
 from ..dense.names import head_forms, is_head_model
 from ..errors import UserError
 from ..runtime import Dist
@@ -74,10 +78,28 @@ class Objective:
     aux_weight: float = 0.0  # weight of a segmentation model's auxiliary head loss
 
 
+@dataclass(frozen=True)
+class NoOptions(TaskOptions):
+    """The options of a task that takes none of its own."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a model predicted for one image: `result` holds JSON values (classes, counts, COCO results), `files`
+    the paths written for it; `problem` says why nothing was predicted."""
+
+    image: str  # the input's path
+    result: dict[str, Any] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    problem: str | None = None
+    readable: bool = True  # False: the file could not be read as an image (`problem` says why)
+
+
 @dataclass
 class Restored:
-    """A model restored from a weights file, in eval mode, with what its inputs and outputs need."""
+    """A model restored from a weights file, in eval mode, with its task and what its inputs and outputs need."""
 
+    task: Task
     model: nn.Module
     model_name: str
     classes: list[str]
@@ -99,12 +121,12 @@ class Task(ABC):
     heads: ClassVar[tuple[str, ...]] = ()  # model-name prefixes it owns: <head>_<backbone>
     default_data: ClassVar[str]  # the data set `eval` uses when --data is not given
     reference_classes: ClassVar[int]  # the class count of the task's reference data set (an untrained model's)
-    # the task-specific options it takes: of `train` (TrainConfig fields among TASK_TRAIN_OPTIONS), `eval` and
-    # `predict` (argparse dests); the others must keep their defaults
+    # the task-specific `train` options it takes (TrainConfig fields among TASK_TRAIN_OPTIONS; the others must keep
+    # their defaults), and its own options of `eval` and `predict`
     train_options: ClassVar[frozenset[str]] = frozenset()
-    eval_options: ClassVar[frozenset[str]] = frozenset()
-    predict_options: ClassVar[frozenset[str]] = frozenset()
-    predicts_files: ClassVar[bool] = False  # `predict` writes files into --output (else it prints)
+    EvalOptions: ClassVar[type[TaskOptions]] = NoOptions
+    PredictOptions: ClassVar[type[TaskOptions]] = NoOptions
+    predicts_files: ClassVar[bool] = False  # `predict` writes files into an output folder (else it only shows)
     metric: str  # the validation metric that picks the best epoch (a metrics-row key, e.g. "val_top1")
     train_accuracy: str | None  # the metrics-row key of the training accuracy (None: the task counts none)
     collate: Callable  # the data loaders' collate function
@@ -164,10 +186,12 @@ class Task(ABC):
         """(correct, counted) for the training accuracy: images for classification, pixels for segmentation."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: Any,
+                 options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Metrics over the loader's shards on all ranks: "count", the task's own (percent) and, where the task
-        has one, "loss"."""
+        has one, "loss". splits: what `build_datasets` returned (the loader reads its validation split);
+        options: an `EvalOptions` (None: its defaults, as validation during training uses)."""
 
     @abstractmethod
     def metric_columns(self) -> tuple[str, ...]:
@@ -216,22 +240,29 @@ class Task(ABC):
             load_weights(model, read_state_dict(checkpoint), checkpoint)
         except ValueError as error:
             raise UserError(f"--checkpoint {os.fspath(checkpoint)!r}: {error}") from error
-        return Restored(model.eval(), model_name, list(metadata["classes"]), img_size, tuple(metadata["mean"]),
+        return Restored(self, model.eval(), model_name, list(metadata["classes"]), img_size, tuple(metadata["mean"]),
                         tuple(metadata["std"]), dict(metadata))
-
-    def configure(self, args: argparse.Namespace, restored: Restored) -> None:
-        """Take this task's options of `eval` or `predict` (e.g. segmentation's inference mode)."""
 
     @abstractmethod
     def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
         """`biformer eval`'s text for the metrics that `evaluate` returned."""
 
-    def check_predict(self, args: argparse.Namespace, files: list[str]) -> None:
-        """UserError for `predict` options that do not fit, before the model is loaded or anything written."""
+    def check_predict(self, options: TaskOptions, files: list[str]) -> None:
+        """UserError for `predict` options that do not fit the files, before the model is loaded or anything
+        written (the options check themselves when built)."""
 
     @abstractmethod
-    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> list[str]:
-        """Predict each (path, RGB image), printing a line (or JSON line) per image; where `predicts_files`,
-        write the pictures to `outputs[path]` + a suffix (one stem per input, distinct, in --output). Returns
-        the paths of the images it could not predict, each reported on stderr with the reason."""
+    def predict(self, restored: Restored, images: Iterable[tuple[str, Any]], options: TaskOptions, device: Any,
+                outputs: dict[str, Path] | None) -> Iterator[Prediction]:
+        """A `Prediction` per (path, RGB image), as each is done; where `predicts_files`, the pictures go to
+        `outputs[path]` + a suffix (one stem per input, distinct, in one folder). An image it cannot predict gets
+        a Prediction with its `problem`."""
+
+    def prediction_text(self, prediction: Prediction) -> str:
+        """`biformer predict`'s text for one image's prediction."""
+        return f"{prediction.image}: {prediction.result}"
+
+    def write_predictions(self, predictions: list[Prediction], folder: Path | None) -> list[Path]:
+        """Write the files that hold every image's predictions together into `folder` (detection: one COCO
+        results file); the paths written."""
+        return []

@@ -2,11 +2,10 @@
 from our weights files or an original release file."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import timm
 import torch
@@ -18,11 +17,16 @@ from torch.utils.data import DataLoader
 
 from ..checkpoints.loading import load_pretrained_classifier, load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TASK_TRAIN_OPTIONS, TrainConfig
+from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, option
 from ..data.classification import DataSplits, build_datasets, collate_readable
 from ..errors import UserError
 from ..runtime import Dist, all_reduce_sum, autocast
-from .base import Objective, Restored, Task, UnreadableImages, eval_batches
+from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
+
+
+@dataclass(frozen=True)
+class ClassificationPredictOptions(TaskOptions):
+    topk: int = option(5, "the classes shown per image, most probable first", least=1)
 
 
 class ClassificationTask(Task):
@@ -30,7 +34,7 @@ class ClassificationTask(Task):
     default_data = "digits"
     reference_classes = 1000  # ImageNet
     train_options = TASK_TRAIN_OPTIONS  # every one: they are all classification's
-    predict_options = frozenset({"topk", "json"})
+    PredictOptions = ClassificationPredictOptions
     metric = "val_top1"
     train_accuracy = "train_top1"
     collate = staticmethod(collate_readable)
@@ -87,7 +91,8 @@ class ClassificationTask(Task):
         return (outputs.argmax(1) == targets).sum().item(), len(targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: DataSplits,
+                 options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Loss, top-1 and top-5 (percent)."""
         model.eval()
@@ -142,36 +147,31 @@ class ClassificationTask(Task):
         else:
             config = resolve_data_config({}, model=model)
             size, mean, std, crop = config["input_size"][-1], config["mean"], config["std"], config["crop_pct"]
-        return Restored(model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std),
+        return Restored(self, model.eval(), model_name, list(classes), img_size or size, tuple(mean), tuple(std),
                         {**metadata, "crop_pct": crop}, classes_recorded="classes" in metadata)
 
     def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
         return (f"{checkpoint}: val_loss {result['loss']:.4f}  val_top1 {result['top1']:.2f}%  "
                 f"val_top5 {result['top5']:.2f}%  ({result['count']} images)")
 
-    def check_predict(self, args: argparse.Namespace, files: list[str]) -> None:
-        if args.topk < 1:
-            raise UserError(f"--topk must be at least 1, got {args.topk}")
-
     @torch.no_grad()
-    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> list[str]:
-        """Print the top-k classes of each image (a table, or JSON lines with --json)."""
+    def predict(self, restored: Restored, images: Iterable[tuple[str, Any]], options: ClassificationPredictOptions,
+                device: Any, outputs: dict[str, Path] | None) -> Iterator[Prediction]:
+        """The top-k classes of each image with their probabilities."""
         transform = create_transform(restored.img_size, interpolation="bicubic",
                                      crop_pct=restored.metadata["crop_pct"], mean=restored.mean, std=restored.std)
         model = restored.model.to(device)
-        k = min(args.topk, len(restored.classes))
+        k = min(options.topk, len(restored.classes))
         for path, image in images:
             top = model(transform(image)[None].to(device)).float().softmax(-1)[0].topk(k)
-            predictions = [{"class": restored.classes[i], "index": int(i), "probability": float(p)}
-                           for p, i in zip(top.values.tolist(), top.indices.tolist())]
-            if args.json:
-                print(json.dumps({"image": path, "predictions": predictions}))
-                continue
-            print(path)
-            for rank, prediction in enumerate(predictions, 1):
-                print(f"  {rank}. {prediction['class']:<30} {100 * prediction['probability']:6.2f}%")
-        return []
+            yield Prediction(path, {"predictions": [
+                {"class": restored.classes[i], "index": int(i), "probability": float(p)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+
+    def prediction_text(self, prediction: Prediction) -> str:
+        return "\n".join([prediction.image] + [
+            f"  {rank}. {entry['class']:<30} {100 * entry['probability']:6.2f}%"
+            for rank, entry in enumerate(prediction.result["predictions"], 1)])
 
 
 def _head_size(state_dict: dict[str, Tensor], model_name: str) -> int:

@@ -8,35 +8,48 @@ truth; it has no validation loss.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig
+from ..config import TaskOptions, TrainConfig, option
 from ..data.coco import DetectionSplits, TensorList, build_detection_datasets, collate_detection
 from ..dense.coco_eval import METRIC_NAMES, detections_to_coco_results, evaluate_coco, write_coco_results
 from ..dense.detection import DETECTION_HEADS, MASK_HEADS, detection_model_for_size, split_detection_name
 from ..errors import UserError
 from ..files import save_png
 from ..runtime import Dist, autocast
-from .base import Objective, Restored, Task, UnreadableImages, eval_batches
+from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
+
+
+@dataclass(frozen=True)
+class DetectionPredictOptions(TaskOptions):
+    score_threshold: float = option(0.3, "draw the detections scoring at least this (the COCO results keep them "
+                                         "all); below the model's own cut-off (0.05) it lowers that too", least=0)
+    annotations: str | None = option(None, "a COCO instances file that lists the images: their ids go into "
+                                           "detections.json (default: 1, 2, ... in the order of the images)",
+                                     metavar="JSON")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score_threshold > 1:
+            raise UserError(f"--score-threshold must be within 0..1, got {self.score_threshold}")
 
 
 class DetectionTask(Task):
-    """head: one of DETECTION_HEADS; those in MASK_HEADS also predict instance masks. `evaluate` scores against
-    the validation split that `build_datasets` built last."""
+    """head: one of DETECTION_HEADS; those in MASK_HEADS also predict instance masks."""
 
     name = "detection"
     heads = DETECTION_HEADS
     default_data = "digit-scenes"
     reference_classes = 80  # COCO
-    predict_options = frozenset({"output", "score_threshold", "annotations"})
+    PredictOptions = DetectionPredictOptions
     predicts_files = True
     metric = "val_bbox_ap"
     train_accuracy = None  # a detector has no per-image accuracy to count during training
@@ -44,8 +57,6 @@ class DetectionTask(Task):
 
     def __init__(self, head: str) -> None:
         self.with_masks = head in MASK_HEADS
-        self.splits: DetectionSplits | None = None
-        self.image_ids: dict[str, int] | None = None  # predict: file name -> COCO image id (--annotations)
 
     @classmethod
     def for_model(cls, model_name: str) -> DetectionTask:
@@ -57,11 +68,11 @@ class DetectionTask(Task):
         if data == "digits":
             raise UserError("--data digits is a classification data set; detection models train on "
                             "--data digit-scenes or a folder in COCO's layout")
-        self.splits = build_detection_datasets(data, with_masks=self.with_masks, eval_only=eval_only)
-        for split, problems in self.splits.problems.items():
+        splits = build_detection_datasets(data, with_masks=self.with_masks, eval_only=eval_only)
+        for split, problems in splits.problems.items():
             if problems.clipped or problems.degenerate or problems.crowd:
                 print(f"note: {problems.summary(split)}", file=sys.stderr)
-        return self.splits
+        return splits
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         return detection_model_for_size(config.model, num_classes, config.img_size, drop_path_rate=config.drop_path,
@@ -83,11 +94,10 @@ class DetectionTask(Task):
         return ("bbox", "segm") if self.with_masks else ("bbox",)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: DetectionSplits,
+                 options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """COCO's AP, AP50, AP75, APs/m/l (percent) for boxes and, for Mask R-CNN, masks; "count" images."""
-        if self.splits is None:
-            raise RuntimeError("build_datasets must run before evaluate")
         model.eval()
         results: list[dict[str, Any]] = []
         seen = 0
@@ -95,7 +105,7 @@ class DetectionTask(Task):
             with autocast(env.device, amp):
                 detections = model(list(images))
             image_ids = [int(target["image_id"]) for target in targets]
-            results += detections_to_coco_results(detections, image_ids, self.splits.category_ids, self.with_masks)
+            results += detections_to_coco_results(detections, image_ids, splits.category_ids, self.with_masks)
             seen += len(images)
         if env.world > 1:
             gathered: list[Any] = [None] * env.world
@@ -104,7 +114,7 @@ class DetectionTask(Task):
             seen = sum(count for _, count in gathered)
         if seen == 0:
             raise UserError("no validation image could be read")
-        return {**evaluate_coco(self.splits.val_annotations, results, self.iou_types()), "count": seen}
+        return {**evaluate_coco(splits.val_annotations, results, self.iou_types()), "count": seen}
 
     def metric_columns(self) -> tuple[str, ...]:
         columns = ("bbox_ap", "bbox_ap50", "bbox_ap75")
@@ -140,44 +150,59 @@ class DetectionTask(Task):
                   for iou_type in self.iou_types()]
         return "\n".join(lines)
 
-    def check_predict(self, args: argparse.Namespace, files: list[str]) -> None:
-        if not 0 <= args.score_threshold <= 1:
-            raise UserError(f"--score-threshold must be within 0..1, got {args.score_threshold}")
-        self.image_ids = _coco_image_ids(args.annotations, files) if args.annotations else None
+    def check_predict(self, options: DetectionPredictOptions, files: list[str]) -> None:
+        if options.annotations:
+            ids = _coco_image_ids(options.annotations)
+            unlisted = [Path(path).name for path in files if Path(path).name not in ids]
+            if unlisted:
+                raise UserError(f"--annotations {options.annotations!r} lists no image named {unlisted[0]!r}"
+                                + (f" (nor {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""))
 
     @torch.no_grad()
-    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> list[str]:
-        """Draw each image's detections (<stem>_detections.png) and write them all to detections.json (COCO's
-        results format) in --output; image ids from --annotations, else 1, 2, ... in order."""
+    def predict(self, restored: Restored, images: Iterable[tuple[str, Any]], options: DetectionPredictOptions,
+                device: Any, outputs: dict[str, Path] | None) -> Iterator[Prediction]:
+        """Draw each image's detections (<stem>_detections.png); the result holds them in COCO's results format,
+        with image ids from --annotations, else 1, 2, ... in order."""
         import torchvision.transforms.functional as F
 
         from ..dense.drawing import draw_detections
 
         model = restored.model.to(device)
         scoring = getattr(model, "roi_heads", model)  # where Mask R-CNN / RetinaNet / FCOS keep their cut-off
-        scoring.score_thresh = min(scoring.score_thresh, args.score_threshold)
+        scoring.score_thresh = min(scoring.score_thresh, options.score_threshold)
         category_ids = restored.metadata.get("category_ids") or list(range(1, len(restored.classes) + 1))
-        results: list[dict[str, Any]] = []
-        skipped: list[str] = []
-        for number, (path, image) in enumerate(images, 1):
-            image_id = number if self.image_ids is None else self.image_ids[Path(path).name]
-            if _resized_short_side(model.transform, image.height, image.width) < 1:
-                print(f"skipping {path}: at {image.width}x{image.height} it is too elongated for the model's resize "
-                      f"(shorter side to {restored.img_size}, the longer at most {model.transform.max_size}) to keep "
-                      "a pixel of its shorter side", file=sys.stderr)
-                skipped.append(path)
+        image_ids = _coco_image_ids(options.annotations) if options.annotations else None
+        number = 0
+        for path, image in images:
+            if image_ids is not None and Path(path).name not in image_ids:
+                yield Prediction(path, problem=f"--annotations {options.annotations!r} does not list it")
                 continue
+            if _resized_short_side(model.transform, image.height, image.width) < 1:
+                yield Prediction(path, problem=f"at {image.width}x{image.height} it is too elongated for the model's "
+                                 f"resize (shorter side to {restored.img_size}, the longer at most "
+                                 f"{model.transform.max_size}) to keep a pixel of its shorter side")
+                continue
+            number += 1
+            image_id = number if image_ids is None else image_ids[Path(path).name]
             detection = {key: value.cpu() for key, value in model([F.to_tensor(image).to(device)])[0].items()}
-            results += detections_to_coco_results([detection], [image_id], category_ids, "masks" in detection)
-            picture = Path(f"{outputs[path]}_detections.png")
-            save_png(draw_detections(image, detection, restored.classes, args.score_threshold), picture)
-            shown = int((detection["scores"] >= args.score_threshold).sum())
-            print(f"{path} (image id {image_id}): {len(detection['scores'])} detections, {shown} drawn -> {picture}")
-        folder = Path(args.output).expanduser()
-        write_coco_results(results, folder / "detections.json")
-        print(f"{len(results)} detections -> {folder / 'detections.json'}")
-        return skipped
+            picture = f"{outputs[path]}_detections.png"
+            save_png(draw_detections(image, detection, restored.classes, options.score_threshold), picture)
+            yield Prediction(path, {
+                "image_id": image_id, "drawn": int((detection["scores"] >= options.score_threshold).sum()),
+                "detections": detections_to_coco_results([detection], [image_id], category_ids, "masks" in detection),
+            }, (picture,))
+
+    def prediction_text(self, prediction: Prediction) -> str:
+        result = prediction.result
+        return (f"{prediction.image} (image id {result['image_id']}): {len(result['detections'])} detections, "
+                f"{result['drawn']} drawn -> {prediction.files[0]}")
+
+    def write_predictions(self, predictions: list[Prediction], folder: Path | None) -> list[Path]:
+        """detections.json: every image's detections in COCO's results format."""
+        path = Path(folder) / "detections.json"
+        write_coco_results([entry for prediction in predictions if prediction.problem is None
+                            for entry in prediction.result["detections"]], path)
+        return [path]
 
 
 def _resized_short_side(transform: nn.Module, height: int, width: int) -> int:
@@ -188,8 +213,8 @@ def _resized_short_side(transform: nn.Module, height: int, width: int) -> int:
     return int(short * scale)
 
 
-def _coco_image_ids(annotations: str, files: list[str]) -> dict[str, int]:
-    """File name -> image id of each of `files` in a COCO instances file; UserError for a file it does not list."""
+def _coco_image_ids(annotations: str) -> dict[str, int]:
+    """File name -> image id of the images a COCO instances file lists."""
     from ..files import read_json
 
     data = read_json(annotations, "--annotations file")
@@ -197,9 +222,4 @@ def _coco_image_ids(annotations: str, files: list[str]) -> dict[str, int]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "file_name" in e and "id" in e for e in entries):
         raise UserError(f"--annotations {annotations!r} has no 'images' list with 'id' and 'file_name' entries "
                         "(COCO's instances format)")
-    ids = {Path(entry["file_name"]).name: entry["id"] for entry in entries}
-    unlisted = [Path(path).name for path in files if Path(path).name not in ids]
-    if unlisted:
-        raise UserError(f"--annotations {annotations!r} lists no image named {unlisted[0]!r}"
-                        + (f" (nor {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""))
-    return ids
+    return {Path(entry["file_name"]).name: entry["id"] for entry in entries}

@@ -5,19 +5,20 @@ logits back to the annotation's own size, so that metrics are counted on the ann
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig
+from ..config import TaskOptions, TrainConfig, option
 from ..data.segmentation import (
     IGNORE_INDEX,
     MaskBatch,
@@ -32,7 +33,7 @@ from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
 from ..errors import UserError
 from ..files import save_png
 from ..runtime import Dist, all_reduce_sum, autocast
-from .base import Objective, Restored, Task, UnreadableImages, eval_batches
+from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
 
 
 def _crop_to(logits: Tensor, masks: Tensor) -> Tensor:
@@ -40,23 +41,51 @@ def _crop_to(logits: Tensor, masks: Tensor) -> Tensor:
     return logits[..., : masks.shape[-2], : masks.shape[-1]]
 
 
+MODE_HELP = "the whole (padded) image at once, or a sliding window"
+FLIP_HELP = "average with the mirrored image's prediction"
+
+
+@dataclass(frozen=True)
+class SegmentationPredictOptions(TaskOptions):
+    mode: str = option("whole", MODE_HELP, choices=("whole", "slide"))
+    flip: bool = option(False, FLIP_HELP)
+
+    def inference(self, img_size: int) -> dict[str, Any]:
+        """Keyword arguments of `biformer.dense.segment` for a model restored at `img_size`."""
+        return {"mode": self.mode, "window": img_size, "stride": None, "flip": self.flip}
+
+
+@dataclass(frozen=True)
+class SegmentationEvalOptions(SegmentationPredictOptions):
+    window: int | None = option(None, "sliding window size in pixels (default: the input size)", least=1)
+    stride: int | None = option(None, "sliding window stride in pixels (default: 2/3 of the window)", least=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "whole" and (self.window is not None or self.stride is not None):
+            raise UserError("--window and --stride are for --mode slide; leave them out or add --mode slide")
+
+    def inference(self, img_size: int) -> dict[str, Any]:
+        window = self.window or img_size
+        if self.stride is not None and self.stride > window:
+            raise UserError(f"--stride {self.stride} is larger than --window {window}: the windows would leave pixels "
+                            "between them unseen; choose a stride of at most the window")
+        return {"mode": self.mode, "window": window, "stride": self.stride, "flip": self.flip}
+
+
 class SegmentationTask(Task):
-    """inference: keyword arguments of `biformer.dense.segment` for evaluation (mode, window, stride, flip);
-    training validates whole images."""
+    """Training validates whole images; `eval` and `predict` also slide a window and flip (their options)."""
 
     name = "segmentation"
     heads = SEGMENTATION_HEADS
     default_data = "digit-scenes"
     reference_classes = 150  # ADE20K
-    eval_options = frozenset({"mode", "window", "stride", "flip"})
-    predict_options = frozenset({"mode", "flip", "output"})
+    EvalOptions = SegmentationEvalOptions
+    PredictOptions = SegmentationPredictOptions
     predicts_files = True
     metric = "val_miou"
     train_accuracy = "train_aacc"
     collate = staticmethod(collate_segmentation)
-
-    def __init__(self, **inference: Any) -> None:
-        self.inference = inference
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        random_erasing: float = 0.0,
@@ -71,7 +100,7 @@ class SegmentationTask(Task):
                                          backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
-        return Objective(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), aux_weight=model.recipe.aux_weight)
+        return Objective(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), aux_weight=model.settings.aux_weight)
 
     def loss(self, outputs: dict[str, Tensor], targets: MaskBatch, objective: Objective) -> Tensor:
         masks = targets.masks
@@ -87,15 +116,17 @@ class SegmentationTask(Task):
         return correct.sum().item(), counted.sum().item()
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, amp: str = "none", desc: str = "val",
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: SegmentationSplits,
+                 options: SegmentationEvalOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Loss (per annotated pixel), mIoU and aAcc (percent), per-class IoU (fractions, None where undefined)."""
+        inference = (options or SegmentationEvalOptions()).inference(splits.img_size)
         model.eval()
         confusion = ConfusionMatrix(model.num_classes, IGNORE_INDEX)
         loss_sum, images_seen = 0.0, 0
         for images, targets in eval_batches(loader, env, desc, unreadable):
             with autocast(env.device, amp):
-                logits = segment(model, images, **self.inference)
+                logits = segment(model, images, **inference)
             for sample, ((height, width), mask_size) in enumerate(zip(targets.image_sizes, targets.mask_sizes)):
                 mask = targets.masks[sample, : mask_size[0], : mask_size[1]]
                 sample_logits = resize_scores(logits[sample: sample + 1, :, :height, :width].float(), mask_size)
@@ -132,39 +163,29 @@ class SegmentationTask(Task):
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_segmentation_model(model_name, len(metadata["classes"]))
 
-    def configure(self, args: argparse.Namespace, restored: Restored) -> None:
-        """The inference of `eval` and `predict`: --mode, --flip and (eval) --window, --stride."""
-        window, stride = getattr(args, "window", None), getattr(args, "stride", None)
-        for option, value in (("--window", window), ("--stride", stride)):
-            if value is not None and value < 1:
-                raise UserError(f"{option} must be at least 1 pixel, got {value}")
-        window = window or restored.img_size
-        if stride is not None and stride > window:
-            raise UserError(f"--stride {stride} is larger than --window {window}: the windows would leave pixels "
-                            "between them unseen; choose a stride of at most the window")
-        if args.mode == "whole" and (window != restored.img_size or stride is not None):
-            raise UserError("--window and --stride are for --mode slide; leave them out or add --mode slide")
-        self.inference = {"mode": args.mode, "window": window, "stride": stride, "flip": args.flip}
-
     def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
         return (f"{checkpoint}: mIoU {result['miou']:.2f}%  aAcc {result['aacc']:.2f}%  "
                 f"val_loss {result['loss']:.4f}  ({result['count']} images)\n"
                 + iou_table(restored.classes, result["class_iou"]))
 
     @torch.no_grad()
-    def predict(self, images: Iterable[tuple[str, Any]], restored: Restored, args: argparse.Namespace,
-                device: Any, outputs: dict[str, Path] | None) -> list[str]:
+    def predict(self, restored: Restored, images: Iterable[tuple[str, Any]], options: SegmentationPredictOptions,
+                device: Any, outputs: dict[str, Path] | None) -> Iterator[Prediction]:
         """Write <stem>_overlay.png (the image tinted by class, with a legend) and <stem>_labels.png (a class index
-        per pixel) per image."""
+        per pixel) per image; the result counts the pixels of each class found."""
         from ..dense.drawing import overlay
 
         transform = ValTransform(restored.img_size, restored.mean, restored.std)
         model = restored.model.to(device)
+        inference = options.inference(restored.img_size)
         for path, image in images:
-            logits = segment(model, transform.image(image)[None].to(device), **self.inference)
+            logits = segment(model, transform.image(image)[None].to(device), **inference)
             labels = resize_scores(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
-            stem = outputs[path]
-            save_png(overlay(image, labels, restored.classes), f"{stem}_overlay.png")
-            save_png(Image.fromarray(labels, mode="L"), f"{stem}_labels.png")
-            print(f"{path} -> {stem}_overlay.png, {stem}_labels.png")
-        return []
+            files = (f"{outputs[path]}_overlay.png", f"{outputs[path]}_labels.png")
+            save_png(overlay(image, labels, restored.classes), files[0])
+            save_png(Image.fromarray(labels, mode="L"), files[1])
+            indices, counts = np.unique(labels, return_counts=True)
+            yield Prediction(path, {"pixels": {restored.classes[i]: int(n) for i, n in zip(indices, counts)}}, files)
+
+    def prediction_text(self, prediction: Prediction) -> str:
+        return f"{prediction.image} -> {', '.join(prediction.files)}"

@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from ..checkpoints.loading import CheckpointReport
 from ..checkpoints.weights import cpu_state_dict, save_weights
-from ..config import TrainConfig, builtin_defaults, flag
+from ..config import TrainConfig, flag, setting_changes
 from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
 from ..optim.param_groups import ParameterGroup, parameter_groups
 from ..optim.schedule import Schedule
-from ..recipes import Recipe, apply_recipe, recipe_for
+from ..recipes import ResolvedRun, resolve
 from ..runtime import (
     Dist,
     all_reduce_sum,
@@ -48,7 +48,6 @@ from ..runtime import (
     seed_everything,
 )
 from ..tasks.base import Objective, Task, UnreadableImages, val_loader
-from ..tasks.registry import task_for_model
 from . import run_folder
 from .stream import RoundBatches, SeededSamples, TrainStream
 
@@ -131,14 +130,14 @@ def pretrained_report(model: nn.Module) -> CheckpointReport | None:
                  if getattr(module, "checkpoint_report", None) is not None), None)
 
 
-def peak_lr(config: TrainConfig, recipe: Recipe | None, global_batch: int) -> float:
+def peak_lr(config: TrainConfig, recipe_global_batch: int | None, global_batch: int) -> float:
     """--lr, scaled by the global batch over the recipe's with --scale-lr."""
     if not config.scale_lr:
         return config.lr
-    if recipe is None:
+    if recipe_global_batch is None:
         raise UserError("--scale-lr scales --lr by the global batch over the recipe's: give --recipe, or leave "
                         "--scale-lr out")
-    return config.lr * global_batch / recipe.global_batch(config.model)
+    return config.lr * global_batch / recipe_global_batch
 
 
 def build_schedule(config: TrainConfig, plan: Plan, lr: float) -> Schedule:
@@ -256,15 +255,18 @@ class Run:
 # the steps
 # ---------------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, callbacks: Callbacks | None = None, *, alone: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig | ResolvedRun, callbacks: Callbacks | None = None, *, alone: bool = False
+          ) -> dict[str, Any]:
     """Train as `config` says (resuming a run with --resume); the last metrics row ({} if none, or a dry run).
 
-    alone: train in this process only, also under torchrun (whose ranks then train runs of their own).
+    config: the options, or what `biformer.recipes.resolve` made of them; alone: train in this process only, also
+    under torchrun (whose ranks then train runs of their own).
     """
-    config = apply_recipe(config)
+    resolved = config if isinstance(config, ResolvedRun) else resolve(config)
+    config = resolved.config
     env = init_distributed(config.device, join=not alone)
     try:
-        run, progress = setup(config, env, callbacks or Callbacks())
+        run, progress = setup(resolved, env, callbacks or Callbacks())
         if config.dry_run:
             if env.main:
                 print(f"dry run: wrote {config.output / run_folder.CONFIG} and {config.output / run_folder.SCHEDULE}")
@@ -286,25 +288,23 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None, *, alone: boo
             dist.destroy_process_group()
 
 
-def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Progress]:
-    """Check the options, the data and an earlier run before --output is created, then build the run."""
+def setup(resolved: ResolvedRun, env: Dist, callbacks: Callbacks) -> tuple[Run, Progress]:
+    """Check the data and an earlier run before --output is created, then build the run."""
+    config, task = resolved.config, resolved.task
     amp = resolve_amp(config.amp, env.device)
-    task = task_for_model(config.model)
-    task.check_config(config)
     state = load_run(config, env)
     splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob)
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
-    recipe = recipe_for(config.model, config.recipe)
-    schedule = build_schedule(config, plan, peak_lr(config, recipe, stream.global_batch))
+    schedule = build_schedule(config, plan, peak_lr(config, resolved.recipe_global_batch, stream.global_batch))
     model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
     optimization = build_optimization(model, config, schedule, amp, env)
     if env.main:
         output_folder(config.output, "--output")
         remove_stale_temporaries(config.output)  # left by a process killed while it saved
-        summary = run_summary(config, recipe, env, stream, plan, optimization)
+        summary = run_summary(resolved, env, stream, plan, optimization)
         run_folder.write_config(config.output, summary)
         run_folder.write_schedule(config.output, schedule, plan.steps_per_epoch, optimization.groups)
         print(options_table(config, summary), flush=True)
@@ -320,15 +320,16 @@ def setup(config: TrainConfig, env: Dist, callbacks: Callbacks) -> tuple[Run, Pr
     return run, progress
 
 
-def run_summary(config: TrainConfig, recipe: Recipe | None, env: Dist, stream: TrainStream, plan: Plan,
+def run_summary(resolved: ResolvedRun, env: Dist, stream: TrainStream, plan: Plan,
                 optimization: Optimization) -> dict[str, Any]:
     """config.json: every option with its value and source, and what the options come to."""
+    config = resolved.config
     return {
         "options": {spec.name: {"value": _plain(getattr(config, spec.name)), "source": config.sources[spec.name]}
                     for spec in fields(config) if spec.init},
-        "recipe": recipe.name if recipe is not None else None,
+        "recipe": resolved.recipe.name if resolved.recipe is not None else None,
         "world_size": env.world, "global_batch": stream.global_batch,
-        "recipe_global_batch": recipe.global_batch(config.model) if recipe is not None else None,
+        "recipe_global_batch": resolved.recipe_global_batch,
         "peak_lr": optimization.schedule.lr, "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": plan.total_steps,
         "param_groups": [{"weight_decay": group.weight_decay, "tensors": len(group.names)}
@@ -373,10 +374,7 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
         done = f"epoch {last['epoch']}" if "epoch" in last else f"iter {last['iter']}"
         raise UserError(f"--output {str(config.output)!r} already holds a training run ({done}); "
                         "pass --resume to continue it, or choose another --output")
-    saved, current = state["config"], run_options(config, env)
-    defaults = builtin_defaults()  # for options newer than the run
-    changed = [f"{flag(k) if k != 'world_size' else 'number of processes'} {saved.get(k, defaults.get(k))!r} -> "
-               f"{current[k]!r}" for k in current if saved.get(k, defaults.get(k)) != current[k]]
+    changed = setting_changes(state["config"], run_options(config, env), {"world_size": "number of processes"})
     if changed:
         raise UserError(f"--resume: the run in {str(config.output)!r} was started with other settings "
                         f"({'; '.join(changed)}); resume with the original settings, or train into another --output")
@@ -420,12 +418,14 @@ def run_round(run: Run, start: int, end: int) -> dict[str, Any]:
     if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
         distribute_bn(run.model, env.world, reduce=True)
     row = {plan.unit: plan.count(end), "train_loss": loss_sum / max(seen, 1),
-           **_val_columns(task, task.evaluate(run.model, run.val_loader, env, run.amp, unreadable=run.unreadable)),
+           **_val_columns(task, task.evaluate(run.model, run.val_loader, env, splits=run.splits, amp=run.amp,
+                                                 unreadable=run.unreadable)),
            **run.optimization.lrs()}
     if run.objective.mixup is None and task.train_accuracy is not None:
         row[task.train_accuracy] = 100 * hits / max(counted, 1)
     if run.optimization.ema is not None:
-        ema_val = task.evaluate(run.optimization.ema.module, run.val_loader, env, run.amp, desc="val (ema)")
+        ema_val = task.evaluate(run.optimization.ema.module, run.val_loader, env, splits=run.splits, amp=run.amp,
+                                desc="val (ema)")
         row.update({f"ema_{key}": value for key, value in _val_columns(task, ema_val).items()})
     row.update(round_time_s=time.perf_counter() - round_start, train_images_per_s=seen / train_time)
     return row
