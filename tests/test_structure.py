@@ -207,3 +207,28 @@ def test_models_register_whichever_is_imported_first():
         check = f"{code}; import timm; assert timm.is_model('biformer_tiny') and timm.is_model('biformer_nano')"
         result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{code}: {result.stderr[-2000:]}"
+
+
+def test_a_training_run_looks_its_task_and_recipe_up_once(tmp_path, capsys):
+    """Following `biformer train`'s options through the calls (a profiler that counts calls into a module from
+    another): the recipe table and the task list are each entered once, by `biformer.recipes.resolve`."""
+    import biformer.recipes
+    import biformer.tasks.registry
+    from biformer.cli import main
+
+    watched = {biformer.recipes.__file__: "recipes", biformer.tasks.registry.__file__: "registry"}
+    entries: list[tuple[str, str, str]] = []
+
+    def profile(frame, event, arg):
+        file = frame.f_code.co_filename
+        if event == "call" and file in watched and (frame.f_back is None or frame.f_back.f_code.co_filename != file):
+            entries.append((watched[file], frame.f_code.co_name, frame.f_back.f_code.co_name if frame.f_back else ""))
+
+    sys.setprofile(profile)
+    try:  # a dense model with a recipe of its own: the path that looks both up
+        code = main(["train", "--model", "upernet_biformer_nano", "--data", "digit-scenes", "--img-size", "64",
+                     "--iters", "1", "--dry-run", "--no-tensorboard", "--output", str(tmp_path / "run")])
+    finally:
+        sys.setprofile(None)
+    assert code == 0, capsys.readouterr().err
+    assert sorted(entries) == [("recipes", "resolve", "train"), ("registry", "task_for_model", "resolve")]
