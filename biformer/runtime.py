@@ -16,14 +16,23 @@ from .errors import UserError
 
 
 @dataclass(frozen=True)
-class Dist:
+class DistEnv:
+    """The distributed environment of this process: its rank among `world` processes (1: it runs alone) and its
+    device."""
+
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
+        """Whether this process writes the run's files and prints (rank 0)."""
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether other processes take part: then results are reduced across them."""
+        return self.world > 1
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
@@ -36,20 +45,20 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return target
 
 
-def init_distributed(device: str | None, *, join: bool = True) -> Dist:
+def init_distributed(device: str | None, *, join: bool = True) -> DistEnv:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU. join=False: this process alone
     (on its own GPU), also under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if world == 1 or not join:
-        return Dist(0, 1, target)
+        return DistEnv(0, 1, target)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), world, target)
+    return DistEnv(dist.get_rank(), world, target)
 
 
-def distributed_model(model: nn.Module, env: Dist) -> nn.Module:
+def distributed_model(model: nn.Module, env: DistEnv) -> nn.Module:
     """`model` wrapped in DistributedDataParallel under torchrun; itself in a lone process.
 
     The gradients live in DDP's communication buckets (gradient_as_bucket_view), so the backward
@@ -61,7 +70,7 @@ def distributed_model(model: nn.Module, env: Dist) -> nn.Module:
     strides. The gradients must exist before wrapping for DDP to turn them into bucket views, and
     the optimizer must zero them in place from then on (zero_grad(set_to_none=False)).
     """
-    if env.world == 1:
+    if not env.distributed:
         return model
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
@@ -74,8 +83,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def all_reduce_sum(values: list[float], env: Dist) -> list[float]:
-    if env.world == 1:
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    if not env.distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(tensor)

@@ -17,7 +17,7 @@ from torch import nn
 
 from biformer.cli import build_parser
 from biformer.commands.train import config_from_args
-from biformer.runtime import Dist
+from biformer.runtime import DistEnv
 from biformer.training.engine import Callbacks, train
 
 
@@ -33,7 +33,7 @@ class Hooks(Callbacks):
         if global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def on_train_end(self, model: nn.Module, env: Dist) -> None:
+    def on_train_end(self, model: nn.Module, env: DistEnv) -> None:
         if self.record_shards is None:
             return
         digest = hashlib.sha256()

@@ -17,7 +17,8 @@ from pycocotools.cocoeval import COCOeval
 
 import biformer.data.coco as dd
 import biformer.data.scenes as sd
-from biformer.data.coco import collate_detection, digit_scenes_coco, find_coco_split, read_coco
+from biformer.data.coco import collate_detection, find_coco_split, read_coco
+from biformer.data.scenes import digit_scenes_coco
 from biformer.dense.coco_eval import detections_to_coco_results, evaluate_coco, write_coco_results
 from biformer.errors import UserError
 

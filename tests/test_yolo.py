@@ -70,7 +70,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def test_digit_scenes_yolo_labels_are_the_coco_boxes(tmp_path, monkeypatch):
     monkeypatch.setenv("BIFORMER_CACHE", str(tmp_path))
-    from biformer.data.coco import digit_scenes_coco
+    from biformer.data.scenes import digit_scenes_coco
     from biformer.data.yolo import digit_scenes_yolo
 
     root = digit_scenes_yolo().parent

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from biformer.data.coco import digit_scenes_coco  # noqa: E402
+from biformer.data.scenes import digit_scenes_coco  # noqa: E402
 from biformer.files import output_folder, save_png  # noqa: E402
 
 

@@ -12,14 +12,12 @@ the annotation file itself, where COCOeval ignores detections matched to crowd r
 to the image and boxes empty after clipping dropped; both are counted (`DataProblems`), not errors. Images
 without annotations are kept as negatives.
 
-The digit scenes (biformer.data.segmentation) get COCO annotations derived from their semantic
-masks (`digit_scenes_coco`): a scene's digits have distinct classes and do not overlap, so the pixels of one
+The digit scenes get COCO annotations derived from their semantic masks (`biformer.data.scenes.digit_scenes_coco`): a scene's digits have distinct classes and do not overlap, so the pixels of one
 class in a scene's mask are exactly one digit's instance mask. Deriving them from the cached masks leaves
 the scene generator and its cached bytes untouched.
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -28,19 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import OutputError, UserError
-from ..files import atomic_output, read_json
+from ..errors import UserError
+from ..files import read_json
 from .images import UNREADABLE_ERRORS, open_rgb
-from .scenes import digit_scenes_folder
+from .scenes import digit_scenes_coco
 
 COCO_HELP = "annotations/instances_<split>.json beside the image folder <split>/ (e.g. instances_val2017.json and val2017/)"
-DIGIT_SCENES_COCO = "coco"  # the annotation folder inside the digit-scenes cache folder
-DIGIT_SCENES_CATEGORIES = [{"id": digit + 1, "name": str(digit), "supercategory": "digit"} for digit in range(10)]
 
 
 @dataclass
@@ -379,57 +374,3 @@ def build_detection_datasets(data: str, *, with_masks: bool, eval_only: bool = F
     problems = {"val": val.problems} if eval_only else {"train": train.problems, "val": val.problems}
     return DetectionSplits(ReadableSamples(train), ReadableSamples(val), val.classes, val.category_ids,
                            val.annotation_file, problems)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the digit scenes in COCO's format
-
-
-@dataclass(frozen=True)
-class CocoFiles:
-    annotations: Path  # the instances JSON
-    images: Path  # the folder of its images
-
-
-def _digit_scenes_instances(image_folder: Path, mask_folder: Path) -> dict[str, Any]:
-    """COCO instances of one digit-scenes split: one object per digit class present in a scene's mask."""
-    images, annotations = [], []
-    for image_id, mask_path in enumerate(sorted(mask_folder.glob("*.png")), 1):
-        mask = np.asarray(Image.open(mask_path))
-        height, width = mask.shape
-        images.append({"id": image_id, "file_name": mask_path.name, "width": width, "height": height})
-        for value in np.unique(mask):
-            if value == 0:
-                continue
-            rle = mask_utils.encode(np.asfortranarray(mask == value, dtype=np.uint8))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(value),  # value = digit + 1
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
-                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}, "iscrowd": 0,
-            })
-        if not (image_folder / mask_path.name).is_file():
-            raise UserError(f"digit-scenes image {str(image_folder / mask_path.name)!r} is missing; delete the "
-                            f"cache folder {str(image_folder.parent.parent)!r} to generate it again")
-    return {"info": {"description": "digit scenes (biformer), instances from the semantic masks"},
-            "images": images, "annotations": annotations, "categories": DIGIT_SCENES_CATEGORIES}
-
-
-def digit_scenes_coco() -> dict[str, CocoFiles]:
-    """{"train": CocoFiles, "val": CocoFiles} of the digit scenes: the annotation files are derived from the
-    cached scenes' masks on first use and written (atomically) to <digit-scenes folder>/coco/; the images are
-    the scenes' own. Category ids 1..10 are the digits "0".."9" (= the semantic masks' values)."""
-    root = digit_scenes_folder()
-    folder = root / DIGIT_SCENES_COCO
-    files = {split: CocoFiles(folder / f"instances_{split}.json", root / "images" / split) for split in ("train", "val")}
-    for split, paths in files.items():
-        if paths.annotations.is_file():
-            continue
-        try:
-            folder.mkdir(exist_ok=True)
-        except OSError as error:
-            raise OutputError(f"cannot create {str(folder)!r}: {error.strerror or error}; set BIFORMER_CACHE to a "
-                              "writable folder") from error
-        data = _digit_scenes_instances(paths.images, root / "masks" / split)
-        with atomic_output(paths.annotations) as temp:
-            temp.write_text(json.dumps(data), encoding="utf-8")
-    return files

@@ -1,18 +1,22 @@
 """digit-scenes: 128x128 scenes of 2-5 digits on noisy backgrounds with their class masks, generated once
-into a cache folder in the generic segmentation layout (images/{train,val}/, masks/{train,val}/, classes.txt)."""
+into a cache folder in the generic segmentation layout (images/{train,val}/, masks/{train,val}/, classes.txt),
+and their COCO instances derived from the masks (`digit_scenes_coco`). Generation only: the segmentation and
+COCO readers read them as any folder of their layouts."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
-from ..errors import OutputError
+from ..errors import OutputError, UserError
+from ..files import atomic_output
 from ..progress import progress
+from .cache import cached_folder
 from .digits import load_digits_split
 
 DIGIT_SCENES_NAME = "digit-scenes-v2"  # a new version of the generator gets a new name: old caches stay valid
@@ -24,40 +28,10 @@ DIGIT_SCENES_CLASSES = ["background", *(str(d) for d in range(10))]
 DIGIT_SCENES_MEAN = DIGIT_SCENES_STD = (0.5, 0.5, 0.5)
 
 
-def cache_root() -> Path:
-    """Where generated data sets and files are kept: $BIFORMER_CACHE, else ~/.cache/biformer."""
-    return Path(os.environ.get("BIFORMER_CACHE") or Path.home() / ".cache" / "biformer")
-
-
 def digit_scenes_folder() -> Path:
     """The digit-scenes data set in the generic folder layout, generated on first use into the cache
     ($BIFORMER_CACHE or ~/.cache/biformer)."""
     return cached_folder(DIGIT_SCENES_NAME, _write_digit_scenes)
-
-
-def cached_folder(name: str, write: Callable[[Path], None]) -> Path:
-    """The cache folder `name`, filled by `write(folder)` on first use. It is written to a temporary folder and
-    renamed into place when complete, so an interrupted generation leaves nothing that looks finished."""
-    final = cache_root() / name
-    if final.is_dir():
-        return final
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    except OSError as error:
-        raise OutputError(f"cannot create the cache folder {str(final.parent)!r}: "
-                          f"{error.strerror or error}; set BIFORMER_CACHE to a writable folder") from error
-    try:
-        write(temp)
-        os.replace(temp, final)
-    except OSError as error:
-        if final.is_dir():  # another process finished first: its folder is as good as ours
-            return final
-        raise OutputError(f"cannot write the cache folder {str(final)!r}: {error.strerror or error}; "
-                          "set BIFORMER_CACHE to a writable folder") from error
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)  # nothing left after a successful rename
-    return final
 
 
 def _write_digit_scenes(folder: Path) -> None:
@@ -131,3 +105,60 @@ def _digit_scene(rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarra
             break
     canvas += 0.04 * rng.standard_normal(canvas.shape, dtype=np.float32)
     return np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8), mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the digit scenes in COCO's format
+
+DIGIT_SCENES_COCO = "coco"  # the annotation folder inside the digit-scenes cache folder
+DIGIT_SCENES_CATEGORIES = [{"id": digit + 1, "name": str(digit), "supercategory": "digit"} for digit in range(10)]
+
+
+@dataclass(frozen=True)
+class CocoFiles:
+    annotations: Path  # the instances JSON
+    images: Path  # the folder of its images
+
+
+def _digit_scenes_instances(image_folder: Path, mask_folder: Path) -> dict[str, Any]:
+    """COCO instances of one digit-scenes split: one object per digit class present in a scene's mask."""
+    images, annotations = [], []
+    for image_id, mask_path in enumerate(sorted(mask_folder.glob("*.png")), 1):
+        mask = np.asarray(Image.open(mask_path))
+        height, width = mask.shape
+        images.append({"id": image_id, "file_name": mask_path.name, "width": width, "height": height})
+        for value in np.unique(mask):
+            if value == 0:
+                continue
+            rle = mask_utils.encode(np.asfortranarray(mask == value, dtype=np.uint8))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(value),  # value = digit + 1
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle)),
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}, "iscrowd": 0,
+            })
+        if not (image_folder / mask_path.name).is_file():
+            raise UserError(f"digit-scenes image {str(image_folder / mask_path.name)!r} is missing; delete the "
+                            f"cache folder {str(image_folder.parent.parent)!r} to generate it again")
+    return {"info": {"description": "digit scenes (biformer), instances from the semantic masks"},
+            "images": images, "annotations": annotations, "categories": DIGIT_SCENES_CATEGORIES}
+
+
+def digit_scenes_coco() -> dict[str, CocoFiles]:
+    """{"train": CocoFiles, "val": CocoFiles} of the digit scenes: the annotation files are derived from the
+    cached scenes' masks on first use and written (atomically) to <digit-scenes folder>/coco/; the images are
+    the scenes' own. Category ids 1..10 are the digits "0".."9" (= the semantic masks' values)."""
+    root = digit_scenes_folder()
+    folder = root / DIGIT_SCENES_COCO
+    files = {split: CocoFiles(folder / f"instances_{split}.json", root / "images" / split) for split in ("train", "val")}
+    for split, paths in files.items():
+        if paths.annotations.is_file():
+            continue
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create {str(folder)!r}: {error.strerror or error}; set BIFORMER_CACHE to a "
+                              "writable folder") from error
+        data = _digit_scenes_instances(paths.images, root / "masks" / split)
+        with atomic_output(paths.annotations) as temp:
+            temp.write_text(json.dumps(data), encoding="utf-8")
+    return files

@@ -10,8 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .coco import digit_scenes_coco
-from .scenes import DIGIT_SCENES_NAME, cached_folder
+from .cache import cached_folder
+from .scenes import DIGIT_SCENES_NAME, digit_scenes_coco
 
 DIGIT_SCENES_YOLO_NAME = f"{DIGIT_SCENES_NAME}-yolo"
 DIGIT_SCENES_YOLO_CLASSES = [str(digit) for digit in range(10)]  # YOLO class c is the digit c (COCO id c + 1)

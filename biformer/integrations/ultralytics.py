@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data.scenes import cache_root
+from ..data.cache import cache_root
 from ..errors import UserError
 from ..files import atomic_output
 from ..models.biformer import Block

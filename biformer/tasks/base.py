@@ -31,7 +31,7 @@ from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, builtin_defaults, flag
 from ..dense.names import head_forms, is_head_model
 from ..errors import UserError
-from ..runtime import Dist
+from ..runtime import DistEnv
 
 
 class UnreadableImages:
@@ -46,20 +46,20 @@ class UnreadableImages:
                 self.problems.add(problem)
                 tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
 
-    def count(self, env: Dist) -> int:
-        if env.world == 1:
+    def count(self, env: DistEnv) -> int:
+        if not env.distributed:
             return len(self.problems)
         gathered: list[set[str] | None] = [None] * env.world
         dist.all_gather_object(gathered, self.problems)
         return len(set().union(*gathered))
 
 
-def val_loader(dataset, batch_size: int, workers: int, env: Dist, collate: Callable) -> DataLoader:
+def val_loader(dataset, batch_size: int, workers: int, env: DistEnv, collate: Callable) -> DataLoader:
     shard = Subset(dataset, range(env.rank, len(dataset), env.world))  # disjoint, nothing repeated
     return DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate)
 
 
-def eval_batches(loader: DataLoader, env: Dist, desc: str, unreadable: UnreadableImages | None):
+def eval_batches(loader: DataLoader, env: DistEnv, desc: str, unreadable: UnreadableImages | None):
     """The readable (images, targets) batches of a loader, moved to the device, with a progress bar."""
     for images, targets, problems in tqdm(loader, desc=desc, leave=False, disable=None if env.main else True,
                                           file=sys.stdout):
@@ -186,7 +186,7 @@ class Task(ABC):
         """(correct, counted) for the training accuracy: images for classification, pixels for segmentation."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: Any,
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: Any,
                  options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Metrics over the loader's shards on all ranks: "count", the task's own (percent) and, where the task

@@ -20,7 +20,7 @@ from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, option
 from ..data.classification import DataSplits, build_datasets, collate_readable
 from ..errors import UserError
-from ..runtime import Dist, all_reduce_sum, autocast
+from ..runtime import DistEnv, all_reduce_sum, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
 
 
@@ -91,7 +91,7 @@ class ClassificationTask(Task):
         return (outputs.argmax(1) == targets).sum().item(), len(targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: DataSplits,
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: DataSplits,
                  options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Loss, top-1 and top-5 (percent)."""

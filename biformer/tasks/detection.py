@@ -24,7 +24,7 @@ from ..dense.coco_eval import METRIC_NAMES, detections_to_coco_results, evaluate
 from ..dense.detection import DETECTION_HEADS, MASK_HEADS, detection_model_for_size, split_detection_name
 from ..errors import UserError
 from ..files import save_png
-from ..runtime import Dist, autocast
+from ..runtime import DistEnv, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
 
 
@@ -94,7 +94,7 @@ class DetectionTask(Task):
         return ("bbox", "segm") if self.with_masks else ("bbox",)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: DetectionSplits,
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: DetectionSplits,
                  options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """COCO's AP, AP50, AP75, APs/m/l (percent) for boxes and, for Mask R-CNN, masks; "count" images."""
@@ -107,7 +107,7 @@ class DetectionTask(Task):
             image_ids = [int(target["image_id"]) for target in targets]
             results += detections_to_coco_results(detections, image_ids, splits.category_ids, self.with_masks)
             seen += len(images)
-        if env.world > 1:
+        if env.distributed:
             gathered: list[Any] = [None] * env.world
             dist.all_gather_object(gathered, (results, seen))
             results = [entry for part, _ in gathered for entry in part]

@@ -32,11 +32,11 @@ def evaluate(restored: Restored, data: str | None = None, options: Any = None, *
              workers: int = 0, amp: str = "none", device: str | None = None) -> dict[str, Any]:
     """The metrics of `restored` on the validation split of `data` (None: its task's default data set), with
     "unreadable": the images that could not be read (skipped, reported on stderr)."""
-    from ..runtime import Dist, resolve_amp, resolve_device
+    from ..runtime import DistEnv, resolve_amp, resolve_device
 
     task = restored.task
     options = _checked_options(task, options, "Eval")
-    env = Dist(device=resolve_device(device))
+    env = DistEnv(device=resolve_device(device))
     splits = task.build_datasets(data or task.default_data, restored.img_size, eval_only=True)
     _check_classes(splits.classes, restored.classes, restored.classes_recorded)
     unreadable = UnreadableImages()

@@ -32,7 +32,7 @@ from ..dense.metrics import ConfusionMatrix, iou_table
 from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
 from ..errors import UserError
 from ..files import save_png
-from ..runtime import Dist, all_reduce_sum, autocast
+from ..runtime import DistEnv, all_reduce_sum, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
 
 
@@ -116,7 +116,7 @@ class SegmentationTask(Task):
         return correct.sum().item(), counted.sum().item()
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, env: Dist, *, splits: SegmentationSplits,
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: SegmentationSplits,
                  options: SegmentationEvalOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Loss (per annotated pixel), mIoU and aAcc (percent), per-class IoU (fractions, None where undefined)."""

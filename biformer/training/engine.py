@@ -39,7 +39,7 @@ from ..optim.param_groups import ParameterGroup, parameter_groups
 from ..optim.schedule import Schedule
 from ..recipes import ResolvedRun, resolve
 from ..runtime import (
-    Dist,
+    DistEnv,
     all_reduce_sum,
     autocast,
     distributed_model,
@@ -61,7 +61,7 @@ class Callbacks:
     def on_step(self, global_step: int) -> None:
         """Optimizer step `global_step` (counted from 0 over the whole run) is about to run."""
 
-    def on_train_end(self, model: nn.Module, env: Dist) -> None:
+    def on_train_end(self, model: nn.Module, env: DistEnv) -> None:
         """The last step is committed; `model` is this rank's model (not the DDP wrapper)."""
 
 
@@ -105,7 +105,7 @@ class Plan:
         return [point for point in points if point > step]
 
 
-def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) -> nn.Module:
+def build_model(config: TrainConfig, env: DistEnv, num_classes: int, task: Task) -> nn.Module:
     """The task's model, with --pretrained's weights where given, on the device."""
     seed_everything(config.seed)  # the initial weights
     try:
@@ -115,7 +115,7 @@ def build_model(config: TrainConfig, env: Dist, num_classes: int, task: Task) ->
             raise
         raise CheckpointError(f"--pretrained {config.pretrained!r}: {error}") from error
     model.to(env.device)
-    if config.sync_bn and env.world > 1:
+    if config.sync_bn and env.distributed:
         if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif env.main:  # SyncBatchNorm has no CPU kernel; BatchNorm statistics are averaged at each validation
@@ -198,14 +198,14 @@ class Optimization:
 
 
 def build_optimization(model: nn.Module, config: TrainConfig, schedule: Schedule, amp: str,
-                       env: Dist) -> Optimization:
+                       env: DistEnv) -> Optimization:
     """timm's optimizer over the recipe's parameter groups, the schedule, and the EMA with --model-ema."""
     groups = parameter_groups(model, config.weight_decay, config.decay_rule)
     optimizer = create_optimizer_v2([group.as_optimizer_group() for group in groups], opt=config.opt,
                                     lr=schedule(0), weight_decay=config.weight_decay)
     return Optimization(
         optimizer, groups, schedule, torch.amp.GradScaler(env.device.type, enabled=amp == "fp16"),
-        ModelEmaV3(model, decay=config.ema_decay) if config.model_ema else None, zero_grad_in_place=env.world > 1,
+        ModelEmaV3(model, decay=config.ema_decay) if config.model_ema else None, zero_grad_in_place=env.distributed,
     )
 
 
@@ -235,7 +235,7 @@ class Run:
     """Everything a step uses, built once by `setup`."""
 
     config: TrainConfig
-    env: Dist
+    env: DistEnv
     amp: str
     task: Task
     splits: Any
@@ -284,11 +284,11 @@ def train(config: TrainConfig | ResolvedRun, callbacks: Callbacks | None = None,
         report(run, progress, time.perf_counter() - train_start)
         return progress.history[-1] if progress.history else {}
     finally:
-        if env.world > 1:
+        if env.distributed:
             dist.destroy_process_group()
 
 
-def setup(resolved: ResolvedRun, env: Dist, callbacks: Callbacks) -> tuple[Run, Progress]:
+def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Run, Progress]:
     """Check the data and an earlier run before --output is created, then build the run."""
     config, task = resolved.config, resolved.task
     amp = resolve_amp(config.amp, env.device)
@@ -320,7 +320,7 @@ def setup(resolved: ResolvedRun, env: Dist, callbacks: Callbacks) -> tuple[Run, 
     return run, progress
 
 
-def run_summary(resolved: ResolvedRun, env: Dist, stream: TrainStream, plan: Plan,
+def run_summary(resolved: ResolvedRun, env: DistEnv, stream: TrainStream, plan: Plan,
                 optimization: Optimization) -> dict[str, Any]:
     """config.json: every option with its value and source, and what the options come to."""
     config = resolved.config
@@ -360,10 +360,10 @@ def options_table(config: TrainConfig, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
+def load_run(config: TrainConfig, env: DistEnv) -> dict[str, Any] | None:
     """The last committed state in --output (None if there is none), checked to be resumable as configured."""
     state = run_folder.load_state(config.output) if env.main else None
-    if env.world > 1:  # only rank 0 need see the output folder (other machines may not share it)
+    if env.distributed:  # only rank 0 need see the output folder (other machines may not share it)
         shared = [state]
         dist.broadcast_object_list(shared, src=0)
         state = shared[0]
@@ -381,13 +381,13 @@ def load_run(config: TrainConfig, env: Dist) -> dict[str, Any] | None:
     return state
 
 
-def run_options(config: TrainConfig, env: Dist) -> dict[str, Any]:
+def run_options(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
     """What shapes the training trajectory: saved with each commit, compared on --resume."""
     return {**config.run_options(), "world_size": env.world}
 
 
 def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimization, config: TrainConfig,
-            env: Dist, progress: Progress, plan: Plan) -> Progress:
+            env: DistEnv, progress: Progress, plan: Plan) -> Progress:
     """Load a resumed run's weights and optimization state into them; its progress (none for a new run)."""
     if state is None:
         if config.resume and env.main:
@@ -415,7 +415,7 @@ def run_round(run: Run, start: int, end: int) -> dict[str, Any]:
     round_start = time.perf_counter()
     loss_sum, hits, counted, seen = train_steps(run, start, end)
     train_time = time.perf_counter() - round_start
-    if env.world > 1:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
+    if env.distributed:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
         distribute_bn(run.model, env.world, reduce=True)
     row = {plan.unit: plan.count(end), "train_loss": loss_sum / max(seen, 1),
            **_val_columns(task, task.evaluate(run.model, run.val_loader, env, splits=run.splits, amp=run.amp,
@@ -463,12 +463,12 @@ def train_steps(run: Run, start: int, end: int) -> list[float]:
                 images, targets, hard_targets = task.prepare(images.to(env.device), targets.to(env.device), objective)
             if images is None or len(images) == 0:
                 # every rank must take every step together under DDP, so only a lone process can skip a batch
-                if env.world > 1:
+                if env.distributed:
                     raise UserError(f"no image of a training batch could be read (step {step})")
                 continue
             last = micro_step == config.accum_steps - 1
             # DDP averages the gradients over the ranks on the last micro-step only
-            with (run.step_model.no_sync() if env.world > 1 and not last else contextlib.nullcontext()):
+            with (run.step_model.no_sync() if env.distributed and not last else contextlib.nullcontext()):
                 with autocast(env.device, run.amp):
                     outputs = task.forward(run.step_model, images, targets)
                     loss = task.loss(outputs, targets, objective)
