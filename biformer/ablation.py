@@ -90,14 +90,14 @@ def configurations(model: str, attentions: tuple[str, ...], topks: tuple[int, ..
     if not isinstance(base, BiFormer):
         raise UserError(f"--model {model!r}: the ablation swaps BiFormer's token mixers; choose a biformer_* "
                         "variant (biformer_stl is the paper's layout, biformer_stl_nano its small version)")
-    first = next(k for k in base.topks if k > 0)
+    first = next(k for k in base.topks if isinstance(k, int))
     result = []
     for attention in dict.fromkeys(attentions):  # each once, in the order given
         if attention != "bra":
             result.append(Configuration(attention, (f"attention={attention}",)))
             continue
         for k in dict.fromkeys(topks):
-            stage_topks = [max(1, round(k * t / first)) if t > 0 else t for t in base.topks]
+            stage_topks = [max(1, round(k * t / first)) if isinstance(t, int) else t for t in base.topks]
             result.append(Configuration(f"bra-k{k}", ("attention=bra", "topks=" + ",".join(map(str, stage_topks)))))
     return result
 

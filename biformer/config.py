@@ -121,7 +121,7 @@ class TrainConfig:
                         shapes_run=True)
     model_kwargs: tuple[str, ...] = option(
         (), "KEY=VALUE arguments for the classifier's constructor, each value read as a Python literal if it is "
-            "one, else as text (e.g. attention=window topks=2,8,32,-2)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
+            "one, else as text (e.g. attention=window topks=2,8,32,global_input)", shapes_run=True, nargs="+", metavar="KEY=VALUE")
     pretrained: str | None = option(
         None, "weights to start from: a classifier's checkpoint (ours, the original release's .pth, or a timm or "
               "PyTorch one), its head re-initialized for another class count; for a segmentation or detection model "

@@ -31,12 +31,12 @@ def test_configurations_scale_the_layouts_topk_schedule():
     configs = configurations("biformer_stl", ("window", "bra", "full"), (1, 4))
     assert configs == [
         Configuration("window", ("attention=window",)),
-        Configuration("bra-k1", ("attention=bra", "topks=1,4,16,-2")),
-        Configuration("bra-k4", ("attention=bra", "topks=4,16,64,-2")),
+        Configuration("bra-k1", ("attention=bra", "topks=1,4,16,global_input")),
+        Configuration("bra-k4", ("attention=bra", "topks=4,16,64,global_input")),
         Configuration("full", ("attention=full",)),
     ]
     # biformer_nano routes 4 regions in every stage: its ratios are 1:1:1
-    assert configurations("biformer_nano", ("bra",), (2,))[0].model_kwargs == ("attention=bra", "topks=2,2,2,-2")
+    assert configurations("biformer_nano", ("bra",), (2,))[0].model_kwargs == ("attention=bra", "topks=2,2,2,global_input")
 
 
 @pytest.mark.parametrize("model, attentions, topks, message", [

@@ -146,3 +146,20 @@ def test_stl_nchw_legacy_padding_is_the_nchw_layers_own():
             model = timm.create_model(name, padding="legacy")
         layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
         assert layers and {layer.padding for layer in layers} == {expected}, name
+
+
+def test_a_stage_topk_names_full_attention_and_the_original_codes_read_as_names():
+    from biformer.models.biformer import BiLevelRoutingAttention, GlobalAttention
+
+    by_name = timm.create_model("biformer_nano", topks=(4, 4, 4, "global_value"))
+    from_text = timm.create_model("biformer_nano", topks="4,4,4,global_value")  # as --model-kwargs gives it
+    original = timm.create_model("biformer_nano", topks=(4, 4, 4, -1))  # the release's code for it
+    for model in (by_name, from_text, original):
+        assert model.topks == (4, 4, 4, "global_value")
+        assert isinstance(model.stages[0].blocks[0].attn, BiLevelRoutingAttention)
+        last = model.stages[3].blocks[0].attn
+        assert isinstance(last, GlobalAttention) and last.lepe_on == "value"
+    assert timm.create_model("biformer_nano").stages[3].blocks[0].attn.lepe_on == "input"  # global_input
+    for bad in ((4, 4, 4, 0), (4, 4, 4, "global"), "4,4"):
+        with pytest.raises(ValueError, match="topks"):
+            timm.create_model("biformer_nano", topks=bad)

@@ -287,7 +287,7 @@ def test_model_kwargs_shape_the_model_and_travel_with_its_weights(tmp_path):
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(out), "--model-kwargs", "attention=grid",
                  "topks=2,2,2,-2"]) == 0
     restored = restore(out / "last.safetensors").model
-    assert isinstance(restored.stages[0].blocks[0].attn, GridAttention) and restored.topks == (2, 2, 2, -2)
+    assert isinstance(restored.stages[0].blocks[0].attn, GridAttention) and restored.topks == (2, 2, 2, "global_input")
     assert TrainConfig(model_kwargs=["attention=grid", "topks=2,2,2,-2"]).model_arguments() == {
         "attention": "grid", "topks": (2, 2, 2, -2)}
 

@@ -106,16 +106,37 @@ class BiFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-def _token_mixer(attention: str, dim: int, heads: int, n_win: int, topk: int, side_dwconv: int, *,
+# a stage's top-k may instead name full (global) attention, its lepe conv on V or on the attention's input; the
+# original release codes these as topk -1 and -2, which are read as these names
+GLOBAL_LEPE_ON_VALUE, GLOBAL_LEPE_ON_INPUT = "global_value", "global_input"
+GLOBAL_MODES = {GLOBAL_LEPE_ON_VALUE: "value", GLOBAL_LEPE_ON_INPUT: "input"}
+ORIGINAL_CODES = {-1: GLOBAL_LEPE_ON_VALUE, -2: GLOBAL_LEPE_ON_INPUT}
+
+
+def _stage_topks(topks: int | str | tuple | list) -> tuple[int | str, ...]:
+    """Per-stage top-k values: positive ints or GLOBAL_MODES names; also as text ("1,4,16,global_input", as
+    --model-kwargs gives it) and with the original's codes -1/-2."""
+    if isinstance(topks, str):
+        parts = [int(part) if part.strip().lstrip("-").isdigit() else part.strip() for part in topks.split(",")]
+        topks = parts[0] if len(parts) == 1 else parts
+    values = tuple(ORIGINAL_CODES.get(value, value) for value in _per_stage(topks, "topks"))
+    for i, value in enumerate(values):
+        if not (isinstance(value, int) and value >= 1) and value not in GLOBAL_MODES:
+            raise ValueError(f"topks[{i}]={value!r}: use a positive top-k, or {' or '.join(GLOBAL_MODES)} for full "
+                             "attention")
+    return values
+
+
+def _token_mixer(attention: str, dim: int, heads: int, n_win: int, topk: int | str, side_dwconv: int, *,
                  region_size: int | None, stripe_width: int, padding: str, backend: str | None,
                  block_index: int) -> nn.Module:
-    """Block `block_index`'s token mixer: BRA, an ablation mixer (see BiFormer's `attention`), or,
-    for attention="global", the last stage's full attention (topk -1: lepe on V, -2: on the input)."""
+    """Block `block_index`'s token mixer: BRA, an ablation mixer (see BiFormer's `attention`), or full attention
+    where topk names a GLOBAL_MODES mode."""
+    if topk in GLOBAL_MODES:
+        return GlobalAttention(dim, 8, side_dwconv, GLOBAL_MODES[topk])
     if attention == "bra":
         return BiLevelRoutingAttention(dim, heads, n_win, topk, side_dwconv=side_dwconv, padding=padding,
                                        backend=backend, region_size=region_size)
-    if attention == "global":
-        return GlobalAttention(dim, 8, side_dwconv, "value" if topk == -1 else "input")
     pattern = {"window": {"window_size": n_win, "shifted": block_index % 2 == 1}, "stripe": {"stripe_width": stripe_width},
                "grid": {"grid_size": n_win}, "full": {}}[attention]
     return MIXERS[attention](dim, heads, side_dwconv=side_dwconv, **pattern)
@@ -138,8 +159,8 @@ class BiFormer(nn.Module):
         n_win: regions per side, one value or one per stage.
         region_size: tokens per region side, one value or one per stage; if given, n_win follows from
             each input's size (see BiLevelRoutingAttention), as dense prediction at any resolution wants.
-        topks: routed regions per stage; -1/-2 make the stage full attention with lepe on V /
-            on the attention input (the original's codes).
+        topks: routed regions per stage; "global_value" / "global_input" make the stage full attention with
+            lepe on V / on the attention input (the original's codes -1 / -2 are read as these).
         mlp_ratio: MLP hidden width / dim.
         side_dwconv: kernel of the lepe convs.
         stem: "overlap" (conv3x3/s2-BN-GELU-conv3x3/s2-BN, BiFormer) or "patch" (conv4x4/s4-BN, STL).
@@ -151,7 +172,7 @@ class BiFormer(nn.Module):
             "bra" (default), or a hand-crafted sparse attention of `biformer.models.mixers` in the same
             shell (qkv, lepe, proj): "window" (Swin: n_win x n_win-token windows, shifted in every
             other block), "stripe" (CSWin: stripes of stripe_widths[i] rows/columns), "grid" (MaxViT:
-            an n_win x n_win grid) or "full". A stage with topk -1/-2 stays full attention.
+            an n_win x n_win grid) or "full". A stage whose topk names full attention keeps it.
         stripe_widths: stripe width per stage for attention="stripe" (CSWin-T's 1, 2, 7, 7).
     """
 
@@ -162,7 +183,7 @@ class BiFormer(nn.Module):
         head_dim: int = 32,
         n_win: int | tuple[int, ...] = 7,
         region_size: int | tuple[int | None, ...] | None = None,
-        topks: tuple[int, ...] = (1, 4, 16, -2),
+        topks: tuple[int | str, ...] | str = (1, 4, 16, GLOBAL_LEPE_ON_INPUT),
         mlp_ratio: float = 3.0,
         side_dwconv: int = 5,
         stem: str = "overlap",
@@ -179,7 +200,7 @@ class BiFormer(nn.Module):
     ) -> None:
         super().__init__()
         depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
-        n_wins, topks = _per_stage(n_win, "n_win"), _per_stage(topks, "topks")
+        n_wins, topks = _per_stage(n_win, "n_win"), _stage_topks(topks)
         region_sizes = _per_stage(region_size, "region_size")
         stripe_widths = _per_stage(stripe_widths, "stripe_widths")
         if attention != "bra" and attention not in MIXERS:
@@ -215,10 +236,8 @@ class BiFormer(nn.Module):
                 downsample = nn.Sequential(nn.Conv2d(embed_dims[i - 1], dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
             else:  # Swin-style patch merging: norm, then conv2x2/s2
                 downsample = nn.Sequential(nn.BatchNorm2d(embed_dims[i - 1]), nn.Conv2d(embed_dims[i - 1], dim, 2, stride=2))
-            if topks[i] < 1 and topks[i] not in (-1, -2):
-                raise ValueError(f"topks[{i}]={topks[i]}: use a positive topk, or -1/-2 for full attention")
             mixer = partial(
-                _token_mixer, attention if topks[i] > 0 else "global", dim, dim // head_dim, n_wins[i], topks[i],
+                _token_mixer, attention, dim, dim // head_dim, n_wins[i], topks[i],
                 side_dwconv, region_size=region_sizes[i], stripe_width=stripe_widths[i], padding=padding,
                 backend=backend,
             )
@@ -411,7 +430,7 @@ def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
     Its `padding="legacy"` is the NCHW layer's own ("legacy_nchw": floor-sized regions, zero padding
     after the projection), which differs from the other variants' `auto_pad=True` on padded maps.
     """
-    args = dict(STL_ARGS, topks=(1, 4, 16, -1))
+    args = dict(STL_ARGS, topks=(1, 4, 16, GLOBAL_LEPE_ON_VALUE))
     if kwargs.get("padding") == "legacy":
         kwargs["padding"] = "legacy_nchw"
     return _create_biformer("biformer_stl_nchw", pretrained, **{**args, **kwargs})
@@ -421,7 +440,8 @@ def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
 def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
     """A small BiFormer (ours) for 32-64 px images: 4x4 regions, narrow stages, 3x3 lepe."""
     args = dict(
-        depths=(1, 1, 3, 1), embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4, topks=(4, 4, 4, -2), side_dwconv=3
+        depths=(1, 1, 3, 1), embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4, topks=(4, 4, 4, GLOBAL_LEPE_ON_INPUT),
+        side_dwconv=3
     )
     return _create_biformer("biformer_nano", pretrained, **{**args, **kwargs})
 
