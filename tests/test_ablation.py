@@ -10,8 +10,8 @@ import pytest
 import timm
 from test_distributed import free_port
 
-from biformer import ablation
-from biformer.ablation import AblationOptions, Configuration, configurations
+from biformer.benchmarks import ablation
+from biformer.benchmarks.ablation import AblationOptions, Configuration, configurations
 from biformer.analysis.flops import count_flops
 from biformer.cli import main
 from biformer.commands.ablate import DEFAULTS

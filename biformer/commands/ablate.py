@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ablation import AblationOptions, format_rows, run_ablation
+    from ..benchmarks.ablation import AblationOptions, format_rows, run_ablation
 
     if isinstance(args.attention, str):  # the default is given as text
         args.attention = _names(args.attention)

@@ -27,16 +27,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .benchmarks.model import ModelEntry, bench_models
-from .checkpoints.weights import read_metadata
-from .config import TrainConfig, builtin_defaults, parse_model_kwargs, setting_changes
-from .errors import UserError
-from .files import atomic_output
-from .measure import format_table, write_csv
-from .models.mixers import MIXERS
-from .recipes import resolve
-from .runtime import resolve_device
-from .training import run_folder
+from ..checkpoints.weights import read_metadata
+from ..config import TrainConfig, builtin_defaults, parse_model_kwargs, setting_changes
+from ..errors import UserError
+from ..files import atomic_output
+from ..measure import format_table, write_csv
+from ..models.mixers import MIXERS
+from ..recipes import resolve
+from ..runtime import resolve_device
+from ..training import run_folder
+from .model import ModelEntry, bench_models
 
 ATTENTIONS = ("bra", *MIXERS)
 RESULT = "result.json"
@@ -75,7 +75,7 @@ def configurations(model: str, attentions: tuple[str, ...], topks: tuple[int, ..
     `attention=` argument."""
     import timm
 
-    from .models.biformer import BiFormer
+    from ..models.biformer import BiFormer
 
     unknown = [name for name in attentions if name not in ATTENTIONS]
     if unknown or not attentions:
@@ -109,7 +109,7 @@ def _json_normal(value: Any) -> Any:
 
 def train_configuration(options: AblationOptions, configuration: Configuration, seed: int) -> dict[str, Any]:
     """Train one (configuration, seed) run unless its folder holds the finished run; its result."""
-    from .training.engine import train
+    from ..training.engine import train
 
     folder = options.output / configuration.label / f"seed{seed}"
     resolved = resolve(TrainConfig(
