@@ -18,6 +18,7 @@ Values are never cast or copied beyond making them contiguous, so a round trip i
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..files import atomic_output
 from ..ops import BiLevelRoutingAttention
-from .weights import UNRECORDED_TASK, read_metadata, read_state_dict, save_weights
+from .weights import METADATA_KEY, UNRECORDED_TASK, read_metadata, read_state_dict, save_weights
 
 LAYOUTS = ("original", "ours")
 OURS_MARKER, ORIGINAL_MARKER = "stem.0.weight", "downsample_layers.0.0.weight"  # a key only that layout has
@@ -236,13 +237,17 @@ def target_layout(source_format: str, target_format: str, source_layout: str) ->
 def convert_file(source: str, target: str, to: str | None = None, model_name: str | None = None) -> tuple[str, str, str]:
     """Convert a checkpoint file; returns (model name, source layout, target layout).
 
-    A .safetensors target is one of our weight files (`save_weights`): it keeps the source's metadata
-    (classes, preprocessing) and names the model, so eval, predict and visualize read it without --model.
-    Raises FileNotFoundError or CheckpointError (unsafe or corrupt pickle, unknown layout, no model fits).
+    The target keeps the source's metadata (classes, preprocessing, image size) and names the model, so eval,
+    predict and visualize read it without --model: a .safetensors as our weight files do (`save_weights`), a .pth
+    as JSON text beside the original release's {"model": state_dict}. Raises FileNotFoundError or CheckpointError
+    (the target is the source, unsafe or corrupt pickle, unknown layout, no model fits).
     """
     import timm
 
     source_format, target_format = _format_of(source), _format_of(target)  # bad names fail before any reading
+    if os.path.exists(target) and os.path.samefile(source, target):
+        raise CheckpointError(f"the output {target!r} is the input file: converting in place would lose the "
+                              "original; write to another file")
     state_dict = read_state_dict(source)
     source_layout = detect_layout(state_dict)
     to = to or target_layout(source_format, target_format, source_layout)
@@ -251,12 +256,13 @@ def convert_file(source: str, target: str, to: str | None = None, model_name: st
     elif not timm.is_model(model_name):
         raise CheckpointError(f"unknown model {model_name!r}; choose one of {', '.join(timm.list_models('biformer*'))}")
     converted = convert_state_dict(state_dict, model_name, to)
+    metadata = {key: value for key, value in read_metadata(source).items() if key != "format"}
+    metadata = {"task": UNRECORDED_TASK, **metadata, "model": model_name, "layout": to}
     if target_format == "safetensors":
-        metadata = {key: value for key, value in read_metadata(source).items() if key != "format"}
-        save_weights(target, converted, {"task": UNRECORDED_TASK, **metadata, "model": model_name, "layout": to})
+        save_weights(target, converted, metadata)
     else:
-        with atomic_output(target) as temp:
-            torch.save({"model": converted}, temp)  # the original release's file structure
+        with atomic_output(target) as temp:  # the original release's file structure, and ours beside it
+            torch.save({"model": converted, METADATA_KEY: json.dumps(metadata)}, temp)
     return model_name, source_layout, to
 
 

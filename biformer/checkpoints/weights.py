@@ -2,7 +2,9 @@
 
 Our files are .safetensors whose metadata values are JSON (model name, classes, preprocessing, ...).
 `read_metadata` also accepts plain-string values (other tools write {"format": "pt"}), so every
-file that `train` or `convert` writes, and every safetensors file timm can read, loads here too.
+file that `train` or `convert` writes, and every safetensors file timm can read, loads here too. A .pth
+that `convert` writes keeps the same metadata as JSON text beside the state dict (METADATA_KEY).
+Exported models (ONNX, torch.export, TorchScript) are for runtimes: they are named as such, not read.
 """
 from __future__ import annotations
 
@@ -25,11 +27,31 @@ WRAPPER_KEYS = ("model", "state_dict", "model_ema")
 # the task of a weights file whose metadata names none (release files, and ours from before tasks were recorded);
 # `convert` writes it, being for classifiers only
 UNRECORDED_TASK = "classification"
+# where a .pth written by `convert` keeps our metadata (JSON text; the original release's loader ignores it)
+METADATA_KEY = "biformer_metadata"
+
+
+def exported_kind(path: str) -> str | None:
+    """What kind of exported model the file `path` is (None: not one): ONNX, torch.export or TorchScript."""
+    if path.lower().endswith(".onnx"):
+        return "an ONNX model"
+    if path.lower().endswith(".pt2"):
+        return "a torch.export program (.pt2)"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any("/code/" in name for name in archive.namelist()):  # TorchScript keeps its Python code there
+                return "a TorchScript module"
+    return None
 
 
 def _require_file(path: str) -> None:
+    """FileNotFoundError for a missing file; CheckpointError naming an exported model's kind."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    kind = exported_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path!r} is {kind}, written for runtimes by `biformer export`; give the checkpoint "
+                              "it was exported from (the .safetensors of `biformer train`, or a .pth)")
 
 
 def _unreadable_safetensors(path: str, error: Exception) -> CheckpointError:
@@ -64,6 +86,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(METADATA_KEY), str):
+        checkpoint = {key: value for key, value in checkpoint.items() if key != METADATA_KEY}
     if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
         raise CheckpointError(f"checkpoint {path!r} is not a state dict of tensors (nor {{'model': state_dict}})")
     return checkpoint
@@ -82,17 +106,29 @@ def _decode(value: str) -> Any:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a .safetensors file (JSON values decoded); {} for other files and files without any."""
+    """The metadata of a .safetensors file (JSON values decoded) or of a .pth that `convert` wrote; {} for other
+    files and files without any."""
     path = os.fspath(path)
     _require_file(path)
     if not path.endswith(".safetensors"):
-        return {}
+        return _pth_metadata(path)
     try:
         with safe_open(path, "pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise _unreadable_safetensors(path, error) from error
     return {key: _decode(value) for key, value in metadata.items()}
+
+
+def _pth_metadata(path: str) -> dict[str, Any]:
+    """The METADATA_KEY entry of a torch pickle, mapped rather than read whole; {} where it has none or is not a
+    readable pickle (reading its tensors says why)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError):
+        return {}
+    text = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
+    return json.loads(text) if isinstance(text, str) else {}
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
