@@ -198,6 +198,15 @@ class TrainConfig:
                                   "schedule.csv into --output, and stop before training")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
     sources: dict[str, str] = field(default_factory=dict, init=False, compare=False, repr=False)
+    typed: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)  # see from_options
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:
+        """The config of the options a user typed, the others at their defaults; each typed option's source is
+        "given", also where it equals the default."""
+        config = cls(**options)
+        object.__setattr__(config, "typed", frozenset(options))
+        return config
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
@@ -239,7 +248,7 @@ class TrainConfig:
                 continue
             if spec.name in given:  # an option no recipe sets reads as given only where it differs from its default
                 values[spec.name] = getattr(self, spec.name)
-                differs = spec.metadata["recipe"] or values[spec.name] != spec.default
+                differs = spec.metadata["recipe"] or spec.name in self.typed or values[spec.name] != spec.default
                 sources[spec.name] = "given" if differs else "default"
             elif spec.name in settings:
                 values[spec.name], sources[spec.name] = settings[spec.name], f"recipe {recipe_name}"

@@ -82,3 +82,66 @@ def test_exported_models_are_named_as_such(tmp_path, capsys):
                      str(path), "--model", "biformer_nano"], ["eval", "--checkpoint", str(path)]):
             assert main(argv) == 2
             assert kind in one_line_error(capsys, argv[0]), argv
+
+
+# 8. a warm-up longer than the run
+
+def test_a_warm_up_longer_than_the_run_is_refused_when_given_and_noted_otherwise(tmp_path, capsys):
+    assert main(["train", *DIGITS, "--epochs", "1", "--warmup-epochs", "5", "--dry-run", "--output",
+                 str(tmp_path / "given")]) == 2
+    message = one_line_error(capsys, "train")
+    assert "--warmup-epochs 5" in message and "peaks at" in message and not (tmp_path / "given").exists()
+    # the default warm-up (2 epochs) of a one-epoch trial run: trained, with the real peak said at start-up
+    assert main(["train", *DIGITS, "--epochs", "1", "--dry-run", "--output", str(tmp_path / "default")]) == 0
+    out = capsys.readouterr().out
+    assert "note: the warm-up of" in out and "(warm-up: default)" in out
+    peak = float(out.split("the lr peaks at ")[1].split(",")[0])
+    assert 0 < peak < 2e-3  # below --lr 0.002: about half of it after one of two warm-up epochs
+
+
+# 11. predict with nothing predicted
+
+def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsys):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    assert main(["predict", str(tmp_path), "--checkpoint", str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "none of the 2 image(s) could be predicted" in err
+
+
+# 12. typed options at their default values, 13. the files of a dry run
+
+def test_typed_options_read_as_given_and_a_dry_run_writes_no_metrics(tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["train", "--data", "digits", "--model", "biformer_nano", "--dry-run", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.startswith("--")}
+    assert rows["--data"] == rows["--model"] == "given" and rows["--epochs"] == rows["--lr"] == "default"
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["data"]["source"] == options["model"]["source"] == "given"
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "schedule.csv"]
+
+
+# 15. help
+
+def test_every_option_has_help_and_says_its_default_at_most_once():
+    import argparse
+
+    from biformer.cli import build_parser
+
+    def options(parser: argparse.ArgumentParser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from options(sub, f"{path} {name}")
+            elif action.option_strings and action.dest != "help":
+                yield path, action, parser.formatter_class(path)._get_help_string(action)
+
+    commands = build_parser([])._subparsers._group_actions[0].choices
+    checked = 0
+    for command in commands:
+        for path, action, text in options(build_parser([command]), "biformer"):
+            assert action.help, f"{path} {action.option_strings[0]} has no help"
+            assert text.count("default:") <= 1, f"{path} {action.option_strings[0]}: {text}"
+            checked += 1
+    assert checked > 150

@@ -8,8 +8,18 @@ import typing
 from dataclasses import Field, fields
 from typing import Any
 
-from ..config import Unset, builtin_default, flag
+from ..config import Unset, flag
 from ..errors import UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, once: not where the help says it already, nor for None and off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def positive(text: str) -> int:
@@ -28,22 +38,31 @@ def non_negative(text: str) -> int:
     return value
 
 
-def add_field(group: Any, spec: Field, hint: Any, *, default: Any, help: str) -> None:
-    """One argument of `group` for an options dataclass field: a switch for a bool, else a value of its type."""
+def add_field(group: Any, spec: Field, hint: Any) -> None:
+    """One argument of `group` for an options dataclass field: a switch for a bool, else a value of its type. Its
+    default is left out of the parsed arguments (so that the caller sees what was typed) and said in the help."""
     if hint is bool:  # on by default, or a recipe may switch it on (an Unset default): --no-NAME switches it off
         switch_off = isinstance(spec.default, Unset) or spec.default
         parsing = {"action": argparse.BooleanOptionalAction if switch_off else "store_true"}
     else:
         parsing = {"type": next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))}
-    group.add_argument(flag(spec.name), default=default, help=help, **parsing, **spec.metadata["cli"])
+    default, text = spec.default, spec.metadata["help"]
+    if not ("default" in text or default is None or default is False or default == ()):
+        text += f" (default: {default})"
+    group.add_argument(flag(spec.name), default=argparse.SUPPRESS, help=text, **parsing, **spec.metadata["cli"])
 
 
 def add_fields(group: Any, options: type) -> None:
-    """An argument per field of the options dataclass `options`, its default shown by the parser's formatter."""
+    """An argument per field of the options dataclass `options`."""
     hints = typing.get_type_hints(options)
     for spec in fields(options):
         if spec.init:
-            add_field(group, spec, hints[spec.name], default=spec.default, help=spec.metadata["help"])
+            add_field(group, spec, hints[spec.name])
+
+
+def typed_fields(args: argparse.Namespace, options: type) -> dict[str, Any]:
+    """The fields of `options` that the command line gave (those `add_field` made and the user typed)."""
+    return {spec.name: getattr(args, spec.name) for spec in fields(options) if spec.init and hasattr(args, spec.name)}
 
 
 def _task_fields(command: str) -> dict[str, tuple[Field, Any, list[str]]]:
@@ -61,16 +80,13 @@ def _task_fields(command: str) -> dict[str, tuple[Field, Any, list[str]]]:
 
 
 def add_task_option_groups(parser: argparse.ArgumentParser, command: str) -> None:
-    """A group per set of tasks with the options they take. Their defaults are left out of the parsed arguments
-    (so `task_options` sees which were given) and said in the help."""
+    """A group per set of tasks with the options they take."""
     groups: dict[tuple[str, ...], Any] = {}
     for spec, hint, takers in _task_fields(command).values():
         key = tuple(takers)
         if key not in groups:
             groups[key] = parser.add_argument_group(" and ".join(takers) + " models")
-        default = builtin_default(spec)
-        shown = "" if default is None or default is False else f" (default: {default})"
-        add_field(groups[key], spec, hint, default=argparse.SUPPRESS, help=spec.metadata["help"] + shown)
+        add_field(groups[key], spec, hint)
 
 
 def task_options(args: argparse.Namespace, task: Any, command: str) -> Any:

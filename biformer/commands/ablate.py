@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from ._options import HelpFormatter
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -28,7 +29,7 @@ DEFAULTS = {"data": "digits", "model": "biformer_stl", "attention": "bra,window,
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ablate", help="compare BRA with other sparse attentions (the paper's ablation) on your data",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train one BiFormer layout with each token mixer (and BRA with each top-k), every one with the "
                     "same recipe and seeds, then print params, FLOPs, images/s and val top-1 (mean ± std over "
                     "seeds), and write ablation.csv and ablation.png into --output. Finished runs are skipped "

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..files import atomic_output, check_writable
 from ..measure import format_table, write_csv
 from ..ops.backends import BACKENDS
-from ._options import non_negative, positive
+from ._options import HelpFormatter, non_negative, positive
 from .yolo import require_integration
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     op = kinds.add_parser(
         "op", help="each BRA backend beside the original release's algorithm on BiFormer-T/S stage shapes",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Forward, forward+backward and peak memory of bi_level_routing_attention (routing included) "
                     "for each backend, beside the original release's gather algorithm (backend 'original'); "
                     "max_abs_err is each backend's largest difference from the reference backend.",
@@ -55,15 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "(default: auto and every registered one)")
     op.add_argument("--shape", action="append", default=None, metavar="[NAME=]H,W,DIM,HEADS,N_WIN,TOPK",
                     help="a layer shape (repeatable); default: the BiFormer-T/S stages at 224x224")
-    op.add_argument("--batch", type=int, default=8)
-    op.add_argument("--padding", choices=("masked", "legacy"), default="masked")
+    op.add_argument("--batch", type=int, default=8, help="images per layer call")
+    op.add_argument("--padding", choices=("masked", "legacy"), default="masked",
+                    help="how maps that are no multiple of the region count are padded (see BiLevelRoutingAttention)")
     op.add_argument("--no-baseline", action="store_true",
                     help="leave the original algorithm out (it needs regions x topk copies of k and v)")
     _common_options(op, repeats=10)
     op.set_defaults(run=run_op)
     model = kinds.add_parser(
         "model", help="whole models: inference and training img/s, peak memory, achieved GFLOP/s",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Inference (eval, no autograd) and training-step (forward, cross-entropy, backward, SGD step) "
                     "throughput of BiFormer models and timm peers with similar FLOPs. A model may be written "
                     "MODEL[:backend=NAME][:compile] to force a BRA backend or torch.compile it for that entry only.",
@@ -72,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="timm model names (default: biformer_tiny, biformer_small and their timm peers)")
     model.add_argument("--backend", default=None, help="force this BRA backend in every biformer model")
     model.add_argument("--compile", action="store_true", help="torch.compile every model")
-    model.add_argument("--batch", type=int, default=8)
-    model.add_argument("--img-size", type=int, default=224)
+    model.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    model.add_argument("--img-size", type=int, default=224, help="input height and width")
     model.add_argument("--no-train", action="store_true", help="inference only")
     model.add_argument("--flops", default=None, metavar="CSV",
                        help="MODEL,GMACS table (multiply-adds per image) to use instead of counting")
@@ -90,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_trace(kinds: argparse._SubParsersAction) -> None:
     trace = kinds.add_parser(
         "trace", help="the CUDA work of whole models, counted without a GPU: launches, bytes, FLOPs, host syncs",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Runs each model on fake CUDA tensors (no GPU needed; nothing is timed) under the autocast of "
                     "--dtype and counts, in total and per category (routing, attention, casts, module classes): "
                     "kernel launches, bytes read and written, FLOPs and host synchronisations. See "
@@ -100,8 +101,8 @@ def _register_trace(kinds: argparse._SubParsersAction) -> None:
                        help="timm model names (default: biformer_small swin_tiny_patch4_window7_224)")
     trace.add_argument("--mode", nargs="+", choices=trace_bench.MODES, default=list(trace_bench.MODES),
                        help="inference forward and/or training step (forward, cross-entropy, backward, SGD step)")
-    trace.add_argument("--batch", type=int, default=128)
-    trace.add_argument("--img-size", type=int, default=224)
+    trace.add_argument("--batch", type=int, default=128, help="images per traced step")
+    trace.add_argument("--img-size", type=int, default=224, help="input height and width")
     trace.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="autocast dtype (float32: none)")
     trace.add_argument("--unfused-sdpa", action="store_true",
                        help="count scaled_dot_product_attention as its math decomposition, not one fused kernel")
@@ -113,14 +114,16 @@ def _register_trace(kinds: argparse._SubParsersAction) -> None:
 def _register_kernels(kinds: argparse._SubParsersAction) -> None:
     kernels = kinds.add_parser(
         "kernels", help="the Triton attention kernels without a GPU: useful work, registers, spills (sm_90)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="For each Triton backend and BiFormer-S stage at 224 px: the useful fraction of the forward's "
                     "computed score entries (valid / computed, from the kernel's tiling), and registers per "
                     "thread, spill bytes and shared memory of the forward, dq and dk/dv kernels compiled offline "
                     "for sm_90 by Triton's own ptxas. Nothing runs; no GPU is needed.",
     )
-    kernels.add_argument("--backends", nargs="+", choices=kernels_bench.BACKENDS, default=list(kernels_bench.BACKENDS))
-    kernels.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["bfloat16", "float32"])
+    kernels.add_argument("--backends", nargs="+", choices=kernels_bench.BACKENDS, default=list(kernels_bench.BACKENDS),
+                         help="the Triton backends whose kernels are compiled")
+    kernels.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["bfloat16", "float32"],
+                         help="the input dtypes compiled for")
     kernels.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     kernels.set_defaults(run=run_kernels)
 
@@ -150,7 +153,7 @@ def _register_segmentation(kinds: argparse._SubParsersAction) -> None:
 def _register_detection(kinds: argparse._SubParsersAction) -> None:
     detection = kinds.add_parser(
         "detection", help="peak memory (RSS) and images/s of detection models on CPU, in one interleaved run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="For each model, batch 1, 80 classes: peak RSS of inference and of a training step (forward "
                     "with five synthetic boxes and masks, backward), each in a fresh process; then images/s of both "
                     "in one process that runs every model in turn per round (median and range over the rounds). "
@@ -170,7 +173,7 @@ def _register_detection(kinds: argparse._SubParsersAction) -> None:
 def _register_export(kinds: argparse._SubParsersAction) -> None:
     export = kinds.add_parser(
         "export", help="exported models in ONNX Runtime beside eager PyTorch, on CPU: ms per batch",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Each model is exported with the dynamo ONNX exporter at a fixed size (one file per batch) and "
                     "run by ONNX Runtime (every graph optimisation, --threads intra-op threads) and by eager "
                     "PyTorch (as many threads, no autograd), interleaved: median and range of --rounds rounds. "
@@ -178,8 +181,8 @@ def _register_export(kinds: argparse._SubParsersAction) -> None:
     )
     export.add_argument("models", nargs="*", metavar="MODEL",
                         help=f"timm model names (default: {' '.join(export_bench.DEFAULT_MODELS)})")
-    export.add_argument("--batches", type=positive, nargs="+", default=[1, 8])
-    export.add_argument("--img-size", type=positive, default=224)
+    export.add_argument("--batches", type=positive, nargs="+", default=[1, 8], help="batch sizes timed")
+    export.add_argument("--img-size", type=positive, default=224, help="input height and width")
     export.add_argument("--threads", type=positive, default=2, help="ONNX Runtime and torch CPU threads")
     export.add_argument("--rounds", type=positive, default=7, help="timed rounds")
     export.add_argument("--warmup", type=non_negative, default=2, help="untimed runs of each first")
@@ -195,7 +198,7 @@ def _register_yolo(kinds: argparse._SubParsersAction) -> None:
 
     yolo = kinds.add_parser(
         "yolo", help="YOLO with and without BRA, trained on digit-scenes on CPU: mAP, size, latency",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Trains every model from scratch with one shared command (`biformer yolo train ... "
                     "data=digit-scenes`, the options below, one process per run) for each seed; reports mAP50 and "
                     "mAP50-95 of the last epoch (median and range over the seeds), parameters, GFLOPs at 640x640 "
@@ -204,10 +207,10 @@ def _register_yolo(kinds: argparse._SubParsersAction) -> None:
     )
     yolo.add_argument("models", nargs="*", metavar="MODEL",
                       help=f"ultralytics YAMLs or generated BRA names (default: {' '.join(YOLO_MODELS)})")
-    yolo.add_argument("--seeds", type=non_negative, nargs="+", default=[0, 1, 2])
-    yolo.add_argument("--epochs", type=positive, default=20)
+    yolo.add_argument("--seeds", type=non_negative, nargs="+", default=[0, 1, 2], help="a training run per seed and model")
+    yolo.add_argument("--epochs", type=positive, default=20, help="epochs of every run")
     yolo.add_argument("--img-size", type=positive, default=128, help="training and validation size (the scenes')")
-    yolo.add_argument("--batch", type=positive, default=16)
+    yolo.add_argument("--batch", type=positive, default=16, help="images per training step")
     yolo.add_argument("--output", default="runs/bench-yolo", help="the runs' folder (finished runs are reused)")
     yolo.add_argument("--rounds", type=positive, default=7, help="timed latency rounds")
     _threads_and_csv_options(yolo)
@@ -227,8 +230,8 @@ def _check_threads_and_csv(args: argparse.Namespace) -> None:
 
 
 def _common_options(parser: argparse.ArgumentParser, repeats: int) -> None:
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the inputs' and weights' dtype")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each candidate first")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")

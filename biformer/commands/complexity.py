@@ -12,12 +12,13 @@ from ..analysis.complexity import (
 )
 from ..errors import UserError
 from ..files import check_writable
+from ._options import HelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "complexity", help="BRA FLOPs and time against the number of regions (paper Eq. 9)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Tabulate and plot the routing and token-attention FLOPs of one BRA layer for every S "
                     "(regions per side) that divides the map, the analytic optimum S*, and the measured "
                     "time of bi_level_routing_attention for each S.",

@@ -6,12 +6,12 @@ import json
 import math
 import sys
 
-from ._options import add_task_option_groups, non_negative, positive, task_options
+from ._options import HelpFormatter, add_task_option_groups, non_negative, positive, task_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "eval", help="evaluate a checkpoint", formatter_class=HelpFormatter,
         description="Evaluate a checkpoint (ours, or an original release file with --model) on the validation "
                     "split of --data: classifiers on digits or a folder with val/<class>/*; segmentation models "
                     "on digit-scenes, a folder with images/val, masks/val and classes.txt, or ADE20K's "
@@ -23,11 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, help="default: digits for classifiers, digit-scenes for dense models")
     parser.add_argument("--img-size", type=positive, default=None, help="default: the checkpoint's / model's (segmentation "
                                                                    "and detection: the shorter side images are resized to)")
-    parser.add_argument("--batch-size", type=positive, default=64)
-    parser.add_argument("--workers", type=non_negative, default=0)
+    parser.add_argument("--batch-size", type=positive, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=non_negative, default=0, help="data loading processes")
     parser.add_argument("--amp", nargs="?", const="auto", choices=("none", "auto", "bf16", "fp16"), default="none",
                         help="mixed precision; --amp alone: bf16 on CPU and recent GPUs, fp16 on older GPUs")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 

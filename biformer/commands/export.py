@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ._options import positive
+from ._options import HelpFormatter, positive
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "export", help="export a model to ONNX, TorchScript or torch.export",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Export a model (from a checkpoint, or a bare --model with random weights) for deployment. The "
                     "file takes normalised images (B, 3, H, W), as the model in PyTorch does. Before it appears, it "
                     "is loaded back and run beside eager PyTorch on the export size and, with --dynamic, on another "

@@ -5,12 +5,13 @@ import argparse
 
 from ..analysis.flops import count_flops, format_report
 from ..errors import UserError
+from ._options import HelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "flops", help="parameters and FLOPs of a model, per stage and per op kind",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Count with torch's FlopCounterMode (plus formulas for CPU attention) on one forward pass. "
                     "The paper convention counts one per multiply-add of convolutions, linear layers, routing "
                     "and attention; the complete count adds every other arithmetic op.",
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="a biformer_* (or any timm) model name")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N", default=None,
                         help="input H W (or one value for a square); default: the model's input size")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="images per counted forward pass")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: the model's)")
     parser.set_defaults(run=run)
 

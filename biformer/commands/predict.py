@@ -7,12 +7,13 @@ import argparse
 import json
 import sys
 
-from ._options import add_task_option_groups, positive, task_options
+from ..errors import UserError
+from ._options import HelpFormatter, add_task_option_groups, positive, task_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="predict images with a checkpoint's model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "predict", help="predict images with a checkpoint's model", formatter_class=HelpFormatter,
         description="Print the top-k classes of each image (files, or folders searched recursively); with a "
                     "segmentation checkpoint, write <name>_overlay.png (the image tinted by class, with a legend) "
                     "and <name>_labels.png (one class index per pixel) per image into --output; with a detection "
@@ -22,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--checkpoint", required=True, help=".safetensors from `biformer train`, or a release .pth")
     parser.add_argument("--model", default=None, help="model name (read from our checkpoints when omitted)")
-    parser.add_argument("--img-size", type=positive, default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--img-size", type=positive, default=None,
+                        help="input size (default: the checkpoint's; segmentation and detection: the shorter side)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     parser.add_argument("--json", action="store_true", help="print a JSON line per image instead of text")
     parser.add_argument("--output", default=None,
                         help="segmentation and detection: the folder for the PNG (and JSON) files (created if missing)")
@@ -57,12 +59,14 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"image": prediction.image, **prediction.result, "files": list(prediction.files)}))
         else:
             print(task.prediction_text(prediction))
+    problems = [prediction for prediction in predictions if prediction.problem is not None]
+    if len(problems) == len(files):
+        raise UserError(f"none of the {len(files)} image(s) could be predicted (each is named above)")
     if task.predicts_files:
         for path in task.write_predictions(predictions, Path(args.output).expanduser()):
             print(f"wrote {path}")
-    problems = [prediction for prediction in predictions if prediction.problem is not None]
     if problems:
         unreadable = sum(not prediction.readable for prediction in problems)
         counts = ((unreadable, "unreadable"), (len(problems) - unreadable, "unpredictable"))
         print(" and ".join(f"{count} {kind}" for count, kind in counts if count) + " image(s) skipped", file=sys.stderr)
-    return 0 if len(problems) < len(files) else 1
+    return 0

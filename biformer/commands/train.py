@@ -5,15 +5,14 @@ The options are generated from `TrainConfig`'s fields: their defaults, help and 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from ..config import TrainConfig
-from ._options import add_fields
+from ._options import HelpFormatter, add_fields, typed_fields
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "train", help="train a model", formatter_class=HelpFormatter,
         description="Train on the embedded digits data set (--data digits) or an image folder with "
                     "train/<class>/* and val/<class>/*; segmentation and detection models (HEAD_BACKBONE, e.g. "
                     "upernet_biformer_tiny or maskrcnn_biformer_small) on --data digit-scenes or their own layouts. The "
@@ -24,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if spec.init})
+    return TrainConfig.from_options(typed_fields(args, TrainConfig))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import torch
 
 from ..errors import UserError
 from ..files import check_writable
+from ._options import HelpFormatter
 
 DEFAULT_MODEL = "biformer_tiny"
 
@@ -14,7 +15,7 @@ DEFAULT_MODEL = "biformer_tiny"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "visualize", help="picture of BRA routing and token attention for chosen queries",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Top row: the input with the query, the regions it routes to (the rest dimmed) and its "
                     "token attention; below: the attention of a grid of queries (or of every --query given). "
                     "Works with random weights or a checkpoint (original or our layout).",
@@ -34,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model input H W (one value: square); default: the checkpoint's or model's input size")
     parser.add_argument("--grid", type=int, default=3, help="with one --query, also draw a GRID x GRID query grid")
     parser.add_argument("--panel-size", type=int, default=256, help="approximate panel size in pixels")
-    parser.add_argument("--padding", choices=("masked", "legacy"), default="masked")
+    parser.add_argument("--padding", choices=("masked", "legacy"), default="masked",
+                        help="how maps that are no multiple of the region count are padded: masked keys, or the "
+                             "original's zero padding")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--output", required=True, help="PNG file to write")
     parser.set_defaults(run=run)

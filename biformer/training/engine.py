@@ -197,6 +197,20 @@ class Optimization:
             self.ema.load_state_dict(state["ema"])
 
 
+def warmup_note(config: TrainConfig, schedule: Schedule) -> str | None:
+    """A note for a warm-up longer than the run, whose lr never reaches --lr (None if it fits); UserError if the
+    user gave that warm-up (a default's or recipe's is only noted: a short trial run keeps its settings)."""
+    if schedule.warmup_steps <= schedule.total_steps:
+        return None
+    name = "warmup_iters" if config.warmup_iters is not None else "warmup_epochs"
+    reached = max(schedule(step) for step in range(schedule.total_steps))
+    what = (f"the warm-up of {schedule.warmup_steps} steps ({flag(name)} {getattr(config, name)}) is longer than the "
+            f"run ({schedule.total_steps} steps): the lr peaks at {reached:g}, not {schedule.lr:g}")
+    if config.sources.get(name) == "given":
+        raise UserError(f"{what}; shorten the warm-up or lengthen the run")
+    return f"note: {what} (warm-up: {config.sources.get(name, 'default')})"
+
+
 def build_optimization(model: nn.Module, config: TrainConfig, schedule: Schedule, amp: str,
                        env: DistEnv) -> Optimization:
     """timm's optimizer over the recipe's parameter groups, the schedule, and the EMA with --model-ema."""
@@ -298,6 +312,7 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
     schedule = build_schedule(config, plan, peak_lr(config, resolved.recipe_global_batch, stream.global_batch))
+    note = warmup_note(config, schedule)
     model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
     optimization = build_optimization(model, config, schedule, amp, env)
@@ -307,11 +322,11 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
         summary = run_summary(resolved, env, stream, plan, optimization)
         run_folder.write_config(config.output, summary)
         run_folder.write_schedule(config.output, schedule, plan.steps_per_epoch, optimization.groups)
-        print(options_table(config, summary), flush=True)
+        print(options_table(config, summary) + (f"\n{note}" if note else ""), flush=True)
         if pretrained is not None:
             print(f"--pretrained: {pretrained}", flush=True)
     progress = restore(state, model, optimization, config, env, Progress(task.metric, plan.unit), plan)
-    if env.main:
+    if env.main and not config.dry_run:
         run_folder.write_metrics(config.output, progress.history)  # drops rows of a round that was not committed
     run = Run(config, env, amp, task, splits, stream, plan,
               val_loader(splits.val, config.batch_size, config.workers, env, task.collate), model,
