@@ -18,7 +18,8 @@ from .optim.schedule import SCHEDULES, WARMUP_RULES
 
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
-TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs"})
+TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs", "mean",
+                                "std"})
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,13 @@ class TrainConfig:
               "PyTorch one), its head re-initialized for another class count; for a segmentation or detection model "
               "its backbone's classifier checkpoint, or an original mmdet/mmseg checkpoint", shapes_run=True,
         metavar="FILE")
+    mean: tuple[float, ...] | None = option(
+        None, "the per-channel mean the inputs are normalized with; default: the --pretrained checkpoint's (ImageNet's "
+              "for a file that records none), else the data set's (0.5 for the digits and digit-scenes, else "
+              "ImageNet's)", shapes_run=True, nargs=3, metavar=("R", "G", "B"))
+    std: tuple[float, ...] | None = option(
+        None, "the per-channel standard deviation the inputs are normalized with; default: as --mean's",
+        shapes_run=True, nargs=3, metavar=("R", "G", "B"))
     recipe: str | None = option(
         None, "the training recipe whose settings the options marked 'the recipe's' default to (`biformer recipes` "
               "lists them), or none for the built-in defaults; default: a detection or segmentation model's own "
@@ -210,6 +218,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_kwargs", tuple(self.model_kwargs))  # argparse gives a list
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(value) for value in getattr(self, name)))
+        if (self.mean is None) != (self.std is None):
+            raise UserError("--mean and --std go together: give both, or neither (the defaults then come as a pair)")
+        if self.std is not None and min(self.std) <= 0:
+            raise UserError(f"--std must be positive in every channel, got {' '.join(map(str, self.std))}")
         # --output=~/x reaches us unexpanded (the shell expands ~ only at a word's start)
         object.__setattr__(self, "output", Path(os.path.expanduser(os.fspath(self.output))))
         if self.pretrained is not None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from .config import TrainConfig
 from .errors import UserError
 from .tasks.base import Task
-from .tasks.registry import task_for_model
+from .tasks.registry import task_for_training
 
 NONE = "none"  # --recipe none: the built-in defaults
 
@@ -157,7 +157,7 @@ class ResolvedRun:
 def resolve(config: TrainConfig) -> ResolvedRun:
     """`config` with its unset options filled in from its recipe (see `recipe_for`), else the built-in defaults,
     checked against its task; UserError for options its task does not take."""
-    task = task_for_model(config.model)
+    task = task_for_training(config.model, config.pretrained)
     recipe = recipe_for(config.model, config.recipe, task)
     settings = recipe.settings(config.model) if recipe is not None else {}
     resolved = config.resolved(recipe.name if recipe is not None else None, settings)

@@ -165,7 +165,7 @@ def test_unreadable_images_are_skipped_with_their_problem(tmp_path):
 
 @pytest.mark.parametrize("arguments,message", [
     (["--model", "retinanet_biformer_nano", "--data", "digits"], "--data digits is a classification data set"),
-    (["--model", "retinanet_resnet18", "--data", "digit-scenes", "--mixup", "0.8"], r"classification-only option\(s\) --mixup"),
+    (["--model", "retinanet_resnet18", "--data", "digit-scenes", "--mixup", "0.8"], r"option\(s\) --mixup do not apply"),
     (["--model", "maskrcnn_resnet18", "--data", "/nonexistent"], "detection models train on 'digit-scenes' or a folder"),
 ])
 def test_mismatched_options_are_refused_before_any_output(tmp_path, capsys, arguments, message):

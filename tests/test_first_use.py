@@ -145,3 +145,60 @@ def test_every_option_has_help_and_says_its_default_at_most_once():
             assert text.count("default:") <= 1, f"{path} {action.option_strings[0]}: {text}"
             checked += 1
     assert checked > 150
+
+
+# 2. fine-tuning with the pretrained checkpoint's normalization
+
+def normalize_of(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from torchvision.transforms import Normalize
+
+    found = [step for step in transform.transforms if isinstance(step, Normalize)]
+    assert len(found) == 1, transform
+    return tuple(float(value) for value in found[0].mean), tuple(float(value) for value in found[0].std)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_normalizes_as_its_pretrained_checkpoint_unless_told(trained, tmp_path, capsys):
+    from biformer.config import TrainConfig
+    from biformer.recipes import resolve
+    from biformer.runtime import DistEnv
+    from biformer.training.engine import Callbacks, setup
+    from tiny_data import make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder")  # a class folder: ImageNet's statistics by default
+    common = dict(data=str(folder), model="biformer_nano", img_size=32, batch_size=2, tensorboard=False, dry_run=True)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    for options, expected, source in (
+        ({}, imagenet, f"--data {folder}'s"),
+        ({"pretrained": str(trained)}, ((0.5,) * 3, (0.5,) * 3), f"--pretrained {trained}"),  # trained on digits
+        ({"pretrained": str(trained), "mean": (0.2,) * 3, "std": (0.3,) * 3}, ((0.2,) * 3, (0.3,) * 3), "given"),
+    ):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run, _ = setup(resolve(TrainConfig(**common, **options, output=out)), DistEnv(), Callbacks())
+        for split in (run.splits.train, run.splits.val):
+            mean, std = normalize_of(split.transform)
+            assert mean == pytest.approx(expected[0]) and std == pytest.approx(expected[1])
+        table = capsys.readouterr().out
+        for name, values in zip(("--mean", "--std"), expected):
+            row = next(line for line in table.splitlines() if line.startswith(name + " "))
+            assert str(list(values)) in row and row.endswith(source), row
+        recorded = json.loads((out / "config.json").read_text())["options"]["mean"]
+        assert recorded == {"value": list(expected[0]), "source": source}
+
+
+# 10. another task's checkpoint as --pretrained
+
+@pytest.mark.slow
+def test_pretrained_weights_of_another_task_name_both_tasks(tmp_path, capsys):
+    from biformer.checkpoints.weights import save_weights
+    from biformer.dense import create_segmentation_model
+
+    segmenter = tmp_path / "segmenter.safetensors"
+    save_weights(segmenter, create_segmentation_model("sfpn_biformer_nano", 3),
+                 {"model": "sfpn_biformer_nano", "task": "segmentation"})
+    for model in ("biformer_nano", "fcos_biformer_nano"):
+        assert main(["train", "--model", model, "--pretrained", str(segmenter), "--dry-run", "--output",
+                     str(tmp_path / model)]) == 2
+        message = one_line_error(capsys, "train")
+        assert "holds a segmentation model (sfpn_biformer_nano)" in message and "missing keys" not in message
+        assert not (tmp_path / model).exists()

@@ -121,7 +121,7 @@ def test_eval_counts_an_ade20k_folder_exactly(tmp_path, capsys):
 @pytest.mark.parametrize("arguments,message", [
     (["--model", "sfpn_biformer_nano", "--data", "digits"], "--data digits is a classification data set"),
     (["--model", "biformer_nano", "--data", "digit-scenes"], "--data digit-scenes is a segmentation and detection data set"),
-    (["--model", "sfpn_biformer_nano", "--data", "digit-scenes", "--mixup", "0.8"], r"classification-only option\(s\) --mixup"),
+    (["--model", "sfpn_biformer_nano", "--data", "digit-scenes", "--mixup", "0.8"], r"option\(s\) --mixup do not apply"),
     (["--model", "sfpn_nonexistent_net", "--data", "digit-scenes"], "is no model of any task"),
 ])
 def test_mismatched_task_options_are_refused_before_any_output(tmp_path, capsys, arguments, message):

@@ -231,4 +231,4 @@ def test_a_training_run_looks_its_task_and_recipe_up_once(tmp_path, capsys):
     finally:
         sys.setprofile(None)
     assert code == 0, capsys.readouterr().err
-    assert sorted(entries) == [("recipes", "resolve", "train"), ("registry", "task_for_model", "resolve")]
+    assert sorted(entries) == [("recipes", "resolve", "train"), ("registry", "task_for_training", "resolve")]

@@ -55,8 +55,8 @@ class DigitValueTask(Task):
     collate = staticmethod(collate_readable)
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
-                       random_erasing: float = 0.0, eval_only: bool = False):
-        return ClassificationTask().build_datasets(data, img_size, eval_only=eval_only)
+                       random_erasing: float = 0.0, eval_only: bool = False, normalization=None):
+        return ClassificationTask().build_datasets(data, img_size, eval_only=eval_only, normalization=normalization)
 
     def _network(self, model_name: str) -> nn.Module:
         return timm.create_model(model_name.partition("_")[2], num_classes=1)

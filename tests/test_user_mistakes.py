@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from tiny_data import make_coco_folder, make_mask_folder, read_metrics
+from tiny_data import make_coco_folder, make_image_folder, make_mask_folder, read_metrics
 
 from biformer.cli import main
 
@@ -69,16 +69,6 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment.lower() in message.lower(), f"{fragment!r} not in {message!r}"
     return message
-
-
-def make_image_folder(root: Path, per_class: int = 2) -> Path:
-    """An ImageNet-layout folder root/{train,val}/{dark,bright}/<n>.png of 40x40 images."""
-    for part in ("train", "val"):
-        for value, name in ((30, "dark"), (220, "bright")):
-            (root / part / name).mkdir(parents=True)
-            for index in range(per_class):
-                Image.fromarray(np.full((40, 40, 3), value + index, np.uint8)).save(root / part / name / f"{index}.png")
-    return root
 
 
 def png(path: Path, array: np.ndarray) -> Path:

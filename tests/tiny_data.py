@@ -77,3 +77,13 @@ def make_coco_folder(root: Path, train: int = 6, val: int = 3, *, negative: bool
             edit(split, data)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
     return root
+
+
+def make_image_folder(root: Path, per_class: int = 2) -> Path:
+    """An ImageNet-layout folder root/{train,val}/{dark,bright}/<n>.png of 40x40 images."""
+    for part in ("train", "val"):
+        for value, name in ((30, "dark"), (220, "bright")):
+            (root / part / name).mkdir(parents=True)
+            for index in range(per_class):
+                Image.fromarray(np.full((40, 40, 3), value + index, np.uint8)).save(root / part / name / f"{index}.png")
+    return root

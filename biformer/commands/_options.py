@@ -44,8 +44,9 @@ def add_field(group: Any, spec: Field, hint: Any) -> None:
     if hint is bool:  # on by default, or a recipe may switch it on (an Unset default): --no-NAME switches it off
         switch_off = isinstance(spec.default, Unset) or spec.default
         parsing = {"action": argparse.BooleanOptionalAction if switch_off else "store_true"}
-    else:
-        parsing = {"type": next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))}
+    else:  # the value type of `X | None` and of `tuple[X, ...]` (several values: nargs)
+        kind = next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))
+        parsing = {"type": typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind}
     default, text = spec.default, spec.metadata["help"]
     if not ("default" in text or default is None or default is False or default == ()):
         text += f" (default: {default})"

@@ -89,15 +89,17 @@ def build_datasets(
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
     eval_only: bool = False,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> DataSplits:
     """Train/val data sets for `data` = "digits" or a folder with train/ and val/ (ImageNet layout).
 
     Digits are upscaled to img_size; their training augmentation is a mild random resized crop
     (no flips: a mirrored digit is another symbol). Folders get timm's ImageNet transforms.
+    normalization: (mean, std) of the model's inputs (None: the data set's own, 0.5 for digits, else ImageNet's).
     """
     if data == "digits":
         train_images, train_labels, val_images, val_labels = load_digits_split()
-        classes, mean, std = [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD
+        classes, (mean, std) = [str(i) for i in range(10)], normalization or (DIGITS_MEAN, DIGITS_STD)
         train_tf = create_transform(
             img_size, is_training=True, scale=(0.75, 1.0), ratio=(0.85, 1.18), hflip=0.0, color_jitter=None,
             auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic", mean=mean, std=std,
@@ -113,7 +115,7 @@ def build_datasets(
                 raise UserError(f"data folder {data!r} has no {part}/ sub-folder (expected {data}/{part}/<class>/<image>)")
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        mean, std = normalization or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         if eval_only:
             classes = None
             train_images, train_labels = [], []
@@ -130,8 +132,8 @@ def build_datasets(
         train=ImageListDataset(train_images, train_labels, train_tf),
         val=ImageListDataset(val_images, val_labels, val_tf),
         classes=classes,
-        mean=mean,
-        std=std,
+        mean=tuple(mean),
+        std=tuple(std),
         crop_pct=crop_pct,
     )
 

@@ -282,8 +282,11 @@ def _find_layout(data: str) -> tuple[str, Path]:
                     f"the ADE20K one ({ADE20K_HELP})")
 
 
-def build_segmentation_datasets(data: str, img_size: int, *, eval_only: bool = False) -> SegmentationSplits:
-    """Train/val segmentation data sets for `data` = "digit-scenes", a generic folder or ADE20K.
+def build_segmentation_datasets(data: str, img_size: int, *, eval_only: bool = False,
+                                normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                                ) -> SegmentationSplits:
+    """Train/val segmentation data sets for `data` = "digit-scenes", a generic folder or ADE20K; normalization:
+    (mean, std) of the model's inputs (None: the data set's own, 0.5 for the digit scenes, else ImageNet's).
 
     Folders are checked here (layout, classes, one mask per image); masks are checked against their
     images where they are decoded. With eval_only the training split is neither needed nor scanned.
@@ -294,6 +297,7 @@ def build_segmentation_datasets(data: str, img_size: int, *, eval_only: bool = F
     else:
         (layout, root), flip = _find_layout(data), True
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    mean, std = normalization or (mean, std)
     if layout == "ade20k":
         classes, coding, layout_help = list(ADE20K_CLASSES), _ade20k_coding(), ADE20K_HELP
         folders = {"train": ("images/training", "annotations/training"),

@@ -153,13 +153,15 @@ class Task(ABC):
         used = [flag(name) for name in sorted(TASK_TRAIN_OPTIONS - self.train_options)
                 if getattr(config, name) != defaults[name]]
         if used:
-            raise UserError(f"classification-only option(s) {', '.join(used)}: leave them out for {config.model}, "
-                            f"a {self.name} model")
+            raise UserError(f"option(s) {', '.join(used)} do not apply to {config.model}, a {self.name} model: leave "
+                            "them out")
 
     @abstractmethod
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
-                       random_erasing: float = 0.0, eval_only: bool = False):
-        """Splits with .train, .val, .classes, .mean, .std."""
+                       random_erasing: float = 0.0, eval_only: bool = False,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        """Splits with .train, .val, .classes, .mean, .std; normalization: the (mean, std) the model's inputs are
+        normalized with (None: the data set's own; a task whose models normalize inside ignores it)."""
 
     @abstractmethod
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:

@@ -48,13 +48,13 @@ class ClassificationTask(Task):
         return "any timm model (biformer_nano, biformer_tiny, ...)"
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
-                       random_erasing: float = 0.0,
-                       eval_only: bool = False) -> DataSplits:
+                       random_erasing: float = 0.0, eval_only: bool = False,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataSplits:
         if data == "digit-scenes":
             raise UserError("--data digit-scenes is a segmentation and detection data set; a classifier trains on "
                             "--data digits or a folder with train/<class>/* and val/<class>/*")
         return build_datasets(data, img_size, auto_augment=auto_augment, random_erasing=random_erasing,
-                              eval_only=eval_only)
+                              eval_only=eval_only, normalization=normalization)
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         try:

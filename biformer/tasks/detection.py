@@ -63,8 +63,8 @@ class DetectionTask(Task):
         return cls(split_detection_name(model_name)[0])
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
-                       random_erasing: float = 0.0,
-                       eval_only: bool = False) -> DetectionSplits:
+                       random_erasing: float = 0.0, eval_only: bool = False,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DetectionSplits:
         if data == "digits":
             raise UserError("--data digits is a classification data set; detection models train on "
                             "--data digit-scenes or a folder in COCO's layout")

@@ -41,6 +41,19 @@ def task_for_model(model_name: str) -> Task:
     raise UserError(f"--model {model_name!r} is no model of any task ({forms})")
 
 
+def task_for_training(model_name: str, pretrained: str | os.PathLike | None) -> Task:
+    """The task of a training run of `model_name`; UserError if --pretrained holds a model of another task (a
+    classifier's weights start any model, as a dense model's backbone; others only a model of their own task)."""
+    task = task_for_model(model_name)
+    metadata = read_metadata(pretrained) if pretrained is not None else {}
+    recorded = recorded_task(metadata) if "model" in metadata else None  # a release file records nothing
+    if recorded not in (None, task.name, UNRECORDED_TASK):
+        raise UserError(f"--pretrained {os.fspath(pretrained)!r} holds a {recorded} model ({metadata['model']}), and "
+                        f"{model_name} is a {task.name} model: start it from a {task.name} model's weights or a "
+                        "classifier's")
+    return task
+
+
 def recorded_task(metadata: dict) -> str:
     """The task a weights file's metadata names (files from before tasks were recorded: classification)."""
     return metadata.get("task", UNRECORDED_TASK)

@@ -80,6 +80,7 @@ class SegmentationTask(Task):
     heads = SEGMENTATION_HEADS
     default_data = "digit-scenes"
     reference_classes = 150  # ADE20K
+    train_options = frozenset({"mean", "std"})
     EvalOptions = SegmentationEvalOptions
     PredictOptions = SegmentationPredictOptions
     predicts_files = True
@@ -88,12 +89,13 @@ class SegmentationTask(Task):
     collate = staticmethod(collate_segmentation)
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
-                       random_erasing: float = 0.0,
-                       eval_only: bool = False) -> SegmentationSplits:
+                       random_erasing: float = 0.0, eval_only: bool = False,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                       ) -> SegmentationSplits:
         if data == "digits":
             raise UserError("--data digits is a classification data set; segmentation models train on "
                             "--data digit-scenes or a folder with images/, masks/ and classes.txt")
-        return build_segmentation_datasets(data, img_size, eval_only=eval_only)
+        return build_segmentation_datasets(data, img_size, eval_only=eval_only, normalization=normalization)
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         return create_segmentation_model(config.model, num_classes, drop_path_rate=config.drop_path,

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoints.loading import CheckpointReport
+from ..checkpoints.loading import CheckpointReport, pretrained_normalization
 from ..checkpoints.weights import cpu_state_dict, save_weights
 from ..config import TrainConfig, flag, setting_changes
 from ..errors import CheckpointError, UserError
@@ -307,7 +307,13 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     config, task = resolved.config, resolved.task
     amp = resolve_amp(config.amp, env.device)
     state = load_run(config, env)
-    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob)
+    mean, std, normalized_by = input_normalization(config)
+    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
+                                 normalization=None if mean is None else (mean, std))
+    if normalized_by is None:
+        normalized_by = f"--data {config.data}'s"
+    elif (tuple(splits.mean), tuple(splits.std)) != (mean, std):  # a task whose models normalize inside
+        normalized_by = f"{task.name} models' own"
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
@@ -320,6 +326,8 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
         output_folder(config.output, "--output")
         remove_stale_temporaries(config.output)  # left by a process killed while it saved
         summary = run_summary(resolved, env, stream, plan, optimization)
+        for name in ("mean", "std"):  # the statistics in effect, and where they come from
+            summary["options"][name] = {"value": list(getattr(splits, name)), "source": normalized_by}
         run_folder.write_config(config.output, summary)
         run_folder.write_schedule(config.output, schedule, plan.steps_per_epoch, optimization.groups)
         print(options_table(config, summary) + (f"\n{note}" if note else ""), flush=True)
@@ -333,6 +341,16 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
               distributed_model(model, env), optimization, task.build_objective(config, len(splits.classes), model),
               callbacks, pretrained)
     return run, progress
+
+
+def input_normalization(config: TrainConfig) -> tuple[tuple | None, tuple | None, str | None]:
+    """(mean, std, where from) of the model's inputs: --mean/--std, else the --pretrained checkpoint's (timm's
+    rule: the pretrained model decides), else (None, None, None): the data set's own."""
+    if config.mean is not None:
+        return config.mean, config.std, "given"
+    if config.pretrained is not None:
+        return pretrained_normalization(config.pretrained)
+    return None, None, None
 
 
 def run_summary(resolved: ResolvedRun, env: DistEnv, stream: TrainStream, plan: Plan,
