@@ -34,6 +34,10 @@ SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", "
 # token at the last stage. A dynamic export needs maps of at least 2x2 there (see `smallest_dynamic_side`).
 MIN_SIDE, MIN_DYNAMIC_SIDE, MAX_SIDE = 32, 33, 4096
 MAX_BATCH = 1024
+# the ONNX opsets each exporter writes our models at (torch 2.14): the TorchScript-based one from 14 (attention,
+# scaled_dot_product_attention, has no translation before) to its last, 20; the dynamo one from torchlib's 18
+# (below it writes 18 regardless) to 23
+OPSETS = {"legacy": (14, 20), "dynamo": (18, 23)}
 TOLERANCE = 1e-4  # max abs difference from eager PyTorch, float32, relative to outputs of magnitude up to 1
 
 
@@ -108,12 +112,33 @@ class ExportSettings:
             reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx'")
         if self.opset is not None and self.format != "onnx":
             reasons.append("opset is for ONNX files")
+        elif self.opset is not None:
+            exporter = "legacy" if self.legacy else "dynamo"
+            low, high = OPSETS[exporter]
+            if not low <= self.opset <= high:
+                other = OPSETS["dynamo" if self.legacy else "legacy"]
+                reasons.append(f"opset {self.opset} is outside {low}..{high}, the opsets the {exporter} exporter writes "
+                               f"these models at (the {'dynamo' if self.legacy else 'legacy'} one: "
+                               f"{other[0]}..{other[1]})")
         return reasons
 
+    def accepted_sizes(self, batch: int, height: int, width: int, min_side: int) -> str:
+        """The input sizes the exported file takes, for the summary."""
+        if not self.dynamic:
+            return f"{batch}x3x{height}x{width} only"
+        return f"dynamic: batch 1..{MAX_BATCH}, height and width {min_side}..{MAX_SIDE} px"
 
-def format_for_path(path: str | os.PathLike) -> str:
-    """The format a file name asks for by its suffix; UserError for a suffix that names none."""
+
+def format_for_path(path: str | os.PathLike, requested: str | None = None) -> str:
+    """The format a file name asks for by its suffix, or `requested` (--format); UserError for a suffix that names
+    none without --format, or another format than --format."""
     suffix = Path(path).suffix.lower()
+    if requested is not None:
+        if suffix in SUFFIX_FORMATS and SUFFIX_FORMATS[suffix] != requested:
+            raise UserError(f"{os.fspath(path)!r} is named as {SUFFIX_FORMATS[suffix]!r} ({suffix}) but --format is "
+                            f"{requested!r}: name the file {next(s for s, f in SUFFIX_FORMATS.items() if f == requested)}"
+                            " or leave --format out")
+        return requested
     if suffix not in SUFFIX_FORMATS:
         known = ", ".join(f"{suffix} ({name})" for suffix, name in SUFFIX_FORMATS.items())
         raise UserError(f"cannot tell the format of {os.fspath(path)!r} from its suffix; name it {known} or "
@@ -257,10 +282,12 @@ class ExportMismatchError(UserError):
 
 
 def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, height: int, width: int,
-           batch: int = 1, seed: int = 0) -> list[Check]:
+           batch: int = 1, seed: int = 0) -> tuple[list[Check], str]:
     """Export `model` at (batch, 3, height, width) to `path`, then load the file and check it against eager
-    PyTorch on `verification_inputs` (random images from `seed`). The file appears only once every check
-    passed: ExportMismatchError (listing the checks) otherwise, and no file."""
+    PyTorch on `verification_inputs` (random images from `seed`); (the checks, the input sizes the file takes).
+    The file appears only once every check passed: ExportMismatchError (listing the checks) otherwise, and no
+    file. A dynamic file's smallest side is the model's (`smallest_dynamic_side`): at BiFormer's 32 px the last
+    stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes."""
     min_side = smallest_dynamic_side(model) if settings.dynamic else MIN_SIDE
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
@@ -273,5 +300,5 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
         if not all(check.passed for check in checks):
             raise ExportMismatchError(f"the exported file differs from eager PyTorch, so {os.fspath(path)!r} was not "
                                       f"written: " + "; ".join(map(str, checks)))
-    return checks
+    return checks, settings.accepted_sizes(batch, height, width, min_side)
 

@@ -87,7 +87,7 @@ def test_a_detector_through_the_legacy_onnx_exporter(tmp_path, capsys):
     (["--model", "fcos_biformer_nano", "--format", "onnx", "--legacy", "--dynamic"], ["detection models export at a fixed size"]),
 ])
 def test_bad_options(tmp_path, capsys, argv, fragments):
-    rc, _, err = cli(capsys, "export", tmp_path / "model.pt", *argv)
+    rc, _, err = cli(capsys, "export", tmp_path / ("model.onnx" if "onnx" in argv else "model.pt"), *argv)
     assert_one_line_error(rc, err, *fragments)
     assert _files(tmp_path) == []
 

@@ -202,3 +202,31 @@ def test_pretrained_weights_of_another_task_name_both_tasks(tmp_path, capsys):
         message = one_line_error(capsys, "train")
         assert "holds a segmentation model (sfpn_biformer_nano)" in message and "missing keys" not in message
         assert not (tmp_path / model).exists()
+
+
+# 4. opsets out of range, 5. a suffix that contradicts --format, 6. the sizes a dynamic file takes
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--opset", "5", "--legacy"], ("opset 5 is outside 14..20", "legacy exporter")),
+    (["--opset", "5"], ("opset 5 is outside 18..23", "dynamo exporter")),
+    (["--opset", "24"], ("opset 24 is outside 18..23",)),
+], ids=["legacy-5", "dynamo-5", "dynamo-24"])
+def test_export_checks_the_opset_up_front(argv, fragments, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.onnx"), "--model", "biformer_nano", "--img-size", "64", *argv]) == 2
+    message = one_line_error(capsys, "export")
+    assert all(fragment in message for fragment in fragments), message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_suffix_of_another_format(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.pt2"), "--format", "onnx", "--legacy", "--model", "biformer_nano"]) == 2
+    assert "named as 'exported' (.pt2) but --format is 'onnx'" in one_line_error(capsys, "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_says_which_sizes_the_file_takes(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.pt2"), "--model", "biformer_nano", "--img-size", "64", "--dynamic"]) == 0
+    assert "dynamic: batch 1..1024, height and width 33..4096 px" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "s.onnx"), "--model", "biformer_nano", "--img-size", "64"]) == 0
+    assert "1x3x64x64 only" in capsys.readouterr().out

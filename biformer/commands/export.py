@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
     from ..files import check_writable
 
-    settings = ExportSettings(args.format or format_for_path(args.output), args.dynamic, args.legacy, args.opset)
+    settings = ExportSettings(format_for_path(args.output, args.format), args.dynamic, args.legacy, args.opset)
     reasons = settings.not_supported_reasons()
     if reasons:
         raise UserError("; ".join(reasons))
@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
     model, default_side = _model(args, settings)
     height, width = _size(args, default_side)
     start = time.perf_counter()
-    checks = export(model, args.output, settings, height, width, batch=args.batch)
+    checks, sizes = export(model, args.output, settings, height, width, batch=args.batch)
     for check in checks:
         print(f"  {check}")
-    kind = "dynamic" if settings.dynamic else f"{args.batch}x3x{height}x{width}"
-    print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {kind}, written in "
+    print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {sizes}, written in "
           f"{time.perf_counter() - start:.0f} s")
     return 0
