@@ -433,11 +433,11 @@ def test_fused_routing_matches_the_specification(target, case, padding, dtype):
 
 @over_targets(targets=[_REGION_INTERPRETED])
 def test_bra_takes_the_routing_of_the_chosen_backend(target, monkeypatch):
-    from biformer.ops.backends import triton_region
     from biformer.ops.regions import route as route_spec
 
     calls = []
-    monkeypatch.setattr(triton_region, "route", lambda *args: calls.append(1) or route_spec(*args))
+    counted = replace(BACKENDS["triton_region"], route=lambda *args: calls.append(1) or route_spec(*args))
+    monkeypatch.setitem(BACKENDS, "triton_region", counted)
 
     q = torch.randn(1, 8, 8, 1, 16)
     bi_level_routing_attention(q, q, q, 4, 2, backend="triton_region")
@@ -467,9 +467,7 @@ def test_auto_dispatch_on_cuda_takes_only_backends_run_on_a_gpu(monkeypatch, gra
     flex or triton_region, which have not run on a GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from biformer.ops.backends import triton_attention
-
-    monkeypatch.setattr(triton_attention, "is_available", lambda: True)
+    monkeypatch.setitem(BACKENDS, "triton", replace(BACKENDS["triton"], unavailable=None))  # as on a GPU machine
     picked = {}
     with FakeTensorMode():
         for stage, (size, heads, topk) in {"1": (56, 2, 1), "2": (28, 4, 4), "3": (14, 8, 16)}.items():

@@ -8,13 +8,15 @@ are few and small, and chosen so that the padding modes share compiled configura
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_ops_oracle import _dense_oracle
 from torch._dynamo.utils import counters
 
 from biformer.ops import bi_level_routing_attention
-from biformer.ops.backends import BACKENDS, flex, select_backend
+from biformer.ops.backends import BACKENDS, PRIORITY, flex, not_supported_reasons, select_backend
 from biformer.ops.backends.inputs import RoutedAttentionInputs
 from biformer.ops.functional import region_grid
 from biformer.ops.regions import PADDING_MODES, RegionGrid
@@ -174,7 +176,7 @@ def test_no_grad_with_inputs_that_require_grad():
 
 def test_cpu_autograd_and_float64_are_refused_with_reasons():
     qk, v = _inputs(ODD, requires_grad=True)
-    with pytest.raises(ValueError, match="backend='flex' cannot run.*no backward on CPU"):
+    with pytest.raises(ValueError, match="backend='flex' cannot run.*no backward on cpu"):
         _forward(ODD, "flex", "masked", qk, v)
     qk, v = _inputs(ODD, torch.float64)
     with pytest.raises(ValueError, match="backend='flex' cannot run.*dtype torch.float64"):
@@ -197,7 +199,7 @@ def test_unavailable_without_a_cpu_kernel_or_cuda(monkeypatch):
 
 
 def test_registered_after_the_triton_backends():
-    assert list(BACKENDS)[:3] == ["triton", "triton_region", "flex"]
+    assert PRIORITY[:3] == ("triton", "triton_region", "flex")
 
 
 def test_steps_aside_inside_torch_compile_on_cpu(monkeypatch):
@@ -205,9 +207,10 @@ def test_steps_aside_inside_torch_compile_on_cpu(monkeypatch):
     compiled model on CPU dispatch takes another backend, and forcing flex says why."""
     q = torch.zeros(1, 8, 8, 1, 8)
     grid = region_grid(8, 8, 4)
-    assert not flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 2, True))
+    inputs = RoutedAttentionInputs.of(q, q, q, grid, 2, True)
+    assert not not_supported_reasons(flex.BACKEND, inputs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert any("inside torch.compile" in reason for reason in flex.not_supported_reasons(RoutedAttentionInputs.of(q, q, q, grid, 2, True)))
+    assert any("inside torch.compile" in reason for reason in not_supported_reasons(flex.BACKEND, inputs))
 
 
 def _outputs_and_grads(case, backend, padding, qk, v):
@@ -243,12 +246,12 @@ def test_cuda_half_precision_outputs_and_gradients(dtype):
 def test_never_auto_selected_where_it_claims_to_be_fast(monkeypatch, grad):
     """Opt-in until a GPU run passes: dispatch skips flex even where it is runnable and fast (as on CUDA),
     on a device the test fakes by making flex claim it and every backend before it step aside."""
-    monkeypatch.setattr(flex, "not_supported_reasons", lambda inputs: [])
-    monkeypatch.setattr(flex, "is_fast_for", lambda inputs: True)
-    monkeypatch.setattr(BACKENDS["triton"], "is_available", lambda: False)
+    claims = replace(flex.BACKEND, forward_only_on=(), unavailable=None, check=None, is_fast_for=lambda inputs: True)
+    monkeypatch.setitem(BACKENDS, "flex", claims)
+    monkeypatch.setitem(BACKENDS, "triton", replace(BACKENDS["triton"], unavailable=lambda: "stepped aside"))
     q = torch.zeros(2, 28, 28, 2, 32, requires_grad=grad)
     assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)).name != "flex"
-    assert select_backend("flex", RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)) is flex
+    assert select_backend("flex", RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)) is claims
 
 
 @pytest.mark.gpu

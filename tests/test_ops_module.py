@@ -1,10 +1,12 @@
 """BiLevelRoutingAttention module: layouts, any map size, padding modes."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from biformer.ops import BiLevelRoutingAttention, use_backend
-from biformer.ops.backends import reference
+from biformer.ops.backends import BACKENDS, reference
 from biformer.ops.regions import PADDING_MODES
 
 
@@ -48,13 +50,12 @@ def test_padding_modes_agree_only_on_divisible_maps():
 
 def test_use_backend_forces_a_backend_and_restores_each_layers_own(monkeypatch):
     calls = []
-    attend = reference.attend
 
     def counted_attend(*args):
         calls.append(args)
-        return attend(*args)
+        return reference.attend(*args)
 
-    monkeypatch.setattr(reference, "attend", counted_attend)
+    monkeypatch.setitem(BACKENDS, "reference", replace(reference.BACKEND, attend=counted_attend))
     layers = [BiLevelRoutingAttention(16, 2, 2, 2, backend="indexed"), BiLevelRoutingAttention(16, 2, 2, 2)]
     model = nn.Sequential(layers[0], nn.Sequential(nn.Identity(), layers[1]))
     with use_backend(model, "reference"):

@@ -75,3 +75,37 @@ def test_the_pictures_the_docs_show_exist():
     for text, folder in ((README, ROOT), (GUIDE, ROOT / "docs"), (RESULTS, ROOT / "docs")):
         for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
             assert (folder / picture).is_file(), picture
+
+
+# the guide's commands, in order, as a reader runs them after the README's main job; each run shortened to a few
+# steps (the paths between them, which a reader copies, are what this checks)
+SHORTER = [(r"--epochs \d+", "--iters 2"), (r"--warmup-epochs \d+", "--warmup-iters 1"), (r"\bepochs=\d+", "epochs=1 fraction=0.05")]
+PLACEHOLDERS = re.compile(r"\b(FOLDER|COCO_DIR)\b|biformer_small_in1k\.pth")  # files a reader brings
+
+
+def _guide_sequence() -> list[str]:
+    main_job = next(line for line in re.findall(r"```bash\n(.*?)```", README, flags=re.S)[0].split("&&")
+                    if "biformer train" in line)
+    commands = [main_job.strip()]
+    for block in re.findall(r"```bash\n(.*?)```", GUIDE, flags=re.S):
+        commands += [line.strip() for line in block.replace("\\\n", " ").splitlines()
+                     if line.strip() and not PLACEHOLDERS.search(line)]
+    for pattern, replacement in SHORTER:
+        commands = [re.sub(pattern, replacement, command) for command in commands]
+    return commands
+
+
+@pytest.mark.slow
+def test_the_guides_commands_run_in_sequence(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    commands = _guide_sequence()
+    assert sum("yolo export model=" in command for command in commands) == 1 and len(commands) >= 9
+    environment = {key: value for key, value in os.environ.items() if key != "BIFORMER_CACHE"}  # the guide's paths
+    for command in commands:
+        assert command.startswith("python -m biformer "), command
+        result = subprocess.run(["bash", "-c", f"{sys.executable} {command.removeprefix('python ')}"], cwd=tmp_path,
+                                env=environment, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{command}\n{(result.stdout + result.stderr)[-3000:]}"

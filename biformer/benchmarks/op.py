@@ -9,7 +9,7 @@ import torch
 
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 from ..ops import bi_level_routing_attention
-from ..ops.backends import select_backend
+from ..ops.backends import BackendUnsupported, select_backend
 from ..ops.backends.inputs import RoutedAttentionInputs
 from ..ops.functional import region_grid
 
@@ -118,14 +118,14 @@ def _runnable(
     for name in candidates:
         try:
             chosen = select(name, qkv.detach())
-        except ValueError as error:
-            notes[name] = f"skipped: {error}"
+        except BackendUnsupported as error:
+            notes[name] = f"skipped: {'; '.join(error.reasons)}"
             continue
         runnable.append(name)
         try:
             chosen_with_grad = select(name, qkv)
-        except ValueError as error:
-            notes[name] = f"forward only: {error}"
+        except BackendUnsupported as error:
+            notes[name] = f"forward only: {'; '.join(error.reasons)}"
             continue
         trainable.append(name)
         if name == AUTO:

@@ -32,7 +32,7 @@ import contextlib
 import math
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 from unittest import mock
 
@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from ..ops import BiLevelRoutingAttention, use_backend
-from ..ops.backends import triton_attention
+from ..ops.backends import BACKENDS
 
 MODES = ("infer", "train")
 DEFAULT_MODELS = ("biformer_small", "swin_tiny_patch4_window7_224")
@@ -332,8 +332,9 @@ def _to_fake_cuda(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _as_on_a_gpu() -> Iterator[None]:
-    """What code asks of the machine answered as a CUDA machine would: the Triton backend available."""
-    with mock.patch.object(triton_attention, "is_available", lambda: True):
+    """What code asks of the machine answered as a CUDA machine would: the Triton backends available."""
+    available = {name: replace(BACKENDS[name], unavailable=None) for name in ("triton", "triton_region")}
+    with mock.patch.dict(BACKENDS, available):
         yield
 
 

@@ -82,7 +82,7 @@ class DepthwiseConv2d(nn.Conv2d):
             x.device.type == "cpu"
             and self.kernel_size[1] > FAST_WEIGHT_GRAD_WIDTH
             and autograd_records(self.weight)
-            and not is_exporting()
+            and not is_exporting()  # a tracer would record the Function opaquely (torch.compile traces into it)
         )
         if not sliced:
             return super().forward(x)

@@ -20,12 +20,11 @@ def is_exporting() -> bool:
     return bool(exporting) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
-def exporting_reasons() -> list[str]:
-    """Why a custom-op backend cannot run now: an exporter would keep the op opaque, and ONNX has no
-    translation for it (under export, dispatch takes the plain-op formulation)."""
-    if is_exporting():
-        return ["an exporter or tracer is running, and this backend's custom op has no ONNX translation"]
-    return []
+def plain_eager() -> bool:
+    """True where code runs as plain eager PyTorch: not compiled by torch.compile, not recorded by an exporter or
+    tracer. Eager-only fast paths ask it (in-place ops, hand-written autograd Functions, views that alias): a
+    compiler plans memory and fuses by itself, and a recorded graph must be a plain function of its inputs."""
+    return not (torch.compiler.is_compiling() or is_exporting())
 
 
 def known_zero(value: int | torch.SymInt | torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .exporting import is_exporting
+from .exporting import plain_eager
 
 
 def autograd_records(*tensors: Tensor) -> bool:
@@ -12,9 +12,10 @@ def autograd_records(*tensors: Tensor) -> bool:
 
 
 def overwrites(*tensors: Tensor) -> bool:
-    """Whether an op may overwrite its inputs: where autograd records nothing, and not under an exporter or
-    tracer (an exported graph is a function of its inputs; a trace must record the same ops however it runs)."""
-    return not (autograd_records(*tensors) or is_exporting())
+    """Whether an op may overwrite its inputs: where autograd records nothing, in plain eager code (an exported graph
+    is a function of its inputs, a trace must record the same ops however it runs, and a compiler reuses buffers
+    by itself)."""
+    return plain_eager() and not autograd_records(*tensors)
 
 
 def add_into(fresh: Tensor, other: Tensor) -> Tensor:

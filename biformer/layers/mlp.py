@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .exporting import is_exporting
+from .exporting import plain_eager
 from .inplace import InplaceGELU, autograd_records
 
 __all__ = ["LeanMlp", "linear_gelu_linear"]
@@ -95,6 +95,6 @@ class LeanMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         fc1, fc2 = self.fc1, self.fc2
-        if torch.compiler.is_compiling() or is_exporting() or not autograd_records(x, *self.parameters()):
+        if not plain_eager() or not autograd_records(x, *self.parameters()):
             return fc2(self.act(fc1(x)))
         return linear_gelu_linear(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act.approximate)

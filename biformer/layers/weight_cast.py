@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .exporting import is_exporting
+from .exporting import plain_eager
 
 __all__ = ["DEVICES", "weights_cast_once"]
 
@@ -58,7 +58,7 @@ def weights_cast_once(module: nn.Module, device: torch.device, enabled: bool = T
     `DEVICES` and autocast to float16 or bfloat16 is on there, or under torch.compile (the compiler places
     casts itself) or an exporter."""
     active = enabled and device.type in DEVICES and torch.is_autocast_enabled(device.type) \
-        and torch.get_autocast_dtype(device.type) in _HALF and not (torch.compiler.is_compiling() or is_exporting())
+        and torch.get_autocast_dtype(device.type) in _HALF and plain_eager()
     entries = _cast_parameters(module, device) if active else []
     if not entries:
         yield

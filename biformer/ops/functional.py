@@ -9,7 +9,7 @@ from torch import Tensor
 from ..layers.exporting import traced_as_int
 from .backends import select_backend
 from .backends.inputs import RoutedAttentionInputs
-from .regions import RegionGrid, Routing, padding_mode, route
+from .regions import RegionGrid, Routing, padding_mode
 
 
 def _is_size(n: object) -> bool:
@@ -115,7 +115,8 @@ def bi_level_routing_attention(
             tokens, as many as cover the map (a 30x33 map with n_win=7: 8x9 regions of 4x4),
             region means over the map's tokens only, padded keys attended to.
         backend: force a backend by name (see `available_backends()`); None picks the fastest
-            one that can run. A forced backend that cannot run raises ValueError with the reasons.
+            one that can run. A forced backend that cannot run raises ValueError with its reasons and
+            every other backend's.
         return_routing: also return a `Routing` (indices, logits, grid; weights on request).
 
     Returns:
@@ -159,6 +160,6 @@ def bi_level_routing_attention(
         scale = head_dim**-0.5
     inputs = RoutedAttentionInputs(q, k, v, grid, topk, mode.mask_attention, scale)
     chosen = select_backend(backend, inputs)
-    routing = getattr(chosen, "route", route)(q, k, grid, topk, scale, mode.mask_routing)
+    routing = chosen.route(q, k, grid, topk, scale, mode.mask_routing)
     out = chosen.attend(inputs, routing.indices)
     return (out, routing) if return_routing else out

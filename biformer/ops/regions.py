@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..layers.exporting import is_exporting, known_zero
+from ..layers.exporting import known_zero, plain_eager
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,13 @@ class RegionGrid:
 
     def valid_tokens(self, device: torch.device | str | None = None) -> Tensor:
         """(R, T) bool: which token slots of each region lie inside the unpadded map."""
-        if is_exporting():
-            # each slot's map row and column from region and token coordinates, broadcast: no re-layout whose
-            # form depends on which (symbolic) sizes are 1, and no division (ONNX cannot take a symbolic divisor)
-            arange = functools.partial(torch.arange, device=device)
-            row = arange(self.rows)[:, None, None, None] * self.region_h + arange(self.region_h)[None, None, :, None]
-            col = arange(self.cols)[None, :, None, None] * self.region_w + arange(self.region_w)[None, None, None, :]
-            inside = (row < self.height) & (col < self.width)  # (rows, cols, region_h, region_w)
-            return inside.view(self.num_regions, self.tokens_per_region)
-        rows = torch.arange(self.padded_height, device=device) < self.height
-        cols = torch.arange(self.padded_width, device=device) < self.width
-        valid = rows[:, None] & cols[None, :]
-        return rearrange(valid, "(r h) (c w) -> (r c) (h w)", h=self.region_h, w=self.region_w)
+        # each slot's map row and column from region and token coordinates, broadcast: also exported, no re-layout
+        # whose form depends on which (symbolic) sizes are 1, and no division (ONNX cannot take a symbolic divisor)
+        arange = functools.partial(torch.arange, device=device)
+        row = arange(self.rows)[:, None, None, None] * self.region_h + arange(self.region_h)[None, None, :, None]
+        col = arange(self.cols)[None, :, None, None] * self.region_w + arange(self.region_w)[None, None, None, :]
+        inside = (row < self.height) & (col < self.width)  # (rows, cols, region_h, region_w)
+        return inside.view(self.num_regions, self.tokens_per_region)
 
     def pad(self, x: Tensor) -> Tensor:
         """(B, H, W, ...) -> (B, padded_H, padded_W, ...), zeros in the padding."""
@@ -152,7 +147,7 @@ def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
     """(B, H, W, 2, M, D): q and k side by side. BRA's q and k are slices of one qkv tensor at a fixed distance:
     then a view (one reduction reads both), else a copy; a copy under an exporter too, which would bake a
     view's strides in, and under torch.compile, which fuses the copy away."""
-    view = not (torch.compiler.is_compiling() or is_exporting()) and q.layout == k.layout == torch.strided \
+    view = plain_eager() and q.layout == k.layout == torch.strided \
         and q.dtype == k.dtype and q.shape == k.shape and q.stride() == k.stride() \
         and torch._C._is_alias_of(q, k)  # the same storage (torch has no public name for it)
     distance = k.storage_offset() - q.storage_offset() if view else 0
@@ -179,17 +174,18 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, flo
     Means are over all T slots of a region, the padding counting as zeros: then one reduction gives the sums
     (`_region_sums`) and the division is left to the caller (sums, factor 1 / T). Masked on a padded map, they
     are over the map's tokens only, which are all that is read (means, factor 1; regions of padding only get
-    zeros).
+    zeros). Compiled or exported, always means, the sums divided in the graph (factor 1): a traced or symbolic
+    region size must not become a constant factor (or a guard), and ONNX's AvgPool needs a fixed window.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    if not (masked and grid.is_padded):
+    masks_padding = masked and grid.is_padded
+    if not plain_eager():
         sums = _region_sums(x, grid, dtype)
-        if is_exporting():  # divided in the graph: a traced region size must not become a constant factor
-            return sums / grid.tokens_per_region, 1.0
-        return sums, 1.0 / grid.tokens_per_region
-    if is_exporting():  # ONNX's AvgPool needs a fixed window: sums of the zero-padded map over the counted tokens
-        counted = grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(dtype)  # (R,)
-        return _region_sums(x, grid, dtype) / counted[:, None, None], 1.0
+        if masks_padding:  # over the counted tokens of the zero-padded map
+            return sums / grid.valid_tokens(x.device).sum(-1).clamp(min=1).to(dtype)[:, None, None], 1.0
+        return sums / grid.tokens_per_region, 1.0
+    if not masks_padding:
+        return _region_sums(x, grid, dtype), 1.0 / grid.tokens_per_region
     pair = x.shape[3]
     x = x.to(dtype).flatten(3)  # (B, H, W, S*C)
     # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map

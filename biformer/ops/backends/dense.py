@@ -15,10 +15,7 @@ from torch import Tensor
 from ...layers.sdpa import scaled_dot_product_attention
 from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
-
-name = "dense"
-# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
-AUTO_DEVICES: tuple[str, ...] = ("cpu",)
+from .spec import Backend
 
 # Auto-dispatch takes this backend on maps of at most SMALL_MAP tokens, or where the whole map is
 # at most MAX_DENSE_WORK_RATIO times the keys each query routes to (measured on CPU: at 3x the
@@ -31,7 +28,7 @@ MAX_DENSE_TOKENS = 512
 MAX_BIAS_BYTES = 256 << 20
 
 
-def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
+def _is_fast_for(inputs: RoutedAttentionInputs) -> bool:
     q, grid, topk = inputs.q, inputs.grid, inputs.topk
     tokens = grid.padded_height * grid.padded_width
     return (
@@ -70,3 +67,7 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     out = scaled_dot_product_attention(q_map, k_map, v_map, attn_mask=bias, scale=scale)
     out = rearrange(out, "b m (h w) d -> b h w m d", h=grid.padded_height)
     return grid.crop(out)
+
+
+# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
+BACKEND = Backend("dense", attend, auto_devices=("cpu",), traces=True, is_fast_for=_is_fast_for)

@@ -15,7 +15,7 @@ which q carries, nor the padding treatment) and compiles each new one (about 10 
 up to dynamo's recompile limit (`torch._dynamo.config.recompile_limit`, 8), beyond which torch falls
 back to an unfused implementation (correct, slow, with a warning). On CPU the kernels have no backward,
 and inductor fails to lower them inside a compiled model: there the backend steps aside (and it was
-slower than the indexed backend, see `is_fast_for`). float32, bfloat16 and float16 only.
+slower than the indexed backend, see `BACKEND`). float32, bfloat16 and float16 only.
 
 Shape legend: B batch, M heads, D head dim, R regions (Rp padded to whole blocks), T tokens per
 region, S slot (T rounded up to a power of two), P regions per block, L = Rp*S sequence length.
@@ -33,19 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
+from .spec import Backend
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
-
-name = "flex"
-# Opt-in only (backend="flex"): its first GPU run (H200, torch 2.11, `pytest -m gpu tests/test_ops_flex.py`) failed
-# 12 of 13 tests, inductor refusing the 16-token blocks of small regions ("Q and KV block size must be divisible by
-# BLOCK_M and BLOCK_N"), and a compiled BiFormer-S training step failed the same way.
-AUTO_DEVICES: tuple[str, ...] = ()
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Smallest sparse block: flex's Triton kernels shrink their tiles to power-of-two blocks of at least 16 tokens.
@@ -69,24 +63,19 @@ def _cpu_kernel_missing() -> str | None:
 CPU_KERNEL_MISSING = _cpu_kernel_missing()
 
 
-def is_available() -> bool:
-    return torch.cuda.is_available() or CPU_KERNEL_MISSING is None
-
-
-def unavailable_reason() -> str:
+def _unavailable() -> str | None:
+    if torch.cuda.is_available() or CPU_KERNEL_MISSING is None:
+        return None
     return f"no CUDA device, and {CPU_KERNEL_MISSING}"
 
 
-def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
-    q, k, v = inputs.q, inputs.k, inputs.v
-    reasons = exporting_reasons()
-    if q.dtype not in DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {[str(d) for d in DTYPES]}")
+def _check(inputs: RoutedAttentionInputs) -> list[str]:
+    """What the declaration cannot say: the CPU kernel's needs, inductor inside torch.compile, CUDA's head dims."""
+    q, v = inputs.q, inputs.v
+    reasons = []
     if q.device.type == "cpu":
         if CPU_KERNEL_MISSING:
             reasons.append(CPU_KERNEL_MISSING)
-        if autograd_records(q, k, v):
-            reasons.append("flex_attention has no backward on CPU, and autograd records here (inputs require grad)")
         if torch.compiler.is_compiling():
             # seen with torch 2.14: "no choices" and AttributeError lowering errors, and a mask read as all False
             reasons.append("inside torch.compile, inductor's CPU flex_attention lowering fails on the block masks "
@@ -96,17 +85,7 @@ def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
         if min(dims) < MIN_CUDA_HEAD_DIM or max(dims) > MAX_CUDA_HEAD_DIM:
             reasons.append(
                 f"head dims {dims[0]}/{dims[1]} are outside [{MIN_CUDA_HEAD_DIM}, {MAX_CUDA_HEAD_DIM}] on CUDA")
-    else:
-        reasons.append(f"inputs are on {q.device.type}; flex_attention runs on CUDA and CPU")
     return reasons
-
-
-def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
-    """On CUDA (never measured: its first GPU run failed, see AUTO_DEVICES). Not on CPU: at BiFormer-T's stage shapes (batch 8, 224 input,
-    inference, 2 threads, routing included) flex took 42.8/20.7/38.1 ms at stages 1/2/3 against the
-    indexed backend's 32.3/21.4/30.6 ms (at 1 thread 57.9/28.8/49.7 against 42.4/24.9/28.7), and each
-    new shape costs a compilation of about 10 s."""
-    return inputs.q.device.type == "cuda"
 
 
 @functools.cache
@@ -222,3 +201,12 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     with torch.autocast(q.device.type, enabled=False):  # q, k, v share one dtype, which the kernels keep
         out = flex(q_seq, layout.to_sequence(k, grid), layout.to_sequence(v, grid), block_mask=block_mask, scale=1.0)
     return layout.from_sequence(out, grid)
+
+
+# Opt-in only (backend="flex"): on CUDA inductor refused the 16-token blocks of small regions in its GPU tests; on
+# CPU it was slower than the indexed backend at BiFormer-T's stages and compiles each new shape for about 10 s
+# (docs/results.md).
+BACKEND = Backend(
+    "flex", attend, devices=("cuda", "cpu"), dtypes=DTYPES, forward_only_on=("cpu",), unavailable=_unavailable,
+    check=_check,
+)

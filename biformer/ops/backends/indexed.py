@@ -22,22 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...layers.exporting import exporting_reasons
 from ...layers.inplace import autograd_records
 from ...layers.sdpa import HALF_DTYPES
 from .inputs import RoutedAttentionInputs
-
-name = "indexed"
-# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
-AUTO_DEVICES: tuple[str, ...] = ("cpu",)
+from .spec import Backend
 
 # Bytes of per-chunk temporaries (scores, probabilities, gathered keys/values and their
 # gradients); small enough to stay in cache, large enough for efficient batched matmuls.
 CHUNK_BYTES = 8 << 20
-
-
-def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
-    return exporting_reasons()
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
@@ -252,3 +244,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_probs: Tensor | None):
 
 
 indexed_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
+BACKEND = Backend("indexed", attend, auto_devices=("cpu",))

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ...layers.exporting import is_exporting
+from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
 
 
@@ -26,3 +28,13 @@ class RoutedAttentionInputs:
     def of(cls, q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, masked: bool,
            scale: float | None = None) -> RoutedAttentionInputs:
         return cls(q, k, v, grid, topk, masked, q.shape[-1] ** -0.5 if scale is None else scale)
+
+    @property
+    def needs_backward(self) -> bool:
+        """Whether autograd records this call: a backend must then have a backward."""
+        return autograd_records(self.q, self.k, self.v)
+
+    @property
+    def exporting(self) -> bool:
+        """Whether an exporter or tracer records this call: a backend must then trace (see `Backend.traces`)."""
+        return is_exporting()

@@ -14,8 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .inputs import RoutedAttentionInputs
-
-name = "original"
+from .spec import Backend
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
@@ -39,3 +38,6 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
         logits = logits.masked_fill(~valid, float("-inf"))
     out = torch.softmax(logits, dim=-1) @ v_routed  # (B, R, M, T, Dv)
     return grid.from_regions(rearrange(out, "b r m t d -> b r t m d"))
+
+
+BACKEND = Backend("original", attend, traces=True)  # a benchmark baseline: never dispatched automatically

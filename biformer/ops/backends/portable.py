@@ -17,8 +17,7 @@ from torch import Tensor
 
 from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
-
-name = "portable"
+from .spec import Backend
 
 
 def _standard(x: Tensor) -> Tensor:
@@ -74,3 +73,7 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
         logits = logits.masked_fill(~key_valid, float("-inf"))
     out = logits.softmax(-1) @ routed(v_rows)  # (B, M, R, T, Dv)
     return from_head_first_regions(out, grid, batch, heads)
+
+
+# automatic dispatch takes it under an exporter or tracer only (`biformer.ops.backends.EXPORT_BACKEND`)
+BACKEND = Backend("portable", attend, traces=True)

@@ -21,13 +21,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ...layers.exporting import exporting_reasons
-from ...layers.inplace import autograd_records
 from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
-
-name = "triton"
-AUTO_DEVICES: tuple[str, ...] = ("cuda",)  # (on CPU the kernels only run interpreted, for tests)
+from .spec import Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -42,27 +38,26 @@ FLOAT32_PRECISION, WIDE_HEAD_FLOAT32_PRECISION, MAX_TF32X3_BLOCK = "tf32x3", "ie
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def is_available() -> bool:
-    return TRITON_INSTALLED and (torch.cuda.is_available() or _interpreting())
-
-
-def unavailable_reason() -> str:
+def _unavailable() -> str | None:
+    """Why the Triton kernels cannot run here (None: they can); both Triton backends ask it."""
     if not TRITON_INSTALLED:
         return "the triton package is not installed"
-    return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, for testing)"
+    if not (torch.cuda.is_available() or _interpreting()):
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, for testing)"
+    return None
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
+def _check(inputs: RoutedAttentionInputs) -> list[str]:
+    """What the declaration cannot say: CPU only in the interpreter, the head-dim limit, int32 addressing; both
+    Triton backends ask it."""
     q, v = inputs.q, inputs.v
-    reasons = exporting_reasons()
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
-        reasons.append(f"inputs are on {q.device.type}; Triton kernels run on CUDA (on CPU only under TRITON_INTERPRET=1)")
-    if q.dtype not in DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {[str(d) for d in DTYPES]}")
+    reasons = []
+    if q.device.type == "cpu" and not _interpreting():
+        reasons.append("inputs are on cpu; Triton kernels run on CPU only under TRITON_INTERPRET=1")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         reasons.append(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {MAX_HEAD_DIM}")
     largest = max(_largest_offset(t) for t in (q, inputs.k, v))
@@ -75,14 +70,11 @@ def _largest_offset(x: Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
 
 
-def is_fast_for(inputs: RoutedAttentionInputs) -> bool:
-    """On CUDA (the interpreter is for testing). Measured on an H100 (`biformer bench op`, BiFormer-T/S
-    stages, batch 64): the forward beats the reference at every stage; forward+backward does too,
-    except with regions of under 16 tokens (stage 3's 2x2), where the reference's few large batched
-    matmuls run about 10% faster."""
-    if inputs.q.device.type != "cuda":
-        return False
-    return not autograd_records(inputs.q, inputs.k, inputs.v) or inputs.grid.tokens_per_region >= 16
+def _is_fast_for(inputs: RoutedAttentionInputs) -> bool:
+    """Measured on an H100 (`biformer bench op`, BiFormer-T/S stages, batch 64): the forward beats the reference at
+    every stage; forward+backward does too, except with regions of under 16 tokens (stage 3's 2x2), where the
+    reference's few large batched matmuls run about 10% faster."""
+    return not inputs.needs_backward or inputs.grid.tokens_per_region >= 16
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
@@ -91,6 +83,13 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
         q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
     )
     return out
+
+
+# on CPU the kernels run only interpreted, for tests: never dispatched automatically there
+BACKEND = Backend(
+    "triton", attend, devices=("cuda", "cpu"), dtypes=DTYPES, auto_devices=("cuda",), unavailable=_unavailable,
+    check=_check, is_fast_for=_is_fast_for,
+)
 
 
 def _kernels() -> ModuleType:

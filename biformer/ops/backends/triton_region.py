@@ -11,6 +11,7 @@ each; the backward has no host syncs and computes delta = dO . O inside the dq k
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import ModuleType
 
 import torch
@@ -22,8 +23,6 @@ from . import triton_attention
 from .inputs import RoutedAttentionInputs
 from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last
 
-name = "triton_region"
-AUTO_DEVICES: tuple[str, ...] = ()  # opt-in: never run on a GPU
 MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
 MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
 MIN_DOT_ROWS = 16  # tl.dot's smallest operand side
@@ -33,19 +32,6 @@ WIDE_HEAD = 128  # head dims from which even small regions use dots
 MAX_FUSED_REGIONS = 64
 ROUTING_CHANNELS = 32  # channels of q and k summed per step of the routing kernel
 ROUTING_WARPS = 8
-
-
-# where the triton backend runs (read at each call: a test or the trace may patch it)
-def is_available() -> bool:
-    return triton_attention.is_available()
-
-
-def unavailable_reason() -> str:
-    return triton_attention.unavailable_reason()
-
-
-def not_supported_reasons(inputs: RoutedAttentionInputs) -> list[str]:
-    return triton_attention.not_supported_reasons(inputs)
 
 
 def _next_pow2(n: int) -> int:
@@ -139,6 +125,11 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
         q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
     )
     return out
+
+
+# runs where the triton backend runs; opt-in (auto_devices empty) until it has run on a GPU
+BACKEND = replace(triton_attention.BACKEND, name="triton_region", attend=attend, auto_devices=(), is_fast_for=None,
+                  route=route)
 
 
 def _kernels() -> ModuleType:
