@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -39,9 +40,22 @@ def user_message(error: UserError) -> str:
     return text
 
 
+def expand_home(args: argparse.Namespace) -> argparse.Namespace:
+    """Every value (or list item) starting with ~ as the path it names: the shell expands ~ at a word's start only,
+    so --data=~/x and --checkpoint=~/x.safetensors arrive unexpanded."""
+    def expanded(value):
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith("~"):
+            return type(value)(os.path.expanduser(os.fspath(value)))
+        return [expanded(item) for item in value] if isinstance(value, list) else value
+
+    for name, value in vars(args).items():
+        setattr(args, name, expanded(value))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args = expand_home(build_parser(argv).parse_args(argv))
     try:
         return args.run(args) or 0
     except UserError as error:

@@ -230,3 +230,17 @@ def test_export_says_which_sizes_the_file_takes(tmp_path, capsys):
     assert "dynamic: batch 1..1024, height and width 33..4096 px" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "s.onnx"), "--model", "biformer_nano", "--img-size", "64"]) == 0
     assert "1x3x64x64 only" in capsys.readouterr().out
+
+
+# ~ in --opt=~/x (the shell expands it at a word's start only)
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(trained, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "weights.safetensors").write_bytes(trained.read_bytes())
+    digit_image(4).resize((32, 32)).save(home / "four.png")
+    monkeypatch.setenv("HOME", str(home))
+    assert main(["predict", "~/four.png", "--checkpoint=~/weights.safetensors", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image"] == str(home / "four.png")
+    assert main(["eval", "--checkpoint=~/weights.safetensors", "--data=~/nowhere"]) == 2
+    assert str(home / "nowhere") in one_line_error(capsys, "eval")
