@@ -27,7 +27,7 @@ def test_flops_prints_stages_kinds_and_what_is_not_counted(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["flops", "no_such_model"], "unknown model"),
+    (["flops", "no_such_model"], "is no model of any task"),
     (["flops", "biformer_nano", "--img-size", "1", "2", "3"], "--img-size"),
     (["complexity", "--output", "plot.jpg"], ".png"),
     (["complexity", "--size", "7", "7", "--topk", "50"], "no S divides"),

@@ -244,3 +244,31 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(trained, tmp_path, monk
     assert json.loads(capsys.readouterr().out)["image"] == str(home / "four.png")
     assert main(["eval", "--checkpoint=~/weights.safetensors", "--data=~/nowhere"]) == 2
     assert str(home / "nowhere") in one_line_error(capsys, "eval")
+
+
+# 17. flops of every model the package builds
+
+@pytest.mark.slow
+def test_flops_counts_segmentation_and_detection_models_by_name_and_checkpoint(trained, tmp_path, capsys):
+    from biformer.checkpoints.weights import save_weights
+    from biformer.dense import create_segmentation_model
+
+    def total(out: str) -> float:  # "... , 5.0G FLOPs (paper convention ..." -> 5.0e9
+        figure = out.split("parameters, ")[1].split(" FLOPs")[0]
+        return float(figure[:-1]) * {"K": 1e3, "M": 1e6, "G": 1e9}[figure[-1]]
+
+    counted = {}
+    for model in ("sfpn_biformer_nano", "fcos_biformer_nano", "maskrcnn_biformer_nano"):
+        assert main(["flops", model, "--img-size", "64"]) == 0
+        out = capsys.readouterr().out
+        assert f"{model} at 64x64" in out and "backbone" in out and "region attention" in out, out
+        counted[model] = total(out)
+    assert all(value > 0 for value in counted.values())
+    segmenter = tmp_path / "segmenter.safetensors"
+    save_weights(segmenter, create_segmentation_model("sfpn_biformer_nano", 150),
+                 {"model": "sfpn_biformer_nano", "task": "segmentation", "classes": [str(i) for i in range(150)],
+                  "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert main(["flops", "--checkpoint", str(segmenter)]) == 0  # its own size and classes (ADE20K's 150 here)
+    assert total(capsys.readouterr().out) == counted["sfpn_biformer_nano"]
+    assert main(["flops", "--checkpoint", str(trained)]) == 0
+    assert "biformer_nano at 32x32" in capsys.readouterr().out  # the size the checkpoint was trained at

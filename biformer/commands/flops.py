@@ -1,45 +1,60 @@
-"""`biformer flops`: parameters and FLOPs per stage and per op kind, paper convention and complete."""
+"""`biformer flops`: parameters and FLOPs per stage (or part) and per op kind, paper convention and complete, of
+any model the package builds: a classifier, a segmentation or a detection model, by name or from a checkpoint."""
 from __future__ import annotations
 
 import argparse
 
-from ..analysis.flops import count_flops, format_report
 from ..errors import UserError
-from ._options import HelpFormatter
+from ._options import HelpFormatter, positive
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "flops", help="parameters and FLOPs of a model, per stage and per op kind",
         formatter_class=HelpFormatter,
-        description="Count with torch's FlopCounterMode (plus formulas for CPU attention) on one forward pass. "
-                    "The paper convention counts one per multiply-add of convolutions, linear layers, routing "
-                    "and attention; the complete count adds every other arithmetic op.",
+        description="Count with torch's FlopCounterMode (plus formulas for CPU attention) on one forward pass in "
+                    "eval mode. The paper convention counts one per multiply-add of convolutions, linear layers, "
+                    "routing and attention; the complete count adds every other arithmetic op. A detection model "
+                    "resizes its input (the shorter side to --img-size) and counts what its random weights propose.",
     )
-    parser.add_argument("model", help="a biformer_* (or any timm) model name")
-    parser.add_argument("--img-size", type=int, nargs="+", metavar="N", default=None,
-                        help="input H W (or one value for a square); default: the model's input size")
-    parser.add_argument("--batch", type=int, default=1, help="images per counted forward pass")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: the model's)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a model name of any task (biformer_small, upernet_biformer_small, "
+                             "maskrcnn_biformer_small, any timm classifier); read from --checkpoint when omitted")
+    parser.add_argument("--checkpoint", default=None, help="count the model of this weights file (ours, or a release "
+                                                           ".pth with the model's name)")
+    parser.add_argument("--img-size", type=positive, nargs="+", metavar="N", default=None,
+                        help="input H W (or one value for a square); default: the checkpoint's, else the model's "
+                             "reference size (ImageNet's for classifiers, the ADE20K crop, COCO's shorter side)")
+    parser.add_argument("--batch", type=positive, default=1, help="images per counted forward pass")
+    parser.add_argument("--num-classes", type=positive, default=None,
+                        help="output classes of a model by name (default: its reference data set's)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
+    from ..analysis.flops import count_flops, format_report
+    from ..tasks.registry import task_for_checkpoint, task_for_model
 
-    if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 1):
-        raise UserError(f"--img-size takes one or two positive sizes (H W), got {args.img_size}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if not timm.is_model(args.model):
-        raise UserError(f"unknown model {args.model!r}; BiFormer models: {', '.join(timm.list_models('biformer*'))}")
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = timm.create_model(args.model, **kwargs)
-    default_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    size = tuple(args.img_size * 2 if args.img_size and len(args.img_size) == 1 else args.img_size or default_size[1:])
+    if args.img_size is not None and len(args.img_size) > 2:
+        raise UserError(f"--img-size takes one or two sizes (H W), got {len(args.img_size)}")
+    if args.model is None and args.checkpoint is None:
+        raise UserError("name a model (e.g. biformer_small) or pass --checkpoint FILE")
+    side = min(args.img_size) if args.img_size else None
+    if args.checkpoint is not None:
+        if args.num_classes is not None:
+            raise UserError("--num-classes is for a model by name; a checkpoint's model has its own classes")
+        task, metadata, name = task_for_checkpoint(args.checkpoint, args.model)
+        restored = task.restore(args.checkpoint, metadata, name, side)
+        model, default_side = restored.model, restored.img_size
+    else:
+        task, name = task_for_model(args.model), args.model
+        default_side = task.reference_size(name)
+        model = task.untrained_model(name, side or default_side, args.num_classes)
+    height, width = (args.img_size * 2)[:2] if args.img_size else (default_side, default_side)
+    in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
     try:
-        report = count_flops(model, size, args.batch, in_chans=default_size[0], progress=True)
+        report = count_flops(model, (height, width), args.batch, in_chans=in_chans, progress=True)
     except (ValueError, RuntimeError) as error:  # an input the model cannot take
-        raise UserError(f"{args.model} cannot run a {size[0]}x{size[1]} input: {str(error).splitlines()[0]}") from error
-    print(format_report(report, args.model))
+        raise UserError(f"{name} cannot run a {height}x{width} input: {str(error).splitlines()[0]}") from error
+    print(format_report(report, name))
     return 0

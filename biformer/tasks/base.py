@@ -215,10 +215,15 @@ class Task(ABC):
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         """The untrained model that a weights file with this metadata holds the weights of."""
 
-    def untrained_model(self, model_name: str, img_size: int) -> nn.Module:
-        """Model `model_name` with random weights and the reference data set's classes (to export or measure)."""
-        return self.restored_model(model_name, {"classes": [str(index) for index in range(self.reference_classes)]},
-                                   img_size).eval()
+    def untrained_model(self, model_name: str, img_size: int, num_classes: int | None = None) -> nn.Module:
+        """Model `model_name` with random weights and num_classes outputs (None: the reference data set's classes),
+        to export or measure."""
+        classes = [str(index) for index in range(num_classes or self.reference_classes)]
+        return self.restored_model(model_name, {"classes": classes}, img_size).eval()
+
+    def reference_size(self, model_name: str) -> int:
+        """The input side the model is measured at without one given: its recipe's (ImageNet's 224 here)."""
+        return 224
 
     def deployable(self, model: nn.Module) -> nn.Module:
         """What `biformer export` writes of a restored model: images in, the task's raw outputs out."""

@@ -120,6 +120,10 @@ class ClassificationTask(Task):
     def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
         return f"final validation top-1: {row['val_top1']:.2f}% (best {best['val_top1']:.2f}% at {best['at']})"
 
+    def reference_size(self, model_name: str) -> int:
+        input_size = timm.models.get_pretrained_cfg_value(model_name, "input_size") or (3, 224, 224)
+        return input_size[-1]
+
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return timm.create_model(model_name, num_classes=len(metadata["classes"]), **metadata.get("model_kwargs", {}))
 

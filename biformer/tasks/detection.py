@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 from ..config import TaskOptions, TrainConfig, option
 from ..data.coco import DetectionSplits, TensorList, build_detection_datasets, collate_detection
 from ..dense.coco_eval import METRIC_NAMES, detections_to_coco_results, evaluate_coco, write_coco_results
-from ..dense.detection import DETECTION_HEADS, MASK_HEADS, detection_model_for_size, split_detection_name
+from ..dense.detection import (
+    DETECTION_HEADS,
+    MASK_HEADS,
+    detection_model_for_size,
+    detection_settings,
+    split_detection_name,
+)
 from ..errors import UserError
 from ..files import save_png
 from ..runtime import DistEnv, autocast
@@ -139,6 +145,9 @@ class DetectionTask(Task):
                     "and filter with sizes a trace keeps)"] if settings.dynamic else []
         return ["detection models export with --format onnx --legacy only (torchvision's box filtering has "
                 "data-dependent sizes, which torch.export cannot hold; a trace cannot return their dicts)"]
+
+    def reference_size(self, model_name: str) -> int:
+        return detection_settings(model_name).min_size  # COCO's shorter side
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return detection_model_for_size(model_name, len(metadata["classes"]), img_size)

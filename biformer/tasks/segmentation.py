@@ -29,7 +29,7 @@ from ..data.segmentation import (
 )
 from ..dense.inference import AnySizeSegmenter, resize_scores, segment
 from ..dense.metrics import ConfusionMatrix, iou_table
-from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model
+from ..dense.segmentation import SEGMENTATION_HEADS, create_segmentation_model, segmentation_settings
 from ..errors import UserError
 from ..files import save_png
 from ..runtime import DistEnv, all_reduce_sum, autocast
@@ -161,6 +161,9 @@ class SegmentationTask(Task):
     def deployable(self, model: nn.Module) -> nn.Module:
         """Logits (B, K, H, W) for images of any size (padded to multiples of 32 inside, then cropped)."""
         return AnySizeSegmenter(model).eval()
+
+    def reference_size(self, model_name: str) -> int:
+        return segmentation_settings(model_name).crop  # the ADE20K crop
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_segmentation_model(model_name, len(metadata["classes"]))
