@@ -282,19 +282,28 @@ class ExportMismatchError(UserError):
 
 
 def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, height: int, width: int,
-           batch: int = 1, seed: int = 0) -> tuple[list[Check], str]:
+           batch: int = 1, seed: int = 0, on_stage: Callable[[str], None] | None = None
+           ) -> tuple[list[Check], str]:
     """Export `model` at (batch, 3, height, width) to `path`, then load the file and check it against eager
     PyTorch on `verification_inputs` (random images from `seed`); (the checks, the input sizes the file takes).
     The file appears only once every check passed: ExportMismatchError (listing the checks) otherwise, and no
     file. A dynamic file's smallest side is the model's (`smallest_dynamic_side`): at BiFormer's 32 px the last
-    stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes."""
+    stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes. on_stage is
+    told each stage as it starts (an export with free sizes takes minutes on a CPU)."""
+    stage = on_stage or (lambda text: None)
+    if settings.dynamic:
+        stage("finding the smallest input side the model's graph holds")
     min_side = smallest_dynamic_side(model) if settings.dynamic else MIN_SIDE
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)
               for shape in verification_inputs(batch, height, width, settings.dynamic, min_side)]
+    exporter = {"onnx": "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter",
+                "torchscript": "torch.jit.trace", "exported": "torch.export"}[settings.format]
     with atomic_output(path) as partial:
+        stage(f"exporting with {exporter} at {tuple(inputs[0].shape)}" + (", sizes free" if settings.dynamic else ""))
         write(model, inputs[0], partial, settings, min_side)
+        stage(f"checking the file against eager PyTorch on {len(inputs)} input(s)")
         run = load(partial, settings.format)
         checks = [compare(run, model, images) for images in inputs]
         if not all(check.passed for check in checks):

@@ -272,3 +272,43 @@ def test_flops_counts_segmentation_and_detection_models_by_name_and_checkpoint(t
     assert total(capsys.readouterr().out) == counted["sfpn_biformer_nano"]
     assert main(["flops", "--checkpoint", str(trained)]) == 0
     assert "biformer_nano at 32x32" in capsys.readouterr().out  # the size the checkpoint was trained at
+
+
+# 14. progress where a bar cannot show, and an export's stages
+
+def test_a_piped_run_says_how_far_it_is(tmp_path, capsys, monkeypatch):
+    from biformer import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.0)  # a line at every step (capsys is no terminal)
+    assert main(["train", *DIGITS, "--iters", "4", "--val-every", "2", "--warmup-iters", "0", "--batch-size", "8",
+                 "--output", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iters: step")]
+    assert [line.split(",")[0] for line in lines] == [f"iters: step {step}/4" for step in (1, 2, 3, 4)]
+
+
+def test_the_iters_bar_counts_the_runs_steps(tmp_path, monkeypatch):
+    """The bar of the second --val-every round starts where the first ended, out of the run's steps."""
+    import tqdm as tqdm_module
+
+    from biformer.training import engine
+
+    bars = []
+
+    class Recorded(tqdm_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append((kwargs.get("desc"), kwargs.get("initial"), kwargs.get("total")))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "tqdm", Recorded)
+    assert main(["train", *DIGITS, "--iters", "4", "--val-every", "2", "--warmup-iters", "0", "--batch-size", "8",
+                 "--output", str(tmp_path / "run")]) == 0
+    assert [bar for bar in bars if bar[0] == "iters"] == [("iters", 0, 4), ("iters", 2, 4)]
+
+
+@pytest.mark.slow
+def test_export_says_each_stage_as_it_starts(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "m.onnx"), "--model", "biformer_nano", "--img-size", "64", "--dynamic"]) == 0
+    stages = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" ...")]
+    assert stages == ["finding the smallest input side the model's graph holds ...",
+                      "exporting with the dynamo ONNX exporter at (2, 3, 64, 64), sizes free ...",
+                      "checking the file against eager PyTorch on 3 input(s) ..."], stages

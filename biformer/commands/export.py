@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     model, default_side = _model(args, settings)
     height, width = _size(args, default_side)
     start = time.perf_counter()
-    checks, sizes = export(model, args.output, settings, height, width, batch=args.batch)
+    checks, sizes = export(model, args.output, settings, height, width, batch=args.batch,
+                           on_stage=lambda text: print(f"{text} ...", flush=True))
     for check in checks:
         print(f"  {check}")
     print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {sizes}, written in "

@@ -37,6 +37,7 @@ from ..errors import CheckpointError, UserError
 from ..files import output_folder, remove_stale_temporaries
 from ..optim.param_groups import ParameterGroup, parameter_groups
 from ..optim.schedule import Schedule
+from ..progress import Heartbeat
 from ..recipes import ResolvedRun, resolve
 from ..runtime import (
     DistEnv,
@@ -479,8 +480,14 @@ def train_steps(run: Run, start: int, end: int) -> list[float]:
     run.step_model.train()
     clock = time.perf_counter()
     sums = [0.0, 0.0, 0.0, 0.0]
-    bar = tqdm(range(start, end), desc=f"{run.plan.unit} {run.plan.count(start) + 1}/{run.plan.length}",
+    plan = run.plan
+    # an --iters run's bar counts the run's steps; an epoch's, the epoch's
+    steps = range(start, end)
+    label = "iters" if plan.by_iters else f"epoch {plan.count(start) + 1}/{plan.length}"
+    bar = tqdm(steps, desc=label,
+               initial=start if plan.by_iters else 0, total=plan.total_steps if plan.by_iters else len(steps),
                leave=False, disable=None if env.main else True, file=sys.stdout)
+    heartbeat = Heartbeat(env.main)
     for step in bar:
         if step % stream.steps_per_epoch == 0:
             run.callbacks.on_epoch_start(step // stream.steps_per_epoch + 1,
@@ -516,8 +523,10 @@ def train_steps(run: Run, start: int, end: int) -> list[float]:
         if stepped:
             run.optimization.finish(run.model, step, config.clip_grad)
         accuracy = {"acc": f"{100 * sums[1] / max(sums[2], 1):.1f}%"} if task.train_accuracy else {}
-        bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}", **accuracy,
-                        img_s=f"{sums[3] * env.world / (time.perf_counter() - clock):.0f}")
+        speed = f"{sums[3] * env.world / (time.perf_counter() - clock):.0f}"
+        bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}", **accuracy, img_s=speed)
+        heartbeat(lambda: f"{label}: step {step + 1}/{plan.total_steps}, loss {sums[0] / max(sums[3], 1):.4f}, "
+                          f"{speed} img/s")
     return all_reduce_sum(sums, env)
 
 
