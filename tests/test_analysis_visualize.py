@@ -53,3 +53,26 @@ def test_bad_block_and_sample_names(nano):
     digit = vis.load_image("digits:0")  # the first digit of scikit-learn's set is a 0: a ring, dark in the middle
     pixels = np.asarray(digit)[..., 0].astype(int)
     assert digit.size == (8, 8) and pixels[:, 1:7].max() == 240 and pixels[3:5, 3:5].max() < 100
+
+
+def test_the_figure_closes_with_a_colour_scale_and_marks_queries_visibly_on_large_images(nano):
+    from matplotlib import colormaps
+
+    size = 512  # drawn at 1:1: the markers must not shrink to a few pixels
+    pixels = np.full((size, size, 3), 128, np.uint8)
+    _, inputs = vis.preprocess(Image.fromarray(pixels), (size, size), (0.5,) * 3, (0.25,) * 3)
+    record = vis.capture_routing(nano, inputs, vis.bra_block(nano, 1, 0))
+    query = (200, 300)
+    figure = np.asarray(vis.render_figure(pixels, record, 8, query, vis.grid_queries((size, size), 2), "test", 256))
+    panel = (size, size)
+    assert figure.shape[:2][::-1] == vis.figure_size(panel, 4)
+    strip_top = figure.shape[0] - vis.MARGIN - vis.SCALE_BAR_HEIGHT
+    strip = figure[strip_top + vis.SCALE_BAR_HEIGHT // 2, vis.MARGIN:-vis.MARGIN].astype(int)
+    for position, heat in ((0, vis.HEAT_LOW), (-1, 1.0)):  # the ends of the scale are the heatmaps' ends
+        expected = np.array(colormaps["inferno"](heat)[:3]) * 255
+        assert np.abs(strip[position] - expected).max() <= 2, (strip[position], expected)
+    radius = vis.marker_radius(panel, 1)
+    assert radius >= size // 40
+    x0, y0 = vis.panel_origin(0, 0, panel)
+    ring = figure[y0 + query[1], x0 + query[0] + radius - 1: x0 + query[0] + radius + 3]  # right of the query
+    assert any(tuple(pixel) == vis.QUERY_COLOR for pixel in ring)

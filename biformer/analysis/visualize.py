@@ -3,7 +3,8 @@
 The figure is composed with PIL at exact pixel positions (see `panel_origin`), so what is drawn
 where can be checked: row 0 holds the input with the query marked, the routed regions (full
 colour, outlined; the rest dimmed) and the token attention heatmap; the rows below hold the
-heatmap for a grid of queries, like the paper's figure of the last block of stage 3.
+heatmap for a grid of queries, like the paper's figure of the last block of stage 3; a colour scale
+closes the figure.
 
 Coordinates: queries are (x, y) pixels of the model input (the image resized to the input size);
 a token of a stage with stride s covers s x s input pixels.
@@ -32,6 +33,8 @@ ROUTED_COLOR = (255, 196, 0)
 QUERY_COLOR = (0, 200, 255)
 DIM = 0.35  # brightness of what is not routed
 MARGIN, TITLE_HEIGHT, COLUMNS = 8, 16, 3
+SCALE_BAR_HEIGHT = 12  # the colour scale's strip; its caption takes a title's height above it
+HEAT_LOW = 0.1  # where on the colour map the least routed weight of a panel sits (0 is left for unrouted tokens)
 
 
 def load_image(spec: str) -> Image.Image:
@@ -148,14 +151,21 @@ def _outline(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], color: t
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=width)
 
 
-def _marker(draw: ImageDraw.ImageDraw, query: tuple[int, int], scale: int) -> None:
+def marker_radius(panel: tuple[int, int], scale: int) -> int:
+    """The query marker's radius: a fortieth of the panel's long side, so that it shows on large images too."""
+    return max(3, 2 * scale, max(panel) // 40)
+
+
+def _marker(draw: ImageDraw.ImageDraw, query: tuple[int, int], scale: int, radius: int) -> None:
     cx, cy = (query[0] + 0.5) * scale, (query[1] + 0.5) * scale
-    radius = max(3, 2 * scale)
-    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=QUERY_COLOR, width=max(1, scale))
+    width = max(1, radius // 3)
+    draw.ellipse((cx - radius - width, cy - radius - width, cx + radius + width, cy + radius + width), outline="black",
+                 width=1)  # a dark rim: the marker shows on light and dark pixels alike
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=QUERY_COLOR, width=width)
     draw.point((cx, cy), fill=QUERY_COLOR)
 
 
-def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Image.Image:
+def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int) -> Image.Image:
     """Routed regions in full colour with outlines, everything else dimmed; query region outlined apart."""
     shown = (pixels * DIM).astype(np.uint8)
     for index in view.routed:
@@ -167,22 +177,33 @@ def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Ima
     for index in view.routed:
         _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, line)
     _outline(draw, _scaled(view.boxes[view.query_region], scale), QUERY_COLOR, line)
-    _marker(draw, view.query, scale)
+    _marker(draw, view.query, scale, radius)
     return image
 
 
-def attention_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Image.Image:
-    """The query's token attention as a heatmap over the dimmed image, routed regions outlined.
-
-    Colours span the weights' range over the routed tokens, so near-uniform attention (random
-    weights) still shows its structure; tokens outside the routed regions stay uncoloured.
-    """
+def _routed_mask(view: QueryView) -> np.ndarray:
     routed = np.zeros(view.attention.shape, dtype=bool)
     for index in view.routed:
         x0, y0, x1, y1 = view.boxes[index]
         routed[y0:y1, x0:x1] = True
-    low, high = float(view.attention[routed].min()), float(view.attention[routed].max())
-    heat = np.where(routed, 0.1 + 0.9 * (view.attention - low) / max(high - low, 1e-12), 0.0)
+    return routed
+
+
+def weight_range(view: QueryView) -> tuple[float, float]:
+    """The least and the largest attention weight of the query's routed tokens: what its panel's colours span."""
+    weights = view.attention[_routed_mask(view)]
+    return float(weights.min()), float(weights.max())
+
+
+def attention_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int) -> Image.Image:
+    """The query's token attention as a heatmap over the dimmed image, routed regions outlined.
+
+    Colours span the weights' range over the routed tokens (`weight_range`), so near-uniform attention (random
+    weights) still shows its structure; tokens outside the routed regions stay uncoloured.
+    """
+    routed = _routed_mask(view)
+    low, high = weight_range(view)
+    heat = np.where(routed, HEAT_LOW + (1 - HEAT_LOW) * (view.attention - low) / max(high - low, 1e-12), 0.0)
     colored = colormaps["inferno"](heat)[..., :3] * 255
     alpha = 0.25 + 0.75 * heat[..., None]
     shown = (pixels * DIM * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
@@ -190,7 +211,18 @@ def attention_panel(pixels: np.ndarray, view: QueryView, scale: int) -> Image.Im
     draw = ImageDraw.Draw(image)
     for index in view.routed:
         _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, 1)
-    _marker(draw, view.query, scale)
+    _marker(draw, view.query, scale, radius)
+    return image
+
+
+def colour_scale(width: int, low: float, high: float) -> Image.Image:
+    """The heatmaps' colour scale: a strip from a panel's least to its largest routed weight, captioned with the
+    first query's range (each panel spans its own)."""
+    strip = colormaps["inferno"](np.linspace(HEAT_LOW, 1.0, width))[None, :, :3] * 255
+    image = Image.new("RGB", (width, TITLE_HEIGHT + SCALE_BAR_HEIGHT), "white")
+    image.paste(Image.fromarray(np.repeat(strip, SCALE_BAR_HEIGHT, 0).astype(np.uint8)), (0, TITLE_HEIGHT))
+    ImageDraw.Draw(image).text((0, 2), f"attention weight: {low:.3g} (left) .. {high:.3g} (right) for the first "
+                                        "query; each heatmap spans its own routed tokens' range", fill="black")
     return image
 
 
@@ -210,8 +242,10 @@ def panel_origin(row: int, col: int, panel: tuple[int, int]) -> tuple[int, int]:
 
 
 def figure_size(panel: tuple[int, int], grid_queries: int) -> tuple[int, int]:
+    """The panels' rows, then the colour scale."""
     rows = 1 + math.ceil(grid_queries / COLUMNS)
-    return MARGIN + COLUMNS * (panel[0] + MARGIN), rows * (TITLE_HEIGHT + panel[1] + MARGIN) + MARGIN
+    return (MARGIN + COLUMNS * (panel[0] + MARGIN),
+            rows * (TITLE_HEIGHT + panel[1] + MARGIN) + MARGIN + TITLE_HEIGHT + SCALE_BAR_HEIGHT + MARGIN)
 
 
 def grid_queries(image_size: tuple[int, int], per_side: int) -> list[tuple[int, int]]:
@@ -228,20 +262,25 @@ def render_figure(
     image_size = pixels.shape[:2]
     scale = display_scale(image_size, panel_size)
     panel = (image_size[1] * scale, image_size[0] * scale)
-    figure = Image.new("RGB", figure_size(panel, len(grid)), "white")
+    size = figure_size(panel, len(grid))
+    figure = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(figure)
     main = query_view(record, query, stride, image_size)
+    radius = marker_radius(panel, scale)
     input_panel = _upscale(pixels, scale)
-    _marker(ImageDraw.Draw(input_panel), query, scale)
+    _marker(ImageDraw.Draw(input_panel), query, scale, radius)
     top = [(input_panel, f"{title}, query {query}"),
-           (routed_regions_panel(pixels, main, scale), f"{len(main.routed)} routed regions"),
-           (attention_panel(pixels, main, scale), "token attention, mean of heads")]
-    cells = [(attention_panel(pixels, query_view(record, q, stride, image_size), scale), f"query {q}") for q in grid]
+           (routed_regions_panel(pixels, main, scale, radius), f"{len(main.routed)} routed regions"),
+           (attention_panel(pixels, main, scale, radius), "token attention, mean of heads")]
+    cells = [(attention_panel(pixels, query_view(record, q, stride, image_size), scale, radius), f"query {q}")
+             for q in grid]
     for position, (panel_image, caption) in enumerate(top + cells):
         row, col = (0, position) if position < COLUMNS else (1 + (position - COLUMNS) // COLUMNS, (position - COLUMNS) % COLUMNS)
         x, y = panel_origin(row, col, panel)
         figure.paste(panel_image, (x, y))
         draw.text((x, y - TITLE_HEIGHT + 2), caption, fill="black")
+    figure.paste(colour_scale(size[0] - 2 * MARGIN, *weight_range(main)),
+                 (MARGIN, size[1] - MARGIN - TITLE_HEIGHT - SCALE_BAR_HEIGHT))
     return figure
 
 
