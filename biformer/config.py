@@ -107,7 +107,7 @@ def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
 class TrainConfig:
     """A training run; the fields are listed in the order `biformer train --help` shows them.
 
-    The options marked recipe=True stay `Unset` until `biformer.recipes.apply_recipe` fills them in from the
+    The options marked recipe=True stay `Unset` until `biformer.recipes.resolve` fills them in from the
     recipe (--recipe, else the model's own), else with their built-in value (`resolved`); `sources` then says
     where each value came from. `train` does that first.
     """
@@ -271,6 +271,7 @@ class TrainConfig:
                 values[spec.name], sources[spec.name] = builtin_default(spec), "default"
         config = TrainConfig(**values)
         object.__setattr__(config, "sources", sources)
+        object.__setattr__(config, "typed", self.typed)
         return config
 
     def model_arguments(self) -> dict[str, Any]:

@@ -129,10 +129,17 @@ def test_resume_after_sigkill_is_exact(trained, tmp_path):
                             capture_output=True, text=True, timeout=600)  # 3 steps per epoch
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [row["epoch"] for row in read_metrics(out)] == [1]
+    killed_epoch_1 = read_metrics(out)
     _train_in_a_fresh_process(*common, "--output", str(out), "--resume")
-    expected, got = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     strip = lambda rows: [{k: row[k] for k in COMPARED} for row in rows]  # noqa: E731
+    # where a difference starts says what to suspect: in epoch 1, before any kill, the runs themselves differ
+    # (non-determinism); in epoch 2 only, the resume
+    assert strip(killed_epoch_1) == strip(read_metrics(reference))[:1], "epoch 1 differs before any kill"
+    expected, got = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
+    differing = {key: (expected[key] - got[key]).abs().max().item() for key in expected
+                 if key in got and not torch.equal(expected[key], got[key])}
+    assert expected.keys() == got.keys() and not differing, f"after the resume: {len(differing)} tensors differ, " \
+        f"the largest by {max(differing.values(), default=0):.3g} ({sorted(differing)[:5]})"
     assert strip(read_metrics(out)) == strip(read_metrics(reference))
 
 

@@ -97,6 +97,16 @@ def test_a_warm_up_longer_than_the_run_is_refused_when_given_and_noted_otherwise
     assert "note: the warm-up of" in out and "(warm-up: default)" in out
     peak = float(out.split("the lr peaks at ")[1].split(",")[0])
     assert 0 < peak < 2e-3  # below --lr 0.002: about half of it after one of two warm-up epochs
+    # a caller's settings (ablate's, a Python user's) are noted too: only what a user typed is refused
+    from biformer.config import TrainConfig
+    from biformer.recipes import resolve
+    from biformer.runtime import DistEnv
+    from biformer.training.engine import Callbacks, setup
+
+    config = TrainConfig(data="digits", model="biformer_nano", epochs=1, warmup_epochs=5, dry_run=True,
+                         tensorboard=False, output=tmp_path / "python")
+    setup(resolve(config), DistEnv(), Callbacks())
+    assert "--warmup-epochs 5) is longer than the run" in capsys.readouterr().out
 
 
 # 11. predict with nothing predicted
@@ -145,6 +155,10 @@ def test_every_option_has_help_and_says_its_default_at_most_once():
             assert text.count("default:") <= 1, f"{path} {action.option_strings[0]}: {text}"
             checked += 1
     assert checked > 150
+    help_text = {action.dest: parser.formatter_class("x")._get_help_string(action)
+                 for parser in [build_parser(["eval"])._subparsers._group_actions[0].choices["eval"]]
+                 for action in parser._actions}
+    assert help_text["workers"].endswith("(default: %(default)s)")  # a default of 0 is said (0 == False in Python)
 
 
 # 2. fine-tuning with the pretrained checkpoint's normalization

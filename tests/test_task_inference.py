@@ -22,7 +22,7 @@ CASES = {
     "classification": ("biformer_nano", [], {}, ["--topk", "3"], {"topk": 3}),
     "segmentation": ("sfpn_biformer_nano", ["--mode", "slide", "--window", "64", "--stride", "48", "--flip"],
                      {"mode": "slide", "window": 64, "stride": 48, "flip": True}, ["--flip"], {"flip": True}),
-    "detection": ("fcos_biformer_nano", [], {}, ["--score-threshold", "0.01"], {"score_threshold": 0.01}),
+    "detection": ("fcos_biformer_nano", [], {}, ["--score-threshold", "0"], {"score_threshold": 0.0}),
 }
 
 
@@ -83,7 +83,8 @@ def test_python_and_the_command_line_agree(task_name, tmp_path, capsys):
         assert all(Path(name).is_file() for name in (*python_files, *command_files))
     if task_name == "classification":
         assert all(len(entry.result["predictions"]) == 3 for entry in predicted)  # the option reached the task
-    if task_name == "detection":
+    if task_name == "detection":  # with no cut-off, random weights detect something: the lists compared are not empty
+        assert all(entry.result["detections"] for entry in predicted)
         assert json.loads((tmp_path / "py" / "detections.json").read_text()) == \
             json.loads((tmp_path / "cli" / "detections.json").read_text())
 

@@ -17,7 +17,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS \
+                or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
@@ -95,10 +97,10 @@ def task_options(args: argparse.Namespace, task: Any, command: str) -> Any:
     belongs to other tasks."""
     declared = getattr(task, f"{command.capitalize()}Options")
     accepted = {spec.name for spec in fields(declared)}
-    given = {name: getattr(args, name) for name in _task_fields(command) if hasattr(args, name)}
+    takers = _task_fields(command)
+    given = {name: getattr(args, name) for name in takers if hasattr(args, name)}
     refused = [name for name in given if name not in accepted]
     if refused:
-        takers = _task_fields(command)
         raise UserError("; ".join(f"{flag(name)} is for {' and '.join(takers[name][2])} models" for name in refused)
                         + f": leave it out for {task.name} model {args.model or 'of --checkpoint'}")
     return declared(**given)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         restored = task.restore(args.checkpoint, metadata, name, side)
         model, default_side = restored.model, restored.img_size
     else:
-        task, name = task_for_model(args.model), args.model
+        task, name = task_for_model(args.model, "model"), args.model
         default_side = task.reference_size(name)
         model = task.untrained_model(name, side or default_side, args.num_classes)
     height, width = (args.img_size * 2)[:2] if args.img_size else (default_side, default_side)

@@ -127,6 +127,7 @@ class Task(ABC):
     EvalOptions: ClassVar[type[TaskOptions]] = NoOptions
     PredictOptions: ClassVar[type[TaskOptions]] = NoOptions
     predicts_files: ClassVar[bool] = False  # `predict` writes files into an output folder (else it only shows)
+    normalizes_inside: ClassVar[bool] = False  # its models normalize their inputs (`build_datasets` leaves them)
     metric: str  # the validation metric that picks the best epoch (a metrics-row key, e.g. "val_top1")
     train_accuracy: str | None  # the metrics-row key of the training accuracy (None: the task counts none)
     collate: Callable  # the data loaders' collate function
@@ -222,7 +223,8 @@ class Task(ABC):
         return self.restored_model(model_name, {"classes": classes}, img_size).eval()
 
     def reference_size(self, model_name: str) -> int:
-        """The input side the model is measured at without one given: its recipe's (ImageNet's 224 here)."""
+        """The input side the model is measured at without one given: its reference data set's (ImageNet's 224
+        here)."""
         return 224
 
     def deployable(self, model: nn.Module) -> nn.Module:

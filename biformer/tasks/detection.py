@@ -57,6 +57,7 @@ class DetectionTask(Task):
     reference_classes = 80  # COCO
     PredictOptions = DetectionPredictOptions
     predicts_files = True
+    normalizes_inside = True  # torchvision's transform, with ImageNet's statistics
     metric = "val_bbox_ap"
     train_accuracy = None  # a detector has no per-image accuracy to count during training
     collate = staticmethod(collate_detection)
@@ -180,18 +181,13 @@ class DetectionTask(Task):
         scoring = getattr(model, "roi_heads", model)  # where Mask R-CNN / RetinaNet / FCOS keep their cut-off
         scoring.score_thresh = min(scoring.score_thresh, options.score_threshold)
         category_ids = restored.metadata.get("category_ids") or list(range(1, len(restored.classes) + 1))
-        image_ids = _coco_image_ids(options.annotations) if options.annotations else None
-        number = 0
-        for path, image in images:
-            if image_ids is not None and Path(path).name not in image_ids:
-                yield Prediction(path, problem=f"--annotations {options.annotations!r} does not list it")
-                continue
+        image_ids = _coco_image_ids(options.annotations) if options.annotations else None  # check_predict checked
+        for number, (path, image) in enumerate(images, 1):
             if _resized_short_side(model.transform, image.height, image.width) < 1:
                 yield Prediction(path, problem=f"at {image.width}x{image.height} it is too elongated for the model's "
                                  f"resize (shorter side to {restored.img_size}, the longer at most "
                                  f"{model.transform.max_size}) to keep a pixel of its shorter side")
                 continue
-            number += 1
             image_id = number if image_ids is None else image_ids[Path(path).name]
             detection = {key: value.cpu() for key, value in model([F.to_tensor(image).to(device)])[0].items()}
             picture = f"{outputs[path]}_detections.png"

@@ -81,7 +81,8 @@ def output_stems(files: list[str], folder: Path) -> dict[str, Path]:
 
 def iter_predictions(restored: Restored, files: list[str], options: Any, outputs: dict[str, Path] | None,
                      device: str | None = None) -> Iterator[Prediction]:
-    """A Prediction per file as each is done; an unreadable file gets one with its problem."""
+    """A Prediction per file as each is done (options: the task's PredictOptions; outputs: `prediction_outputs`');
+    an unreadable file gets one with its problem."""
     from ..data.images import UNREADABLE_ERRORS, open_rgb
     from ..runtime import resolve_device
 
@@ -99,7 +100,6 @@ def iter_predictions(restored: Restored, files: list[str], options: Any, outputs
             yield path, image
 
     task = restored.task
-    options = _checked_options(task, options, "Predict")
     for prediction in task.predict(restored, readable(), options, resolve_device(device), outputs):
         while unreadable:
             yield unreadable.pop(0)
@@ -118,6 +118,6 @@ def predict(restored: Restored, inputs: Sequence[str | os.PathLike], options: An
     files = list_images([os.fspath(item) for item in inputs])
     outputs = prediction_outputs(task, files, options, output)
     predictions = list(iter_predictions(restored, files, options, outputs, device))
-    if task.predicts_files:
+    if task.predicts_files and any(prediction.problem is None for prediction in predictions):
         task.write_predictions(predictions, Path(os.path.expanduser(os.fspath(output))))
     return predictions

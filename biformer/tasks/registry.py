@@ -32,13 +32,14 @@ def unregister_task(task: type[Task]) -> None:
     TASKS.remove(task)
 
 
-def task_for_model(model_name: str) -> Task:
-    """The task of model `model_name`; UserError naming every task's model forms if none claims it."""
+def task_for_model(model_name: str, option: str = "--model") -> Task:
+    """The task of model `model_name`; UserError naming every task's model forms if none claims it (option: what
+    the user gave it as)."""
     for task in TASKS:
         if task.claims(model_name):
             return task.for_model(model_name)
     forms = "; ".join(f"{task.name}: {task.model_forms()}" for task in TASKS)
-    raise UserError(f"--model {model_name!r} is no model of any task ({forms})")
+    raise UserError(f"{option} {model_name!r} is no model of any task ({forms})")
 
 
 def task_for_training(model_name: str, pretrained: str | os.PathLike | None) -> Task:

@@ -200,14 +200,15 @@ class Optimization:
 
 def warmup_note(config: TrainConfig, schedule: Schedule) -> str | None:
     """A note for a warm-up longer than the run, whose lr never reaches --lr (None if it fits); UserError if the
-    user gave that warm-up (a default's or recipe's is only noted: a short trial run keeps its settings)."""
+    user typed that warm-up on the command line (a default's, a recipe's or a caller's such as `ablate`'s is only
+    noted: a short trial run keeps its settings)."""
     if schedule.warmup_steps <= schedule.total_steps:
         return None
     name = "warmup_iters" if config.warmup_iters is not None else "warmup_epochs"
     reached = max(schedule(step) for step in range(schedule.total_steps))
     what = (f"the warm-up of {schedule.warmup_steps} steps ({flag(name)} {getattr(config, name)}) is longer than the "
             f"run ({schedule.total_steps} steps): the lr peaks at {reached:g}, not {schedule.lr:g}")
-    if config.sources.get(name) == "given":
+    if name in config.typed:
         raise UserError(f"{what}; shorten the warm-up or lengthen the run")
     return f"note: {what} (warm-up: {config.sources.get(name, 'default')})"
 
@@ -311,10 +312,10 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     mean, std, normalized_by = input_normalization(config)
     splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
                                  normalization=None if mean is None else (mean, std))
-    if normalized_by is None:
+    if task.normalizes_inside:
+        normalized_by = f"none here: {task.name} models normalize inside"
+    elif normalized_by is None:
         normalized_by = f"--data {config.data}'s"
-    elif (tuple(splits.mean), tuple(splits.std)) != (mean, std):  # a task whose models normalize inside
-        normalized_by = f"{task.name} models' own"
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
