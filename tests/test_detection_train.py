@@ -3,6 +3,7 @@ COCO results JSON of predict read back by pycocotools, bad input refused."""
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,13 +28,16 @@ QUICK = ["--img-size", "64", "--no-tensorboard", "--warmup-epochs", "1", "--batc
 DETECTION = ["--model", "maskrcnn_biformer_nano", *QUICK]
 COMPARED = ("epoch", "train_loss", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_segm_ap", "val_segm_ap50", "lr_group0")
 HOOKED_TRAIN = Path(__file__).with_name("hooked_train.py")
+# every training process of the bitwise comparisons on the thread count this process started with, whatever the
+# environment it inherits meanwhile (another count rounds differently)
+THREADS_ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def _train_in_a_fresh_process(*arguments: str) -> None:
     """`biformer train` in its own process: a process's earlier torch.set_num_threads calls (the bench tests make
     some) change its float rounding, so runs compared bitwise each start fresh, as a user's runs do."""
     result = subprocess.run([sys.executable, "-m", "biformer", "train", *arguments], capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=THREADS_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -126,7 +130,7 @@ def test_resume_after_sigkill_is_exact(trained, tmp_path):
     common = [*DETECTION, "--data", str(data), "--epochs", "2"]
     out = tmp_path / "killed"
     killed = subprocess.run([sys.executable, str(HOOKED_TRAIN), "--kill-at-step", "4", *common, "--output", str(out)],
-                            capture_output=True, text=True, timeout=600)  # 3 steps per epoch
+                            capture_output=True, text=True, timeout=600, env=THREADS_ENV)  # 3 steps per epoch
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [row["epoch"] for row in read_metrics(out)] == [1]
     killed_epoch_1 = read_metrics(out)

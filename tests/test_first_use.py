@@ -326,3 +326,20 @@ def test_export_says_each_stage_as_it_starts(tmp_path, capsys):
     assert stages == ["finding the smallest input side the model's graph holds ...",
                       "exporting with the dynamo ONNX exporter at (2, 3, 64, 64), sizes free ...",
                       "checking the file against eager PyTorch on 3 input(s) ..."], stages
+
+
+# the resume of the flaky detection test: a resumed run computes on the thread count the run started with
+
+def test_a_resumed_run_computes_on_the_thread_count_it_started_with(tmp_path, capsys):
+    from biformer.training import run_folder
+
+    argv = ["train", *DIGITS, "--iters", "2", "--warmup-iters", "0", "--batch-size", "8", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    state = torch.load(tmp_path / run_folder.STATE, weights_only=True)
+    assert state["threads"] == torch.get_num_threads()
+    state["threads"] = torch.get_num_threads() + 1  # as if started on a machine with another count
+    torch.save(state, tmp_path / run_folder.STATE)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert f"resuming on {state['threads']} CPU thread(s)" in capsys.readouterr().out
+    assert torch.get_num_threads() == state["threads"]  # (the suite's fixture restores the count afterwards)

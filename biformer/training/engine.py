@@ -431,6 +431,12 @@ def restore(state: dict[str, Any] | None, model: nn.Module, optimization: Optimi
     model.load_state_dict(state["model"])
     optimization.load_state_dict(state)
     progress.step, progress.history, progress.best = state["step"], state["history"], state["best"]
+    threads = state.get("threads")  # runs saved before it was recorded: the process's own
+    if threads is not None and threads != torch.get_num_threads() and env.device.type == "cpu":
+        if env.main:
+            print(f"note: resuming on {threads} CPU thread(s), as the run started (this process had "
+                  f"{torch.get_num_threads()}): the same count computes the same bits")
+        torch.set_num_threads(threads)
     if env.main:
         done = plan.count(progress.step)
         print(f"resumed from {config.output / run_folder.STATE}: " + (
@@ -551,6 +557,9 @@ def commit(run: Run, progress: Progress) -> None:
         "step": progress.step, "model": cpu_state_dict(model), **run.optimization.state_dict(),
         "history": progress.history, "best": progress.best,
         "config": run_options(config, run.env),  # with the step, the seed determines every random generator's state
+        # CPU kernels split their sums by thread: another count rounds differently (one thread against two: 173 of
+        # Mask R-CNN nano's 180 tensors differ after an epoch), so a resumed run computes on the run's own count
+        "threads": torch.get_num_threads(),
     })
     run_folder.write_metrics(config.output, progress.history)
 
