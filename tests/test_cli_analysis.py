@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import biformer  # noqa: F401  (registers the models)
-from biformer.analysis.visualize import COLUMNS, DIM, MARGIN, TITLE_HEIGHT
+from biformer.analysis.visualize import COLUMNS, DIM, MARGIN, SCALE_BAR_HEIGHT, TITLE_HEIGHT
+
+SCALE_BAND = TITLE_HEIGHT + SCALE_BAR_HEIGHT + MARGIN  # the colour scale under the panels, with its caption
 from biformer.checkpoints import load_checkpoint
 from biformer.cli import main
 
@@ -109,7 +111,7 @@ def test_visualize_a_checkpoint_of_our_trainer_on_a_digit(tmp_path, capsys):
     # stage 1 of a 48x48 input: a 12x12 map (stride 4) in 4x4 regions of 3x3 tokens
     assert "biformer_nano stage 1 block 1: 4x4 regions of 3x3 tokens (stride 4)" in printed
     with Image.open(out) as image:
-        assert image.size == (MARGIN + COLUMNS * (96 + MARGIN), TITLE_HEIGHT + 96 + 2 * MARGIN)
+        assert image.size == (MARGIN + COLUMNS * (96 + MARGIN), TITLE_HEIGHT + 96 + 2 * MARGIN + SCALE_BAND)
 
 
 def test_visualize_draws_the_routed_regions(tmp_path, capsys):
@@ -142,7 +144,8 @@ def test_visualize_draws_the_routed_regions(tmp_path, capsys):
     panel = size * panel_scale
     with Image.open(out) as image:
         rows = 1 + math.ceil(4 / COLUMNS)  # top row + a 2x2 query grid
-        assert image.size == (MARGIN + COLUMNS * (panel + MARGIN), rows * (TITLE_HEIGHT + panel + MARGIN) + MARGIN)
+        assert image.size == (MARGIN + COLUMNS * (panel + MARGIN),
+                              rows * (TITLE_HEIGHT + panel + MARGIN) + MARGIN + SCALE_BAND)
         drawn = np.asarray(image.convert("RGB"))
     # the routed-regions panel is row 0, column 1: routed regions in full colour, the others dimmed
     left, top = MARGIN + (panel + MARGIN), TITLE_HEIGHT + MARGIN
