@@ -116,7 +116,7 @@ def test_predict_with_no_readable_image_is_a_user_error(trained, tmp_path, capsy
         (tmp_path / name).write_bytes(b"not an image")
     assert main(["predict", str(tmp_path), "--checkpoint", str(trained)]) == 2
     err = capsys.readouterr().err
-    assert "skipping unreadable image" in err and "none of the 2 image(s) could be predicted" in err
+    assert "skipping unreadable image" in err and "none of the 2 image(s) could be predicted (" in err
 
 
 # 12. typed options at their default values, 13. the files of a dry run

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             print(task.prediction_text(prediction))
     problems = [prediction for prediction in predictions if prediction.problem is not None]
     if len(problems) == len(files):
-        raise UserError(f"none of the {len(files)} image(s) could be predicted (each is named above)")
+        first = problems[0]
+        raise UserError(f"none of the {len(files)} image(s) could be predicted ({first.image}: {first.problem}"
+                        + (f"; {len(files) - 1} more named above)" if len(files) > 1 else ")"))
     if task.predicts_files:
         for path in task.write_predictions(predictions, Path(args.output).expanduser()):
             print(f"wrote {path}")

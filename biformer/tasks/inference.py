@@ -37,8 +37,9 @@ def evaluate(restored: Restored, data: str | None = None, options: Any = None, *
     task = restored.task
     options = _checked_options(task, options, "Eval")
     env = DistEnv(device=resolve_device(device))
+    recorded = "mean" in restored.metadata  # a file without statistics (a release .pth): the data set's own
     splits = task.build_datasets(data or task.default_data, restored.img_size, eval_only=True,
-                                 normalization=(restored.mean, restored.std))  # as the model was trained
+                                 normalization=(restored.mean, restored.std) if recorded else None)
     _check_classes(splits.classes, restored.classes, restored.classes_recorded)
     unreadable = UnreadableImages()
     loader = val_loader(splits.val, batch_size, workers, env, task.collate)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..checkpoints.weights import UNRECORDED_TASK, read_metadata
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from .base import Restored, Task
 from .classification import ClassificationTask
 from .detection import DetectionTask
@@ -46,7 +46,10 @@ def task_for_training(model_name: str, pretrained: str | os.PathLike | None) -> 
     """The task of a training run of `model_name`; UserError if --pretrained holds a model of another task (a
     classifier's weights start any model, as a dense model's backbone; others only a model of their own task)."""
     task = task_for_model(model_name)
-    metadata = read_metadata(pretrained) if pretrained is not None else {}
+    try:
+        metadata = read_metadata(pretrained) if pretrained is not None else {}
+    except CheckpointError as error:
+        raise CheckpointError(f"--pretrained {os.fspath(pretrained)!r}: {error}") from error
     recorded = recorded_task(metadata) if "model" in metadata else None  # a release file records nothing
     if recorded not in (None, task.name, UNRECORDED_TASK):
         raise UserError(f"--pretrained {os.fspath(pretrained)!r} holds a {recorded} model ({metadata['model']}), and "
