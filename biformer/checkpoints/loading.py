@@ -15,17 +15,15 @@ from .original import ORIGINAL_MARKER, checkpoint_filter_fn
 from .weights import check_fits, read_metadata, read_state_dict
 
 
-# the statistics of ImageNet training (timm's IMAGENET_DEFAULT_*), what a file that records none was trained with
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def pretrained_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where from) of the inputs the model in a weights file was trained on: its recorded statistics
     (ours), else ImageNet's (the release's, timm's and mmdet/mmseg files record none and were trained on it)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     metadata = read_metadata(path)
     if "mean" in metadata and "std" in metadata:
         return tuple(metadata["mean"]), tuple(metadata["std"]), f"--pretrained {os.fspath(path)}"
-    return IMAGENET_MEAN, IMAGENET_STD, f"ImageNet's: --pretrained {os.fspath(path)} records none"
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, f"ImageNet's: --pretrained {os.fspath(path)} records none"
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str | os.PathLike) -> nn.Module:

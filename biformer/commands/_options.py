@@ -12,16 +12,20 @@ from ..config import Unset, flag
 from ..errors import UserError
 
 
+def says_default(text: str, default: Any) -> bool:
+    """Whether an option's help gets "(default: ...)": not where the help says it already, nor for None, off, an
+    empty tuple or a default left out of the parsed arguments (identity tests: 0 == False)."""
+    return not ("default" in text or default is None or default is False or default is argparse.SUPPRESS
+                or (isinstance(default, tuple) and not default))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default after its help, once: not where the help says it already, nor for None and off."""
+    """Each option's default after its help, once (`says_default`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if "default" in text or default is None or default is False or default is argparse.SUPPRESS \
-                or not action.option_strings:
-            return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) if action.option_strings and says_default(text, action.default) \
+            else text
 
 
 def positive(text: str) -> int:
@@ -50,7 +54,7 @@ def add_field(group: Any, spec: Field, hint: Any) -> None:
         kind = next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))
         parsing = {"type": typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind}
     default, text = spec.default, spec.metadata["help"]
-    if not ("default" in text or default is None or default is False or default == ()):
+    if says_default(text, default):
         text += f" (default: {default})"
     group.add_argument(flag(spec.name), default=argparse.SUPPRESS, help=text, **parsing, **spec.metadata["cli"])
 
@@ -75,7 +79,7 @@ def _task_fields(command: str) -> dict[str, tuple[Field, Any, list[str]]]:
 
     options: dict[str, tuple[Field, Any, list[str]]] = {}
     for task in TASKS:
-        declared = getattr(task, f"{command.capitalize()}Options")
+        declared = task.options_type(command)
         hints = typing.get_type_hints(declared)
         for spec in fields(declared):
             options.setdefault(spec.name, (spec, hints[spec.name], []))[2].append(task.name)
@@ -95,7 +99,7 @@ def add_task_option_groups(parser: argparse.ArgumentParser, command: str) -> Non
 def task_options(args: argparse.Namespace, task: Any, command: str) -> Any:
     """The task's typed options of `command` from the parsed arguments; UserError naming any option given that
     belongs to other tasks."""
-    declared = getattr(task, f"{command.capitalize()}Options")
+    declared = task.options_type(command)
     accepted = {spec.name for spec in fields(declared)}
     takers = _task_fields(command)
     given = {name: getattr(args, name) for name in takers if hasattr(args, name)}

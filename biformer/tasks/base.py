@@ -138,6 +138,11 @@ class Task(ABC):
         return is_head_model(model_name, cls.heads)
 
     @classmethod
+    def options_type(cls, command: str) -> type[TaskOptions]:
+        """The options the task takes for `command`: "eval" or "predict"."""
+        return {"eval": cls.EvalOptions, "predict": cls.PredictOptions}[command]
+
+    @classmethod
     def model_forms(cls) -> str:
         """The accepted model-name forms, for messages."""
         return head_forms(cls.heads)

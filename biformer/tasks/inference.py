@@ -18,9 +18,9 @@ from ..errors import UserError
 from .base import Prediction, Restored, Task, UnreadableImages, val_loader
 
 
-def _checked_options(task: Task, options: Any, kind: str) -> Any:
-    """`options` (None: the defaults) as the task's `EvalOptions` or `PredictOptions`."""
-    expected = getattr(task, f"{kind}Options")
+def _checked_options(task: Task, options: Any, command: str) -> Any:
+    """`options` (None: the defaults) as the task's options of `command` ("eval" or "predict")."""
+    expected = task.options_type(command)
     if options is None:
         return expected()
     if not isinstance(options, expected):
@@ -35,7 +35,7 @@ def evaluate(restored: Restored, data: str | None = None, options: Any = None, *
     from ..runtime import DistEnv, resolve_amp, resolve_device
 
     task = restored.task
-    options = _checked_options(task, options, "Eval")
+    options = _checked_options(task, options, "eval")
     env = DistEnv(device=resolve_device(device))
     recorded = "mean" in restored.metadata  # a file without statistics (a release .pth): the data set's own
     splits = task.build_datasets(data or task.default_data, restored.img_size, eval_only=True,
@@ -115,7 +115,7 @@ def predict(restored: Restored, inputs: Sequence[str | os.PathLike], options: An
     from ..data.images import list_images
 
     task = restored.task
-    options = _checked_options(task, options, "Predict")
+    options = _checked_options(task, options, "predict")
     files = list_images([os.fspath(item) for item in inputs])
     outputs = prediction_outputs(task, files, options, output)
     predictions = list(iter_predictions(restored, files, options, outputs, device))

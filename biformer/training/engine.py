@@ -309,13 +309,9 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     config, task = resolved.config, resolved.task
     amp = resolve_amp(config.amp, env.device)
     state = load_run(config, env)
-    mean, std, normalized_by = input_normalization(config)
+    normalization, normalized_by = input_normalization(config, task)
     splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
-                                 normalization=None if mean is None else (mean, std))
-    if task.normalizes_inside:
-        normalized_by = f"none here: {task.name} models normalize inside"
-    elif normalized_by is None:
-        normalized_by = f"--data {config.data}'s"
+                                 normalization=normalization)
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
@@ -345,14 +341,18 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     return run, progress
 
 
-def input_normalization(config: TrainConfig) -> tuple[tuple | None, tuple | None, str | None]:
-    """(mean, std, where from) of the model's inputs: --mean/--std, else the --pretrained checkpoint's (timm's
-    rule: the pretrained model decides), else (None, None, None): the data set's own."""
+def input_normalization(config: TrainConfig, task: Task) -> tuple[tuple[tuple, tuple] | None, str]:
+    """((mean, std) of the model's inputs, where they come from): --mean/--std, else the --pretrained checkpoint's
+    (timm's rule: the pretrained model decides), else None: the data set's own (and none for a task whose models
+    normalize inside)."""
+    if task.normalizes_inside:
+        return None, f"none here: {task.name} models normalize inside"
     if config.mean is not None:
-        return config.mean, config.std, "given"
+        return (config.mean, config.std), "given"
     if config.pretrained is not None:
-        return pretrained_normalization(config.pretrained)
-    return None, None, None
+        mean, std, source = pretrained_normalization(config.pretrained)
+        return (mean, std), source
+    return None, f"--data {config.data}'s"
 
 
 def run_summary(resolved: ResolvedRun, env: DistEnv, stream: TrainStream, plan: Plan,
