@@ -19,7 +19,7 @@ from .optim.schedule import SCHEDULES, WARMUP_RULES
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
 TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs", "mean",
-                                "std"})
+                                "std", "token_label", "token_label_weight", "mixtoken"})
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,14 @@ class TrainConfig:
     mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0, recipe=True)
     cutmix: float = option(0.0, "cutmix alpha (0: off)", shapes_run=True, least=0, recipe=True)
     smoothing: float = option(0.0, "label smoothing", shapes_run=True, least=0, recipe=True)
+    token_label: str | None = option(
+        None, "token labelling: supervise every final token with the teacher score maps in this folder (made by "
+              "`biformer label` from the same --data), through a dense head that weights files leave out",
+        shapes_run=True, metavar="LABELS")
+    token_label_weight: float = option(0.5, "with --token-label: the token loss's weight beside the class loss",
+                                       shapes_run=True, least=0, recipe=True)
+    mixtoken: bool = option(False, "with --token-label: MixToken, CutMix in boxes aligned to the final tokens, "
+                                   "their labels mixed alike", shapes_run=True, recipe=True)
     clip_grad: float | None = option(None, "gradient norm clipping", shapes_run=True, recipe=True)
     model_ema: bool = option(False, "also keep and evaluate an EMA of the weights", shapes_run=True, recipe=True)
     ema_decay: float = option(0.998, "EMA decay per step", shapes_run=True, recipe=True)
@@ -227,6 +235,8 @@ class TrainConfig:
             raise UserError(f"--std must be positive in every channel, got {' '.join(map(str, self.std))}")
         # --output=~/x reaches us unexpanded (the shell expands ~ only at a word's start)
         object.__setattr__(self, "output", Path(os.path.expanduser(os.fspath(self.output))))
+        if self.token_label is not None:
+            object.__setattr__(self, "token_label", os.path.expanduser(os.fspath(self.token_label)))
         if self.pretrained is not None:
             # a text, as every option saved with the run state (which loads with weights_only=True)
             object.__setattr__(self, "pretrained", os.path.expanduser(os.fspath(self.pretrained)))

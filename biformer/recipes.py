@@ -116,7 +116,24 @@ IN1K = Recipe(
            "probability 0.5; colour jitter 0.4; fp16 mixed precision in the original (pass --amp on a GPU)"),
 )
 
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (IN1K, COCO_1X, ADE20K_SFPN, ADE20K_UPERNET)}
+IN1K_TOKEN_LABELLING = Recipe(
+    name="in1k-tl", task="classification", gpus=8,
+    summary="ImageNet-1k with token labelling, 300 epochs (the paper's BiFormer-S* and B* rows; give --token-label)",
+    source="in1k's settings (the release's main.py); token labelling's from LV-ViT (zihangJiang/TokenLabeling: "
+           "its paper's token loss weight 0.5, MixToken, mixup and cutmix off); the release has no token labelling",
+    settings_all={**{key: value for key, value in IN1K.settings_all.items() if key not in ("mixup", "cutmix")},
+                  "mixup": 0.0, "cutmix": 0.0, "mixtoken": True, "token_label_weight": 0.5},
+    settings_by_part=IN1K.settings_by_part,
+    notes=("the labels: `biformer label --teacher dm_nfnet_f6 --img-size 576` (LV-ViT's teacher and input; it keeps "
+           "the top 5 classes of each cell) over the training folder, then --token-label on that folder",
+           "LV-ViT supervises the class output with the teacher's crop-level score; ours with the ground truth, "
+           "smoothed by --smoothing", "LV-ViT also warps the label maps by RandAugment's rotations, shears and "
+           "translations; ours crops and flips them only",
+           *IN1K.notes),
+)
+
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (IN1K, IN1K_TOKEN_LABELLING, COCO_1X, ADE20K_SFPN,
+                                                                  ADE20K_UPERNET)}
 
 
 def _head(model: str, heads: tuple[str, ...]) -> str | None:

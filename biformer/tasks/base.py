@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..checkpoints.loading import load_weights
@@ -76,6 +76,12 @@ class Objective:
     criterion: nn.Module
     mixup: Any = None
     aux_weight: float = 0.0  # weight of a segmentation model's auxiliary head loss
+    smoothing: float = 0.0  # label smoothing that the task applies to its targets (token labelling's class targets)
+
+    def parts(self) -> dict[str, Tensor]:
+        """The last batch's loss terms by name, for a criterion whose loss is a sum of named terms (it keeps them
+        in `parts`); the engine logs their means as train_<name>."""
+        return dict(getattr(self.criterion, "parts", {}))
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,16 @@ class Task(ABC):
     @abstractmethod
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         """The model to train, with num_classes outputs."""
+
+    def training_set(self, splits: Any, config: TrainConfig, model: nn.Module) -> Dataset:
+        """The data set a run trains on, once its model is built (classification with --token-label pairs each
+        image with its token labels, which need the model's token grid); by default the training split."""
+        return splits.train
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The part of a trained model that its weights files hold (what eval, predict and export restore); by
+        default all of it."""
+        return model
 
     @abstractmethod
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:

@@ -13,15 +13,17 @@ import torch.nn.functional as F
 from timm.data import ImageNetInfo, Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoints.loading import load_pretrained_classifier, load_weights
 from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, option
 from ..data.classification import DataSplits, build_datasets, collate_readable
+from ..data.token_labels import TokenLabelledImages, TokenLabels, TokenTargets, image_keys
 from ..errors import UserError
 from ..runtime import DistEnv, all_reduce_sum, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, eval_batches
+from .token_labelling import MixToken, TokenLabelledClassifier, TokenLabelLoss, TokenLabelOutputs, smoothed
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,20 @@ class ClassificationTask(Task):
         return build_datasets(data, img_size, auto_augment=auto_augment, random_erasing=random_erasing,
                               eval_only=eval_only, normalization=normalization)
 
+    def check_config(self, config: TrainConfig) -> None:
+        super().check_config(config)
+        if config.token_label is not None:
+            if config.mixup > 0 or config.cutmix > 0:
+                raise UserError("--mixup and --cutmix mix whole images, which token labels cannot follow; with "
+                                "--token-label use --mixtoken (and --mixup 0 --cutmix 0)")
+            return
+        stray = [flag for flag, name in (("--mixtoken", "mixtoken"), ("--token-label-weight", "token_label_weight"))
+                 if config.sources.get(name, "default") != "default"]
+        if stray:
+            source = config.sources[stray[0][2:].replace("-", "_")]
+            raise UserError(f"{' and '.join(stray)} ({source}) train with token labels: give --token-label LABELS "
+                            "(made by `biformer label`)" + (", or leave them out" if source == "given" else ""))
+
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         try:
             model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
@@ -66,9 +82,24 @@ class ClassificationTask(Task):
             raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: {error}") from error
         if config.pretrained is not None:
             model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
-        return model
+        return model if config.token_label is None else TokenLabelledClassifier(model, config.model)
+
+    def training_set(self, splits: DataSplits, config: TrainConfig, model: nn.Module) -> Dataset:
+        if config.token_label is None:
+            return splits.train
+        labels = TokenLabels(config.token_label)
+        keys = image_keys(config.data, splits.train.images)
+        labels.check_covers(keys, splits.classes, config.data)
+        return TokenLabelledImages(splits.train, keys, labels, len(splits.classes), model.token_grid(config.img_size))
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        return model.classifier if isinstance(model, TokenLabelledClassifier) else model
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
+        if config.token_label is not None:
+            return Objective(TokenLabelLoss(config.token_label_weight),
+                             MixToken(model.token_grid(config.img_size)) if config.mixtoken else None,
+                             smoothing=config.smoothing)
         if config.mixup > 0 or config.cutmix > 0:
             return Objective(SoftTargetCrossEntropy(), Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                                                              label_smoothing=config.smoothing, num_classes=num_classes))
@@ -76,7 +107,14 @@ class ClassificationTask(Task):
             return Objective(LabelSmoothingCrossEntropy(config.smoothing))
         return Objective(nn.CrossEntropyLoss())
 
-    def prepare(self, images: Tensor, targets: Tensor, objective: Objective) -> tuple[Tensor, Tensor, Tensor]:
+    def prepare(self, images: Tensor, targets: Tensor | TokenTargets, objective: Objective
+                ) -> tuple[Tensor, Tensor | TokenTargets, Tensor]:
+        if isinstance(targets, TokenTargets):
+            labels = targets.labels
+            targets = TokenTargets(smoothed(labels, targets.tokens.shape[-1], objective.smoothing), targets.tokens)
+            if objective.mixup is not None:
+                images, targets = objective.mixup(images, targets)
+            return images, targets, labels
         if objective.mixup is None:
             return images, targets, targets
         if len(images) % 2:  # mixup pairs images up
@@ -84,11 +122,14 @@ class ClassificationTask(Task):
         mixed_images, mixed_targets = objective.mixup(images, targets)
         return mixed_images, mixed_targets, targets
 
-    def loss(self, outputs: Tensor, targets: Tensor, objective: Objective) -> Tensor:
+    def loss(self, outputs: Tensor | TokenLabelOutputs, targets: Tensor | TokenTargets, objective: Objective) -> Tensor:
+        if isinstance(outputs, TokenLabelOutputs):
+            return objective.criterion(outputs, targets)
         return objective.criterion(outputs.float(), targets)
 
-    def hits(self, outputs: Tensor, targets: Tensor) -> tuple[float, float]:
-        return (outputs.argmax(1) == targets).sum().item(), len(targets)
+    def hits(self, outputs: Tensor | TokenLabelOutputs, targets: Tensor) -> tuple[float, float]:
+        logits = outputs.logits if isinstance(outputs, TokenLabelOutputs) else outputs
+        return (logits.argmax(1) == targets).sum().item(), len(targets)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: DataSplits,

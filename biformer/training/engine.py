@@ -27,7 +27,7 @@ import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..checkpoints.loading import CheckpointReport, pretrained_normalization
@@ -255,6 +255,7 @@ class Run:
     amp: str
     task: Task
     splits: Any
+    train_set: Dataset  # what the steps train on: the training split, or the task's pairing of it (token labels)
     stream: TrainStream
     plan: Plan
     val_loader: DataLoader
@@ -319,6 +320,7 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     note = warmup_note(config, schedule)
     model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
+    train_set = task.training_set(splits, config, model)  # before --output exists: token labels may not fit
     optimization = build_optimization(model, config, schedule, amp, env)
     if env.main:
         output_folder(config.output, "--output")
@@ -334,7 +336,7 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     progress = restore(state, model, optimization, config, env, Progress(task.metric, plan.unit), plan)
     if env.main and not config.dry_run:
         run_folder.write_metrics(config.output, progress.history)  # drops rows of a round that was not committed
-    run = Run(config, env, amp, task, splits, stream, plan,
+    run = Run(config, env, amp, task, splits, train_set, stream, plan,
               val_loader(splits.val, config.batch_size, config.workers, env, task.collate), model,
               distributed_model(model, env), optimization, task.build_objective(config, len(splits.classes), model),
               callbacks, pretrained)
@@ -454,11 +456,12 @@ def run_round(run: Run, start: int, end: int) -> dict[str, Any]:
     """Train the steps [start, end) and validate: the metrics row."""
     env, task, plan = run.env, run.task, run.plan
     round_start = time.perf_counter()
-    loss_sum, hits, counted, seen = train_steps(run, start, end)
+    (loss_sum, hits, counted, seen), parts = train_steps(run, start, end)
     train_time = time.perf_counter() - round_start
     if env.distributed:  # ranks saw different batches: average BatchNorm statistics so all ranks hold one model
         distribute_bn(run.model, env.world, reduce=True)
     row = {plan.unit: plan.count(end), "train_loss": loss_sum / max(seen, 1),
+           **{f"train_{name}": value / max(seen, 1) for name, value in parts.items()},
            **_val_columns(task, task.evaluate(run.model, run.val_loader, env, splits=run.splits, amp=run.amp,
                                                  unreadable=run.unreadable)),
            **run.optimization.lrs()}
@@ -476,17 +479,18 @@ def _val_columns(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     return {f"val_{key}": result[key] for key in ("loss", *task.metric_columns()) if key in result}
 
 
-def train_steps(run: Run, start: int, end: int) -> list[float]:
+def train_steps(run: Run, start: int, end: int) -> tuple[list[float], dict[str, float]]:
     """Optimizer steps [start, end) on this rank's micro-batches: [loss sum, accuracy hits, accuracy count,
-    images], summed over all ranks."""
+    images] and the sum of each named loss term (see Objective.parts), summed over all ranks."""
     env, objective, task, stream, config = run.env, run.objective, run.task, run.stream, run.config
-    loader = DataLoader(SeededSamples(run.splits.train, config.seed),
+    loader = DataLoader(SeededSamples(run.train_set, config.seed),
                         batch_sampler=RoundBatches(stream, start, end), num_workers=config.workers,
                         collate_fn=task.collate)
     micro_batches = iter(loader)
     run.step_model.train()
     clock = time.perf_counter()
     sums = [0.0, 0.0, 0.0, 0.0]
+    part_sums: dict[str, float] = {}
     plan = run.plan
     # an --iters run's bar counts the run's steps; an epoch's, the epoch's
     steps = range(start, end)
@@ -527,6 +531,8 @@ def train_steps(run: Run, start: int, end: int) -> list[float]:
             batch_hits, batch_counted = task.hits(outputs, hard_targets)
             for index, value in enumerate((loss.item() * len(images), batch_hits, batch_counted, len(images))):
                 sums[index] += value
+            for name, value in objective.parts().items():
+                part_sums[name] = part_sums.get(name, 0.0) + value.item() * len(images)
         if stepped:
             run.optimization.finish(run.model, step, config.clip_grad)
         accuracy = {"acc": f"{100 * sums[1] / max(sums[2], 1):.1f}%"} if task.train_accuracy else {}
@@ -534,7 +540,9 @@ def train_steps(run: Run, start: int, end: int) -> list[float]:
         bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}", **accuracy, img_s=speed)
         heartbeat(lambda: f"{label}: step {step + 1}/{plan.total_steps}, loss {sums[0] / max(sums[3], 1):.4f}, "
                           f"{speed} img/s")
-    return all_reduce_sum(sums, env)
+    names = sorted(part_sums)
+    totals = all_reduce_sum(sums + [part_sums[name] for name in names], env)
+    return totals[:4], dict(zip(names, totals[4:]))
 
 
 def commit(run: Run, progress: Progress) -> None:
@@ -548,11 +556,13 @@ def commit(run: Run, progress: Progress) -> None:
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
                 **({"pretrained": run.pretrained.as_metadata()} if run.pretrained is not None else {}),
                 unit: row[unit], metric: row[metric]}
-    save_weights(config.output / run_folder.WEIGHTS, model, metadata)
+    weights = run.task.inference_model(model)
+    save_weights(config.output / run_folder.WEIGHTS, weights, metadata)
     if progress.best[unit] == row[unit]:
-        save_weights(config.output / run_folder.BEST, model, metadata)
+        save_weights(config.output / run_folder.BEST, weights, metadata)
     if ema is not None:
-        save_weights(config.output / run_folder.EMA_WEIGHTS, ema.module, {**metadata, metric: row[f"ema_{metric}"]})
+        save_weights(config.output / run_folder.EMA_WEIGHTS, run.task.inference_model(ema.module),
+                     {**metadata, metric: row[f"ema_{metric}"]})
     run_folder.save_state(config.output / run_folder.STATE, {
         "step": progress.step, "model": cpu_state_dict(model), **run.optimization.state_dict(),
         "history": progress.history, "best": progress.best,
@@ -583,7 +593,9 @@ def _log_row(row: dict[str, Any], plan: Plan, writer) -> None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, row[plan.unit])
     percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith("_loss")]
-    text = (f"{plan.unit} {row[plan.unit]}/{plan.length}  train_loss {row['train_loss']:.4f}  "
+    parts = "".join(f"{key[6:]} {row[key]:.4f}  " for key in scalars
+                    if key.startswith("train_") and key.endswith("_loss") and key != "train_loss")
+    text = (f"{plan.unit} {row[plan.unit]}/{plan.length}  train_loss {row['train_loss']:.4f}  {parts}"
             + (f"val_loss {row['val_loss']:.4f}  " if "val_loss" in row else "")
             + "  ".join(f"{key} {row[key]:.2f}%" for key in percents))
     tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)

@@ -1,0 +1,287 @@
+"""Token labelling's model side: the student's dense head, the loss, MixToken, and a teacher's dense scores.
+
+Facts from LV-ViT (zihangJiang/TokenLabeling) and where ours differs, on purpose:
+- The total loss is the class loss plus `weight` x the mean over tokens of each token's soft-target cross-entropy
+  (the paper's beta = 0.5; its main.py's --dense-weight defaults to 1.0). Ours supervises the class output with
+  the ground truth (smoothed); LV-ViT's default uses the teacher's crop-level score instead.
+- MixToken: lambda ~ Beta(1, 1) once per batch, a CutMix box on the token grid, the partner the batch reversed,
+  lambda recomputed from the clipped box. LV-ViT mixes patch-embedding tokens and swaps the dense outputs back;
+  a hierarchical model has no single token grid to mix in, so ours mixes the images in boxes aligned to the final
+  tokens and mixes the token labels the same way, which asks the same of each token.
+- LV-ViT's eval output adds 0.5 x the dense head's max over tokens; ours evaluates and exports the class path
+  alone, so a token-labelled model's weights file holds a plain classifier.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+from tqdm import tqdm
+
+from ..data.images import UNREADABLE_ERRORS, open_rgb
+from ..data.token_labels import MANIFEST, LabelsManifest, TokenTargets, image_keys, shard_name, write_shard
+from ..errors import UserError
+from ..files import output_folder
+from ..progress import Heartbeat, progress
+
+
+class TokenLabelOutputs(NamedTuple):
+    logits: Tensor  # (B, C) the class path's
+    token_logits: Tensor  # (B, gh, gw, C) the dense head's, one per final token
+
+
+def feature_map(model: nn.Module, images: Tensor, name: str) -> Tensor:
+    """The model's final feature map (B, C, H, W); UserError for a model whose features are no such map."""
+    features = model.forward_features(images)
+    if features.ndim != 4 or features.shape[1] != model.num_features:
+        raise UserError(f"{name}: token labels need a model whose forward_features gives a (batch, channels, height, "
+                        f"width) map, as BiFormer's and ResNets' do; it gave {tuple(features.shape)}")
+    return features
+
+
+class TokenLabelledClassifier(nn.Module):
+    """A timm classifier with a dense head on its final tokens (the paper's BiFormer-S* / B*): in training its
+    forward gives TokenLabelOutputs, in eval the classifier's logits alone."""
+
+    def __init__(self, classifier: nn.Module, name: str) -> None:
+        super().__init__()
+        if not hasattr(classifier, "forward_features") or not hasattr(classifier, "forward_head"):
+            raise UserError(f"--token-label trains a dense head on the final tokens: {name} has no "
+                            "forward_features / forward_head")
+        self.classifier, self.name = classifier, name
+        self.token_head = nn.Linear(classifier.num_features, classifier.num_classes)
+        nn.init.trunc_normal_(self.token_head.weight, std=0.02)
+        nn.init.zeros_(self.token_head.bias)
+
+    def forward(self, images: Tensor) -> Tensor | TokenLabelOutputs:
+        features = feature_map(self.classifier, images, self.name)
+        logits = self.classifier.forward_head(features)
+        if not self.training:
+            return logits
+        return TokenLabelOutputs(logits, self.token_head(features.permute(0, 2, 3, 1)))
+
+    @torch.no_grad()
+    def token_grid(self, img_size: int) -> tuple[int, int]:
+        """(rows, columns) of the final tokens of an img_size square input."""
+        was_training = self.training
+        self.eval()  # BatchNorm statistics stay as they are
+        try:
+            parameter = next(self.parameters())
+            probe = torch.zeros(1, 3, img_size, img_size, device=parameter.device)
+            rows, columns = feature_map(self.classifier, probe, self.name).shape[-2:]
+        finally:
+            self.train(was_training)
+        return int(rows), int(columns)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """The mean over leading positions of -sum(target * log_softmax(logits)) over the last (class) axis."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+class TokenLabelLoss(nn.Module):
+    """Class loss + weight x token loss; `parts` holds the last batch's two terms (detached)."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.parts: dict[str, Tensor] = {}
+
+    def forward(self, outputs: TokenLabelOutputs, targets: TokenTargets) -> Tensor:
+        class_loss = soft_cross_entropy(outputs.logits, targets.labels)
+        token_loss = soft_cross_entropy(outputs.token_logits, targets.tokens)
+        self.parts = {"class_loss": class_loss.detach(), "token_loss": token_loss.detach()}
+        return class_loss + self.weight * token_loss
+
+
+def smoothed(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """(B, C) targets: 1 - smoothing + smoothing / C for the label, smoothing / C elsewhere."""
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+class MixToken:
+    """CutMix on the student's final token grid: a box of tokens of each image comes from the batch's reversed
+    order, in the image (a box of pixels aligned to those tokens) and in the token labels; the class targets mix
+    by the area share. `box` is the last batch's (top, left, bottom, right) in tokens."""
+
+    def __init__(self, grid: tuple[int, int], alpha: float = 1.0) -> None:
+        self.grid, self.alpha = grid, alpha
+        self.box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def sample_box(self) -> tuple[int, int, int, int]:
+        rows, columns = self.grid
+        lam = np.random.beta(self.alpha, self.alpha)
+        cut = np.sqrt(1.0 - lam)
+        height, width = int(rows * cut), int(columns * cut)
+        center_row, center_column = np.random.randint(rows), np.random.randint(columns)
+        top, bottom = np.clip([center_row - height // 2, center_row + height // 2], 0, rows)
+        left, right = np.clip([center_column - width // 2, center_column + width // 2], 0, columns)
+        return int(top), int(left), int(bottom), int(right)
+
+    def __call__(self, images: Tensor, targets: TokenTargets) -> tuple[Tensor, TokenTargets]:
+        """images (B, 3, H, W), targets with (B, C) class distributions; the mixed pair."""
+        self.box = top, left, bottom, right = self.sample_box()
+        rows, columns = self.grid
+        height, width = images.shape[-2:]
+        y0, y1 = round(top * height / rows), round(bottom * height / rows)
+        x0, x1 = round(left * width / columns), round(right * width / columns)
+        images, tokens = images.clone(), targets.tokens.clone()
+        images[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+        tokens[:, top:bottom, left:right] = targets.tokens.flip(0)[:, top:bottom, left:right]
+        share = (bottom - top) * (right - left) / (rows * columns)
+        labels = (1 - share) * targets.labels + share * targets.labels.flip(0)
+        return images, TokenTargets(labels, tokens)
+
+
+@torch.no_grad()
+def dense_scores(teacher: nn.Module, images: Tensor, name: str, *, check: bool = False) -> Tensor:
+    """A teacher's class probabilities per cell of its final feature map, (B, G, G, C): its linear classifier
+    applied at every position. check: first confirm that the mean of those logits is the teacher's own output
+    (true of a linear head after average pooling), so that the map means what the classifier means."""
+    features = feature_map(teacher, images, name)
+    classifier = teacher.get_classifier()
+    if not isinstance(classifier, nn.Linear):
+        raise UserError(f"--teacher {name}: its classifier is a {type(classifier).__name__}, not a linear layer "
+                        "over pooled features; a dense score map needs one")
+    logits = classifier(features.permute(0, 2, 3, 1).float())
+    if check:
+        pooled = teacher.forward_head(features).float()
+        if not torch.allclose(logits.mean((1, 2)), pooled, atol=1e-3, rtol=1e-3):
+            raise UserError(f"--teacher {name}: its head is not a linear map of average-pooled features (the mean of "
+                            "its per-position logits differs from its output), so its score map would not mean "
+                            "what its classifier means")
+    return logits.softmax(-1)
+
+
+class Teacher(NamedTuple):
+    model: nn.Module
+    name: str  # the model's
+    classes: list[str] | None  # None: not recorded (a timm model's)
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_teacher(teacher: str, model_name: str | None, img_size: int | None) -> Teacher:
+    """A classifier to label with: a weights file (ours, or a release .pth with model_name), or a timm model name
+    with timm's pretrained weights (which timm downloads once)."""
+    import timm
+
+    from .registry import restore
+
+    if os.path.isfile(teacher):
+        restored = restore(teacher, model_name)
+        if restored.task.name != "classification":
+            raise UserError(f"--teacher {teacher!r} holds a {restored.task.name} model; label with a classifier")
+        return Teacher(restored.model, restored.model_name, restored.classes if restored.classes_recorded else None,
+                       img_size or restored.img_size, restored.mean, restored.std)
+    if not timm.list_models(teacher):
+        raise UserError(f"--teacher {teacher!r} is neither a weights file nor a timm model name")
+    try:
+        model = timm.create_model(teacher, pretrained=True)
+    except Exception as error:  # timm's download: no network, no such pretrained tag, a hub error
+        raise UserError(f"--teacher {teacher}: timm could not load its pretrained weights ({error}); give a weights "
+                        "file instead") from error
+    config = timm.data.resolve_data_config({}, model=model)
+    return Teacher(model.eval(), teacher, None, img_size or config["input_size"][-1], tuple(config["mean"]),
+                   tuple(config["std"]))
+
+
+class _LabellingInputs(Dataset):
+    """(teacher input, (height, width), problem) per image: the whole image resized to the teacher's square."""
+
+    def __init__(self, images: list, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.images = images
+        self.transform = transforms.Compose([
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[int, int], str]:
+        image = self.images[index]
+        if not isinstance(image, Image.Image):
+            try:
+                image = open_rgb(image)
+            except UNREADABLE_ERRORS as error:
+                return torch.zeros(3, self.size, self.size), (0, 0), f"{self.images[index]}: {error}"
+        return self.transform(image), (image.height, image.width), ""
+
+
+def label_images(teacher_source: str, data: str, output: str | os.PathLike, *, teacher_model: str | None = None,
+                 img_size: int | None = None, topk: int | None = None, batch_size: int = 32, shard_size: int = 1024,
+                 workers: int = 0, device: str | None = None) -> dict[str, int]:
+    """Run a teacher over every training image of `data` once and store its top-k scores per cell (see
+    biformer.data.token_labels), shard by shard: a shard already written is skipped, so an interrupted run
+    resumes; under torchrun process r of w labels shards r, r + w, ... topk: the classes kept per cell (None: 5,
+    or all where there are fewer). Returns counts of images and shards."""
+    from ..data.classification import build_datasets
+    from ..runtime import resolve_device
+
+    env_rank, env_world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if data == "digit-scenes":
+        raise UserError("--data digit-scenes is a dense data set; label --data digits or a folder with train/<class>/*")
+    splits = build_datasets(data, 32)
+    teacher = load_teacher(teacher_source, teacher_model, img_size)
+    if teacher.classes is not None and teacher.classes != splits.classes:
+        raise UserError(f"--teacher {teacher_source!r} knows the classes {teacher.classes[:5]}..., --data {data!r} "
+                        f"has {splits.classes[:5]}...: the teacher must classify the data's classes")
+    count = teacher.model.get_classifier().out_features if isinstance(teacher.model.get_classifier(), nn.Linear) else 0
+    if teacher.classes is None and count != len(splits.classes):
+        raise UserError(f"--teacher {teacher_source!r} has {count} classes, --data {data!r} {len(splits.classes)}")
+    topk = min(5, len(splits.classes)) if topk is None else topk  # LV-ViT keeps 5
+    if topk > len(splits.classes):
+        raise UserError(f"--topk {topk} exceeds the {len(splits.classes)} classes of --data {data!r}")
+    run_device = resolve_device(device)
+    model = teacher.model.to(run_device).eval()
+    probe = torch.zeros(1, 3, teacher.size, teacher.size, device=run_device)
+    grid = tuple(int(side) for side in dense_scores(model, probe, teacher.name, check=True).shape[1:3])
+    manifest = LabelsManifest(teacher_source, teacher.name, teacher.size, data, list(splits.classes), topk, grid,
+                              shard_size, image_keys(data, splits.train.images))
+    folder = output_folder(output, "--output")
+    if (folder / MANIFEST).exists():
+        found = LabelsManifest.read(folder, "--output")
+        if found != manifest:
+            changed = [name for name in ("teacher", "teacher_model", "teacher_size", "data", "classes", "topk", "grid",
+                                         "shard_size", "keys") if getattr(found, name) != getattr(manifest, name)]
+            raise UserError(f"--output {os.fspath(output)!r} holds labels made otherwise ({', '.join(changed)} "
+                            "differ); choose another folder, or rerun with the same settings to finish it")
+    elif env_rank == 0:
+        manifest.write(folder)
+    todo = [shard for shard in range(env_rank, manifest.shard_count, env_world)
+            if not (folder / shard_name(shard)).is_file()]
+    inputs = _LabellingInputs(splits.train.images, teacher.size, teacher.mean, teacher.std)
+    total = sum(len(manifest.shard_keys(shard)) for shard in todo)
+    unreadable, checked = 0, False
+    with progress(total=total, desc="labelling", unit="img", file=sys.stdout) as bar:
+        heartbeat = Heartbeat()
+        for shard in todo:
+            rows = range(shard * shard_size, min((shard + 1) * shard_size, len(manifest.keys)))
+            loader = DataLoader(Subset(inputs, rows), batch_size=batch_size, num_workers=workers)
+            scores, indices, sizes = [], [], []
+            for images, (heights, widths), problems in loader:
+                probabilities = dense_scores(model, images.to(run_device), teacher.name, check=not checked).cpu()
+                checked = True
+                top = probabilities.topk(topk, dim=-1)
+                readable = torch.tensor([not problem for problem in problems])
+                scores.append(top.values * readable[:, None, None, None])
+                indices.append(top.indices * readable[:, None, None, None])
+                sizes.append(torch.stack([heights, widths], 1) * readable[:, None])
+                unreadable += int((~readable).sum())
+                for problem in filter(None, problems):
+                    tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
+                bar.update(len(problems))
+                heartbeat(lambda: f"labelling: {bar.n}/{total} images")
+            write_shard(folder / shard_name(shard), torch.cat(scores), torch.cat(indices), torch.cat(sizes))
+    return {"images": len(manifest.keys), "shards": manifest.shard_count, "labelled_now": total,
+            "unreadable": unreadable, "missing_shards": len(manifest.missing_shards(folder))}
