@@ -155,7 +155,7 @@ def recipe_for(model: str, requested: str | None, task: Task) -> Recipe | None:
     if recipe.task != task.name:
         fitting = [name for name, other in RECIPES.items() if other.task == task.name]
         raise UserError(f"--recipe {requested} trains {recipe.task} models; {model} is a {task.name} model: use "
-                        + " or ".join([*fitting, NONE]))
+                        + ", ".join(fitting) + f" or {NONE}")
     return recipe
 
 

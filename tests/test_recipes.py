@@ -252,10 +252,10 @@ def test_iters_run_killed_and_resumed_is_bitwise_equal(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--recipe", "coco-2x"], "--recipe 'coco-2x' is not a recipe; choose one of in1k, coco-1x, ade20k-sfpn, "
+    (["--recipe", "coco-2x"], "--recipe 'coco-2x' is not a recipe; choose one of in1k, in1k-tl, coco-1x, ade20k-sfpn, "
                               "ade20k-upernet or none"),
     (["--recipe", "coco-1x"], "--recipe coco-1x trains detection models; biformer_nano is a classification model: "
-                              "use in1k or none"),
+                              "use in1k, in1k-tl or none"),
     (["--scale-lr"], "--scale-lr scales --lr by the global batch over the recipe's: give --recipe"),
     (["--val-every", "5"], "--val-every counts steps of an --iters run"),
     (["--iters", "5", "--epochs", "2"], "--epochs and --iters are alternatives: give one"),
@@ -275,7 +275,7 @@ def test_recipes_command_lists_every_setting(capsys):
         assert f"{recipe.name}: {recipe.summary}" in out
     assert "--milestones (8, 11)" in out and "for maskrcnn: --weight-decay 0.05, --decay-rule 'mmcv'" in out
     assert main(["recipes", "coco-2x"]) == 2
-    assert "recipe 'coco-2x' is not one of in1k, coco-1x" in capsys.readouterr().err
+    assert "recipe 'coco-2x' is not one of in1k, in1k-tl, coco-1x" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tasks.token_labelling import label_images
+    from ..tasks.labelling import label_images
 
     counts = label_images(args.teacher, args.data, args.output, teacher_model=args.teacher_model,
                           img_size=args.img_size, topk=args.topk, batch_size=args.batch_size,
