@@ -138,6 +138,7 @@ def label_command(teacher: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "biformer", "label", "--teacher", str(teacher), "--output", str(output), *extra]
 
 
+@pytest.mark.slow
 def test_label_resumes_after_sigint_and_writes_what_one_run_writes(tmp_path):
     teacher = digits_teacher(tmp_path / "teacher.safetensors")
     settings = ["--img-size", "128", "--shard-size", "64", "--topk", "3"]
@@ -170,6 +171,7 @@ def test_label_resumes_after_sigint_and_writes_what_one_run_writes(tmp_path):
         json.loads((tmp_path / "whole" / "labels.json").read_text())
 
 
+@pytest.mark.slow
 def test_labels_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     teacher = folder_teacher(tmp_path / "teacher.safetensors")
@@ -210,6 +212,7 @@ def test_labels_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, capsy
     assert "--mixtoken (given) train with token labels: give --token-label" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_with_token_labels_logs_both_losses_and_saves_a_plain_classifier(tmp_path):
     teacher = digits_teacher(tmp_path / "teacher.safetensors")
     assert main(["label", "--teacher", str(teacher), "--output", str(tmp_path / "labels"), "--topk", "3"]) == 0
@@ -228,6 +231,7 @@ def test_training_with_token_labels_logs_both_losses_and_saves_a_plain_classifie
     assert "token_head.weight" in state["model"]  # ...and in the run state, which --resume continues
 
 
+@pytest.mark.slow
 def test_the_in1k_tl_recipe_shows_every_setting_with_its_source(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=3)
     labels = tmp_path / "labels"
@@ -249,3 +253,23 @@ def test_the_in1k_tl_recipe_shows_every_setting_with_its_source(tmp_path, capsys
         assert (options[name]["value"], options[name]["source"]) == (value, source), name
         assert f"--{name.replace('_', '-')} " in table
     assert all(entry["source"] for entry in options.values())
+
+
+@pytest.mark.slow
+def test_processes_of_a_torchrun_label_their_own_shards(tmp_path, monkeypatch):
+    from biformer.tasks.labelling import label_images
+
+    teacher = digits_teacher(tmp_path / "teacher.safetensors")
+    settings = dict(teacher_model=None, shard_size=256, topk=2)
+    counts = []
+    for rank in (1, 0):  # the manifest comes from rank 0, whichever finishes first
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        counts.append(label_images(str(teacher), "digits", tmp_path / "shared", **settings))
+    assert [count["labelled_now"] for count in counts] == [256 * 2 + 157, 256 * 3]  # shards 1, 3, 5 / 0, 2, 4
+    assert [count["missing_shards"] for count in counts] == [3, 0]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    label_images(str(teacher), "digits", tmp_path / "alone", **settings)
+    for path in sorted((tmp_path / "alone").glob("shard-*")):
+        assert path.read_bytes() == (tmp_path / "shared" / path.name).read_bytes(), path.name
