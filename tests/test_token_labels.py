@@ -192,7 +192,7 @@ def test_labels_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, capsy
     Image.open(data / "train" / "dark" / "1.png").resize((48, 40)).save(data / "train" / "dark" / "1.png")
     assert main([*train, "--output", str(tmp_path / "resized")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "'dark/1.png' as a 40x40 image, and it is 48x40 now" in error
+    assert error.count("\n") == 1 and "labelled it as a 40x40 image, and 'dark/1.png' is 48x40 now" in error
 
     # an image the labels do not hold
     Image.new("RGB", (40, 40)).save(data / "train" / "dark" / "9.png")
@@ -273,3 +273,11 @@ def test_processes_of_a_torchrun_label_their_own_shards(tmp_path, monkeypatch):
     label_images(str(teacher), "digits", tmp_path / "alone", **settings)
     for path in sorted((tmp_path / "alone").glob("shard-*")):
         assert path.read_bytes() == (tmp_path / "shared" / path.name).read_bytes(), path.name
+
+
+def test_mixtoken_cuts_boxes_on_a_grid_of_two_tokens():
+    # lambda ~ Beta(1, 1): the box side is int(2 sqrt(1 - lambda)) tokens, at least 1 with probability 3/4
+    np.random.seed(0)
+    mix = MixToken((2, 2))
+    areas = [(bottom - top) * (right - left) for top, left, bottom, right in (mix.sample_box() for _ in range(400))]
+    assert 0.6 < np.mean([area > 0 for area in areas]) < 0.9

@@ -8,7 +8,8 @@
 #    at 64 px, top 5 classes per cell);
 # 2. trains the student (biformer_nano, 10 epochs at 64 px: a 2x2 final token grid) three ways per seed: without
 #    token labels, with them, and with them and MixToken;
-# 3. prints each arm's final and best validation top-1, median (range) over the seeds. Every run resumes where it
+# 3. prints each arm's final and best validation top-1 and final validation loss, median (range) over the
+#    seeds. Every run resumes where it
 #    stopped, so the script can be restarted.
 set -euo pipefail
 runs=${1:?give the folder for the runs}
@@ -34,8 +35,9 @@ for arm in ("plain", "token_labels", "token_labels_mixtoken"):
             for seed in range(3)]
     final = [run[-1]["val_top1"] for run in rows]
     best = [max(row["val_top1"] for row in run) for run in rows]
-    show = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
-    print(f"{arm:<24} final top-1 {show(final)}   best top-1 {show(best)}")
+    loss = [run[-1]["val_loss"] for run in rows]
+    show = lambda v, digits=2: f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+    print(f"{arm:<24} final top-1 {show(final)}   best top-1 {show(best)}   final val loss {show(loss, 4)}")
 teacher = [json.loads(line) for line in (runs / "teacher" / "metrics.jsonl").read_text().splitlines()]
 print(f"teacher biformer_tiny     final top-1 {teacher[-1]['val_top1']:.2f}")
 PY

@@ -244,10 +244,10 @@ class TokenLabelledImages(Dataset):
                 return None, None, f"{self.split.images[index]}: {error}"
         scores, indices, size = self.labels.read(self.keys[index])
         if size != (image.height, image.width):
-            raise UserError(f"{self.labels.option} {os.fspath(self.labels.folder)!r} labelled "
-                            f"{self.keys[index]!r} as a {size[1]}x{size[0]} image, and it is {image.width}x"
-                            f"{image.height} now: the data changed since it was labelled; run `biformer label` "
-                            "into a new folder")
+            then = "could not read it" if size == (0, 0) else f"labelled it as a {size[1]}x{size[0]} image"
+            raise UserError(f"{self.labels.option} {os.fspath(self.labels.folder)!r} {then}, and "
+                            f"{self.keys[index]!r} is {image.width}x{image.height} now: the data changed since it was "
+                            "labelled; run `biformer label` into a new folder")
         cropped, box, flipped = self.crop(image)
         tokens = crop_token_map(dense_map(scores, indices, self.num_classes), box, size, self.grid, flipped)
         return self.rest(cropped), TokenTargets(torch.tensor(label), tokens), ""

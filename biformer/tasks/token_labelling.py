@@ -114,8 +114,10 @@ class MixToken:
         cut = np.sqrt(1.0 - lam)
         height, width = int(rows * cut), int(columns * cut)
         center_row, center_column = np.random.randint(rows), np.random.randint(columns)
-        top, bottom = np.clip([center_row - height // 2, center_row + height // 2], 0, rows)
-        left, right = np.clip([center_column - width // 2, center_column + width // 2], 0, columns)
+        # the box is `height` tokens tall before clipping (timm's cutmix box, center -+ height // 2, is empty for a
+        # height of 1, which on a grid of 2 or 3 tokens is most boxes)
+        top, bottom = np.clip([center_row - height // 2, center_row - height // 2 + height], 0, rows)
+        left, right = np.clip([center_column - width // 2, center_column - width // 2 + width], 0, columns)
         return int(top), int(left), int(bottom), int(right)
 
     def __call__(self, images: Tensor, targets: TokenTargets) -> tuple[Tensor, TokenTargets]:
