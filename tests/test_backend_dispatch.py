@@ -19,7 +19,7 @@ def _never_called(inputs, indices):
 
 def _inputs(dtype=torch.float32, device="cpu", requires_grad=False) -> RoutedAttentionInputs:
     q = torch.zeros(1, 8, 8, 1, 8, dtype=dtype, device=device, requires_grad=requires_grad)
-    return RoutedAttentionInputs.of(q, q, q, region_grid(8, 8, 4), 2, True)
+    return RoutedAttentionInputs.of(q, q, q, region_grid((8, 8), 4), 2, True)
 
 
 TOY = Backend("toy", _never_called, devices=("cpu",), dtypes=(torch.float32,), forward_only_on=("cpu",))

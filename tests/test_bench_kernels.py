@@ -28,10 +28,10 @@ def test_useful_fraction_of_the_tiled_kernel_at_stage_3():
 def test_region_tiling_counts_odd_regions_long_key_lists_and_wide_heads():
     from biformer.ops.backends import triton_region
 
-    grid = region_grid(30, 33, 7)  # 5x5-token regions (25 tokens: a 32-row query tile), 7 routed: 175 keys
+    grid = region_grid((30, 33), 7)  # 5x5-token regions (25 tokens: a 32-row query tile), 7 routed: 175 keys
     computed, valid = triton_region.score_tiling(grid, 7, 16)
     assert valid == 49 * 25 * 7 * 25 and computed == 49 * 32 * 3 * 64  # three 64-key tiles
-    grid = region_grid(14, 14, 7)  # 2x2-token regions with 128-wide heads: dots on 16-row query tiles
+    grid = region_grid((14, 14), 7)  # 2x2-token regions with 128-wide heads: dots on 16-row query tiles
     computed, valid = triton_region.score_tiling(grid, 16, 128)
     assert valid == 49 * 4 * 16 * 4 and computed == 49 * 16 * 64
 

@@ -139,7 +139,7 @@ def over_targets(
 
 def _is_padded(case: Case) -> bool:
     _, height, width, _, _, n_win, _ = case
-    return region_grid(height, width, n_win).is_padded
+    return region_grid((height, width), n_win).is_padded
 
 
 def _with_margin(x: torch.Tensor, noise: float) -> torch.Tensor:
@@ -315,7 +315,7 @@ def test_torch_compile_fullgraph_forward_and_backward(target):
 
 def _selected_on(batch, height, heads, head_dim, n_win, topk, device="cpu"):
     q = torch.zeros(batch, height, height, heads, head_dim, device=device)
-    return select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(height, height, n_win), topk, True)).name
+    return select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid((height, height), n_win), topk, True)).name
 
 
 def test_auto_dispatch_on_cpu():
@@ -421,7 +421,7 @@ def test_fused_routing_matches_the_specification(target, case, padding, dtype):
     batch, height, width, heads, head_dim, n_win, topk = case
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(batch, height, width, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
-    grid = region_grid(height, width, n_win, padding)
+    grid = region_grid((height, width), n_win, padding)
     masked = padding_mode(padding).mask_routing
     want = route(q, k, grid, topk, head_dim**-0.5, masked)
     got = triton_region.route(q, k, grid, topk, head_dim**-0.5, masked)
@@ -472,7 +472,7 @@ def test_auto_dispatch_on_cuda_takes_only_backends_run_on_a_gpu(monkeypatch, gra
     with FakeTensorMode():
         for stage, (size, heads, topk) in {"1": (56, 2, 1), "2": (28, 4, 4), "3": (14, 8, 16)}.items():
             q = torch.zeros(8, size, size, heads, 32, device="cuda", requires_grad=grad)
-            grid = region_grid(size, size, 7)
+            grid = region_grid((size, size), 7)
             picked[stage] = select_backend(None, RoutedAttentionInputs.of(q, q, q, grid, topk, True)).name
     # training with 2x2-token regions: the reference (measured 10% faster there than triton on an H100)
     assert picked == {"1": "triton", "2": "triton", "3": "reference" if grad else "triton"}
@@ -494,6 +494,6 @@ def test_fused_routing_ranks_nan_last_and_stays_in_range(target):
 
     q = torch.randn(1, 8, 8, 1, 16)
     q[0, 0, 0, 0, 0] = float("nan")  # region 0's mean, and so its row of logits, is NaN
-    routing = triton_region.route(q, torch.randn(1, 8, 8, 1, 16), region_grid(8, 8, 4), 3, 0.25, True)
+    routing = triton_region.route(q, torch.randn(1, 8, 8, 1, 16), region_grid((8, 8), 4), 3, 0.25, True)
     assert routing.indices.min() >= 0 and routing.indices.max() < 16
     assert all(len(set(row)) == 3 for row in routing.indices[0].tolist())

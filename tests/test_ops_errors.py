@@ -20,7 +20,8 @@ def _qkv(shape=(1, 8, 8, 2, 4), **kw):
         (dict(n_win=9), r"n_win=9 asks for more regions .* 8x8 map"),
         (dict(n_win=(2, 9)), r"n_win=\(2, 9\) asks for more regions"),
         (dict(n_win=0), r"n_win must be positive"),
-        (dict(n_win=(2, 2, 2)), r"n_win must be an int or a \(rows, cols\) pair"),
+        (dict(n_win=(2, 2, 2)), r"n_win has 3 values, and the map has 2 spatial axes: give an int \(the same on every "
+                                r"axis\) or 2 values, one per axis"),
         (dict(padding="zeros"), r"padding must be one of \('masked', 'legacy', 'legacy_nchw'\)"),
         (dict(backend="nope"), r"backend='nope' is unknown"),
     ],
@@ -34,9 +35,11 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize(
     "q, k, v, message",
     [
-        (torch.randn(1, 8, 8, 8), None, None, r"q must have shape \(batch, height, width, heads, head_dim\) \(rank 5\)"),
+        (torch.randn(8, 8, 8), None, None, r"q must have shape \(batch, height, width, heads, head_dim\) \(rank 5\), "
+                                           r"or 1 or 3 spatial axes"),
         (None, torch.randn(1, 8, 8, 2, 5), None, r"k must have the shape of q"),
-        (None, None, torch.randn(1, 8, 7, 2, 4), r"v must match q in \(batch, height, width, heads\)"),
+        (None, None, torch.randn(1, 8, 7, 2, 4), r"v must match q in all but its last axis, \(1, 8, 8, 2\) of "
+                                                 r"\(batch, height, width, heads, head_dim\)"),
         (None, None, torch.randn(1, 8, 8, 2, 4, dtype=torch.float64), r"q, k, v must share one dtype"),
         (torch.randint(0, 3, (1, 8, 8, 2, 4)), None, None, r"q must be a floating-point tensor"),
         (None, torch.randn(1, 8, 8, 2, 4, device="meta"), None, r"q, k, v must be on one device"),

@@ -102,7 +102,7 @@ def test_cpu_half_precision(dtype):
 
 def test_block_mask_packs_small_regions_and_passes_full_blocks():
     """PACKED: 16 regions of 4 tokens, 4 to a 16-token block; with topk=all every block pair is full."""
-    grid = region_grid(8, 8, 4)
+    grid = region_grid((8, 8), 4)
     indices = torch.arange(16).expand(2, 16, 16)
     mask = flex.routing_block_mask(indices, grid, masked=True, with_q_blocks=False)
     assert mask.BLOCK_SIZE == (16, 16) and mask.seq_lengths == (64, 64)
@@ -187,7 +187,7 @@ def test_cpu_autograd_and_float64_are_refused_with_reasons():
 def test_never_auto_selected_on_cpu(grad):
     for batch, size, heads, n_win, topk in ((8, 56, 2, 7, 1), (8, 28, 4, 7, 4), (8, 14, 8, 7, 16)):  # BiFormer-T
         q = torch.zeros(batch, size, size, heads, 32, requires_grad=grad)
-        assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(size, size, n_win), topk, True)).name != "flex"
+        assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid((size, size), n_win), topk, True)).name != "flex"
 
 
 def test_unavailable_without_a_cpu_kernel_or_cuda(monkeypatch):
@@ -206,7 +206,7 @@ def test_steps_aside_inside_torch_compile_on_cpu(monkeypatch):
     """Inductor's CPU flex_attention lowering fails on masks built in the graph (torch 2.14): inside a
     compiled model on CPU dispatch takes another backend, and forcing flex says why."""
     q = torch.zeros(1, 8, 8, 1, 8)
-    grid = region_grid(8, 8, 4)
+    grid = region_grid((8, 8), 4)
     inputs = RoutedAttentionInputs.of(q, q, q, grid, 2, True)
     assert not not_supported_reasons(flex.BACKEND, inputs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -250,8 +250,8 @@ def test_never_auto_selected_where_it_claims_to_be_fast(monkeypatch, grad):
     monkeypatch.setitem(BACKENDS, "flex", claims)
     monkeypatch.setitem(BACKENDS, "triton", replace(BACKENDS["triton"], unavailable=lambda: "stepped aside"))
     q = torch.zeros(2, 28, 28, 2, 32, requires_grad=grad)
-    assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)).name != "flex"
-    assert select_backend("flex", RoutedAttentionInputs.of(q, q, q, region_grid(28, 28, 7), 4, True)) is claims
+    assert select_backend(None, RoutedAttentionInputs.of(q, q, q, region_grid((28, 28), 7), 4, True)).name != "flex"
+    assert select_backend("flex", RoutedAttentionInputs.of(q, q, q, region_grid((28, 28), 7), 4, True)) is claims
 
 
 @pytest.mark.gpu

@@ -42,7 +42,7 @@ class Stage:
 
     @property
     def grid(self):
-        return region_grid(self.side, self.side, self.n_win)
+        return region_grid((self.side, self.side), self.n_win)
 
     def tensors(self, dtype: torch.dtype, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """q (shape only, on the meta device) and the routing indices."""

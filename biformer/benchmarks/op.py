@@ -50,7 +50,7 @@ class OpShape:
     def attention_flops(self) -> int:
         """FLOPs (2 per multiply-add) of the token attention's forward: q.k and p.v, each query
         against the topk*T keys of its routed regions, T the tokens of a (ceil-sized) region."""
-        grid = region_grid(self.height, self.width, self.n_win)
+        grid = region_grid((self.height, self.width), self.n_win)
         keys = self.topk * grid.tokens_per_region
         return 2 * self.batch * self.height * self.width * keys * 2 * self.dim
 
@@ -107,7 +107,7 @@ def _runnable(
 ) -> tuple[list[str], list[str], dict[str, str]]:
     """The candidates that can run this shape's forward, those of them that can also run it with
     autograd, and a note for each that cannot (or runs the forward only, or what auto picked)."""
-    grid = region_grid(shape.height, shape.width, shape.n_win)
+    grid = region_grid((shape.height, shape.width), shape.n_win)
 
     def select(name: str, qkv: torch.Tensor) -> str:
         q, k, v = qkv.unbind(3)

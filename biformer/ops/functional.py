@@ -19,34 +19,42 @@ def _is_size(n: object) -> bool:
     return isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool)
 
 
-def _as_pair(n_win: int | Sequence[int]) -> tuple[int, int]:
+SPATIAL_LAYOUTS = {1: "(batch, length, heads, head_dim)", 2: "(batch, height, width, heads, head_dim)",
+                   3: "(batch, depth, height, width, heads, head_dim)"}
+
+
+def _per_axis(n_win: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     if _is_size(n_win):
-        return n_win, n_win
-    if isinstance(n_win, Sequence) and len(n_win) == 2 and all(_is_size(n) for n in n_win):
-        return n_win[0], n_win[1]
-    raise ValueError(f"n_win must be an int or a (rows, cols) pair of ints, got {n_win!r}")
+        return (n_win,) * ndim
+    if isinstance(n_win, Sequence) and len(n_win) == ndim and all(_is_size(n) for n in n_win):
+        return tuple(n_win)
+    if isinstance(n_win, Sequence) and all(_is_size(n) for n in n_win):
+        raise ValueError(f"n_win has {len(n_win)} values, and the map has {ndim} spatial axes: give an int (the "
+                         f"same on every axis) or {ndim} values, one per axis")
+    raise ValueError(f"n_win must be an int or one int per spatial axis ({ndim} here), got {n_win!r}")
 
 
-def region_grid(height: int, width: int, n_win: int | Sequence[int], padding: str = "masked") -> RegionGrid:
-    """The region grid BRA uses for an H x W map in padding mode `padding` (see
-    `biformer.ops.regions.PADDING_MODES`); ValueError if n_win does not fit the map."""
-    rows, cols = _as_pair(n_win)
-    if all(isinstance(n, int) for n in (rows, cols, height, width)):  # symbolic sizes: the caller clamped them
-        if rows < 1 or cols < 1:
+def region_grid(shape: Sequence[int], n_win: int | Sequence[int], padding: str = "masked") -> RegionGrid:
+    """The region grid BRA uses for a map of `shape` (1, 2 or 3 spatial sizes) in padding mode `padding` (see
+    `biformer.ops.regions.PADDING_MODES`); n_win: regions per axis, an int or one per axis. ValueError if n_win
+    does not fit the map."""
+    shape = tuple(shape)
+    counts = _per_axis(n_win, len(shape))
+    if all(isinstance(n, int) for n in (*counts, *shape)):  # symbolic sizes: the caller clamped them
+        if min(counts) < 1:
             raise ValueError(f"n_win must be positive, got {n_win!r}")
-        if rows > height or cols > width:
-            raise ValueError(
-                f"n_win={n_win!r} asks for more regions per side than the {height}x{width} map has tokens; "
-                f"use n_win <= ({height}, {width})"
-            )
+        if any(count > size for count, size in zip(counts, shape)):
+            map_size = "x".join(map(str, shape))
+            raise ValueError(f"n_win={n_win!r} asks for more regions along an axis than the {map_size} map has tokens; "
+                             f"use n_win <= {shape if len(shape) > 1 else shape[0]}")
     # ceilings as (a + b - 1) // b: exact and symbolic for torch.export's sizes, and of non-negative operands,
     # where ONNX's truncating integer division agrees with floor division
     if padding_mode(padding).floor_regions:  # as many floor-sized regions as cover the map
-        region_h, region_w = height // rows, width // cols
-        rows, cols = (height + region_h - 1) // region_h, (width + region_w - 1) // region_w
+        sizes = tuple(size // count for size, count in zip(shape, counts))
+        counts = tuple((size + region - 1) // region for size, region in zip(shape, sizes))
     else:
-        region_h, region_w = (height + rows - 1) // rows, (width + cols - 1) // cols
-    return RegionGrid(height=height, width=width, rows=rows, cols=cols, region_h=region_h, region_w=region_w)
+        sizes = tuple((size + count - 1) // count for size, count in zip(shape, counts))
+    return RegionGrid(shape=shape, counts=counts, sizes=sizes)
 
 
 def _check_topk(topk: int, grid: RegionGrid) -> None:
@@ -54,30 +62,30 @@ def _check_topk(topk: int, grid: RegionGrid) -> None:
     clamp of one, and asking would put a guard into an exported graph)."""
     checkable = isinstance(topk, int) and isinstance(grid.num_regions, int)
     if not _is_size(topk) or (checkable and not 1 <= topk <= grid.num_regions):
-        raise ValueError(
-            f"topk must be an int in [1, {grid.num_regions}] (the number of regions, {grid.rows}x{grid.cols}), got {topk!r}"
-        )
+        raise ValueError(f"topk must be an int in [1, {grid.num_regions}] (the number of regions, "
+                         f"{'x'.join(map(str, grid.counts))}), got {topk!r}")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 5:
+        if t.dim() - 3 not in SPATIAL_LAYOUTS:
             raise ValueError(
-                f"{name} must have shape (batch, height, width, heads, head_dim) (rank 5), got shape {tuple(t.shape)}; "
-                "for (batch, channels, height, width) maps use biformer.ops.BiLevelRoutingAttention"
+                f"{name} must have shape {SPATIAL_LAYOUTS[2]} (rank 5), or 1 or 3 spatial axes in place of (height, "
+                f"width) (rank 4 or 6), got shape {tuple(t.shape)}; for channels-first maps use "
+                "biformer.ops.BiLevelRoutingAttention"
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    layout = SPATIAL_LAYOUTS[q.dim() - 3]
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:4] != q.shape[:4]:
-        raise ValueError(
-            f"v must match q in (batch, height, width, heads) = {tuple(q.shape[:4])}, got {tuple(v.shape[:4])}"
-        )
-    if q.shape[1] == 0 or q.shape[2] == 0:
-        raise ValueError(f"q has an empty map: shape {tuple(q.shape)} is (batch, height, width, heads, head_dim)")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"v must match q in all but its last axis, {tuple(q.shape[:-1])} of {layout}, got "
+                         f"{tuple(v.shape[:-1])}")
+    if 0 in q.shape[1:-2]:
+        raise ValueError(f"q has an empty map: shape {tuple(q.shape)} is {layout}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
     if not (q.device == k.device == v.device):
@@ -99,10 +107,13 @@ def bi_level_routing_attention(
     """Bi-Level Routing Attention (BiFormer, CVPR 2023).
 
     Args:
-        q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim).
-        n_win: regions per side, an int or (rows, cols); at most the map's height/width.
+        q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim); or with one
+            spatial axis (batch, length, ...) or three (batch, depth, height, width, ...), the regions boxes of
+            those axes and everything below applied per axis (padding at the end of each).
+        n_win: regions per axis, an int (the same on every axis) or one per axis, e.g. (rows, cols); at most the
+            map's size on that axis.
         topk: key regions each query region attends to, 1 <= topk <= the number of regions
-            (rows*cols; more in "legacy_nchw" mode where the map is not divisible).
+            (their product over the axes; more in "legacy_nchw" mode where the map is not divisible).
         scale: attention logit scale; default head_dim ** -0.5. (The original BiFormer layers use
             (heads*head_dim) ** -0.5; `BiLevelRoutingAttention` passes that.)
         padding: how the map, zero-padded at the bottom/right to whole regions, is treated
@@ -153,8 +164,8 @@ def bi_level_routing_attention(
     """
     _check_inputs(q, k, v)
     mode = padding_mode(padding)
-    height, width, head_dim = q.shape[1], q.shape[2], traced_as_int(q.shape[-1])  # the trace follows H, W
-    grid = region_grid(height, width, n_win, padding)
+    head_dim = traced_as_int(q.shape[-1])  # the trace follows the map's sizes
+    grid = region_grid(q.shape[1:-2], n_win, padding)
     _check_topk(topk, grid)
     if scale is None:
         scale = head_dim**-0.5

@@ -1,17 +1,17 @@
 """Region grid geometry, padding modes and region-to-region routing, shared by every backend.
 
-Shape legend: B batch, H/W map height/width, M heads, D head dim, C = M*D channels,
-R regions (rows*cols), T tokens per region (region_h*region_w), K routed regions (topk).
+Shape legend: B batch, S... the map's spatial axes (L; H, W; or T, H, W), M heads, D head dim, C = M*D channels,
+R regions (the product of the regions per axis), T tokens per region, K routed regions (topk).
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from ..layers.exporting import known_zero, plain_eager
@@ -53,75 +53,109 @@ def padding_mode(name: str) -> Padding:
 
 @dataclass(frozen=True)
 class RegionGrid:
-    """An H x W map cut into rows x cols regions of region_h x region_w tokens.
+    """A map of 1, 2 or 3 spatial axes (a sequence, an image, a volume or clip) cut into regions: `counts[a]`
+    regions of `sizes[a]` tokens along axis a.
 
-    The map is padded at the bottom/right to rows*region_h x cols*region_w, so some regions may
-    hold padding (or, with ceil-sized regions, only padding). `region_grid` builds it per padding mode.
+    The map is padded at the end of each axis to counts[a] * sizes[a], so some regions may hold padding (or, with
+    ceil-sized regions, only padding). Regions and the tokens in a region are numbered row-major (the last axis
+    fastest). `region_grid` builds it per padding mode. The 2-D names (height, width, rows, cols, region_h,
+    region_w) are for the backends that take 2-D maps only.
     """
 
-    height: int
-    width: int
-    rows: int
-    cols: int
-    region_h: int
-    region_w: int
+    shape: tuple[int, ...]  # the map's size per spatial axis
+    counts: tuple[int, ...]  # regions per axis
+    sizes: tuple[int, ...]  # tokens per region per axis
 
     @property
-    def padded_height(self) -> int:
-        return self.rows * self.region_h
+    def ndim(self) -> int:
+        return len(self.shape)
 
     @property
-    def padded_width(self) -> int:
-        return self.cols * self.region_w
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(count * size for count, size in zip(self.counts, self.sizes))
 
     @property
     def num_regions(self) -> int:
-        return self.rows * self.cols
+        return math.prod(self.counts)
 
     @property
     def tokens_per_region(self) -> int:
-        return self.region_h * self.region_w
+        return math.prod(self.sizes)
 
     @property
     def is_padded(self) -> bool:
         """Whether the map needs padding; True for symbolic sizes that may need it (an exported graph pads)."""
-        return not (known_zero(self.padded_height - self.height) and known_zero(self.padded_width - self.width))
+        return not all(known_zero(padded - size) for padded, size in zip(self.padded_shape, self.shape))
+
+    def _planar(self, values: tuple[int, ...]) -> tuple[int, int]:
+        if self.ndim != 2:
+            raise ValueError(f"this backend takes 2-D maps; the grid has {self.ndim} spatial axes")
+        return values[0], values[1]
+
+    height = property(lambda self: self._planar(self.shape)[0])
+    width = property(lambda self: self._planar(self.shape)[1])
+    rows = property(lambda self: self._planar(self.counts)[0])
+    cols = property(lambda self: self._planar(self.counts)[1])
+    region_h = property(lambda self: self._planar(self.sizes)[0])
+    region_w = property(lambda self: self._planar(self.sizes)[1])
+    padded_height = property(lambda self: self._planar(self.padded_shape)[0])
+    padded_width = property(lambda self: self._planar(self.padded_shape)[1])
+
+    def _slot_coordinates(self, device: torch.device | str | None) -> list[Tensor]:
+        """Per axis a, each (region, token) slot's coordinate along a in the padded map, shaped to broadcast to
+        (*counts, *sizes)."""
+        arange = functools.partial(torch.arange, device=device)
+        n, coordinates = self.ndim, []
+        for axis, (count, size) in enumerate(zip(self.counts, self.sizes)):
+            region_shape, token_shape = [1] * (2 * n), [1] * (2 * n)
+            region_shape[axis], token_shape[n + axis] = -1, -1
+            coordinates.append(arange(count).view(region_shape) * size + arange(size).view(token_shape))
+        return coordinates
 
     def valid_tokens(self, device: torch.device | str | None = None) -> Tensor:
         """(R, T) bool: which token slots of each region lie inside the unpadded map."""
-        # each slot's map row and column from region and token coordinates, broadcast: also exported, no re-layout
-        # whose form depends on which (symbolic) sizes are 1, and no division (ONNX cannot take a symbolic divisor)
-        arange = functools.partial(torch.arange, device=device)
-        row = arange(self.rows)[:, None, None, None] * self.region_h + arange(self.region_h)[None, None, :, None]
-        col = arange(self.cols)[None, :, None, None] * self.region_w + arange(self.region_w)[None, None, None, :]
-        inside = (row < self.height) & (col < self.width)  # (rows, cols, region_h, region_w)
+        # each slot's coordinates from region and token indices, broadcast: also exported, no re-layout whose form
+        # depends on which (symbolic) sizes are 1, and no division (ONNX cannot take a symbolic divisor)
+        inside = functools.reduce(torch.logical_and, [coordinate < size for coordinate, size
+                                                      in zip(self._slot_coordinates(device), self.shape)])
         return inside.view(self.num_regions, self.tokens_per_region)
 
+    def slot_offsets(self, device: torch.device | str | None = None) -> Tensor:
+        """(R, T) int64: each (region, token) slot's row-major index in the padded map."""
+        index = torch.zeros((), dtype=torch.int64, device=device)
+        for coordinate, extent in zip(self._slot_coordinates(device), self.padded_shape):
+            index = index * extent + coordinate
+        return index.view(self.num_regions, self.tokens_per_region)
+
     def pad(self, x: Tensor) -> Tensor:
-        """(B, H, W, ...) -> (B, padded_H, padded_W, ...), zeros in the padding."""
-        pad_bottom, pad_right = self.padded_height - self.height, self.padded_width - self.width
-        if known_zero(pad_bottom) and known_zero(pad_right):
+        """(B, *shape, ...) -> (B, *padded_shape, ...), zeros in the padding at the end of each axis."""
+        missing = [padded - size for padded, size in zip(self.padded_shape, self.shape)]
+        if all(known_zero(amount) for amount in missing):
             return x
-        trailing = [0, 0] * (x.dim() - 3)
-        return F.pad(x, trailing + [0, pad_right, 0, pad_bottom])
+        trailing = [0, 0] * (x.dim() - 1 - self.ndim)
+        return F.pad(x, trailing + [value for amount in reversed(missing) for value in (0, amount)])
 
     def to_regions(self, x: Tensor) -> Tensor:
-        """(B, H, W, *rest) -> (B, R, T, *rest), padding as needed."""
-        return rearrange(
-            self.pad(x), "b (r h) (c w) ... -> b (r c) (h w) ...", h=self.region_h, w=self.region_w
-        )
+        """(B, *shape, *rest) -> (B, R, T, *rest), padding as needed."""
+        n, rest = self.ndim, x.shape[1 + self.ndim:]
+        split = [extent for pair in zip(self.counts, self.sizes) for extent in pair]
+        x = self.pad(x).reshape(x.shape[0], *split, *rest)  # (B, c0, s0, c1, s1, ..., *rest)
+        order = [0, *(1 + 2 * a for a in range(n)), *(2 + 2 * a for a in range(n)), *range(1 + 2 * n, x.dim())]
+        return x.permute(order).reshape(x.shape[0], self.num_regions, self.tokens_per_region, *rest)
 
     def from_regions(self, x: Tensor) -> Tensor:
-        """(B, R, T, *rest) -> (B, H, W, *rest), dropping the padding."""
-        x = rearrange(
-            x, "b (r c) (h w) ... -> b (r h) (c w) ...", r=self.rows, h=self.region_h, w=self.region_w
-        )
-        return self.crop(x)
+        """(B, R, T, *rest) -> (B, *shape, *rest), dropping the padding."""
+        n, rest = self.ndim, x.shape[3:]
+        x = x.reshape(x.shape[0], *self.counts, *self.sizes, *rest)  # (B, c0, .., c{n-1}, s0, .., s{n-1}, *rest)
+        order = [0, *(index for a in range(n) for index in (1 + a, 1 + n + a)), *range(1 + 2 * n, x.dim())]
+        return self.crop(x.permute(order).reshape(x.shape[0], *self.padded_shape, *rest))
 
     def crop(self, x: Tensor) -> Tensor:
-        """(B, padded_H, padded_W, ...) -> (B, H, W, ...). narrow, not a slice: an exported graph knows the
-        result's size as H itself, where a slice's is min(padded_H, H), which no later size check can match."""
-        return x.narrow(1, 0, self.height).narrow(2, 0, self.width)
+        """(B, *padded_shape, ...) -> (B, *shape, ...). narrow, not a slice: an exported graph knows the result's
+        size as the map's itself, where a slice's is min(padded, size), which no later size check can match."""
+        for axis, size in enumerate(self.shape):
+            x = x.narrow(1 + axis, 0, size)
+        return x
 
 
 class Routing(NamedTuple):
@@ -144,7 +178,7 @@ class Routing(NamedTuple):
 
 
 def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
-    """(B, H, W, 2, M, D): q and k side by side. BRA's q and k are slices of one qkv tensor at a fixed distance:
+    """(B, *S, 2, M, D): q and k side by side. BRA's q and k are slices of one qkv tensor at a fixed distance:
     then a view (one reduction reads both), else a copy; a copy under an exporter too, which would bake a
     view's strides in, and under torch.compile, which fuses the copy away."""
     view = plain_eager() and q.layout == k.layout == torch.strided \
@@ -152,23 +186,30 @@ def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
         and torch._C._is_alias_of(q, k)  # the same storage (torch has no public name for it)
     distance = k.storage_offset() - q.storage_offset() if view else 0
     if distance > 0:
-        return q.as_strided((*q.shape[:3], 2, *q.shape[3:]), (*q.stride()[:3], distance, *q.stride()[3:]))
-    return torch.stack((q, k), dim=3)
+        return q.as_strided((*q.shape[:-2], 2, *q.shape[-2:]), (*q.stride()[:-2], distance, *q.stride()[-2:]))
+    return torch.stack((q, k), dim=q.dim() - 2)
 
 
 def _region_sums(x: Tensor, grid: RegionGrid, dtype: torch.dtype) -> Tensor:
-    """(B, H, W, S, M, D) -> (B, R, S, M*D) sums over each region's T slots, the padding counting as zeros: x read
+    """(B, *S, P, M, D) -> (B, R, P, M*D) sums over each region's T slots, the padding counting as zeros: x read
     in its own dtype and summed in `dtype` over the map's region view (no copy where the map needs no padding)."""
-    regions = grid.pad(x).view(x.shape[0], grid.rows, grid.region_h, grid.cols, grid.region_w, *x.shape[3:])
-    if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (two launches elsewhere)
-        sums = regions.sum(4, dtype=dtype).sum(2)
+    split = [extent for pair in zip(grid.counts, grid.sizes) for extent in pair]
+    regions = grid.pad(x).view(x.shape[0], *split, *x.shape[1 + grid.ndim:])  # (B, c0, s0, c1, s1, ..., P, M, D)
+    token_axes = [2 + 2 * axis for axis in range(grid.ndim)]
+    if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (one launch each elsewhere)
+        sums = regions
+        for axis in reversed(token_axes):
+            sums = sums.sum(axis, dtype=dtype)
     else:
-        sums = regions.sum((2, 4), dtype=dtype)
-    return sums.flatten(1, 2).flatten(3)
+        sums = regions.sum(token_axes, dtype=dtype)
+    return sums.flatten(1, grid.ndim).flatten(3)
+
+
+_AVERAGE_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, float]:
-    """(B, H, W, S, M, D) -> (B, R, S, M*D) region sums or means in at least float32, and the factor that makes
+    """(B, *S, P, M, D) -> (B, R, P, M*D) region sums or means in at least float32, and the factor that makes
     sums means.
 
     Means are over all T slots of a region, the padding counting as zeros: then one reduction gives the sums
@@ -186,12 +227,13 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, flo
         return sums / grid.tokens_per_region, 1.0
     if not masks_padding:
         return _region_sums(x, grid, dtype), 1.0 / grid.tokens_per_region
-    pair = x.shape[3]
-    x = x.to(dtype).flatten(3)  # (B, H, W, S*C)
-    # ceil_mode: a window cut by the map's bottom/right edge averages the tokens inside the map
-    means = F.avg_pool2d(x.permute(0, 3, 1, 2), (grid.region_h, grid.region_w), ceil_mode=True)  # (B, S*C, r, c)
-    if means.shape[-2:] != (grid.rows, grid.cols):  # no window starts beyond the map: regions of padding get zeros
-        means = F.pad(means, (0, grid.cols - means.shape[-1], 0, grid.rows - means.shape[-2]))
+    pair, n = x.shape[-3], grid.ndim
+    x = x.to(dtype).flatten(-3)  # (B, *S, P*C)
+    # ceil_mode: a window cut by the map's end averages the tokens inside the map
+    means = _AVERAGE_POOLS[n](x.movedim(-1, 1), grid.sizes, ceil_mode=True)  # (B, P*C, *regions inside the map)
+    if tuple(means.shape[2:]) != grid.counts:  # no window starts beyond the map: regions of padding get zeros
+        means = F.pad(means, [value for count, found in zip(reversed(grid.counts), reversed(means.shape[2:]))
+                              for value in (0, count - found)])
     return means.flatten(2).transpose(1, 2).unflatten(-1, (pair, -1)), 1.0
 
 

@@ -19,7 +19,7 @@ from .spec import Backend
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     batch, num_regions, topk = indices.shape
-    q_regions = grid.to_regions(q)  # (B, R, T, M, D)
+    q_regions = grid.to_regions(q)  # (B, R, T, M, D), from (B, *S, M, D)
     k_regions = grid.to_regions(k)
     v_regions = grid.to_regions(v)
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
@@ -39,4 +39,4 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
 
 
 # the fallback of automatic dispatch on every device: it runs every input
-BACKEND = Backend("reference", attend, auto_devices=None, traces=True)
+BACKEND = Backend("reference", attend, auto_devices=None, traces=True, spatial_axes=(1, 2, 3))

@@ -28,6 +28,7 @@ class Backend:
     auto_devices: tuple[str, ...] | None = ()
     forward_only_on: tuple[str, ...] = ()  # device types where it has no backward
     traces: bool = False  # runs under an exporter or tracer (plain aten ops; custom ops stay opaque to ONNX)
+    spatial_axes: tuple[int, ...] = (2,)  # the maps it takes: 2 spatial axes (images), 1 (sequences), 3 (volumes)
     unavailable: Callable[[], str | None] | None = None  # why it cannot run on this machine at all (None: it can)
     check: Callable[[RoutedAttentionInputs], list[str]] | None = None  # reasons the fields above cannot say
     # where automatic dispatch may take it, whether it beats the next runnable backend (None: it does)
@@ -48,6 +49,9 @@ def not_supported_reasons(backend: Backend, inputs: RoutedAttentionInputs) -> li
         return [unavailable]
     device, dtype = inputs.q.device.type, inputs.q.dtype
     reasons = []
+    if inputs.grid.ndim not in backend.spatial_axes:  # its other checks may ask 2-D questions of the grid
+        return [f"the map has {inputs.grid.ndim} spatial axes; {backend.name} takes "
+                f"{' or '.join(map(str, backend.spatial_axes))}"]
     if backend.devices is not None and device not in backend.devices:
         reasons.append(f"inputs are on {device}; {backend.name} runs on {' and '.join(backend.devices)}")
     if backend.dtypes is not None and dtype not in backend.dtypes:
