@@ -2,7 +2,7 @@
 
 The reference copies every routed region topk times (a (B, R, K, T, M, D) tensor) and its
 backward scatters that copy back with an accumulating index_put. Here a chunk of query regions
-gathers its own tokens and those of its routed regions straight from the (B, H, W, M, D) maps,
+gathers its own tokens and those of its routed regions straight from the (B, *S, M, D) maps,
 which stay in cache, computes softmax attention with batched matmuls, and writes its output rows
 back in place; the backward recomputes (or reuses) the probabilities and adds the key/value
 gradients back with `index_add_`. Nothing of size topk x (q, k or v) is ever allocated and q, k,
@@ -11,11 +11,12 @@ v are never copied into another layout, so memory stays linear in tokens for any
 Both directions are `torch.library` custom ops: torch.compile keeps each as one call and compiles
 what is around it. Half precision is computed in float32 where gradients follow, else in its own dtype.
 
-Shape legend: B batch, H/W (padded) map, M heads, D head dim, R regions, T tokens per region,
-K topk, P = B*R query regions, n regions in a chunk.
+Shape legend: B batch, S... the (padded) map's 1, 2 or 3 spatial axes, M heads, D head dim, R regions, T tokens per
+region, K topk, P = B*R query regions, n regions in a chunk.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from ...layers.inplace import autograd_records
 from ...layers.sdpa import HALF_DTYPES
+from ..regions import RegionGrid
 from .inputs import RoutedAttentionInputs
 from .spec import Backend
 
@@ -45,7 +47,7 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
         bias = torch.zeros(grid.num_regions, grid.tokens_per_region, dtype=_compute_dtype(q.dtype, train), device=q.device)
         bias.masked_fill_(~grid.valid_tokens(q.device), float("-inf"))
     out, _ = torch.ops.biformer.indexed_attention(
-        grid.pad(q), grid.pad(k), grid.pad(v), indices, grid.region_h, grid.region_w, bias, scale, train, keep_probs
+        grid.pad(q), grid.pad(k), grid.pad(v), indices, list(grid.sizes), bias, scale, train, keep_probs
     )
     return grid.crop(out)
 
@@ -58,7 +60,7 @@ def _compute_dtype(dtype: torch.dtype, train: bool) -> torch.dtype:
 
 
 class _HeadRows(NamedTuple):
-    """A (B, H, W, M, D) map as a (rows, D) matrix: token n's head m is row n * token_stride + m."""
+    """A (B, *S, M, D) map as a (rows, D) matrix: token n's head m is row n * token_stride + m."""
 
     matrix: Tensor
     token_stride: int
@@ -66,12 +68,13 @@ class _HeadRows(NamedTuple):
 
 def _head_rows(x: Tensor) -> _HeadRows:
     """A view where the layout allows (contiguous maps, and q/k/v unbound from a packed qkv), else a copy."""
-    batch, height, width, heads, dim = x.shape
-    strides = x.stride()
-    if (strides[4] == 1 and strides[3] == dim and strides[2] % dim == 0
-            and strides[1] == width * strides[2] and strides[0] == height * strides[1]):
-        token_stride = strides[2] // dim
-        rows = (batch * height * width - 1) * token_stride + heads
+    heads, dim = x.shape[-2:]
+    strides, token_axis = x.stride(), x.dim() - 3  # the last spatial axis
+    # tokens evenly spaced, each a whole number of D-wide head rows (contiguous, or unbound from a packed qkv)
+    evenly = all(strides[axis] == x.shape[axis + 1] * strides[axis + 1] for axis in range(token_axis))
+    if strides[-1] == 1 and strides[-2] == dim and strides[token_axis] % dim == 0 and evenly:
+        token_stride = strides[token_axis] // dim
+        rows = (x.shape[:-2].numel() - 1) * token_stride + heads
         return _HeadRows(x.as_strided((rows, dim), (dim, 1)), token_stride)
     return _HeadRows(x.contiguous().view(-1, dim), heads)
 
@@ -83,18 +86,18 @@ class _Plan:
     stride: q, k and v unbound from one packed qkv share one.
     """
 
-    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int, dtype: torch.dtype) -> None:
-        batch, height, width, self.heads, qk_dim = q.shape
+    def __init__(self, q: Tensor, v: Tensor, indices: Tensor, region_size: list[int], dtype: torch.dtype) -> None:
+        batch, *shape, self.heads, qk_dim = q.shape
         v_dim = v.shape[-1]
-        num_regions, topk = indices.shape[1:]
-        self.tokens = region_h * region_w
+        topk = indices.shape[2]
+        grid = RegionGrid(tuple(shape), tuple(size // region for size, region in zip(shape, region_size)),
+                          tuple(region_size))
+        self.tokens = grid.tokens_per_region
         self.keys = topk * self.tokens
         self.dtype = dtype
         device = q.device
-        rows = torch.arange(height, device=device).view(-1, region_h, 1, 1)
-        cols = torch.arange(width, device=device).view(1, 1, -1, region_w)
-        region_tokens = (rows * width + cols).permute(0, 2, 1, 3).reshape(num_regions, self.tokens)  # (R, T)
-        batch_base = torch.arange(batch, device=device).view(batch, 1, 1) * (height * width)
+        region_tokens = grid.slot_offsets(device)  # (R, T)
+        batch_base = torch.arange(batch, device=device).view(batch, 1, 1) * math.prod(shape)
         self.query_tokens = (batch_base + region_tokens).flatten(0, 1)  # (P, T)
         self.key_tokens = (batch_base[..., None] + region_tokens[indices]).flatten(0, 1).flatten(1)  # (P, K*T)
         self.key_regions = indices.flatten(0, 1)  # (P, K)
@@ -152,18 +155,18 @@ class _Plan:
 
 @torch.library.custom_op("biformer::indexed_attention", mutates_args=())
 def indexed_attention(
-    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int, bias: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_size: list[int], bias: Tensor | None,
     scale: float, train: bool, keep_probs: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Routed attention on a map whose height/width are multiples of the region size.
+    """Routed attention on a map whose sizes are multiples of the region size (one per spatial axis).
 
-    q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv); bias
+    q, k (B, *S, M, D), v (B, *S, M, Dv), indices (B, R, K) -> out (B, *S, M, Dv); bias
     (R, T) is added to the logits of each key region's tokens (-inf masks padded tokens). Also
     returns the probabilities (B*R*M, T, K*T) for the backward if keep_probs, else an empty tensor.
     train: gradients will follow (half inputs are then computed in float32, as their backward is).
     """
     with torch.autocast(q.device.type, enabled=False):  # the op picks its compute dtype itself
-        plan = _Plan(q, v, indices, region_h, region_w, _compute_dtype(q.dtype, train))
+        plan = _Plan(q, v, indices, region_size, _compute_dtype(q.dtype, train))
         q_rows, k_rows, v_rows = _head_rows(q), _head_rows(k), _head_rows(v)
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         out_rows = out.view(-1, v.shape[-1])
@@ -178,25 +181,25 @@ def indexed_attention(
                 chunk_out = torch.bmm(chunk_probs, v_routed)
             else:  # fused: scores and probabilities never leave the cache
                 chunk_out = plan.attention(q_chunk, k_routed, v_routed, bias, regions, scale)
-            out_rows.index_copy_(0, plan.rows("query", v.shape[3], start), chunk_out.flatten(0, 1).to(out.dtype))
+            out_rows.index_copy_(0, plan.rows("query", v.shape[-2], start), chunk_out.flatten(0, 1).to(out.dtype))
         return out, probs
 
 
 @indexed_attention.register_fake
-def _(q, k, v, indices, region_h, region_w, bias, scale, train, keep_probs):
-    tokens = region_h * region_w
-    probs_shape = (indices.shape[0] * indices.shape[1] * q.shape[3], tokens, indices.shape[2] * tokens)
+def _(q, k, v, indices, region_size, bias, scale, train, keep_probs):
+    tokens = math.prod(region_size)
+    probs_shape = (indices.shape[0] * indices.shape[1] * q.shape[-2], tokens, indices.shape[2] * tokens)
     return v.new_empty(v.shape), q.new_empty(probs_shape if keep_probs else (0,), dtype=_compute_dtype(q.dtype, train))
 
 
 @torch.library.custom_op("biformer::indexed_attention_backward", mutates_args=())
 def indexed_attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_h: int, region_w: int,
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, region_size: list[int],
     bias: Tensor | None, probs: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `indexed_attention` for q, k, v; probabilities are recomputed where probs is empty."""
     with torch.autocast(q.device.type, enabled=False):  # also when autograd runs it inside an autocast region
-        plan = _Plan(q, v, indices, region_h, region_w, _compute_dtype(q.dtype, train=True))
+        plan = _Plan(q, v, indices, region_size, _compute_dtype(q.dtype, train=True))
         q_rows, k_rows, v_rows, grad_rows = _head_rows(q), _head_rows(k), _head_rows(v), _head_rows(grad_out)
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every token is in exactly one query region
         # key/value gradients accumulate over the query regions routed to them (in float32 for half inputs)
@@ -214,37 +217,37 @@ def indexed_attention_backward(
             grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
             # softmax backward, times the logit scale that both q and k gradients carry
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, chunk_probs, -1, plan.dtype).mul_(scale)
-            grad_q_rows.index_copy_(0, plan.rows("query", q.shape[3], start),
+            grad_q_rows.index_copy_(0, plan.rows("query", q.shape[-2], start),
                                     torch.bmm(grad_scores, k_routed).flatten(0, 1).to(q.dtype))
             grad_k_routed = torch.bmm(grad_scores.transpose(1, 2), q_chunk)
-            key_rows = plan.rows("key", k.shape[3], start)
+            key_rows = plan.rows("key", k.shape[-2], start)
             grad_k_rows.index_add_(0, key_rows, grad_k_routed.flatten(0, 1))
             grad_v_rows.index_add_(0, key_rows, grad_v_routed.flatten(0, 1))
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 @indexed_attention_backward.register_fake
-def _(grad_out, q, k, v, indices, region_h, region_w, bias, probs, scale):
+def _(grad_out, q, k, v, indices, region_size, bias, probs, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, indices, region_h, region_w, bias, scale, train, keep_probs = inputs
+    q, k, v, indices, region_size, bias, scale, train, keep_probs = inputs
     ctx.save_for_backward(q, k, v, indices, bias, output[1])
-    ctx.region_size, ctx.scale = (region_h, region_w), scale
+    ctx.region_size, ctx.scale = region_size, scale
     ctx.set_materialize_grads(False)  # the probabilities get no gradient: do not allocate zeros for them
 
 
 def _backward(ctx, grad_out: Tensor | None, grad_probs: Tensor | None):
     if grad_out is None:
-        return (None,) * 10
+        return (None,) * 9
     q, k, v, indices, bias, probs = ctx.saved_tensors
-    grads = indexed_attention_backward(grad_out, q, k, v, indices, *ctx.region_size, bias, probs, ctx.scale)
-    return *grads, None, None, None, None, None, None, None
+    grads = indexed_attention_backward(grad_out, q, k, v, indices, ctx.region_size, bias, probs, ctx.scale)
+    return *grads, None, None, None, None, None, None
 
 
 indexed_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # measured on CPUs only: on CUDA, dispatch takes the reference where the Triton kernels step aside
-BACKEND = Backend("indexed", attend, auto_devices=("cpu",))
+BACKEND = Backend("indexed", attend, auto_devices=("cpu",), spatial_axes=(1, 2, 3))

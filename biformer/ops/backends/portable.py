@@ -7,10 +7,12 @@ reshapes as a view depends on which of its sizes are 1, and a region is 1x1 wher
 torch.export asks that question of a symbolic size and bakes the answer into the graph, so that one exported at
 224 px would fail on a 160 px input. A copy into the standard layout leaves nothing to ask.
 
-Shape legend: B batch, H/W map, M heads, D head dim, R regions (rows*cols), T tokens per region
-(region_h*region_w), K routed regions.
+Shape legend: B batch, S... the map's 1, 2 or 3 spatial axes, M heads, D head dim, R regions, T tokens per region,
+K routed regions.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -26,25 +28,30 @@ def _standard(x: Tensor) -> Tensor:
 
 
 def head_first_regions(x: Tensor, grid: RegionGrid) -> Tensor:
-    """(B, H, W, M, D) -> (B*M*R, T, D), padding as needed: the tokens of each (batch, head, region) as rows."""
-    batch, _, _, heads, dim = x.shape
-    x = grid.pad(x).view(batch, grid.rows, grid.region_h, grid.cols, grid.region_w, heads, dim)
-    x = _standard(x.permute(0, 5, 1, 3, 2, 4, 6))  # (B, M, rows, cols, region_h, region_w, D)
+    """(B, *S, M, D) -> (B*M*R, T, D), padding as needed: the tokens of each (batch, head, region) as rows."""
+    batch, heads, dim, n = x.shape[0], x.shape[-2], x.shape[-1], grid.ndim
+    split = [extent for pair in zip(grid.counts, grid.sizes) for extent in pair]
+    x = grid.pad(x).view(batch, *split, heads, dim)  # (B, c0, s0, c1, s1, ..., M, D)
+    order = [0, 2 * n + 1, *(1 + 2 * a for a in range(n)), *(2 + 2 * a for a in range(n)), 2 * n + 2]
+    x = _standard(x.permute(order))  # (B, M, c0, c1, ..., s0, s1, ..., D)
     return x.view(batch * heads * grid.num_regions, grid.tokens_per_region, dim)
 
 
 def from_head_first_regions(x: Tensor, grid: RegionGrid, batch: int, heads: int) -> Tensor:
-    """(B, M, R, T, D) -> (B, H, W, M, D), dropping any padding: the padded map, then its H x W tokens gathered.
-    (A gather rather than a crop: a cropped map's layout asks whether it was padded.)"""
-    dim = x.shape[-1]
-    x = x.view(batch, heads, grid.rows, grid.cols, grid.region_h, grid.region_w, dim)
-    x = _standard(x.permute(0, 2, 4, 3, 5, 1, 6))  # (B, rows, region_h, cols, region_w, M, D)
+    """(B, M, R, T, D) -> (B, *S, M, D), dropping any padding: the padded map, then its tokens inside the map
+    gathered. (A gather rather than a crop: a cropped map's layout asks whether it was padded.)"""
+    dim, n = x.shape[-1], grid.ndim
+    x = x.view(batch, heads, *grid.counts, *grid.sizes, dim)
+    order = [0, *(index for a in range(n) for index in (2 + a, 2 + n + a)), 1, 2 * n + 2]
+    x = _standard(x.permute(order))  # (B, c0, s0, c1, s1, ..., M, D)
     if not grid.is_padded:  # known to need no padding (a fixed-size export): the padded map is the map
-        return x.view(batch, grid.height, grid.width, heads, dim)
-    x = x.view(batch, grid.padded_height * grid.padded_width, heads, dim)
-    inside = torch.arange(grid.height, device=x.device)[:, None] * grid.padded_width \
-        + torch.arange(grid.width, device=x.device)[None, :]  # (H, W): each token's place in the padded map
-    return x.index_select(1, inside.flatten()).view(batch, grid.height, grid.width, heads, dim)
+        return x.view(batch, *grid.shape, heads, dim)
+    x = x.view(batch, math.prod(grid.padded_shape), heads, dim)
+    inside = torch.zeros((), dtype=torch.int64, device=x.device)  # each token's place in the padded map
+    for axis, (size, padded) in enumerate(zip(grid.shape, grid.padded_shape)):
+        coordinate = torch.arange(size, device=x.device).view([-1 if a == axis else 1 for a in range(n)])
+        inside = inside * padded + coordinate
+    return x.index_select(1, inside.flatten()).view(batch, *grid.shape, heads, dim)
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
@@ -54,7 +61,7 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     Runtime)."""
     q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
     batch, num_regions, topk = indices.shape
-    heads, tokens = q.shape[3], grid.tokens_per_region
+    heads, tokens = q.shape[-2], grid.tokens_per_region
     q_rows, k_rows, v_rows = (head_first_regions(t, grid) for t in (q, k, v))  # (B*M*R, T, D)
     # the rows of k_rows/v_rows that each (batch, head, query region) attends to: its batch and head's block of
     # R regions, offset by the routed region indices
@@ -76,4 +83,4 @@ def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
 
 
 # automatic dispatch takes it under an exporter or tracer only (`biformer.ops.backends.EXPORT_BACKEND`)
-BACKEND = Backend("portable", attend, traces=True)
+BACKEND = Backend("portable", attend, traces=True, spatial_axes=(1, 2, 3))
