@@ -121,8 +121,7 @@ IN1K_TOKEN_LABELLING = Recipe(
     summary="ImageNet-1k with token labelling, 300 epochs (the paper's BiFormer-S* and B* rows; give --token-label)",
     source="in1k's settings (the release's main.py); token labelling's from LV-ViT (zihangJiang/TokenLabeling: "
            "its paper's token loss weight 0.5, MixToken, mixup and cutmix off); the release has no token labelling",
-    settings_all={**{key: value for key, value in IN1K.settings_all.items() if key not in ("mixup", "cutmix")},
-                  "mixup": 0.0, "cutmix": 0.0, "mixtoken": True, "token_label_weight": 0.5},
+    settings_all={**IN1K.settings_all, "mixup": 0.0, "cutmix": 0.0, "mixtoken": True, "token_label_weight": 0.5},
     settings_by_part=IN1K.settings_by_part,
     notes=("the labels: `biformer label --teacher dm_nfnet_f6 --img-size 576` (LV-ViT's teacher and input; it keeps "
            "the top 5 classes of each cell) over the training folder, then --token-label on that folder",

@@ -281,3 +281,42 @@ def test_mixtoken_cuts_boxes_on_a_grid_of_two_tokens():
     mix = MixToken((2, 2))
     areas = [(bottom - top) * (right - left) for top, left, bottom, right in (mix.sample_box() for _ in range(400))]
     assert 0.6 < np.mean([area > 0 for area in areas]) < 0.9
+
+
+def test_a_folder_sample_carries_the_labels_of_its_crop_and_flip(tmp_path):
+    """The whole path of a training sample: timm's folder transform (random resized crop, bicubic, flip 0.5, then
+    normalisation) through TokenLabelledImages, its token labels against the classes of the pixels it shows."""
+    from biformer.data.classification import build_datasets
+    from biformer.data.token_labels import LabelsManifest, TokenLabelledImages, TokenLabels, write_shard
+    from biformer.training.stream import seed_sample
+
+    classes = quadrant_scene(80, 96, 40, 48)
+    for part in ("train", "val"):
+        (tmp_path / "data" / part / "scene").mkdir(parents=True)
+        Image.fromarray(COLOURS[classes].astype(np.uint8)).save(tmp_path / "data" / part / "scene" / "0.png")
+    splits = build_datasets(str(tmp_path / "data"), 64)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    cells = torch.as_tensor(quadrant_scene(4, 4, 2, 2))
+    scores = torch.stack([torch.ones(4, 4), torch.zeros(4, 4)], -1)[None]  # top 2: the cell's class, then another
+    indices = torch.stack([cells, (cells + 1) % 4], -1)[None]
+    write_shard(labels / "shard-00000.safetensors", scores, indices, torch.tensor([[80, 96]]))
+    LabelsManifest("test", "none", 64, str(tmp_path / "data"), ["scene"], 2, (4, 4), 8, ["scene/0.png"]).write(labels)
+    dataset = TokenLabelledImages(splits.train, ["scene/0.png"], TokenLabels(labels), 4, (4, 4))
+    mean, std = torch.tensor(splits.mean)[:, None, None], torch.tensor(splits.std)[:, None, None]
+    flips = 0
+    for position in range(16):
+        seed_sample(0, 1, position)
+        image, targets, problem = dataset[0]
+        pixels_rgb = ((image * std + mean) * 255).permute(1, 2, 0).numpy()
+        pixels = np.abs(pixels_rgb[:, :, None, :] - COLOURS[None, None]).sum(-1).argmin(-1)
+        flips += bool(pixels[0, 0] in (1, 3) and pixels[0, -1] in (0, 2))  # the left half shows the right classes
+        for a in range(4):
+            for b in range(4):
+                block = pixels[16 * a:16 * (a + 1), 16 * b:16 * (b + 1)]
+                share = np.bincount(block.ravel(), minlength=4) / block.size
+                label = targets.tokens[a, b].numpy()
+                assert np.abs(label - share).max() <= 0.15, (position, a, b, label, share)
+                if share.max() > 0.95:
+                    assert label.argmax() == share.argmax()
+    assert 3 <= flips <= 13  # flipped about half the time, and the labels followed

@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError
 from .digits import DIGITS_MEAN, DIGITS_STD, load_digits_split
-from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
+from .images import IMAGE_EXTENSIONS, readable_image
 
 
 class ImageListDataset(Dataset):
@@ -30,12 +29,9 @@ class ImageListDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
-        image = self.images[index]
-        if not isinstance(image, Image.Image):
-            try:
-                image = open_rgb(image)
-            except UNREADABLE_ERRORS as error:
-                return None, self.labels[index], f"{image}: {error}"
+        image, problem = readable_image(self.images[index])
+        if image is None:
+            return None, self.labels[index], problem
         return (self.transform(image) if self.transform else image), self.labels[index], ""
 
 

@@ -36,6 +36,16 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         return to_rgb(file)
 
 
+def readable_image(item: Image.Image | str | os.PathLike) -> tuple[Image.Image | None, str]:
+    """(image, "") for an in-memory image or a file that decodes; (None, "path: reason") for one that does not."""
+    if isinstance(item, Image.Image):
+        return item, ""
+    try:
+        return open_rgb(item), ""
+    except UNREADABLE_ERRORS as error:
+        return None, f"{item}: {error}"
+
+
 def list_images(inputs: list[str]) -> list[str]:
     """Image files named directly or found (recursively) in named folders."""
     files = []

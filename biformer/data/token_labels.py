@@ -32,7 +32,7 @@ from torchvision import transforms
 from ..errors import UserError
 from ..files import atomic_output, read_json
 from .classification import ImageListDataset
-from .images import UNREADABLE_ERRORS, open_rgb
+from .images import readable_image
 
 MANIFEST = "labels.json"
 FORMAT = "biformer-token-labels"
@@ -91,6 +91,9 @@ class LabelsManifest:
         if value.get("version") != VERSION:
             raise UserError(f"{option} {os.fspath(folder)!r}: labels version {value.get('version')} is not "
                             f"{VERSION}; label the data again with this version's `biformer label`")
+        missing = [key for key in cls.__dataclass_fields__ if key not in value]
+        if missing:
+            raise UserError(f"{option} {os.fspath(folder)!r}: {path} lacks {', '.join(missing)}; label the data again")
         fields = {key: value[key] for key in cls.__dataclass_fields__}
         return cls(**{**fields, "grid": tuple(fields["grid"])})
 
@@ -236,12 +239,10 @@ class TokenLabelledImages(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, TokenTargets | None, str]:
-        image, label = self.split.images[index], self.split.labels[index]
-        if not isinstance(image, Image.Image):
-            try:
-                image = open_rgb(image)
-            except UNREADABLE_ERRORS as error:
-                return None, None, f"{self.split.images[index]}: {error}"
+        image, problem = readable_image(self.split.images[index])
+        if image is None:
+            return None, None, problem
+        label = self.split.labels[index]
         scores, indices, size = self.labels.read(self.keys[index])
         if size != (image.height, image.width):
             then = "could not read it" if size == (0, 0) else f"labelled it as a {size[1]}x{size[0]} image"

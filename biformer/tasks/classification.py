@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoints.loading import load_pretrained_classifier, load_weights
 from ..checkpoints.weights import read_state_dict
-from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, option
+from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, flag, option
 from ..data.classification import DataSplits, build_datasets, collate_readable
 from ..data.token_labels import TokenLabelledImages, TokenLabels, TokenTargets, image_keys
 from ..errors import UserError
@@ -65,12 +65,11 @@ class ClassificationTask(Task):
                 raise UserError("--mixup and --cutmix mix whole images, which token labels cannot follow; with "
                                 "--token-label use --mixtoken (and --mixup 0 --cutmix 0)")
             return
-        stray = [flag for flag, name in (("--mixtoken", "mixtoken"), ("--token-label-weight", "token_label_weight"))
-                 if config.sources.get(name, "default") != "default"]
+        stray = [name for name in ("mixtoken", "token_label_weight") if config.sources.get(name, "default") != "default"]
         if stray:
-            source = config.sources[stray[0][2:].replace("-", "_")]
-            raise UserError(f"{' and '.join(stray)} ({source}) train with token labels: give --token-label LABELS "
-                            "(made by `biformer label`)" + (", or leave them out" if source == "given" else ""))
+            source = config.sources[stray[0]]
+            raise UserError(f"{' and '.join(map(flag, stray))} ({source}) train with token labels: give --token-label "
+                            "LABELS (made by `biformer label`)" + (", or leave them out" if source == "given" else ""))
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         try:

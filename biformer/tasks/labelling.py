@@ -8,19 +8,20 @@ from typing import NamedTuple
 
 import timm
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from ..data.images import UNREADABLE_ERRORS, open_rgb
+from ..data.images import readable_image
 from ..data.token_labels import MANIFEST, LabelsManifest, image_keys, shard_name, write_shard
 from ..errors import UserError
 from ..files import output_folder
 from ..progress import Heartbeat, progress
 from .registry import restore
 from .token_labelling import dense_scores
+
+
 class Teacher(NamedTuple):
     model: nn.Module
     name: str  # the model's
@@ -39,7 +40,7 @@ def load_teacher(teacher: str, model_name: str | None, img_size: int | None) -> 
             raise UserError(f"--teacher {teacher!r} holds a {restored.task.name} model; label with a classifier")
         return Teacher(restored.model, restored.model_name, restored.classes if restored.classes_recorded else None,
                        img_size or restored.img_size, restored.mean, restored.std)
-    if not timm.list_models(teacher):
+    if not timm.is_model(timm.models.split_model_name_tag(teacher)[0]):  # a name, or a name.pretrained_tag
         raise UserError(f"--teacher {teacher!r} is neither a weights file nor a timm model name")
     try:
         model = timm.create_model(teacher, pretrained=True)
@@ -65,12 +66,9 @@ class _LabellingInputs(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, tuple[int, int], str]:
-        image = self.images[index]
-        if not isinstance(image, Image.Image):
-            try:
-                image = open_rgb(image)
-            except UNREADABLE_ERRORS as error:
-                return torch.zeros(3, self.size, self.size), (0, 0), f"{self.images[index]}: {error}"
+        image, problem = readable_image(self.images[index])
+        if image is None:
+            return torch.zeros(3, self.size, self.size), (0, 0), problem
         return self.transform(image), (image.height, image.width), ""
 
 
@@ -79,12 +77,12 @@ def label_images(teacher_source: str, data: str, output: str | os.PathLike, *, t
                  workers: int = 0, device: str | None = None) -> dict[str, int]:
     """Run a teacher over every training image of `data` once and store its top-k scores per cell (see
     biformer.data.token_labels), shard by shard: a shard already written is skipped, so an interrupted run
-    resumes; under torchrun process r of w labels shards r, r + w, ... topk: the classes kept per cell (None: 5,
-    or all where there are fewer). Returns counts of images and shards."""
+    resumes; under torchrun process r of w labels shards r, r + w, ... on its own GPU. topk: the classes kept per
+    cell (None: 5, or all where there are fewer). Returns counts of images and shards."""
     from ..data.classification import build_datasets
     from ..runtime import resolve_device
 
-    env_rank, env_world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if data == "digit-scenes":
         raise UserError("--data digit-scenes is a dense data set; label --data digits or a folder with train/<class>/*")
     splits = build_datasets(data, 32)
@@ -92,16 +90,20 @@ def label_images(teacher_source: str, data: str, output: str | os.PathLike, *, t
     if teacher.classes is not None and teacher.classes != splits.classes:
         raise UserError(f"--teacher {teacher_source!r} knows the classes {teacher.classes[:5]}..., --data {data!r} "
                         f"has {splits.classes[:5]}...: the teacher must classify the data's classes")
-    count = teacher.model.get_classifier().out_features if isinstance(teacher.model.get_classifier(), nn.Linear) else 0
+    run_device = resolve_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    model = teacher.model.to(run_device).eval()
+    probe = dense_scores(model, torch.zeros(1, 3, teacher.size, teacher.size, device=run_device), teacher.name,
+                         check=True)  # (1, G, G, C); refuses a head without a per-cell meaning
+    grid, count = tuple(int(side) for side in probe.shape[1:3]), probe.shape[-1]
     if teacher.classes is None and count != len(splits.classes):
         raise UserError(f"--teacher {teacher_source!r} has {count} classes, --data {data!r} {len(splits.classes)}")
+    stride = (getattr(model, "feature_info", None) or [{}])[-1].get("reduction")
+    if stride and teacher.size % stride:  # cells then cover unequal parts of the image (the last one padding)
+        raise UserError(f"--img-size {teacher.size} is not a multiple of {teacher.name}'s stride {stride}: its map's "
+                        f"cells would not cover equal parts of the image; give a multiple of {stride}")
     topk = min(5, len(splits.classes)) if topk is None else topk  # LV-ViT keeps 5
     if topk > len(splits.classes):
         raise UserError(f"--topk {topk} exceeds the {len(splits.classes)} classes of --data {data!r}")
-    run_device = resolve_device(device)
-    model = teacher.model.to(run_device).eval()
-    probe = torch.zeros(1, 3, teacher.size, teacher.size, device=run_device)
-    grid = tuple(int(side) for side in dense_scores(model, probe, teacher.name, check=True).shape[1:3])
     manifest = LabelsManifest(teacher_source, teacher.name, teacher.size, data, list(splits.classes), topk, grid,
                               shard_size, image_keys(data, splits.train.images))
     folder = output_folder(output, "--output")
@@ -112,32 +114,36 @@ def label_images(teacher_source: str, data: str, output: str | os.PathLike, *, t
                                          "shard_size", "keys") if getattr(found, name) != getattr(manifest, name)]
             raise UserError(f"--output {os.fspath(output)!r} holds labels made otherwise ({', '.join(changed)} "
                             "differ); choose another folder, or rerun with the same settings to finish it")
-    elif env_rank == 0:
+    elif rank == 0:
         manifest.write(folder)
-    todo = [shard for shard in range(env_rank, manifest.shard_count, env_world)
-            if not (folder / shard_name(shard)).is_file()]
-    inputs = _LabellingInputs(splits.train.images, teacher.size, teacher.mean, teacher.std)
-    total = sum(len(manifest.shard_keys(shard)) for shard in todo)
-    unreadable, checked = 0, False
+    todo = [shard for shard in range(rank, manifest.shard_count, world) if not (folder / shard_name(shard)).is_file()]
+    # one loader over every shard to do (its workers start once), in batches that never cross a shard, so that a
+    # shard's numbers do not depend on which shards were done before
+    batches = [list(rows[start:start + batch_size]) for shard in todo
+               for rows in [range(shard * shard_size, min((shard + 1) * shard_size, len(manifest.keys)))]
+               for start in range(0, len(rows), batch_size)]
+    loader = DataLoader(_LabellingInputs(splits.train.images, teacher.size, teacher.mean, teacher.std),
+                        batch_sampler=batches, num_workers=workers)
+    total = sum(len(batch) for batch in batches)
+    parts: dict[str, list[Tensor]] = {"scores": [], "indices": [], "sizes": []}
+    unreadable, done = 0, 0
     with progress(total=total, desc="labelling", unit="img", file=sys.stdout) as bar:
         heartbeat = Heartbeat()
-        for shard in todo:
-            rows = range(shard * shard_size, min((shard + 1) * shard_size, len(manifest.keys)))
-            loader = DataLoader(Subset(inputs, rows), batch_size=batch_size, num_workers=workers)
-            scores, indices, sizes = [], [], []
-            for images, (heights, widths), problems in loader:
-                probabilities = dense_scores(model, images.to(run_device), teacher.name, check=not checked).cpu()
-                checked = True
-                top = probabilities.topk(topk, dim=-1)
-                readable = torch.tensor([not problem for problem in problems])
-                scores.append(top.values * readable[:, None, None, None])
-                indices.append(top.indices * readable[:, None, None, None])
-                sizes.append(torch.stack([heights, widths], 1) * readable[:, None])
-                unreadable += int((~readable).sum())
-                for problem in filter(None, problems):
-                    tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
-                bar.update(len(problems))
-                heartbeat(lambda: f"labelling: {bar.n}/{total} images")
-            write_shard(folder / shard_name(shard), torch.cat(scores), torch.cat(indices), torch.cat(sizes))
+        for batch, (images, (heights, widths), problems) in zip(batches, loader):
+            top = dense_scores(model, images.to(run_device), teacher.name).topk(topk, dim=-1)
+            readable = torch.tensor([not problem for problem in problems])
+            parts["scores"].append(top.values.cpu() * readable[:, None, None, None])
+            parts["indices"].append(top.indices.cpu() * readable[:, None, None, None])
+            parts["sizes"].append(torch.stack([heights, widths], 1) * readable[:, None])
+            unreadable += int((~readable).sum())
+            for problem in filter(None, problems):
+                tqdm.write(f"warning: skipping unreadable image {problem}", file=sys.stderr)
+            done += len(batch)
+            shard = batch[0] // shard_size
+            if batch[-1] + 1 == min((shard + 1) * shard_size, len(manifest.keys)):  # the shard's last batch
+                write_shard(folder / shard_name(shard), *(torch.cat(parts[name]) for name in parts))
+                parts = {name: [] for name in parts}
+            bar.update(len(batch))
+            heartbeat(lambda: f"labelling: {done}/{total} images")
     return {"images": len(manifest.keys), "shards": manifest.shard_count, "labelled_now": total,
             "unreadable": unreadable, "missing_shards": len(manifest.missing_shards(folder))}

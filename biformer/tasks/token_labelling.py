@@ -52,6 +52,13 @@ class TokenLabelledClassifier(nn.Module):
         self.token_head = nn.Linear(classifier.num_features, classifier.num_classes)
         nn.init.trunc_normal_(self.token_head.weight, std=0.02)
         nn.init.zeros_(self.token_head.bias)
+        self._grids: dict[int, tuple[int, int]] = {}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The classifier's names that take no weight decay (timm's rule reads them from the trained module)."""
+        names = self.classifier.no_weight_decay() if hasattr(self.classifier, "no_weight_decay") else set()
+        return {f"classifier.{name}" for name in names}
 
     def forward(self, images: Tensor) -> Tensor | TokenLabelOutputs:
         features = feature_map(self.classifier, images, self.name)
@@ -62,16 +69,17 @@ class TokenLabelledClassifier(nn.Module):
 
     @torch.no_grad()
     def token_grid(self, img_size: int) -> tuple[int, int]:
-        """(rows, columns) of the final tokens of an img_size square input."""
-        was_training = self.training
-        self.eval()  # BatchNorm statistics stay as they are
-        try:
-            parameter = next(self.parameters())
-            probe = torch.zeros(1, 3, img_size, img_size, device=parameter.device)
-            rows, columns = feature_map(self.classifier, probe, self.name).shape[-2:]
-        finally:
-            self.train(was_training)
-        return int(rows), int(columns)
+        """(rows, columns) of the final tokens of an img_size square input (found by a forward pass, once)."""
+        if img_size not in self._grids:
+            was_training = self.training
+            self.eval()  # BatchNorm statistics stay as they are
+            try:
+                probe = torch.zeros(1, 3, img_size, img_size, device=next(self.parameters()).device)
+                rows, columns = feature_map(self.classifier, probe, self.name).shape[-2:]
+            finally:
+                self.train(was_training)
+            self._grids[img_size] = int(rows), int(columns)
+        return self._grids[img_size]
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
