@@ -107,11 +107,9 @@ def bi_level_routing_attention(
     """Bi-Level Routing Attention (BiFormer, CVPR 2023).
 
     Args:
-        q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim); or with one
-            spatial axis (batch, length, ...) or three (batch, depth, height, width, ...), the regions boxes of
-            those axes and everything below applied per axis (padding at the end of each).
-        n_win: regions per axis, an int (the same on every axis) or one per axis, e.g. (rows, cols); at most the
-            map's size on that axis.
+        q, k: (batch, height, width, heads, head_dim); v: (batch, height, width, heads, v_head_dim); or one spatial
+            axis (batch, length, ...) or three (batch, depth, height, width, ...), everything below per axis.
+        n_win: regions per axis, an int or one per axis (e.g. (rows, cols)); at most the map's size there.
         topk: key regions each query region attends to, 1 <= topk <= the number of regions
             (their product over the axes; more in "legacy_nchw" mode where the map is not divisible).
         scale: attention logit scale; default head_dim ** -0.5. (The original BiFormer layers use
