@@ -1,7 +1,8 @@
 """`biformer bench op`: every BRA backend against the original release's algorithm, interleaved, on BiFormer's
-stage shapes."""
+stage shapes or given ones (also 1-D sequences and 3-D clips or volumes)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from ..ops import bi_level_routing_attention
 from ..ops.backends import BackendUnsupported, select_backend
 from ..ops.backends.inputs import RoutedAttentionInputs
 from ..ops.functional import region_grid
+from ..ops.regions import RegionGrid
 
 BASELINE = "original"  # the original release's gather algorithm (biformer.ops.backends.original)
 REFERENCE = "reference"  # the specification: max_abs_err is measured against it
@@ -20,47 +22,63 @@ AUTO = "auto"  # automatic dispatch; the note says what it picked
 
 @dataclass(frozen=True)
 class OpShape:
-    """One BRA layer's input: (batch, height, width, dim) map, heads, regions per side, topk."""
+    """One BRA layer's input: a (batch, *sizes, dim) map of 1, 2 or 3 spatial axes, heads, regions per axis (one
+    value, or one per axis), topk."""
 
     name: str
     batch: int
-    height: int
-    width: int
+    sizes: tuple[int, ...]
     dim: int
     heads: int
-    n_win: int
+    n_win: int | tuple[int, ...]
     topk: int
 
     @classmethod
     def parse(cls, text: str, batch: int) -> "OpShape":
-        """'H,W,DIM,HEADS,N_WIN,TOPK' or 'NAME=...'; ValueError naming the expected form."""
+        """'[NAME=]SIZES...,DIM,HEADS,N_WIN,TOPK' with 1-3 sizes (L; H,W; or T,H,W) and N_WIN an int or one per
+        axis joined by x (e.g. 16,112,112,64,2,2x7x7,8); ValueError naming the expected form."""
         name, _, spec = text.rpartition("=")
+        form = "[NAME=]SIZES,DIM,HEADS,N_WIN,TOPK: 1 to 3 sizes, then three integers and N_WIN (an int or AxBxC)"
+        parts = spec.split(",")
         try:
-            height, width, dim, heads, n_win, topk = (int(part) for part in spec.split(","))
+            *sizes, dim, heads, n_win_text, topk = parts
+            sizes, dim, heads, topk = tuple(int(part) for part in sizes), int(dim), int(heads), int(topk)
+            n_win = tuple(int(part) for part in n_win_text.split("x"))
         except ValueError:
-            raise ValueError(f"shape {text!r} is not [NAME=]H,W,DIM,HEADS,N_WIN,TOPK (six integers)") from None
-        if min(height, width, dim, heads, n_win, topk) < 1 or dim % heads:
+            raise ValueError(f"shape {text!r} is not {form}") from None
+        if not 1 <= len(sizes) <= 3 or len(n_win) not in (1, len(sizes)):
+            raise ValueError(f"shape {text!r} is not {form}, with N_WIN one int or one per size")
+        if min(*sizes, dim, heads, *n_win, topk) < 1 or dim % heads:
             raise ValueError(f"shape {text!r}: sizes must be positive and HEADS must divide DIM")
-        return cls(name or spec, batch, height, width, dim, heads, n_win, topk)
+        shape = cls(name or spec, batch, sizes, dim, heads, n_win[0] if len(n_win) == 1 else n_win, topk)
+        try:
+            regions = shape.grid().num_regions
+        except ValueError as error:
+            raise ValueError(f"shape {text!r}: {error}") from None
+        if topk > regions:
+            raise ValueError(f"shape {text!r}: TOPK {topk} exceeds the {regions} regions")
+        return shape
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    def grid(self) -> RegionGrid:
+        return region_grid(self.sizes, self.n_win)
+
     def attention_flops(self) -> int:
         """FLOPs (2 per multiply-add) of the token attention's forward: q.k and p.v, each query
         against the topk*T keys of its routed regions, T the tokens of a (ceil-sized) region."""
-        grid = region_grid((self.height, self.width), self.n_win)
-        keys = self.topk * grid.tokens_per_region
-        return 2 * self.batch * self.height * self.width * keys * 2 * self.dim
+        keys = self.topk * self.grid().tokens_per_region
+        return 2 * self.batch * math.prod(self.sizes) * keys * 2 * self.dim
 
 
 def stage_shapes(batch: int = 8) -> list[OpShape]:
     """BiFormer-T/S (same widths, different depths) BRA stages at 224x224 input; stage 4 is full attention."""
     return [
-        OpShape("T/S stage1", batch, 56, 56, 64, 2, 7, 1),
-        OpShape("T/S stage2", batch, 28, 28, 128, 4, 7, 4),
-        OpShape("T/S stage3", batch, 14, 14, 256, 8, 7, 16),
+        OpShape("T/S stage1", batch, (56, 56), 64, 2, 7, 1),
+        OpShape("T/S stage2", batch, (28, 28), 128, 4, 7, 4),
+        OpShape("T/S stage3", batch, (14, 14), 256, 8, 7, 16),
     ]
 
 
@@ -107,10 +125,10 @@ def _runnable(
 ) -> tuple[list[str], list[str], dict[str, str]]:
     """The candidates that can run this shape's forward, those of them that can also run it with
     autograd, and a note for each that cannot (or runs the forward only, or what auto picked)."""
-    grid = region_grid((shape.height, shape.width), shape.n_win)
+    grid = shape.grid()
 
     def select(name: str, qkv: torch.Tensor) -> str:
-        q, k, v = qkv.unbind(3)
+        q, k, v = qkv.unbind(-3)
         return select_backend(None if name == AUTO else name,
                               RoutedAttentionInputs.of(q, k, v, grid, shape.topk, padding == "masked")).name
 
@@ -138,13 +156,13 @@ def _bench_shape(shape: OpShape, candidates: list[str], device: torch.device, dt
                  repeats: int, warmup: int, memory: bool) -> list[dict[str, Any]]:
     rows = []
     generator = torch.Generator(device).manual_seed(0)
-    qkv = torch.randn(shape.batch, shape.height, shape.width, 3, shape.heads, shape.head_dim,
+    qkv = torch.randn(shape.batch, *shape.sizes, 3, shape.heads, shape.head_dim,
                       generator=generator, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], generator=generator, device=device, dtype=dtype)
+    grad_out = torch.randn(qkv.shape[:-3] + qkv.shape[-2:], generator=generator, device=device, dtype=dtype)
     scale = shape.dim**-0.5  # BiFormer's layers scale by the full width
 
     def op(backend: str) -> torch.Tensor:
-        q, k, v = qkv.unbind(3)
+        q, k, v = qkv.unbind(-3)
         return bi_level_routing_attention(q, k, v, shape.n_win, shape.topk, scale=scale, padding=padding,
                                           backend=None if backend == AUTO else backend)
 

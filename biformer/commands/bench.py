@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     op.add_argument("--backends", nargs="+", default=None, metavar="NAME",
                     help="backends to compare with the original, 'auto' for automatic dispatch "
                          "(default: auto and every registered one)")
-    op.add_argument("--shape", action="append", default=None, metavar="[NAME=]H,W,DIM,HEADS,N_WIN,TOPK",
-                    help="a layer shape (repeatable); default: the BiFormer-T/S stages at 224x224")
+    op.add_argument("--shape", action="append", default=None, metavar="[NAME=]SIZES,DIM,HEADS,N_WIN,TOPK",
+                    help="a layer shape (repeatable): 1 to 3 sizes (L; H,W; T,H,W), N_WIN an int or one per axis "
+                         "joined by x (clip=16,112,112,64,2,2x7x7,8); default: the BiFormer-T/S stages at 224x224")
     op.add_argument("--batch", type=int, default=8, help="images per layer call")
     op.add_argument("--padding", choices=("masked", "legacy"), default="masked",
                     help="how maps that are no multiple of the region count are padded (see BiLevelRoutingAttention)")
@@ -287,9 +288,6 @@ def run_op(args: argparse.Namespace) -> int:
         shapes = [OpShape.parse(s, args.batch) for s in args.shape] if args.shape else stage_shapes(args.batch)
     except ValueError as error:
         raise UserError(str(error)) from None
-    for shape in shapes:
-        if shape.n_win > min(shape.height, shape.width) or shape.topk > shape.n_win**2:
-            raise UserError(f"shape {shape.name!r}: need N_WIN <= H, W and TOPK <= N_WIN^2")
     with _threads(args.threads):
         threads = torch.get_num_threads()
         rows = bench_op(shapes, backends, device, dtype, args.padding, args.repeats, args.warmup, not args.no_memory,
