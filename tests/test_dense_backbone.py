@@ -69,7 +69,7 @@ def test_not_a_biformer():
 def test_region_size_keeps_regions_small_at_any_resolution():
     backbone = create_backbone("biformer_nano", region_size=4).eval()
     layer = backbone.stages[0].blocks[0].attn
-    assert layer.regions_per_side(16, 16) == (4, 4) and layer.regions_per_side(64, 100) == (16, 25)
+    assert layer.regions_per_axis((16, 16)) == (4, 4) and layer.regions_per_axis((64, 100)) == (16, 25)
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 256, 400))
     assert [tuple(f.shape[2:]) for f in features] == [(64, 100), (32, 50), (16, 25), (8, 13)]

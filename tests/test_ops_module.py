@@ -231,7 +231,7 @@ def test_region_size_gives_the_grid_it_implies(size, region_size, n_win, padding
     by_size = BiLevelRoutingAttention(32, 2, topk=1, padding=padding, region_size=region_size)
     by_count = BiLevelRoutingAttention(32, 2, n_win=n_win, topk=1, padding=padding)
     by_count.load_state_dict(by_size.state_dict())
-    assert by_size.regions_per_side(*size) == n_win
+    assert by_size.regions_per_axis(size) == n_win
     x = torch.randn(2, *size, 32)
     torch.testing.assert_close(by_size(x), by_count(x), atol=0, rtol=0)
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,7 +19,7 @@ from .regions import Routing, padding_mode
 class RecordedRouting(NamedTuple):
     """What one forward of a recording layer routed, for visualisation (tensors detached).
 
-    q, k: (B, H', W', M, D) as passed to the op (H', W' include the "legacy" mode's padding, if any).
+    q, k: (B, *S', M, D) as passed to the op (S' includes the "legacy" mode's padding, if any).
     """
 
     routing: Routing
@@ -37,12 +37,12 @@ class BiLevelRoutingAttention(nn.Module):
     Args:
         dim: channels in and out.
         num_heads: attention heads; must divide dim.
-        n_win: regions per side (int or (rows, cols)). A map smaller than n_win uses as many
-            regions as it has tokens per side, and topk is capped at the region count, so the layer
-            runs on any map of at least 1x1.
+        n_win: regions per axis (an int, or one per axis: (rows, cols) for images). A map smaller than
+            n_win uses as many regions as it has tokens along that axis, and topk is capped at the region
+            count, so the layer runs on any map of at least one token.
         topk: routed key regions per query region.
-        region_size: if given, n_win follows from each input instead: as many regions per side as
-            regions of at most region_size x region_size tokens need, so that the attention's cost
+        region_size: if given, n_win follows from each input instead: as many regions per axis as
+            regions of at most region_size tokens along each axis need, so that the attention's cost
             stays linear in the map's size at any resolution.
         qk_scale: logit scale; default dim ** -0.5 (the original's full-width scale, not per head).
         side_dwconv: kernel of the lepe conv; 0 disables it.
@@ -53,6 +53,8 @@ class BiLevelRoutingAttention(nn.Module):
             layer: floor-sized regions, q, k, v zero-padded after the projection, region means
             over the map's tokens only, padded keys attended to.
         channels_last: input/output as (B, H, W, C) if True, else (B, C, H, W).
+        spatial_dims: the input's spatial axes: 2 (images), 1 (sequences, (B, L, C)) or 3 (volumes or clips,
+            (B, D, H, W, C) or channels first (B, C, D, H, W)); the lepe conv is a depthwise conv over them.
         backend: force an attention backend (see `biformer.ops.available_backends()`).
 
     Set `record_routing = True` to make forward keep its last routing and q, k in `last_routing`
@@ -65,7 +67,7 @@ class BiLevelRoutingAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        n_win: int | tuple[int, int] = 7,
+        n_win: int | tuple[int, ...] = 7,
         topk: int = 4,
         *,
         qk_scale: float | None = None,
@@ -75,6 +77,7 @@ class BiLevelRoutingAttention(nn.Module):
         qkv_bias: bool = True,
         backend: str | None = None,
         region_size: int | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
@@ -87,17 +90,23 @@ class BiLevelRoutingAttention(nn.Module):
         if region_size is not None and (isinstance(region_size, bool) or not isinstance(region_size, int)
                                         or region_size < 1):
             raise ValueError(f"region_size must be a positive int (tokens per region side) or None, got {region_size!r}")
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        self.n_win = (n_win,) * spatial_dims if isinstance(n_win, int) else tuple(n_win)
+        if len(self.n_win) != spatial_dims:
+            raise ValueError(f"n_win has {len(self.n_win)} values for {spatial_dims} spatial axes: give an int or "
+                             f"{spatial_dims} values, one per axis")
+        self.spatial_dims = spatial_dims
         self.region_size = region_size
         self.dim = dim
         self.num_heads = num_heads
-        self.n_win = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
         self.topk = topk
         self.scale = qk_scale or dim**-0.5
         self.padding = padding
         self.channels_last = channels_last
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv else None
+        self.lepe = _depthwise_conv(dim, side_dwconv, spatial_dims) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)
         self.last_routing: RecordedRouting | None = None
 
@@ -105,29 +114,30 @@ class BiLevelRoutingAttention(nn.Module):
         regions = f"region_size={self.region_size}" if self.region_size is not None else f"n_win={self.n_win}"
         return f"dim={self.dim}, num_heads={self.num_heads}, {regions}, topk={self.topk}, padding={self.padding!r}"
 
-    def regions_per_side(self, height: int, width: int) -> tuple[int, int]:
-        """The region grid of an H x W map: n_win, at most the map's size; with region_size, what that size needs."""
+    def regions_per_axis(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The region grid of a map of `shape`: n_win, at most the map's size; with region_size, what that size
+        needs."""
         if self.region_size is not None:
-            size = self.region_size
-            return (height + size - 1) // size, (width + size - 1) // size
-        return size_min(self.n_win[0], height), size_min(self.n_win[1], width)  # no guard, nothing baked on export
+            return tuple((size + self.region_size - 1) // self.region_size for size in shape)
+        return tuple(size_min(count, size) for count, size in zip(self.n_win, shape))  # no guard, nothing baked
 
     def forward(self, x: Tensor) -> Tensor:
         channel_axis = -1 if self.channels_last else 1
-        if x.dim() != 4 or x.shape[channel_axis] != self.dim:
-            layout = "(B, H, W, C)" if self.channels_last else "(B, C, H, W)"
+        if x.dim() != self.spatial_dims + 2 or x.shape[channel_axis] != self.dim:
+            axes = {1: "L", 2: "H, W", 3: "D, H, W"}[self.spatial_dims]
+            layout = f"(B, {axes}, C)" if self.channels_last else f"(B, C, {axes})"
             raise ValueError(f"expected a {layout} input with C={self.dim} channels, got shape {tuple(x.shape)}")
         if not self.channels_last:
-            x = x.permute(0, 2, 3, 1)
-        height, width = x.shape[1], x.shape[2]  # 0-d tensors under torch.jit.trace: the trace follows them
-        n_win = self.regions_per_side(height, width)
-        topk = size_min(self.topk, n_win[0] * n_win[1])
+            x = x.movedim(1, -1)
+        shape = tuple(x.shape[1:-1])  # 0-d tensors under torch.jit.trace: the trace follows them
+        n_win = self.regions_per_axis(shape)
+        topk = size_min(self.topk, math.prod(n_win))
         if self.padding == "legacy":
             # the original pads the normalised tokens before the projection: padded q/k/v are the biases
-            pad_bottom, pad_right = -height % n_win[0], -width % n_win[1]
-            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+            x = F.pad(x, [0, 0] + [value for size, count in zip(reversed(shape), reversed(n_win))
+                                   for value in (0, -size % count)])
         qkv = self.qkv(x)  # a view, not unflatten: the TorchScript ONNX exporter bakes unflatten's sizes in
-        q, k, v = qkv.view(*qkv.shape[:-1], 3, self.num_heads, -1).unbind(3)  # each (B, H', W', M, D)
+        q, k, v = qkv.view(*qkv.shape[:-1], 3, self.num_heads, -1).unbind(-3)  # each (B, *S', M, D)
         out = bi_level_routing_attention(
             q, k, v, n_win, topk, scale=self.scale, padding=self.padding, backend=self.backend,
             return_routing=self.record_routing,
@@ -135,13 +145,23 @@ class BiLevelRoutingAttention(nn.Module):
         if self.record_routing:
             out, routing = out
             self.last_routing = RecordedRouting(routing, q.detach(), k.detach(), self.scale)
-        out = out.flatten(3)
+        out = out.flatten(-2)
         if self.lepe is not None:  # into the conv's output, never `out`: a backend may keep it for its backward
-            out = add_into(self.lepe(v.flatten(3).permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
+            out = add_into(self.lepe(v.flatten(-2).movedim(-1, 1)).movedim(1, -1), out)
         out = self.proj(out)
         if self.padding == "legacy":  # drop its padding (other modes' outputs are the map's size already: a narrow
-            out = out.narrow(1, 0, height).narrow(2, 0, width)  # there would cost two full copies in the backward)
-        return out if self.channels_last else out.permute(0, 3, 1, 2)
+            for axis, size in enumerate(shape):  # there would cost two full copies in the backward)
+                out = out.narrow(1 + axis, 0, size)
+        return out if self.channels_last else out.movedim(-1, 1)
+
+
+def _depthwise_conv(dim: int, kernel: int, spatial_dims: int) -> nn.Module:
+    """The lepe conv: a depthwise "same" conv over 1, 2 or 3 spatial axes (2: with the fast CPU weight gradient of
+    `DepthwiseConv2d`)."""
+    if spatial_dims == 2:
+        return DepthwiseConv2d(dim, kernel)
+    conv = nn.Conv1d if spatial_dims == 1 else nn.Conv3d
+    return conv(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
 
 @contextlib.contextmanager

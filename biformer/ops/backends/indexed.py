@@ -83,7 +83,9 @@ class _Plan:
     """Which head rows each query region reads and writes, and how the query regions are chunked.
 
     Row indices are computed once per call for all query regions (a chunk slices them), per token
-    stride: q, k and v unbound from one packed qkv share one.
+    stride: q, k and v unbound from one packed qkv share one. A chunk's scores are computed in blocks of
+    its regions' query rows (`blocks`) against the keys it gathered once: large regions (a clip's, thousands of
+    tokens routed to several regions) would otherwise need scores far larger than q, k and v.
     """
 
     def __init__(self, q: Tensor, v: Tensor, indices: Tensor, region_size: list[int], dtype: torch.dtype) -> None:
@@ -103,8 +105,15 @@ class _Plan:
         self.key_regions = indices.flatten(0, 1)  # (P, K)
         self.head = torch.arange(self.heads, device=device).view(1, -1, 1)
         self._rows: dict[tuple[str, int], Tensor] = {}
-        per_region = self.heads * (3 * self.tokens * self.keys + 2 * (self.keys + self.tokens) * (qk_dim + v_dim))
-        self.step = max(1, CHUNK_BYTES // (per_region * torch.finfo(self.dtype).bits // 8))
+        element = torch.finfo(self.dtype).bits // 8
+        # query rows per block: the scores, probabilities and their gradient of one region's block within the budget
+        self.block = max(1, min(self.tokens, CHUNK_BYTES // (3 * self.heads * self.keys * element)))
+        per_region = self.heads * (3 * self.block * self.keys + 2 * (self.keys + self.tokens) * (qk_dim + v_dim))
+        self.step = max(1, CHUNK_BYTES // (per_region * element))
+
+    def blocks(self) -> list[slice]:
+        """The blocks of query rows (of the T in a region) whose scores are computed at once."""
+        return [slice(start, start + self.block) for start in range(0, self.tokens, self.block)]
 
     def chunks(self) -> range:
         return range(0, self.query_tokens.shape[0], self.step)
@@ -139,7 +148,7 @@ class _Plan:
         """Softmax of the scaled scores (n*M, T, K*T) of query matrices q against gathered keys k."""
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
         if bias is not None:  # (R, T) per key region, the same for every head and query
-            scores = scores.view(-1, self.heads, self.tokens, scores.shape[-1])
+            scores = scores.view(-1, self.heads, scores.shape[1], scores.shape[-1])
             scores += bias[regions].view(regions.shape[0], 1, 1, -1)
             scores = scores.flatten(0, 1)
         return torch.softmax(scores, dim=-1)
@@ -148,7 +157,7 @@ class _Plan:
         """Softmax attention (n*M, T, Dv) in one fused call, for a forward that keeps no probabilities."""
         n = regions.shape[0]
         mask = None if bias is None else bias[regions].view(n, 1, 1, -1)
-        as_regions = lambda t: t.view(n, self.heads, t.shape[1], t.shape[2])  # noqa: E731
+        as_regions = lambda t: t.unflatten(0, (n, self.heads))  # noqa: E731
         out = F.scaled_dot_product_attention(as_regions(q), as_regions(k), as_regions(v), attn_mask=mask, scale=scale)
         return out.flatten(0, 1)
 
@@ -180,7 +189,8 @@ def indexed_attention(
                 probs[plan.probability_rows(start)] = chunk_probs
                 chunk_out = torch.bmm(chunk_probs, v_routed)
             else:  # fused: scores and probabilities never leave the cache
-                chunk_out = plan.attention(q_chunk, k_routed, v_routed, bias, regions, scale)
+                chunk_out = torch.cat([plan.attention(q_chunk[:, block], k_routed, v_routed, bias, regions, scale)
+                                       for block in plan.blocks()], dim=1)
             out_rows.index_copy_(0, plan.rows("query", v.shape[-2], start), chunk_out.flatten(0, 1).to(out.dtype))
         return out, probs
 
@@ -209,17 +219,20 @@ def indexed_attention_backward(
         for start in plan.chunks():
             q_chunk, grad_chunk = plan.gather(q_rows, "query", start), plan.gather(grad_rows, "query", start)
             k_routed, v_routed = plan.gather(k_rows, "key", start), plan.gather(v_rows, "key", start)
-            if probs.numel():
-                chunk_probs = probs[plan.probability_rows(start)]
-            else:
-                chunk_probs = plan.probabilities(q_chunk, k_routed, bias, plan.routed_regions(start), scale)
-            grad_v_routed = torch.bmm(chunk_probs.transpose(1, 2), grad_chunk)
-            grad_probs = torch.bmm(grad_chunk, v_routed.transpose(1, 2))
-            # softmax backward, times the logit scale that both q and k gradients carry
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, chunk_probs, -1, plan.dtype).mul_(scale)
-            grad_q_rows.index_copy_(0, plan.rows("query", q.shape[-2], start),
-                                    torch.bmm(grad_scores, k_routed).flatten(0, 1).to(q.dtype))
-            grad_k_routed = torch.bmm(grad_scores.transpose(1, 2), q_chunk)
+            grad_q_chunk, grad_k_routed, grad_v_routed = torch.empty_like(q_chunk), None, None
+            for block in plan.blocks():  # the keys' gradients sum over the blocks of query rows
+                q_block, grad_block = q_chunk[:, block], grad_chunk[:, block]
+                if probs.numel():
+                    block_probs = probs[plan.probability_rows(start)][:, block]
+                else:
+                    block_probs = plan.probabilities(q_block, k_routed, bias, plan.routed_regions(start), scale)
+                grad_v_routed = _add_product(grad_v_routed, block_probs.transpose(1, 2), grad_block)
+                grad_probs = torch.bmm(grad_block, v_routed.transpose(1, 2))
+                # softmax backward, times the logit scale that both q and k gradients carry
+                grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, block_probs, -1, plan.dtype).mul_(scale)
+                grad_q_chunk[:, block] = torch.bmm(grad_scores, k_routed)
+                grad_k_routed = _add_product(grad_k_routed, grad_scores.transpose(1, 2), q_block)
+            grad_q_rows.index_copy_(0, plan.rows("query", q.shape[-2], start), grad_q_chunk.flatten(0, 1).to(q.dtype))
             key_rows = plan.rows("key", k.shape[-2], start)
             grad_k_rows.index_add_(0, key_rows, grad_k_routed.flatten(0, 1))
             grad_v_rows.index_add_(0, key_rows, grad_v_routed.flatten(0, 1))
@@ -229,6 +242,11 @@ def indexed_attention_backward(
 @indexed_attention_backward.register_fake
 def _(grad_out, q, k, v, indices, region_size, bias, probs, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """total + a @ b (batched); a @ b where total is None."""
+    return torch.bmm(a, b) if total is None else total.baddbmm_(a, b)
 
 
 def _setup_context(ctx, inputs, output) -> None:
