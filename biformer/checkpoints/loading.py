@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .inflation import inflate_state_dict
 from .original import ORIGINAL_MARKER, checkpoint_filter_fn
 from .weights import check_fits, read_metadata, read_state_dict
 
@@ -97,6 +98,11 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     state_dict = read_state_dict(path)
     if ORIGINAL_MARKER in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)
+    kind = "classification checkpoint"
+    if getattr(model, "spatial_dims", 2) == 3:  # a clip model from an image model's file
+        state_dict, inflated = inflate_state_dict(state_dict, model)
+        if inflated:
+            kind = f"image classification checkpoint, {len(inflated)} conv kernels inflated over time"
     own = model.state_dict()
     head = classifier_keys(model)
     refitted = [key for key in head if key not in state_dict or state_dict[key].shape != own[key].shape]
@@ -107,5 +113,5 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     check_no_strays(state_dict, set(usable) | set(refitted), path, f"model {name}")
     model.load_state_dict(usable, strict=False)  # strict but for the head, which check_fits let pass
     why = f"the file's classifier does not fit {own[head[0]].shape[0]} classes" if head else ""
-    return CheckpointReport(os.fspath(path), "classification checkpoint", len(usable), dict(unused),
+    return CheckpointReport(os.fspath(path), kind, len(usable), dict(unused),
                             sorted({key.rsplit(".", 1)[0] for key in refitted}), why)

@@ -94,3 +94,14 @@ class DepthwiseConv2d(nn.Conv2d):
             with torch.autocast("cpu", enabled=False):
                 return _DepthwiseConv.apply(x, weight, bias)
         return _DepthwiseConv.apply(x, weight, bias)
+
+
+def depthwise_conv(channels: int, kernel_size: int, spatial_dims: int = 2) -> nn.Module:
+    """A depthwise "same" conv (odd kernel, stride 1) over 1, 2 or 3 spatial axes: channels-first (B, C, *S) in
+    and out; 2-D: `DepthwiseConv2d` (its fast CPU weight gradient)."""
+    if spatial_dims == 2:
+        return DepthwiseConv2d(channels, kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[spatial_dims]
+    return conv(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)

@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices  # timm has no public nam
 from torch import Tensor, nn
 
 from ..checkpoints.original import check_release_source, checkpoint_filter_fn
-from ..layers.depthwise import DepthwiseConv2d
+from ..layers.depthwise import depthwise_conv
 from ..layers.inplace import InplaceGELU, add_into
 from ..layers.mlp import LeanMlp
 from ..layers.sdpa import scaled_dot_product_attention
@@ -43,41 +43,42 @@ class GlobalAttention(nn.Module):
     the NCHW refactor (`lepe_on="value"`). Scale is head_dim ** -0.5, qkv has no bias.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, lepe_on: str = "input") -> None:
+    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, lepe_on: str = "input",
+                 spatial_dims: int = 2) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
         self.num_heads = num_heads
         self.lepe_on = lepe_on
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.lepe = DepthwiseConv2d(dim, side_dwconv)
+        self.lepe = depthwise_conv(dim, side_dwconv, spatial_dims)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
-        batch, height, width, channels = x.shape
-        q, k, v = self.qkv(x.flatten(1, 2)).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
-        lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(batch, height, width, channels)
-        out = add_into(self.lepe(lepe_source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
+    def forward(self, x: Tensor) -> Tensor:  # (B, *S, C) -> (B, *S, C); S: (H, W), or (T, H, W) for clips
+        q, k, v = self.qkv(x.flatten(1, -2)).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        out = scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        out = out.transpose(1, 2).reshape(x.shape)
+        lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(x.shape)
+        out = add_into(self.lepe(lepe_source.movedim(-1, 1)).movedim(1, -1), out)
         return self.proj(out)
 
 
 class Block(nn.Module):
     """[x + dwconv3x3(x)] -> x + attn(norm1(x)) -> x + mlp(norm2(x)); pre-norm, no layer scale."""
 
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, pos_embed: bool, drop_path: float) -> None:
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, pos_embed: bool, drop_path: float,
+                 spatial_dims: int = 2) -> None:
         super().__init__()
-        self.pos_embed = DepthwiseConv2d(dim, 3) if pos_embed else None
+        self.pos_embed = depthwise_conv(dim, 3, spatial_dims) if pos_embed else None
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = LeanMlp(dim, int(dim * mlp_ratio))  # timm's Mlp (same keys) keeping less for the backward
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
+    def forward(self, x: Tensor) -> Tensor:  # (B, *S, C)
         if self.pos_embed is not None:
-            x = add_into(self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), x)
+            x = add_into(self.pos_embed(x.movedim(-1, 1)).movedim(1, -1), x)
         x = add_into(self.drop_path(self.attn(self.norm1(x))), x)
         return add_into(self.drop_path(self.mlp(self.norm2(x))), x)
 
@@ -98,12 +99,12 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
         self.cast_weights_once = True
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, *S) -> (B, C', *S')
         checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
         with weights_cast_once(self, x.device, enabled=self.cast_weights_once and not checkpointing):
-            x = self.downsample(x).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) memory: channels-last convs, adds
+            x = self.downsample(x).movedim(1, -1).contiguous()  # (B, *S, C) memory: channels-last convs, adds
             x = checkpoint_seq(self.blocks, x) if checkpointing else self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+        return x.movedim(-1, 1)
 
 
 # a stage's top-k may instead name full (global) attention, its lepe conv on V or on the attention's input; the
@@ -127,16 +128,16 @@ def _stage_topks(topks: int | str | tuple | list) -> tuple[int | str, ...]:
     return values
 
 
-def _token_mixer(attention: str, dim: int, heads: int, n_win: int, topk: int | str, side_dwconv: int, *,
-                 region_size: int | None, stripe_width: int, padding: str, backend: str | None,
-                 block_index: int) -> nn.Module:
+def _token_mixer(attention: str, dim: int, heads: int, n_win: int | tuple[int, ...], topk: int | str,
+                 side_dwconv: int, *, region_size: int | None, stripe_width: int, padding: str, backend: str | None,
+                 block_index: int, spatial_dims: int = 2) -> nn.Module:
     """Block `block_index`'s token mixer: BRA, an ablation mixer (see BiFormer's `attention`), or full attention
     where topk names a GLOBAL_MODES mode."""
     if topk in GLOBAL_MODES:
-        return GlobalAttention(dim, 8, side_dwconv, GLOBAL_MODES[topk])
+        return GlobalAttention(dim, 8, side_dwconv, GLOBAL_MODES[topk], spatial_dims)
     if attention == "bra":
         return BiLevelRoutingAttention(dim, heads, n_win, topk, side_dwconv=side_dwconv, padding=padding,
-                                       backend=backend, region_size=region_size)
+                                       backend=backend, region_size=region_size, spatial_dims=spatial_dims)
     pattern = {"window": {"window_size": n_win, "shifted": block_index % 2 == 1}, "stripe": {"stripe_width": stripe_width},
                "grid": {"grid_size": n_win}, "full": {}}[attention]
     return MIXERS[attention](dim, heads, side_dwconv=side_dwconv, **pattern)
@@ -174,6 +175,10 @@ class BiFormer(nn.Module):
             other block), "stripe" (CSWin: stripes of stripe_widths[i] rows/columns), "grid" (MaxViT:
             an n_win x n_win grid) or "full". A stage whose topk names full attention keeps it.
         stripe_widths: stripe width per stage for attention="stripe" (CSWin-T's 1, 2, 7, 7).
+        spatial_dims: 2 for images (B, 3, H, W); 3 for clips (B, 3, T, H, W): the convs become 3-D (the stem a
+            2 x 4 x 4 tubelet, downsampling in space only, the depthwise convs over T, H, W), BRA routes among
+            temporal_regions x n_win x n_win regions, and the pooling is over time too (see biformer3d_*).
+        temporal_regions: with spatial_dims=3, regions along time per stage (one value or four).
     """
 
     def __init__(
@@ -192,6 +197,8 @@ class BiFormer(nn.Module):
         backend: str | None = None,
         attention: str = "bra",
         stripe_widths: int | tuple[int, ...] = (1, 2, 7, 7),
+        spatial_dims: int = 2,
+        temporal_regions: int | tuple[int, ...] = 2,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -205,6 +212,21 @@ class BiFormer(nn.Module):
         stripe_widths = _per_stage(stripe_widths, "stripe_widths")
         if attention != "bra" and attention not in MIXERS:
             raise ValueError(f"attention must be one of {', '.join(['bra', *MIXERS])}, got {attention!r}")
+        if spatial_dims not in (2, 3) or (spatial_dims == 3 and (attention != "bra" or stem != "overlap")):
+            raise ValueError(f"spatial_dims must be 2, or 3 with attention='bra' and stem='overlap', got "
+                             f"spatial_dims={spatial_dims!r}, attention={attention!r}, stem={stem!r}")
+        self.spatial_dims = spatial_dims
+        temporal = _per_stage(temporal_regions, "temporal_regions")
+        if spatial_dims == 3:  # regions per axis: (time, rows, columns)
+            n_wins = tuple((regions, count, count) for regions, count in zip(temporal, n_wins))
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        # a 3x3 conv of stride 2; for clips, in space only, but for the stem's first, which merges frame pairs
+        # (with the second, a 2x4x4 tubelet, as Video Swin's)
+        def halving(channels_in: int, channels_out: int, merge_frames: bool = False) -> nn.Module:
+            if spatial_dims == 2:
+                return conv(channels_in, channels_out, 3, stride=2, padding=1)
+            time = 2 if merge_frames else 1
+            return conv(channels_in, channels_out, (time, 3, 3), stride=(time, 2, 2), padding=(0, 1, 1))
         self.topks = topks
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
@@ -215,11 +237,11 @@ class BiFormer(nn.Module):
 
         if stem == "overlap":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
-                nn.BatchNorm2d(embed_dims[0] // 2),
+                halving(in_chans, embed_dims[0] // 2, merge_frames=True),
+                norm(embed_dims[0] // 2),
                 InplaceGELU(),
-                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
-                nn.BatchNorm2d(embed_dims[0]),
+                halving(embed_dims[0] // 2, embed_dims[0]),
+                norm(embed_dims[0]),
             )
         elif stem == "patch":
             self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
@@ -233,22 +255,22 @@ class BiFormer(nn.Module):
             if i == 0:
                 downsample = nn.Identity()
             elif stem == "overlap":
-                downsample = nn.Sequential(nn.Conv2d(embed_dims[i - 1], dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+                downsample = nn.Sequential(halving(embed_dims[i - 1], dim), norm(dim))
             else:  # Swin-style patch merging: norm, then conv2x2/s2
                 downsample = nn.Sequential(nn.BatchNorm2d(embed_dims[i - 1]), nn.Conv2d(embed_dims[i - 1], dim, 2, stride=2))
             mixer = partial(
                 _token_mixer, attention, dim, dim // head_dim, n_wins[i], topks[i],
                 side_dwconv, region_size=region_sizes[i], stripe_width=stripe_widths[i], padding=padding,
-                backend=backend,
+                backend=backend, spatial_dims=spatial_dims,
             )
             blocks = [
-                Block(dim, mixer(block_index=j), mlp_ratio, pos_embed, drop_path_rates[sum(depths[:i]) + j])
+                Block(dim, mixer(block_index=j), mlp_ratio, pos_embed, drop_path_rates[sum(depths[:i]) + j], spatial_dims)
                 for j in range(depth)
             ]
             stages.append(BiFormerStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.norm = norm(embed_dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -304,8 +326,9 @@ class BiFormer(nn.Module):
         With norm=True the last stage's intermediate goes through the final norm, so it equals
         forward_features.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if output_fmt not in ("NCHW", "NCTHW"[: 4 + self.spatial_dims - 2]):
+            raise ValueError(f"output_fmt must be 'NCHW' (channels first{', NCTHW' * (self.spatial_dims == 3)}), got "
+                             f"{output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early else self.stages
@@ -339,7 +362,7 @@ class BiFormer(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
-            x = x.mean((2, 3))
+            x = x.mean(tuple(range(2, x.dim())))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -393,6 +416,10 @@ default_cfgs = generate_default_cfgs({
     ),
     "biformer_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
     "biformer_stl_nano": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    # clips (B, 3, T, H, W) of 16 frames (nano: 8); timm's input_size holds a frame's size. No released weights:
+    # --pretrained inflates an image model's
+    **{f"biformer3d_{size}": _cfg(pool_size=(8, 7, 7)) for size in ("tiny", "small", "base")},
+    "biformer3d_nano": _cfg(input_size=(3, 64, 64), pool_size=(4, 2, 2), crop_pct=1.0),
 })
 
 STL_ARGS = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratio=4.0, stem="patch", pos_embed=False)
@@ -452,3 +479,35 @@ def biformer_stl_nano(pretrained: bool = False, **kwargs) -> BiFormer:
     attention ablations (`attention=`, `biformer ablate`) run on small data sets in minutes."""
     args = dict(STL_ARGS, embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4)
     return _create_biformer("biformer_stl_nano", pretrained, **{**args, **kwargs})
+
+
+# Clip models: the family's widths, depths and heads over (time, height, width); see BiFormer's spatial_dims.
+CLIP_ARGS = dict(spatial_dims=3, temporal_regions=2)  # regions of 4 of the 8 frames the stem leaves of 16
+
+
+@register_model
+def biformer3d_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-T for clips (B, 3, T, H, W); --pretrained inflates biformer_tiny's weights."""
+    return _create_biformer("biformer3d_tiny", pretrained, **{**CLIP_ARGS, "depths": (2, 2, 8, 2), **kwargs})
+
+
+@register_model
+def biformer3d_small(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-S for clips; --pretrained inflates biformer_small's weights."""
+    return _create_biformer("biformer3d_small", pretrained, **{**CLIP_ARGS, "depths": (4, 4, 18, 4), **kwargs})
+
+
+@register_model
+def biformer3d_base(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-B for clips; --pretrained inflates biformer_base's weights."""
+    args = dict(CLIP_ARGS, depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
+    return _create_biformer("biformer3d_base", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def biformer3d_nano(pretrained: bool = False, **kwargs) -> BiFormer:
+    """biformer_nano for clips of 64 px frames (ours, for tests and small data)."""
+    args = dict(CLIP_ARGS, depths=(1, 1, 3, 1), embed_dims=(32, 64, 128, 256), head_dim=16, n_win=4,
+                topks=(4, 4, 4, GLOBAL_LEPE_ON_INPUT), side_dwconv=3)
+    return _create_biformer("biformer3d_nano", pretrained, **{**args, **kwargs})
+

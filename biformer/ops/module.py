@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.depthwise import DepthwiseConv2d
+from ..layers.depthwise import depthwise_conv
 from ..layers.exporting import size_min
 from ..layers.inplace import add_into
 from .backends import check_backend_name
@@ -106,7 +106,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.channels_last = channels_last
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.lepe = _depthwise_conv(dim, side_dwconv, spatial_dims) if side_dwconv else None
+        self.lepe = depthwise_conv(dim, side_dwconv, spatial_dims) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)
         self.last_routing: RecordedRouting | None = None
 
@@ -154,14 +154,6 @@ class BiLevelRoutingAttention(nn.Module):
                 out = out.narrow(1 + axis, 0, size)
         return out if self.channels_last else out.movedim(-1, 1)
 
-
-def _depthwise_conv(dim: int, kernel: int, spatial_dims: int) -> nn.Module:
-    """The lepe conv: a depthwise "same" conv over 1, 2 or 3 spatial axes (2: with the fast CPU weight gradient of
-    `DepthwiseConv2d`)."""
-    if spatial_dims == 2:
-        return DepthwiseConv2d(dim, kernel)
-    conv = nn.Conv1d if spatial_dims == 1 else nn.Conv3d
-    return conv(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
 
 @contextlib.contextmanager
