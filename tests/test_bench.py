@@ -33,9 +33,11 @@ def test_bench_op_reports_a_backend_that_cannot_run(tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "op", "--shape", "8,8,16"], "six integers"),
+    (["bench", "op", "--shape", "8,8,16"], "is not [NAME=]SIZES,DIM,HEADS,N_WIN,TOPK: 1 to 3 sizes"),
     (["bench", "op", "--shape", "8,8,16,3,4,2"], "HEADS must divide DIM"),
-    (["bench", "op", "--shape", "8,8,16,2,9,2"], "N_WIN <= H"),
+    (["bench", "op", "--shape", "8,8,16,2,9,2"], "asks for more regions along an axis than the 8x8 map has tokens"),
+    (["bench", "op", "--shape", "4,8,8,16,2,2x2,2"], "with N_WIN one int or one per size"),
+    (["bench", "op", "--shape", "4,8,8,16,2,2x2x2,9"], "TOPK 9 exceeds the 8 regions"),
     (["bench", "op", "--backends", "nope"], "unknown backend"),
     (["bench", "op", "--repeats", "0"], "--repeats"),
     (["bench", "op", "--csv", "/no/such/folder/x.csv"], "does not exist"),

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..checkpoints.original import check_release_source, checkpoint_filter_fn
 from ..layers.depthwise import depthwise_conv
 from ..layers.inplace import InplaceGELU, add_into
+from ..layers.layout import channels_first, channels_last
 from ..layers.mlp import LeanMlp
 from ..layers.sdpa import scaled_dot_product_attention
 from ..layers.weight_cast import weights_cast_once
@@ -59,7 +60,7 @@ class GlobalAttention(nn.Module):
         out = scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(x.shape)
         lepe_source = x if self.lepe_on == "input" else v.transpose(1, 2).reshape(x.shape)
-        out = add_into(self.lepe(lepe_source.movedim(-1, 1)).movedim(1, -1), out)
+        out = add_into(channels_last(self.lepe(channels_first(lepe_source))), out)
         return self.proj(out)
 
 
@@ -78,7 +79,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, *S, C)
         if self.pos_embed is not None:
-            x = add_into(self.pos_embed(x.movedim(-1, 1)).movedim(1, -1), x)
+            x = add_into(channels_last(self.pos_embed(channels_first(x))), x)
         x = add_into(self.drop_path(self.attn(self.norm1(x))), x)
         return add_into(self.drop_path(self.mlp(self.norm2(x))), x)
 
@@ -102,9 +103,9 @@ class BiFormerStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C, *S) -> (B, C', *S')
         checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
         with weights_cast_once(self, x.device, enabled=self.cast_weights_once and not checkpointing):
-            x = self.downsample(x).movedim(1, -1).contiguous()  # (B, *S, C) memory: channels-last convs, adds
+            x = channels_last(self.downsample(x)).contiguous()  # (B, *S, C) memory: channels-last convs, adds
             x = checkpoint_seq(self.blocks, x) if checkpointing else self.blocks(x)
-        return x.movedim(-1, 1)
+        return channels_first(x)
 
 
 # a stage's top-k may instead name full (global) attention, its lepe conv on V or on the attention's input; the

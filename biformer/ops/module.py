@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..layers.depthwise import depthwise_conv
 from ..layers.exporting import size_min
 from ..layers.inplace import add_into
+from ..layers.layout import channels_first, channels_last
 from .backends import check_backend_name
 from .functional import bi_level_routing_attention
 from .regions import Routing, padding_mode
@@ -128,7 +129,7 @@ class BiLevelRoutingAttention(nn.Module):
             layout = f"(B, {axes}, C)" if self.channels_last else f"(B, C, {axes})"
             raise ValueError(f"expected a {layout} input with C={self.dim} channels, got shape {tuple(x.shape)}")
         if not self.channels_last:
-            x = x.movedim(1, -1)
+            x = channels_last(x)
         shape = tuple(x.shape[1:-1])  # 0-d tensors under torch.jit.trace: the trace follows them
         n_win = self.regions_per_axis(shape)
         topk = size_min(self.topk, math.prod(n_win))
@@ -147,12 +148,12 @@ class BiLevelRoutingAttention(nn.Module):
             self.last_routing = RecordedRouting(routing, q.detach(), k.detach(), self.scale)
         out = out.flatten(-2)
         if self.lepe is not None:  # into the conv's output, never `out`: a backend may keep it for its backward
-            out = add_into(self.lepe(v.flatten(-2).movedim(-1, 1)).movedim(1, -1), out)
+            out = add_into(channels_last(self.lepe(channels_first(v.flatten(-2)))), out)
         out = self.proj(out)
         if self.padding == "legacy":  # drop its padding (other modes' outputs are the map's size already: a narrow
             for axis, size in enumerate(shape):  # there would cost two full copies in the backward)
                 out = out.narrow(1 + axis, 0, size)
-        return out if self.channels_last else out.movedim(-1, 1)
+        return out if self.channels_last else channels_first(out)
 
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.exporting import known_zero, plain_eager
+from ..layers.layout import channels_first
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def region_means(x: Tensor, grid: RegionGrid, masked: bool) -> tuple[Tensor, flo
     pair, n = x.shape[-3], grid.ndim
     x = x.to(dtype).flatten(-3)  # (B, *S, P*C)
     # ceil_mode: a window cut by the map's end averages the tokens inside the map
-    means = _AVERAGE_POOLS[n](x.movedim(-1, 1), grid.sizes, ceil_mode=True)  # (B, P*C, *regions inside the map)
+    means = _AVERAGE_POOLS[n](channels_first(x), grid.sizes, ceil_mode=True)  # (B, P*C, *regions inside the map)
     if tuple(means.shape[2:]) != grid.counts:  # no window starts beyond the map: regions of padding get zeros
         means = F.pad(means, [value for count, found in zip(reversed(grid.counts), reversed(means.shape[2:]))
                               for value in (0, count - found)])
