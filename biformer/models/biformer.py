@@ -144,6 +144,15 @@ def _token_mixer(attention: str, dim: int, heads: int, n_win: int | tuple[int, .
     return MIXERS[attention](dim, heads, side_dwconv=side_dwconv, **pattern)
 
 
+def _halving_conv(spatial_dims: int, channels_in: int, channels_out: int, merge_frames: bool = False) -> nn.Module:
+    """A 3x3 conv of stride 2 (the overlapping stem's and downsampling's); for clips in space only, but for the
+    stem's first, which merges frame pairs (with the second, a 2x4x4 tubelet, as Video Swin's)."""
+    if spatial_dims == 2:
+        return nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1)
+    time = 2 if merge_frames else 1
+    return nn.Conv3d(channels_in, channels_out, (time, 3, 3), stride=(time, 2, 2), padding=(0, 1, 1))
+
+
 def _per_stage(value, name: str) -> tuple:
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 4
     if len(values) != 4:
@@ -217,17 +226,9 @@ class BiFormer(nn.Module):
             raise ValueError(f"spatial_dims must be 2, or 3 with attention='bra' and stem='overlap', got "
                              f"spatial_dims={spatial_dims!r}, attention={attention!r}, stem={stem!r}")
         self.spatial_dims = spatial_dims
-        temporal = _per_stage(temporal_regions, "temporal_regions")
         if spatial_dims == 3:  # regions per axis: (time, rows, columns)
-            n_wins = tuple((regions, count, count) for regions, count in zip(temporal, n_wins))
-        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
-        # a 3x3 conv of stride 2; for clips, in space only, but for the stem's first, which merges frame pairs
-        # (with the second, a 2x4x4 tubelet, as Video Swin's)
-        def halving(channels_in: int, channels_out: int, merge_frames: bool = False) -> nn.Module:
-            if spatial_dims == 2:
-                return conv(channels_in, channels_out, 3, stride=2, padding=1)
-            time = 2 if merge_frames else 1
-            return conv(channels_in, channels_out, (time, 3, 3), stride=(time, 2, 2), padding=(0, 1, 1))
+            n_wins = tuple((t, count, count) for t, count in zip(_per_stage(temporal_regions, "temporal_regions"), n_wins))
+        norm, halving = (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d), partial(_halving_conv, spatial_dims)
         self.topks = topks
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
@@ -237,13 +238,8 @@ class BiFormer(nn.Module):
         self.grad_checkpointing = False
 
         if stem == "overlap":
-            self.stem = nn.Sequential(
-                halving(in_chans, embed_dims[0] // 2, merge_frames=True),
-                norm(embed_dims[0] // 2),
-                InplaceGELU(),
-                halving(embed_dims[0] // 2, embed_dims[0]),
-                norm(embed_dims[0]),
-            )
+            self.stem = nn.Sequential(halving(in_chans, embed_dims[0] // 2, merge_frames=True), norm(embed_dims[0] // 2),
+                                      InplaceGELU(), halving(embed_dims[0] // 2, embed_dims[0]), norm(embed_dims[0]))
         elif stem == "patch":
             self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
         else:
