@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--img-size", type=positive, nargs="+", metavar="N", default=None,
                         help="input H W (or one value for a square); default: the checkpoint's, else the model's "
                              "reference size (ImageNet's for classifiers, the ADE20K crop, COCO's shorter side)")
+    parser.add_argument("--frames", type=positive, default=None,
+                        help="frames per clip, for a clip model (biformer3d_*; default: its reference clip's)")
     parser.add_argument("--batch", type=positive, default=1, help="images per counted forward pass")
     parser.add_argument("--num-classes", type=positive, default=None,
                         help="output classes of a model by name (default: its reference data set's)")
@@ -33,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.flops import count_flops, format_report
+    from ..models.biformer import CLIP_FRAMES
     from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.img_size is not None and len(args.img_size) > 2:
@@ -50,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
         task, name = task_for_model(args.model, "model"), args.model
         default_side = task.reference_size(name)
         model = task.untrained_model(name, side or default_side, args.num_classes)
-    height, width = (args.img_size * 2)[:2] if args.img_size else (default_side, default_side)
+    size = tuple((args.img_size * 2)[:2]) if args.img_size else (default_side, default_side)
+    if getattr(model, "spatial_dims", 2) == 3:
+        size = (args.frames or CLIP_FRAMES.get(name, 16), *size)
+    elif args.frames is not None:
+        raise UserError(f"--frames is for clip models (biformer3d_*); {name} takes images")
     in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
     try:
-        report = count_flops(model, (height, width), args.batch, in_chans=in_chans, progress=True)
+        report = count_flops(model, size, args.batch, in_chans=in_chans, progress=True)
     except (ValueError, RuntimeError) as error:  # an input the model cannot take
-        raise UserError(f"{name} cannot run a {height}x{width} input: {str(error).splitlines()[0]}") from error
+        raise UserError(f"{name} cannot run a {'x'.join(map(str, size))} input: {str(error).splitlines()[0]}") from error
     print(format_report(report, name))
     return 0

@@ -403,6 +403,9 @@ def _cfg(url: str = "", **kwargs) -> dict:
     }
 
 
+# the frames of a clip model's reference clip (what `flops` and `bench` count it on)
+CLIP_FRAMES = {"biformer3d_tiny": 16, "biformer3d_small": 16, "biformer3d_base": 16, "biformer3d_nano": 8}
+
 default_cfgs = generate_default_cfgs({
     "biformer_tiny.in1k": _cfg(url="https://matix.li/e36fe9fb086c"),
     "biformer_small.in1k": _cfg(url="https://matix.li/5bb436318902"),
@@ -413,7 +416,7 @@ default_cfgs = generate_default_cfgs({
     ),
     "biformer_nano": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
     "biformer_stl_nano": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
-    # clips (B, 3, T, H, W) of 16 frames (nano: 8); timm's input_size holds a frame's size. No released weights:
+    # clips (B, 3, T, H, W) of CLIP_FRAMES frames; timm's input_size holds a frame's size. No released weights:
     # --pretrained inflates an image model's
     **{f"biformer3d_{size}": _cfg(pool_size=(8, 7, 7)) for size in ("tiny", "small", "base")},
     "biformer3d_nano": _cfg(input_size=(3, 64, 64), pool_size=(4, 2, 2), crop_pct=1.0),
