@@ -9,7 +9,7 @@ hold for every size in range). A trace (torch.jit.trace, and the TorchScript-bas
 records sizes as they are computed from the input's: BRA and the segmentation models' padding keep every size
 they derive as a traced value, so a traced file also serves every size (`dynamic` names the ONNX file's axes).
 
-Shape legend: B batch, H/W input height/width.
+Shape legend: B batch, H/W input height/width, T a clip's frames (clip models, biformer3d_*, take (B, 3, T, H, W)).
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", "
 # token at the last stage. A dynamic export needs maps of at least 2x2 there (see `smallest_dynamic_side`).
 MIN_SIDE, MIN_DYNAMIC_SIDE, MAX_SIDE = 32, 33, 4096
 MAX_BATCH = 1024
+# a clip model's stem merges frame pairs: a dynamic export keeps at least 2 merged frames (as it keeps maps of more
+# than one pixel)
+MIN_DYNAMIC_FRAMES, MAX_FRAMES = 4, 1024
 # the ONNX opsets each exporter writes our models at (torch 2.14): the TorchScript-based one from 14 (attention,
 # scaled_dot_product_attention, has no translation before) to its last, 20; the dynamo one from torchlib's 18
 # (below it writes 18 regardless) to 23
@@ -41,11 +44,18 @@ OPSETS = {"legacy": (14, 20), "dynamo": (18, 23)}
 TOLERANCE = 1e-4  # max abs difference from eager PyTorch, float32, relative to outputs of magnitude up to 1
 
 
-def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE) -> tuple[dict[int, torch.export.Dim], ...]:
-    """Batch, height and width (from `min_side` px) of a (B, 3, H, W) input free."""
-    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH),
-             2: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
-             3: torch.export.Dim("width", min=min_side, max=MAX_SIDE)},)
+def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE, clip: bool = False) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Batch, height and width (from `min_side` px) of a (B, 3, H, W) input free; of a clip (B, 3, T, H, W), also
+    its frames."""
+    frames = {2: torch.export.Dim("frames", min=MIN_DYNAMIC_FRAMES, max=MAX_FRAMES)} if clip else {}
+    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH), **frames,
+             2 + clip: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
+             3 + clip: torch.export.Dim("width", min=min_side, max=MAX_SIDE)},)
+
+
+def is_clip_model(model: nn.Module) -> bool:
+    """Whether `model` takes clips (B, 3, T, H, W) rather than images."""
+    return getattr(model, "spatial_dims", 2) == 3
 
 
 class _ConvolutionInputs(TorchDispatchMode):
@@ -65,11 +75,13 @@ def smallest_dynamic_side(model: nn.Module) -> int:
     """The smallest input side at which every convolution of `model` sees a map of more than one pixel per side:
     below it, torch.export's convolutions take another path for 1-pixel maps, which one graph cannot hold. For
     BiFormer with the overlapping conv stem that is 33 px, with the patch stem (the STL layout) 64 px."""
+    frames = (MIN_DYNAMIC_FRAMES,) if is_clip_model(model) else ()
+
     def more_than_one_pixel(side: int) -> bool:
         recorder = _ConvolutionInputs()
         try:
             with torch.no_grad(), recorder:
-                model(torch.zeros(1, 3, side, side))
+                model(torch.zeros(1, 3, *frames, side, side))
         except RuntimeError:  # too small for the model at all
             return False
         return all(min(size) > 1 for size in recorder.sizes)
@@ -122,11 +134,12 @@ class ExportSettings:
                                f"{other[0]}..{other[1]})")
         return reasons
 
-    def accepted_sizes(self, batch: int, height: int, width: int, min_side: int) -> str:
-        """The input sizes the exported file takes, for the summary."""
+    def accepted_sizes(self, batch: int, height: int, width: int, min_side: int, frames: int | None = None) -> str:
+        """The input sizes the exported file takes, for the summary (frames: a clip model's)."""
         if not self.dynamic:
-            return f"{batch}x3x{height}x{width} only"
-        return f"dynamic: batch 1..{MAX_BATCH}, height and width {min_side}..{MAX_SIDE} px"
+            return f"{batch}x3x{f'{frames}x' if frames else ''}{height}x{width} only"
+        clip = f", frames {MIN_DYNAMIC_FRAMES}..{MAX_FRAMES}" if frames else ""
+        return f"dynamic: batch 1..{MAX_BATCH}{clip}, height and width {min_side}..{MAX_SIDE} px"
 
 
 def format_for_path(path: str | os.PathLike, requested: str | None = None) -> str:
@@ -171,10 +184,14 @@ def _onnx_names(model: nn.Module, example: Tensor, dynamic: bool) -> dict[str, A
     with torch.no_grad():
         outputs = flat_outputs(model(example))
     names = ["output"] if len(outputs) == 1 else [f"output_{index}" for index in range(len(outputs))]
-    axes = {name: {0: "batch", **({2: f"{name}_height", 3: f"{name}_width"} if output.dim() == 4 else {})}
-            for name, output in zip(names, outputs)}
+
+    def map_axes(rank: int, name: str = "") -> dict[int, str]:  # of (B, C, H, W) or (B, C, T, H, W) maps
+        axes = (f"{name}_{axis}" if name else axis for axis in ("width", "height", "frames"))
+        return dict(zip(range(rank - 1, 1, -1), axes)) if rank >= 4 else {}
+
+    axes = {name: {0: "batch", **map_axes(output.dim(), name)} for name, output in zip(names, outputs)}
     return {"input_names": ["images"], "output_names": names,
-            "dynamic_axes": {"images": {0: "batch", 2: "height", 3: "width"}, **axes} if dynamic else None}
+            "dynamic_axes": {"images": {0: "batch", **map_axes(example.dim())}, **axes} if dynamic else None}
 
 
 def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: ExportSettings,
@@ -195,7 +212,7 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
         elif settings.format == "onnx" and settings.legacy:
             torch.onnx.export(model, (example,), path, dynamo=False, opset_version=settings.opset, **names)
         else:
-            shapes = dynamic_shapes(min_side) if settings.dynamic else None
+            shapes = dynamic_shapes(min_side, example.dim() == 5) if settings.dynamic else None
             with one_graph_for_every_size():
                 if settings.format == "exported":
                     program = torch.export.export(model, (example,), dynamic_shapes=shapes,
@@ -228,25 +245,27 @@ def load(path: str | os.PathLike, format: str) -> Callable[[Tensor], list[Tensor
     return lambda images: flat_outputs(module(images))
 
 
-def verification_inputs(batch: int, height: int, width: int, dynamic: bool,
-                        min_side: int = MIN_DYNAMIC_SIDE) -> list[tuple[int, int, int]]:
-    """(B, H, W) of the example an export traces (the first) and of the inputs it is checked on: the example;
-    with `dynamic`, also batch 1 at sides not divisible by 32 (nor BiFormer's maps by the 7 regions per side),
-    and batch 3 of a small input whose third-stage map is smaller than 7x7 (regions of one token, fewer regions
-    than n_win). A dynamic export's example has a batch of at least 2: at batch 1 torch.export would fix it
-    (CPU convolutions choose their memory format by whether the batch is 1)."""
+def verification_inputs(batch: int, height: int, width: int, dynamic: bool, min_side: int = MIN_DYNAMIC_SIDE,
+                        frames: int | None = None) -> list[tuple[int, ...]]:
+    """(B, H, W), or a clip's (B, T, H, W), of the example an export traces (the first) and of the inputs it is
+    checked on: the example; with `dynamic`, also batch 1 at sides not divisible by 32 (nor BiFormer's maps by the
+    7 regions per side) and another number of frames, and batch 3 of a small input whose third-stage map is
+    smaller than 7x7 (regions of one token, fewer regions than n_win) of the fewest frames. A dynamic export's
+    example has a batch of at least 2: at batch 1 torch.export would fix it (CPU convolutions choose their memory
+    format by whether the batch is 1)."""
+    clip = (lambda count: (count,)) if frames else (lambda count: ())  # noqa: E731
     if not dynamic:
-        return [(batch, height, width)]
-    return [(max(batch, 2), height, width),
-            (1, height * 7 // 8 // 8 * 8 + 4, width * 4 // 3 // 8 * 8 + 4),
-            (3, max(min_side, height * 3 // 7), max(min_side, width * 4 // 7))]
+        return [(batch, *clip(frames), height, width)]
+    return [(max(batch, 2), *clip(max(frames or 0, MIN_DYNAMIC_FRAMES)), height, width),
+            (1, *clip(max(frames or 0, MIN_DYNAMIC_FRAMES) + 3), height * 7 // 8 // 8 * 8 + 4, width * 4 // 3 // 8 * 8 + 4),
+            (3, *clip(MIN_DYNAMIC_FRAMES), max(min_side, height * 3 // 7), max(min_side, width * 4 // 7))]
 
 
 @dataclass(frozen=True)
 class Check:
     """An exported file run on one input beside eager PyTorch."""
 
-    input_shape: tuple[int, ...]  # (B, 3, H, W)
+    input_shape: tuple[int, ...]  # (B, 3, H, W), or (B, 3, T, H, W)
     max_error: float  # max abs difference over all outputs
     tolerance: float
 
@@ -282,9 +301,10 @@ class ExportMismatchError(UserError):
 
 
 def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, height: int, width: int,
-           batch: int = 1, seed: int = 0, on_stage: Callable[[str], None] | None = None
+           batch: int = 1, seed: int = 0, on_stage: Callable[[str], None] | None = None, frames: int | None = None
            ) -> tuple[list[Check], str]:
-    """Export `model` at (batch, 3, height, width) to `path`, then load the file and check it against eager
+    """Export `model` at (batch, 3, height, width) (a clip model: (batch, 3, frames, height, width)) to `path`,
+    then load the file and check it against eager
     PyTorch on `verification_inputs` (random images from `seed`); (the checks, the input sizes the file takes).
     The file appears only once every check passed: ExportMismatchError (listing the checks) otherwise, and no
     file. A dynamic file's smallest side is the model's (`smallest_dynamic_side`): at BiFormer's 32 px the last
@@ -297,7 +317,7 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)
-              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side)]
+              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames)]
     exporter = {"onnx": "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter",
                 "torchscript": "torch.jit.trace", "exported": "torch.export"}[settings.format]
     with atomic_output(path) as partial:
@@ -309,5 +329,5 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
         if not all(check.passed for check in checks):
             raise ExportMismatchError(f"the exported file differs from eager PyTorch, so {os.fspath(path)!r} was not "
                                       f"written: " + "; ".join(map(str, checks)))
-    return checks, settings.accepted_sizes(batch, height, width, min_side)
+    return checks, settings.accepted_sizes(batch, height, width, min_side, frames)
 

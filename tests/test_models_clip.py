@@ -68,3 +68,18 @@ def test_pretrained_inflates_an_image_checkpoint_and_says_so(golden_dir, tiny_we
     assert "conv kernels inflated over time" in report.kind and report.initial == ["head"]
     torch.testing.assert_close(model.stages[2].blocks[0].attn.qkv.weight,
                                checkpoint_filter_fn(tiny_weights, model)["stages.2.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix, legacy", [(".onnx", False), (".onnx", True), (".pt", False)])
+def test_a_clip_model_exports_with_frames_height_and_width_free(tmp_path, suffix, legacy):
+    """The dynamo ONNX exporter (which runs torch.export, the .pt2 format's), the legacy one and a TorchScript
+    trace; `export` checks each file against eager PyTorch at other frames, sizes and batches before writing it."""
+    from biformer.export import ExportSettings, export, format_for_path
+
+    path = tmp_path / f"clip{suffix}"
+    settings = ExportSettings(format_for_path(path), dynamic=True, legacy=legacy)
+    model = timm.create_model("biformer3d_nano", num_classes=5).eval()
+    checks, sizes = export(model, path, settings, 64, 64, frames=8)
+    assert path.is_file() and all(check.passed for check in checks)
+    assert {check.input_shape[2] for check in checks} == {8, 11, 4} and "frames 4..1024" in sizes

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
                         help="input height and width (one value: square); default: the checkpoint's training "
                              "size, else 224")
+    parser.add_argument("--frames", type=positive, default=None,
+                        help="a clip model's frames (biformer3d_*; default: its reference clip's; free with --dynamic)")
     parser.add_argument("--batch", type=positive, default=1, help="the example's batch (the file's, unless --dynamic)")
     parser.add_argument("--opset", type=positive, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--backbone", action="store_true",
@@ -91,8 +93,9 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
+    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path, is_clip_model
     from ..files import check_writable
+    from ..models.biformer import CLIP_FRAMES
 
     settings = ExportSettings(format_for_path(args.output, args.format), args.dynamic, args.legacy, args.opset)
     reasons = settings.not_supported_reasons()
@@ -103,9 +106,14 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output, "output")
     model, default_side = _model(args, settings)
     height, width = _size(args, default_side)
+    frames = None
+    if is_clip_model(model):
+        frames = args.frames or CLIP_FRAMES.get(args.model or "", 16)
+    elif args.frames is not None:
+        raise UserError("--frames is for clip models (biformer3d_*); this model takes images")
     start = time.perf_counter()
     checks, sizes = export(model, args.output, settings, height, width, batch=args.batch,
-                           on_stage=lambda text: print(f"{text} ...", flush=True))
+                           on_stage=lambda text: print(f"{text} ...", flush=True), frames=frames)
     for check in checks:
         print(f"  {check}")
     print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {sizes}, written in "
