@@ -1,0 +1,257 @@
+"""Clips for video classification: class folders of clips, each a video file (decoded with PyAV, whose wheels carry
+FFmpeg) or a folder of frames; clip sampling; augmentation drawn once per clip and applied alike to its frames; and
+the embedded moving digits.
+
+Layout of a clip data set: DATA/{train,val}/<class>/<clip>, where <clip> is a video file (VIDEO_EXTENSIONS) or a
+folder of frame images (sorted by name). Shape legend: T frames, H/W frame height/width.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from ..errors import UserError
+from .cache import cached_folder
+from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
+SHORT_CLIPS = ("loop", "pad")  # what a clip with fewer frames than the sampling spans gets
+
+
+class UnreadableClip(Exception):
+    """A clip that cannot be decoded: the message says which file and why."""
+
+
+def _pyav():
+    try:
+        import av
+    except ImportError as error:
+        raise UserError("video files need PyAV: pip install 'biformer[video]' (or av), or give folders of "
+                        "frames") from error
+    return av
+
+
+def is_clip(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS or (path.is_dir() and any(
+        child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()))
+
+
+def read_frames(path: str | os.PathLike) -> list[Image.Image]:
+    """Every frame of a video file or a folder of frame images, as RGB images; UnreadableClip if it cannot be
+    decoded or holds no frame."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(child for child in path.iterdir() if child.suffix.lower() in IMAGE_EXTENSIONS)
+        try:
+            frames = [open_rgb(file) for file in files]
+        except UNREADABLE_ERRORS as error:
+            raise UnreadableClip(f"{path}: a frame cannot be read: {error}") from error
+    else:
+        av = _pyav()  # only for video files: a folder of frames needs no decoder
+        try:
+            with av.open(os.fspath(path)) as container:
+                frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+        except (av.FFmpegError, OSError, IndexError, ValueError) as error:  # IndexError: no video stream
+            raise UnreadableClip(f"{path}: {error}") from error
+    if not frames:
+        raise UnreadableClip(f"{path}: no frames")
+    return frames
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """Which frames of a clip a model sees: `frames` frames `stride` apart, from a random start (training) or
+    from `views` starts spread evenly over the clip (evaluation: the views' scores are averaged). A clip shorter
+    than the span (frames - 1) x stride + 1 is looped ("loop": the sampled positions wrap around) or its last
+    frame repeated ("pad"); the data set counts such clips."""
+
+    frames: int = 16
+    stride: int = 2
+    views: int = 1
+    short: str = "loop"
+
+    def __post_init__(self) -> None:
+        if min(self.frames, self.stride, self.views) < 1:
+            raise UserError(f"clip sampling needs positive frames, stride and views, got {self}")
+        if self.short not in SHORT_CLIPS:
+            raise UserError(f"short clips are handled by one of {', '.join(SHORT_CLIPS)}, got {self.short!r}")
+
+    @property
+    def span(self) -> int:
+        return (self.frames - 1) * self.stride + 1
+
+    def indices(self, length: int, start: int) -> list[int]:
+        """The frame indices from `start` (positions past the end looped or clamped)."""
+        positions = [start + index * self.stride for index in range(self.frames)]
+        return [p % length for p in positions] if self.short == "loop" else [min(p, length - 1) for p in positions]
+
+    def random_start(self, length: int) -> int:
+        return random.randint(0, max(length - self.span, 0))
+
+    def view_starts(self, length: int) -> list[int]:
+        """Evenly spread starts of the evaluation views (the centre one for a single view)."""
+        room = max(length - self.span, 0)
+        if self.views == 1:
+            return [room // 2]
+        return [round(room * view / (self.views - 1)) for view in range(self.views)]
+
+
+@dataclass(frozen=True)
+class ClipTransform:
+    """A clip's frames to a (3, T, H, W) tensor. Training: one random resized crop (scale, ratio) and one flip
+    (probability `flip`) drawn per clip and applied to every frame; evaluation: resize the shorter side to
+    size / crop_pct, centre crop."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    training: bool
+    scale: tuple[float, float] = (0.6, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.0
+    crop_pct: float = 1.0
+
+    def __call__(self, frames: Sequence[Image.Image]) -> Tensor:
+        if self.training:
+            from torchvision.transforms import RandomResizedCrop
+
+            top, left, height, width = RandomResizedCrop.get_params(frames[0], list(self.scale), list(self.ratio))
+            flipped = random.random() < self.flip
+            frames = [F.resized_crop(frame, top, left, height, width, [self.size, self.size],
+                                     InterpolationMode.BILINEAR, antialias=True) for frame in frames]
+            frames = [F.hflip(frame) if flipped else frame for frame in frames]
+        else:
+            resize = int(round(self.size / self.crop_pct))
+            frames = [F.center_crop(F.resize(frame, resize, InterpolationMode.BILINEAR, antialias=True), self.size)
+                      for frame in frames]
+        clip = torch.stack([F.to_tensor(frame) for frame in frames], dim=1)  # (3, T, H, W)
+        mean, std = torch.tensor(self.mean)[:, None, None, None], torch.tensor(self.std)[:, None, None, None]
+        return (clip - mean) / std
+
+
+class ClipDataset(Dataset):
+    """(clip (3, T, H, W) or views (V, 3, T, H, W), label, problem) per clip; problem "path: reason" (and clip
+    None) for one that cannot be decoded. `short` collects the clips shorter than the sampling's span."""
+
+    def __init__(self, clips: list[Path], labels: list[int], sampling: ClipSampling, transform: ClipTransform) -> None:
+        self.clips, self.labels, self.sampling, self.transform = clips, labels, sampling, transform
+        self.short: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        try:
+            frames = read_frames(self.clips[index])
+        except UnreadableClip as error:
+            return None, self.labels[index], str(error)
+        if len(frames) < self.sampling.span:
+            self.short.add(os.fspath(self.clips[index]))
+        if self.transform.training:
+            starts = [self.sampling.random_start(len(frames))]
+        else:
+            starts = self.sampling.view_starts(len(frames))
+        views = [self.transform([frames[i] for i in self.sampling.indices(len(frames), start)]) for start in starts]
+        return (views[0] if self.transform.training else torch.stack(views)), self.labels[index], ""
+
+
+def scan_clip_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+    """(classes, clips, labels) of root/<class>/<clip>; UserError for a missing folder, no classes, a class
+    without clips, or (given the training classes) classes that differ."""
+    if not root.is_dir():
+        raise UserError(f"clip folder {str(root)!r} does not exist")
+    found = sorted(child.name for child in root.iterdir() if child.is_dir())
+    if not found:
+        raise UserError(f"clip folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<clip>)")
+    if classes is not None and found != classes:
+        raise UserError(f"{str(root)!r} has the classes {found[:5]}..., the training set {classes[:5]}...")
+    clips, labels = [], []
+    for label, name in enumerate(found):
+        members = sorted(child for child in (root / name).iterdir() if is_clip(child))
+        if not members:
+            raise UserError(f"class folder {str(root / name)!r} holds no clips (video files "
+                            f"{', '.join(VIDEO_EXTENSIONS)}, or folders of frames)")
+        clips += members
+        labels += [label] * len(members)
+    return found, clips, labels
+
+
+# -- the embedded moving digits ---------------------------------------------------------------------------------
+
+MOVING_DIGITS = "moving-digits-v1"
+MOVING_DIGIT_CLASSES = [f"{digit}-{direction}" for digit in range(5) for direction in ("left", "right")]
+MOVING_DIGITS_FRAMES, MOVING_DIGITS_SIZE = 16, 64
+MOVING_DIGITS_CLIPS = {"train": 40, "val": 10}  # per class
+
+
+def _moving_digit_clip(digit: np.ndarray, rightward: bool, generator: np.random.Generator) -> np.ndarray:
+    """(T, S, S, 3) uint8: `digit` (an 8x8 image, 0..255) scaled up and moving across a noisy gradient, left to
+    right or right to left, at a random height and speed: one frame shows a digit, only time shows where it
+    goes."""
+    size, frames = MOVING_DIGITS_SIZE, MOVING_DIGITS_FRAMES
+    side = int(generator.integers(20, 29))
+    glyph = np.asarray(Image.fromarray(digit).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
+    colour = generator.uniform(0.6, 1.0, 3)
+    background = np.linspace(generator.uniform(0, 0.3, 3), generator.uniform(0, 0.3, 3), size)[None].repeat(size, 0)
+    top = int(generator.integers(0, size - side + 1))
+    travel = size - side
+    start = generator.uniform(0, travel * 0.25)
+    speed = generator.uniform(0.6, 1.0) * (travel - start) / (frames - 1)
+    clip = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        left = int(round(start + speed * t))
+        left = left if rightward else travel - left
+        frame = background + generator.normal(0, 0.03, (size, size, 3))
+        window = frame[top:top + side, left:left + side]
+        window[:] = window * (1 - glyph[..., None]) + colour * glyph[..., None]
+        clip[t] = np.clip(frame * 255, 0, 255).astype(np.uint8)
+    return clip
+
+
+def _write_video(clip: np.ndarray, path: Path) -> None:
+    av = _pyav()
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        stream.options = {"crf": "12"}  # nearly lossless: the digits stay legible
+        for frame in clip:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_moving_digits(folder: Path) -> None:
+    from .digits import load_digits_split
+
+    train_images, train_labels, val_images, val_labels = load_digits_split()
+    generator = np.random.default_rng(0)
+    for split, (images, labels) in {"train": (train_images, train_labels), "val": (val_images, val_labels)}.items():
+        by_digit = {digit: [np.asarray(image.convert("L")) for image, label in zip(images, labels) if label == digit]
+                    for digit in range(5)}
+        for name in MOVING_DIGIT_CLASSES:
+            digit, direction = int(name.split("-")[0]), name.split("-")[1]
+            (folder / split / name).mkdir(parents=True)
+            for index in range(MOVING_DIGITS_CLIPS[split]):
+                glyphs = by_digit[digit]
+                glyph = glyphs[int(generator.integers(len(glyphs)))]
+                clip = _moving_digit_clip(glyph, direction == "right", generator)
+                _write_video(clip, folder / split / name / f"{index:03d}.mp4")
+
+
+def moving_digits_folder() -> Path:
+    """The moving digits: 5 digits x 2 directions = 10 classes of 16-frame 64x64 clips (H.264 files), 40 per class
+    for training and 10 for validation, the digits drawn from the bundled digits' own splits; generated once (a
+    few seconds) into the cache."""
+    return cached_folder(MOVING_DIGITS, _write_moving_digits)
