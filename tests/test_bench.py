@@ -143,3 +143,13 @@ def test_training_bound_tool_frees_bra_and_reads_its_attention_shapes():
     torch.testing.assert_close(free, want)
     with torch.no_grad():
         assert not torch.allclose(layer(x), free)  # the real op is back
+
+
+def test_bench_model_times_clip_models_beside_torchvisions(capsys):
+    assert main(["bench", "model", "biformer3d_nano", "r3d_18", "--frames", "4", "--img-size", "32", "--batch", "1",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-memory", "--no-train"]) == 0
+    out = capsys.readouterr().out
+    assert "clips of 4 frames 32x32" in out and "biformer3d_nano" in out and "r3d_18" in out
+    assert main(["bench", "model", "biformer_nano", "--frames", "4", "--img-size", "32", "--batch", "1",
+                 "--repeats", "1", "--warmup", "0", "--no-memory", "--no-train"]) == 2
+    assert "time image and clip models (--frames) apart" in capsys.readouterr().err

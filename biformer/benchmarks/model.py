@@ -70,23 +70,34 @@ def build_models(entries: list[ModelEntry], device: torch.device) -> dict[ModelE
     return {entry: _build(entry, device) for entry in entries}
 
 
+def video_models() -> list[str]:
+    """torchvision's video classifiers (swin3d_t, r3d_18, ...), which `bench model` takes beside timm's."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models.video)
+
+
 def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     import timm
+    import torchvision
 
-    if not timm.is_model(entry.name):
-        raise ValueError(f"unknown model {entry.name!r}; see timm.list_models()")
-    model = timm.create_model(entry.name, pretrained=False).to(device)
+    if timm.is_model(entry.name):
+        model = timm.create_model(entry.name, pretrained=False).to(device)
+    elif entry.name in video_models():
+        model = torchvision.models.get_model(entry.name).to(device)
+    else:
+        raise ValueError(f"unknown model {entry.name!r}; see timm.list_models() (or torchvision's video models: "
+                         f"{', '.join(video_models())})")
     if entry.backend is not None and not any(isinstance(m, BiLevelRoutingAttention) for m in model.modules()):
         raise ValueError(f"{entry.label}: backend= applies to BiFormer models only; {entry.name} has no BRA layer")
     return model
 
 
-def _gflops(model: nn.Module, img_size: int) -> float:
-    """Multiply-adds of one image's forward, in billions (the paper convention)."""
-    from ..analysis.flops import count_flops
+def _gflops(model: nn.Module, size: tuple[int, ...]) -> float:
+    """Multiply-adds of one image's (or clip's) forward, in billions (the paper convention)."""
+    from ..analysis.flops import total_multiply_adds
 
-    report = count_flops(model, (img_size, img_size))
-    return sum(sum(kinds.values()) for kinds in report.paper.values()) / 1e9
+    return total_multiply_adds(model, size) / 1e9
 
 
 def bench_models(
@@ -100,20 +111,23 @@ def bench_models(
     train: bool = True,
     memory: bool = True,
     flops: dict[str, float] | None = None,
+    frames: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per entry: inference and training-step img/s (medians of interleaved rounds), peaks, GFLOP/s.
+    With `frames`, every model takes clips (B, 3, frames, H, W), and the rates count clips.
 
     Inference: eval mode, no autograd. Training step: train mode, forward, cross-entropy,
     backward, SGD step. Half dtypes run under autocast. GFLOP/s counts multiply-adds once; a
     training step is taken as 3x the forward's FLOPs (forward + the backward's two products).
     """
+    size = (img_size, img_size) if frames is None else (frames, img_size, img_size)
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    images = torch.randn(batch, 3, *size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     models, gflops, inference, steps = {}, {}, {}, {}
     for entry, model in entries.items():
-        gflops[entry.label] = flops[entry.name] if flops and entry.name in flops else _gflops(model, img_size)
+        gflops[entry.label] = flops[entry.name] if flops and entry.name in flops else _gflops(model, size)
         runner = torch.compile(model) if entry.compile else model
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         models[entry.label] = model

@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--compile", action="store_true", help="torch.compile every model")
     model.add_argument("--batch", type=int, default=8, help="images per forward pass")
     model.add_argument("--img-size", type=int, default=224, help="input height and width")
+    model.add_argument("--frames", type=int, default=None,
+                       help="time clip models (biformer3d_*, torchvision's swin3d_t, r3d_18, ...) on clips of this "
+                            "many frames; rates then count clips")
     model.add_argument("--no-train", action="store_true", help="inference only")
     model.add_argument("--flops", default=None, metavar="CSV",
                        help="MODEL,GMACS table (multiply-adds per image) to use instead of counting")
@@ -310,12 +313,19 @@ def run_model(args: argparse.Namespace) -> int:
         models = build_models(entries, device)
     except (ValueError, OSError) as error:
         raise UserError(str(error)) from None
+    if args.frames is not None and args.frames < 2:
+        raise UserError(f"--frames must be at least 2 (clip models merge frame pairs), got {args.frames}")
     with _threads(args.threads):
         threads = torch.get_num_threads()
-        rows = bench_models(models, device, dtype, args.batch, args.img_size, args.repeats, args.warmup,
-                            train=not args.no_train, memory=not args.no_memory, flops=flops)
+        try:
+            rows = bench_models(models, device, dtype, args.batch, args.img_size, args.repeats, args.warmup,
+                                train=not args.no_train, memory=not args.no_memory, flops=flops, frames=args.frames)
+        except RuntimeError as error:  # a clip to an image model, or an image to a clip model
+            raise UserError(f"a model cannot take {'clips' if args.frames else 'images'} of this size: "
+                            f"{str(error).splitlines()[0]}; time image and clip models (--frames) apart") from None
+    clip = f"clips of {args.frames} frames " if args.frames else ""
     _report(rows, MODEL_COLUMNS, args.csv,
-            f"models at {args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
+            f"models at {clip}{args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
             f"{threads} threads, median of {args.repeats} interleaved rounds")
     return 0
 
