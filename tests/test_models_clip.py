@@ -83,3 +83,15 @@ def test_a_clip_model_exports_with_frames_height_and_width_free(tmp_path, suffix
     checks, sizes = export(model, path, settings, 64, 64, frames=8)
     assert path.is_file() and all(check.passed for check in checks)
     assert {check.input_shape[2] for check in checks} == {8, 11, 4} and "frames 4..1024" in sizes
+
+
+def test_timm_pretrained_inflates_an_image_file(tmp_path):
+    from safetensors.torch import save_file
+
+    image = timm.create_model("biformer_nano", num_classes=10)
+    save_file(image.state_dict(), tmp_path / "nano.safetensors")
+    clip = timm.create_model("biformer3d_nano", pretrained=True, num_classes=10,
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "nano.safetensors"))).eval()
+    torch.testing.assert_close(clip.stem[0].weight.sum(2), image.stem[0].weight)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        clip(torch.randn(1, 3, 1, 64, 64))

@@ -142,9 +142,17 @@ def test_every_n_d_backend_equals_the_reference(backend, padding, shape, n_win, 
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_the_backends_that_claim_n_d_maps():
-    assert {"reference", "indexed", "portable"} <= {name for name, backend in BACKENDS.items()
-                                                    if backend.spatial_axes == (1, 2, 3)}
+@pytest.mark.parametrize("backend", ["reference", "indexed", "portable"])
+@pytest.mark.parametrize("padding", PADDING_MODES)
+@pytest.mark.parametrize("shape, n_win, topk", [((9,), 4, 2), ((7, 4, 9), (3, 2, 4), 5)])
+def test_each_n_d_backend_equals_the_oracle(backend, padding, shape, n_win, topk):
+    q, k, v = _inputs(shape, seed=3)
+    out = bi_level_routing_attention(q, k, v, n_win, topk, scale=0.3, padding=padding, backend=backend)
+    expected, _ = _oracle(q, k, v, n_win, topk, 0.3, padding)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    grad_out = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("n_win, message", [
@@ -174,7 +182,8 @@ def test_the_indexed_backend_in_blocks_of_query_rows(monkeypatch, keep_probs):
     monkeypatch.setattr(indexed, "CHUNK_BYTES", 3 * 2 * 54 * 4 * 5)
     head_dim = 64 if keep_probs else 4  # keys <= 2 x head_dim: the forward keeps the probabilities
     q, k, v = _inputs((4, 5, 5), head_dim=head_dim, dtype=torch.float32, seed=2)
-    assert indexed._Plan(q, v, torch.zeros(2, 8, 3, dtype=torch.long), [2, 3, 3], torch.float32).block == 5
+    padded = torch.zeros(2, 4, 6, 6, 2, head_dim)  # (4, 5, 5) padded to 2x2x2 regions of 2x3x3
+    assert indexed._Plan(padded, padded, torch.zeros(2, 8, 3, dtype=torch.long), [2, 3, 3], torch.float32).block == 5
     out = bi_level_routing_attention(q, k, v, 2, 3, backend="indexed")
     reference = bi_level_routing_attention(q, k, v, 2, 3, backend="reference")
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

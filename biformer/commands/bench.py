@@ -321,6 +321,8 @@ def run_model(args: argparse.Namespace) -> int:
             rows = bench_models(models, device, dtype, args.batch, args.img_size, args.repeats, args.warmup,
                                 train=not args.no_train, memory=not args.no_memory, flops=flops, frames=args.frames)
         except RuntimeError as error:  # a clip to an image model, or an image to a clip model
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
             raise UserError(f"a model cannot take {'clips' if args.frames else 'images'} of this size: "
                             f"{str(error).splitlines()[0]}; time image and clip models (--frames) apart") from None
     clip = f"clips of {args.frames} frames " if args.frames else ""

@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     height, width = _size(args, default_side)
     frames = None
     if is_clip_model(model):
-        frames = args.frames or CLIP_FRAMES.get(args.model or "", 16)
+        frames = args.frames or CLIP_FRAMES.get(getattr(model, "pretrained_cfg", {}).get("architecture"), 16)
+        if frames < 2:
+            raise UserError(f"--frames must be at least 2 (a clip model's stem merges frame pairs), got {frames}")
     elif args.frames is not None:
         raise UserError("--frames is for clip models (biformer3d_*); this model takes images")
     start = time.perf_counter()

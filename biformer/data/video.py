@@ -142,7 +142,8 @@ class ClipTransform:
 
 class ClipDataset(Dataset):
     """(clip (3, T, H, W) or views (V, 3, T, H, W), label, problem) per clip; problem "path: reason" (and clip
-    None) for one that cannot be decoded. `short` collects the clips shorter than the sampling's span."""
+    None) for one that cannot be decoded. `short` collects the clips shorter than the sampling's span that this
+    process read (with DataLoader workers, each worker keeps its own)."""
 
     def __init__(self, clips: list[Path], labels: list[int], sampling: ClipSampling, transform: ClipTransform) -> None:
         self.clips, self.labels, self.sampling, self.transform = clips, labels, sampling, transform

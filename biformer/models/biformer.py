@@ -24,6 +24,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices  # timm has no public name for it
 from torch import Tensor, nn
 
+from ..checkpoints.inflation import inflate_state_dict
 from ..checkpoints.original import check_release_source, checkpoint_filter_fn
 from ..layers.depthwise import depthwise_conv
 from ..layers.inplace import InplaceGELU, add_into
@@ -323,7 +324,7 @@ class BiFormer(nn.Module):
         With norm=True the last stage's intermediate goes through the final norm, so it equals
         forward_features.
         """
-        if output_fmt not in ("NCHW", "NCTHW"[: 4 + self.spatial_dims - 2]):
+        if output_fmt not in ("NCHW", "NCTHW")[: self.spatial_dims - 1]:
             raise ValueError(f"output_fmt must be 'NCHW' (channels first{', NCTHW' * (self.spatial_dims == 3)}), got "
                              f"{output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -353,6 +354,9 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if self.spatial_dims == 3 and isinstance(x.shape[2], int) and x.shape[2] < 2:
+            raise ValueError(f"a clip model takes clips (B, C, T, H, W) of at least 2 frames (its stem merges frame "
+                             f"pairs; an odd clip's last frame is left out), got shape {tuple(x.shape)}")
         x = self.stem(x)
         x = self.stages(x)
         return self.norm(x)
@@ -378,10 +382,15 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
         BiFormer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=_inflating_filter if kwargs.get("spatial_dims") == 3 else checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs,
     )
+
+
+def _inflating_filter(state_dict: dict[str, Tensor], model: BiFormer) -> dict[str, Tensor]:
+    """An image checkpoint (the release's layout or ours) for a clip model, its conv kernels inflated over time."""
+    return inflate_state_dict(checkpoint_filter_fn(state_dict, model), model)[0]
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -114,7 +114,7 @@ def bi_level_routing_attention(
             (their product over the axes; more in "legacy_nchw" mode where the map is not divisible).
         scale: attention logit scale; default head_dim ** -0.5. (The original BiFormer layers use
             (heads*head_dim) ** -0.5; `BiLevelRoutingAttention` passes that.)
-        padding: how the map, zero-padded at the bottom/right to whole regions, is treated
+        padding: how the map, zero-padded at the end of each axis to whole regions, is treated
             (`biformer.ops.regions.PADDING_MODES`):
             "masked": padded tokens take no part in region means, routing or attention, so the
             valid outputs never depend on the padding;

@@ -93,7 +93,9 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"region_size must be a positive int (tokens per region side) or None, got {region_size!r}")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        self.n_win = (n_win,) * spatial_dims if isinstance(n_win, int) else tuple(n_win)
+        self.n_win = tuple(n_win) if isinstance(n_win, (tuple, list)) else (n_win,) * spatial_dims
+        if not all(isinstance(count, int) and count >= 1 for count in self.n_win):
+            raise ValueError(f"n_win must be a positive int or one per spatial axis, got {n_win!r}")
         if len(self.n_win) != spatial_dims:
             raise ValueError(f"n_win has {len(self.n_win)} values for {spatial_dims} spatial axes: give an int or "
                              f"{spatial_dims} values, one per axis")
@@ -154,7 +156,6 @@ class BiLevelRoutingAttention(nn.Module):
             for axis, size in enumerate(shape):  # there would cost two full copies in the backward)
                 out = out.narrow(1 + axis, 0, size)
         return out if self.channels_last else channels_first(out)
-
 
 
 @contextlib.contextmanager

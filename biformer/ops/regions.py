@@ -22,7 +22,7 @@ from ..layers.layout import channels_first
 class Padding:
     """How a padding mode cuts the map into regions and treats the padded tokens.
 
-    The map is always padded with zeros at the bottom/right to whole regions.
+    The map is always padded with zeros at the end of each axis (an image's bottom/right) to whole regions.
     floor_regions: regions of floor(H / n_win) x floor(W / n_win) tokens, as many as cover the map
         (so possibly more than n_win per side); else n_win per side of ceil(H / n_win) x ceil(W / n_win).
     mask_routing: region means are over the map's tokens only (and key regions of padding only are
@@ -164,7 +164,7 @@ class Routing(NamedTuple):
 
     indices: (B, R, K) int64, the key regions each query region attends to, best first.
     logits: (B, R, R) region-to-region affinity in at least float32 (-inf for key regions made only of padding).
-    grid: the region geometry (regions are numbered row-major over grid.rows x grid.cols).
+    grid: the region geometry (regions are numbered row-major over grid.counts).
     """
 
     indices: Tensor

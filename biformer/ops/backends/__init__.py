@@ -8,8 +8,8 @@ Each backend module declares a `Backend` (`spec`): its attend function and, as d
 takes, where automatic dispatch may take it, where it has no backward, whether it traces, and checks for what data
 cannot say; one generic `not_supported_reasons` reads every declaration.
 `inputs.masked`: padded keys take no part in attention (else they are attended to as zeros). The
-padding is at the bottom/right; a backend takes the region size from the grid (grid.region_h x
-grid.region_w), never from the map and the region count: the "legacy_nchw" padding mode sizes
+padding is at the end of each axis (an image's bottom/right); a backend takes the region size from the grid
+(grid.sizes), never from the map and the region count: the "legacy_nchw" padding mode sizes
 regions differently. Automatic dispatch tries the backends in `PRIORITY` order and takes the first one that
 may be taken on the inputs' device, can run and is fast for the inputs, else the first one that can run; under
 an exporter or tracer it takes `EXPORT_BACKEND`.

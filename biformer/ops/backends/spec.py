@@ -20,7 +20,7 @@ class Backend:
     """
 
     name: str
-    # (inputs, routed region indices (B, R, K)) -> output (B, H, W, M, Dv)
+    # (inputs, routed region indices (B, R, K)) -> output (B, *S, M, Dv)
     attend: Callable[[RoutedAttentionInputs, Tensor], Tensor]
     devices: tuple[str, ...] | None = None  # device types it runs on
     dtypes: tuple[torch.dtype, ...] | None = None  # dtypes of q, k, v it takes
