@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from timm.data import create_transform
@@ -53,12 +54,17 @@ class DataSplits:
     crop_pct: float
 
 
-def _scan_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+def scan_class_folders(root: Path, classes: list[str] | None, members: Callable[[Path], list[Path]] | None = None,
+                       what: str = f"image files ({', '.join(IMAGE_EXTENSIONS)})", item: str = "image"
+                       ) -> tuple[list[str], list[Path], list[int]]:
+    """(classes, members, labels) of root/<class>/<item>; members(class folder) lists a class's items (default:
+    its image files, searched recursively), `what` names them in messages. UserError for a missing folder, no
+    classes, a class without items, or (given the training classes) missing or extra classes."""
     if not root.is_dir():
         raise UserError(f"data folder {str(root)!r} does not exist")
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not found:
-        raise UserError(f"data folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>)")
+        raise UserError(f"data folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<{item}>)")
     if classes is None:
         classes = found
     else:
@@ -68,13 +74,14 @@ def _scan_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str
         extra = sorted(set(found) - set(classes))
         if extra:
             raise UserError(f"{str(root)!r} has class folder(s) {extra} that the training set does not have")
+    members = members or (lambda folder: sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found_images = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not found_images:  # as torchvision's ImageFolder: a class without images is a mistake, not a class
-            raise UserError(f"class folder {str(root / name)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += found_images
-        labels += [label] * len(found_images)
+        found_items = members(root / name)
+        if not found_items:  # as torchvision's ImageFolder: a class without images is a mistake, not a class
+            raise UserError(f"class folder {str(root / name)!r} holds no {what}")
+        paths += found_items
+        labels += [label] * len(found_items)
     return classes, paths, labels
 
 
@@ -116,8 +123,8 @@ def build_datasets(
             classes = None
             train_images, train_labels = [], []
         else:
-            classes, train_images, train_labels = _scan_class_folders(root / "train", None)
-        classes, val_images, val_labels = _scan_class_folders(root / "val", classes)
+            classes, train_images, train_labels = scan_class_folders(root / "train", None)
+        classes, val_images, val_labels = scan_class_folders(root / "val", classes)
         train_tf = create_transform(
             img_size, is_training=True, auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic",
             mean=mean, std=std,

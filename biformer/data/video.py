@@ -23,6 +23,7 @@ from torchvision.transforms import functional as F
 
 from ..errors import UserError
 from .cache import cached_folder
+from .classification import scan_class_folders
 from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
@@ -168,24 +169,9 @@ class ClipDataset(Dataset):
 
 
 def scan_clip_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
-    """(classes, clips, labels) of root/<class>/<clip>; UserError for a missing folder, no classes, a class
-    without clips, or (given the training classes) classes that differ."""
-    if not root.is_dir():
-        raise UserError(f"clip folder {str(root)!r} does not exist")
-    found = sorted(child.name for child in root.iterdir() if child.is_dir())
-    if not found:
-        raise UserError(f"clip folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<clip>)")
-    if classes is not None and found != classes:
-        raise UserError(f"{str(root)!r} has the classes {found[:5]}..., the training set {classes[:5]}...")
-    clips, labels = [], []
-    for label, name in enumerate(found):
-        members = sorted(child for child in (root / name).iterdir() if is_clip(child))
-        if not members:
-            raise UserError(f"class folder {str(root / name)!r} holds no clips (video files "
-                            f"{', '.join(VIDEO_EXTENSIONS)}, or folders of frames)")
-        clips += members
-        labels += [label] * len(members)
-    return found, clips, labels
+    """(classes, clips, labels) of root/<class>/<clip> (see `scan_class_folders` for the errors)."""
+    return scan_class_folders(root, classes, lambda folder: sorted(child for child in folder.iterdir() if is_clip(child)),
+                              f"clips (video files {', '.join(VIDEO_EXTENSIONS)}, or folders of frames)", item="clip")
 
 
 # -- the embedded moving digits ---------------------------------------------------------------------------------

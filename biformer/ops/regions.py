@@ -76,6 +76,11 @@ class RegionGrid:
         return tuple(count * size for count, size in zip(self.counts, self.sizes))
 
     @property
+    def split_shape(self) -> tuple[int, ...]:
+        """The padded map's axes split into (regions, tokens) pairs: (c0, s0, c1, s1, ...)."""
+        return tuple(extent for pair in zip(self.counts, self.sizes) for extent in pair)
+
+    @property
     def num_regions(self) -> int:
         return math.prod(self.counts)
 
@@ -139,8 +144,7 @@ class RegionGrid:
     def to_regions(self, x: Tensor) -> Tensor:
         """(B, *shape, *rest) -> (B, R, T, *rest), padding as needed."""
         n, rest = self.ndim, x.shape[1 + self.ndim:]
-        split = [extent for pair in zip(self.counts, self.sizes) for extent in pair]
-        x = self.pad(x).reshape(x.shape[0], *split, *rest)  # (B, c0, s0, c1, s1, ..., *rest)
+        x = self.pad(x).reshape(x.shape[0], *self.split_shape, *rest)  # (B, c0, s0, c1, s1, ..., *rest)
         order = [0, *(1 + 2 * a for a in range(n)), *(2 + 2 * a for a in range(n)), *range(1 + 2 * n, x.dim())]
         return x.permute(order).reshape(x.shape[0], self.num_regions, self.tokens_per_region, *rest)
 
@@ -194,8 +198,7 @@ def _query_key_pair(q: Tensor, k: Tensor) -> Tensor:
 def _region_sums(x: Tensor, grid: RegionGrid, dtype: torch.dtype) -> Tensor:
     """(B, *S, P, M, D) -> (B, R, P, M*D) sums over each region's T slots, the padding counting as zeros: x read
     in its own dtype and summed in `dtype` over the map's region view (no copy where the map needs no padding)."""
-    split = [extent for pair in zip(grid.counts, grid.sizes) for extent in pair]
-    regions = grid.pad(x).view(x.shape[0], *split, *x.shape[1 + grid.ndim:])  # (B, c0, s0, c1, s1, ..., P, M, D)
+    regions = grid.pad(x).view(x.shape[0], *grid.split_shape, *x.shape[1 + grid.ndim:])  # (B, c0, s0, ..., P, M, D)
     token_axes = [2 + 2 * axis for axis in range(grid.ndim)]
     if x.device.type == "cpu":  # ATen's CPU reduction is 4-10x faster one axis at a time (one launch each elsewhere)
         sums = regions

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import fields
 from typing import NamedTuple
 
 import timm
@@ -110,8 +111,7 @@ def label_images(teacher_source: str, data: str, output: str | os.PathLike, *, t
     if (folder / MANIFEST).exists():
         found = LabelsManifest.read(folder, "--output")
         if found != manifest:
-            changed = [name for name in ("teacher", "teacher_model", "teacher_size", "data", "classes", "topk", "grid",
-                                         "shard_size", "keys") if getattr(found, name) != getattr(manifest, name)]
+            changed = [spec.name for spec in fields(manifest) if getattr(found, spec.name) != getattr(manifest, spec.name)]
             raise UserError(f"--output {os.fspath(output)!r} holds labels made otherwise ({', '.join(changed)} "
                             "differ); choose another folder, or rerun with the same settings to finish it")
     elif rank == 0:

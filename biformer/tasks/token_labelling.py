@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.data.mixup import one_hot
+from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from ..data.token_labels import TokenTargets
@@ -82,29 +83,27 @@ class TokenLabelledClassifier(nn.Module):
         return self._grids[img_size]
 
 
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """The mean over leading positions of -sum(target * log_softmax(logits)) over the last (class) axis."""
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
 class TokenLabelLoss(nn.Module):
-    """Class loss + weight x token loss; `parts` holds the last batch's two terms (detached)."""
+    """Class loss + weight x token loss, each timm's soft-target cross-entropy (the token one averaged over the
+    tokens too); `parts` holds the last batch's two terms (detached)."""
 
     def __init__(self, weight: float) -> None:
         super().__init__()
         self.weight = weight
+        self.soft_cross_entropy = SoftTargetCrossEntropy()
         self.parts: dict[str, Tensor] = {}
 
     def forward(self, outputs: TokenLabelOutputs, targets: TokenTargets) -> Tensor:
-        class_loss = soft_cross_entropy(outputs.logits, targets.labels)
-        token_loss = soft_cross_entropy(outputs.token_logits, targets.tokens)
+        class_loss = self.soft_cross_entropy(outputs.logits.float(), targets.labels)
+        token_loss = self.soft_cross_entropy(outputs.token_logits.float(), targets.tokens)
         self.parts = {"class_loss": class_loss.detach(), "token_loss": token_loss.detach()}
         return class_loss + self.weight * token_loss
 
 
 def smoothed(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """(B, C) targets: 1 - smoothing + smoothing / C for the label, smoothing / C elsewhere."""
-    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    """(B, C) targets: 1 - smoothing + smoothing / C for the label, smoothing / C elsewhere (timm's mixup targets)."""
+    off = smoothing / num_classes
+    return one_hot(labels, num_classes, on_value=1 - smoothing + off, off_value=off)
 
 
 class MixToken:

@@ -30,8 +30,7 @@ def _standard(x: Tensor) -> Tensor:
 def head_first_regions(x: Tensor, grid: RegionGrid) -> Tensor:
     """(B, *S, M, D) -> (B*M*R, T, D), padding as needed: the tokens of each (batch, head, region) as rows."""
     batch, heads, dim, n = x.shape[0], x.shape[-2], x.shape[-1], grid.ndim
-    split = [extent for pair in zip(grid.counts, grid.sizes) for extent in pair]
-    x = grid.pad(x).view(batch, *split, heads, dim)  # (B, c0, s0, c1, s1, ..., M, D)
+    x = grid.pad(x).view(batch, *grid.split_shape, heads, dim)  # (B, c0, s0, c1, s1, ..., M, D)
     order = [0, 2 * n + 1, *(1 + 2 * a for a in range(n)), *(2 + 2 * a for a in range(n)), 2 * n + 2]
     x = _standard(x.permute(order))  # (B, M, c0, c1, ..., s0, s1, ..., D)
     return x.view(batch * heads * grid.num_regions, grid.tokens_per_region, dim)
