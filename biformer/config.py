@@ -19,7 +19,8 @@ from .optim.schedule import SCHEDULES, WARMUP_RULES
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
 TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs", "mean",
-                                "std", "token_label", "token_label_weight", "mixtoken"})
+                                "std", "token_label", "token_label_weight", "mixtoken", "frames", "frame_stride",
+                                "short_clips"})
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,12 @@ class TrainConfig:
                                        shapes_run=True, least=0, recipe=True)
     mixtoken: bool = option(False, "with --token-label: MixToken, CutMix in boxes aligned to the final tokens, "
                                    "their labels mixed alike", shapes_run=True, recipe=True)
+    frames: int = option(8, "clip models: the frames of each sampled clip", shapes_run=True, least=2,
+                         why=" (clip models merge frame pairs)")
+    frame_stride: int = option(2, "clip models: the step between sampled frames", shapes_run=True, least=1)
+    short_clips: str = option("loop", "clip models: what a clip with fewer frames than --frames x --frame-stride "
+                                      "spans gets: looped, its last frame repeated (pad), or the run refused",
+                              shapes_run=True, choices=("loop", "pad", "refuse"))
     clip_grad: float | None = option(None, "gradient norm clipping", shapes_run=True, recipe=True)
     model_ema: bool = option(False, "also keep and evaluate an EMA of the weights", shapes_run=True, recipe=True)
     ema_decay: float = option(0.998, "EMA decay per step", shapes_run=True, recipe=True)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 from ..ops import BiLevelRoutingAttention, use_backend
+from ..tasks.video import torchvision_video_models
 
 # BiFormer-T (2.2 GFLOPs) and -S (4.5) with timm models of about the same FLOPs.
 DEFAULT_MODELS = (
@@ -70,24 +71,17 @@ def build_models(entries: list[ModelEntry], device: torch.device) -> dict[ModelE
     return {entry: _build(entry, device) for entry in entries}
 
 
-def video_models() -> list[str]:
-    """torchvision's video classifiers (swin3d_t, r3d_18, ...), which `bench model` takes beside timm's."""
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models.video)
-
-
 def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     import timm
     import torchvision
 
     if timm.is_model(entry.name):
         model = timm.create_model(entry.name, pretrained=False).to(device)
-    elif entry.name in video_models():
+    elif entry.name in torchvision_video_models():
         model = torchvision.models.get_model(entry.name).to(device)
     else:
         raise ValueError(f"unknown model {entry.name!r}; see timm.list_models() (or torchvision's video models: "
-                         f"{', '.join(video_models())})")
+                         f"{', '.join(torchvision_video_models())})")
     if entry.backend is not None and not any(isinstance(m, BiLevelRoutingAttention) for m in model.modules()):
         raise ValueError(f"{entry.label}: backend= applies to BiFormer models only; {entry.name} has no BRA layer")
     return model

@@ -35,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.flops import count_flops, format_report
-    from ..models.biformer import CLIP_FRAMES
     from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.img_size is not None and len(args.img_size) > 2:
@@ -54,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         default_side = task.reference_size(name)
         model = task.untrained_model(name, side or default_side, args.num_classes)
     size = tuple((args.img_size * 2)[:2]) if args.img_size else (default_side, default_side)
-    if getattr(model, "spatial_dims", 2) == 3:
-        size = (args.frames or CLIP_FRAMES.get(name, 16), *size)
+    if task.input_noun == "clip":
+        size = (args.frames or task.reference_frames(name), *size)
     elif args.frames is not None:
-        raise UserError(f"--frames is for clip models (biformer3d_*); {name} takes images")
+        raise UserError(f"--frames is for clip models (biformer3d_*, swin3d_t, ...); {name} takes images")
     in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
     try:
         report = count_flops(model, size, args.batch, in_chans=in_chans, progress=True)

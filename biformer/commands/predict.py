@@ -40,12 +40,11 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..data.images import list_images
     from ..tasks.inference import iter_predictions, prediction_outputs
     from ..tasks.registry import task_for_checkpoint
 
-    files = list_images(args.inputs)
     task, metadata, model_name = task_for_checkpoint(args.checkpoint, args.model)
+    files = task.list_inputs(args.inputs)
     options = task_options(args, task, "predict")
     outputs = prediction_outputs(task, files, options, args.output)  # checked before the model loads
     restored = task.restore(args.checkpoint, metadata, model_name, args.img_size)
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     for prediction in iter_predictions(restored, files, options, outputs, args.device):
         predictions.append(prediction)
         if prediction.problem is not None:
-            kind = "" if prediction.readable else "unreadable image "
+            kind = "" if prediction.readable else f"unreadable {task.input_noun} "
             print(f"skipping {kind}{prediction.image}: {prediction.problem}", file=sys.stderr)
         elif args.json:
             print(json.dumps({"image": prediction.image, **prediction.result, "files": list(prediction.files)}))
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     problems = [prediction for prediction in predictions if prediction.problem is not None]
     if len(problems) == len(files):
         first = problems[0]
-        raise UserError(f"none of the {len(files)} image(s) could be predicted ({first.image}: {first.problem}"
+        raise UserError(f"none of the {len(files)} {task.input_noun}(s) could be predicted ({first.image}: {first.problem}"
                         + (f"; {len(files) - 1} more named above)" if len(files) > 1 else ")"))
     if task.predicts_files:
         for path in task.write_predictions(predictions, Path(args.output).expanduser()):
@@ -70,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         unreadable = sum(not prediction.readable for prediction in problems)
         counts = ((unreadable, "unreadable"), (len(problems) - unreadable, "unpredictable"))
-        print(" and ".join(f"{count} {kind}" for count, kind in counts if count) + " image(s) skipped", file=sys.stderr)
+        print(" and ".join(f"{count} {kind}" for count, kind in counts if count) + f" {task.input_noun}(s) skipped", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from .images import IMAGE_EXTENSIONS, UNREADABLE_ERRORS, open_rgb
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
 SHORT_CLIPS = ("loop", "pad")  # what a clip with fewer frames than the sampling spans gets
+SHORT_CLIP_RULES = (*SHORT_CLIPS, "refuse")  # `--short-clips`: refuse stops before training when any clip is short
 
 
 class UnreadableClip(Exception):
@@ -46,6 +48,18 @@ def _pyav():
 def is_clip(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS or (path.is_dir() and any(
         child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir()))
+
+
+def holds_clips(data: str) -> bool:
+    """Whether folder `data` looks like a clip data set: its first class folder (of train/, else val/) holds a video
+    file and no image."""
+    for split in ("train", "val"):
+        folder = Path(data) / split
+        classes = sorted(child for child in folder.iterdir() if child.is_dir()) if folder.is_dir() else []
+        if classes:
+            kinds = {child.suffix.lower() for child in classes[0].iterdir()}
+            return bool(kinds & set(VIDEO_EXTENSIONS)) and not kinds & set(IMAGE_EXTENSIONS)
+    return False
 
 
 def read_frames(path: str | os.PathLike) -> list[Image.Image]:
@@ -68,6 +82,29 @@ def read_frames(path: str | os.PathLike) -> list[Image.Image]:
     if not frames:
         raise UnreadableClip(f"{path}: no frames")
     return frames
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """The number of frames of a clip, without decoding a folder's images or (where the container records it) a
+    video's frames: the header check that finds unreadable files before a run starts. UnreadableClip if the file
+    cannot be opened, has no video stream or no frames."""
+    path = Path(path)
+    if path.is_dir():
+        count = sum(child.suffix.lower() in IMAGE_EXTENSIONS for child in path.iterdir())
+    else:
+        av = _pyav()
+        try:
+            with av.open(os.fspath(path)) as container:
+                if not container.streams.video:
+                    raise UnreadableClip(f"{path}: no video stream")
+                stream = container.streams.video[0]
+                # some containers (webm, mkv) record no frame count: then the packets are counted, still undecoded
+                count = stream.frames or sum(packet.size > 0 for packet in container.demux(stream))
+        except (av.FFmpegError, OSError, ValueError) as error:
+            raise UnreadableClip(f"{path}: {error}") from error
+    if count == 0:
+        raise UnreadableClip(f"{path}: no frames")
+    return count
 
 
 @dataclass(frozen=True)
@@ -143,12 +180,10 @@ class ClipTransform:
 
 class ClipDataset(Dataset):
     """(clip (3, T, H, W) or views (V, 3, T, H, W), label, problem) per clip; problem "path: reason" (and clip
-    None) for one that cannot be decoded. `short` collects the clips shorter than the sampling's span that this
-    process read (with DataLoader workers, each worker keeps its own)."""
+    None) for one that cannot be decoded (a file whose header read well but whose frames do not)."""
 
     def __init__(self, clips: list[Path], labels: list[int], sampling: ClipSampling, transform: ClipTransform) -> None:
         self.clips, self.labels, self.sampling, self.transform = clips, labels, sampling, transform
-        self.short: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -158,14 +193,90 @@ class ClipDataset(Dataset):
             frames = read_frames(self.clips[index])
         except UnreadableClip as error:
             return None, self.labels[index], str(error)
-        if len(frames) < self.sampling.span:
-            self.short.add(os.fspath(self.clips[index]))
         if self.transform.training:
             starts = [self.sampling.random_start(len(frames))]
         else:
             starts = self.sampling.view_starts(len(frames))
         views = [self.transform([frames[i] for i in self.sampling.indices(len(frames), start)]) for start in starts]
         return (views[0] if self.transform.training else torch.stack(views)), self.labels[index], ""
+
+
+@dataclass
+class ClipSplits:
+    """A clip data set's splits, what its clips are normalized with, and how they are sampled."""
+
+    train: ClipDataset
+    val: ClipDataset
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    sampling: ClipSampling
+
+
+def check_clips(clips: list[Path], sampling: ClipSampling, short_rule: str, data: str) -> str | None:
+    """Read every clip's header before a run starts: UserError naming the unreadable ones, or (short_rule
+    "refuse") the clips shorter than the sampling's span; otherwise a note counting the short clips (None if
+    there are none), which are then looped or padded as the rule says."""
+    from tqdm import tqdm
+
+    lengths, unreadable = {}, []
+    for clip in tqdm(clips, desc="checking clips", leave=False, disable=None if len(clips) > 2000 else True):
+        try:
+            lengths[clip] = count_frames(clip)
+        except UnreadableClip as error:
+            unreadable.append(str(error))
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise UserError(f"--data {data}: clip {unreadable[0]}{more} cannot be read; remove or re-encode it")
+    short = [(clip, length) for clip, length in lengths.items() if length < sampling.span]
+    if not short:
+        return None
+    what = (f"{len(short)} of {len(clips)} clips of --data {data} have fewer frames than the {sampling.span} that "
+            f"--frames {sampling.frames} x --frame-stride {sampling.stride} span (e.g. {short[0][0]}, "
+            f"{short[0][1]} frames)")
+    if short_rule == "refuse":
+        raise UserError(f"{what}: lower --frames or --frame-stride, or let --short-clips loop or pad them")
+    return f"{what}: {'looped' if short_rule == 'loop' else 'their last frame repeated'} (--short-clips {short_rule})"
+
+
+def build_clip_datasets(data: str, img_size: int, sampling: ClipSampling, *, eval_only: bool = False,
+                        normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                        short_rule: str = "loop") -> ClipSplits:
+    """Train/val clip data sets of `data` = "moving-digits" or a folder DATA/{train,val}/<class>/<clip>, every clip
+    checked first (`check_clips`; its note is printed). Training: one random resized crop (moving digits: of at
+    least 80% of the frame, and no flip, which would reverse the direction that is half of their class; folders:
+    a flip half the time) per clip. normalization: (mean, std) of the model's inputs (None: the data set's own,
+    0.5 for the moving digits, else ImageNet's)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if short_rule not in SHORT_CLIP_RULES:
+        raise UserError(f"--short-clips must be one of {', '.join(SHORT_CLIP_RULES)}, got {short_rule!r}")
+    if data == MOVING_DIGITS_NAME:
+        root, own, crop = moving_digits_folder(), ((0.5,) * 3, (0.5,) * 3), {"scale": (0.8, 1.0), "flip": 0.0}
+    else:
+        root, own, crop = Path(data), (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), {"flip": 0.5}
+        if data in ("digits", "digit-scenes"):
+            raise UserError(f"--data {data} holds images; clip models train on --data {MOVING_DIGITS_NAME} or a folder "
+                            "with train/<class>/<clip> and val/<class>/<clip> (video files or folders of frames)")
+        if not root.is_dir():
+            raise UserError(f"--data {data!r} is neither {MOVING_DIGITS_NAME!r} nor an existing folder")
+        for part in ("val",) if eval_only else ("train", "val"):
+            if not (root / part).is_dir():
+                raise UserError(f"data folder {data!r} has no {part}/ sub-folder (expected {data}/{part}/<class>/<clip>)")
+    mean, std = normalization or own
+    classes, train_clips, train_labels = (None, [], []) if eval_only else scan_clip_folders(root / "train")
+    classes, val_clips, val_labels = scan_clip_folders(root / "val", classes)
+    if short_rule != "refuse":
+        sampling = ClipSampling(sampling.frames, sampling.stride, sampling.views, short_rule)
+    note = check_clips(train_clips + val_clips, sampling, short_rule, data)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    train = ClipTransform(img_size, tuple(mean), tuple(std), training=True, **crop)
+    val = ClipTransform(img_size, tuple(mean), tuple(std), training=False)
+    return ClipSplits(ClipDataset(train_clips, train_labels, sampling, train),
+                      ClipDataset(val_clips, val_labels, sampling, val), classes, tuple(mean), tuple(std),
+                      val.crop_pct, sampling)
 
 
 def scan_clip_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
@@ -176,7 +287,8 @@ def scan_clip_folders(root: Path, classes: list[str] | None = None) -> tuple[lis
 
 # -- the embedded moving digits ---------------------------------------------------------------------------------
 
-MOVING_DIGITS = "moving-digits-v1"
+MOVING_DIGITS = "moving-digits-v1"  # the cache folder
+MOVING_DIGITS_NAME = "moving-digits"  # what --data calls them
 MOVING_DIGIT_CLASSES = [f"{digit}-{direction}" for digit in range(5) for direction in ("left", "right")]
 MOVING_DIGITS_FRAMES, MOVING_DIGITS_SIZE = 16, 64
 MOVING_DIGITS_CLIPS = {"train": 40, "val": 10}  # per class

@@ -34,6 +34,10 @@ from ..errors import UserError
 from ..runtime import DistEnv
 
 
+class UnreadableInput(Exception):
+    """An input of `predict` that cannot be read; the message says why."""
+
+
 class UnreadableImages:
     """Reports each unreadable sample once, with its path, and counts them over all ranks."""
 
@@ -133,6 +137,7 @@ class Task(ABC):
     EvalOptions: ClassVar[type[TaskOptions]] = NoOptions
     PredictOptions: ClassVar[type[TaskOptions]] = NoOptions
     predicts_files: ClassVar[bool] = False  # `predict` writes files into an output folder (else it only shows)
+    input_noun: ClassVar[str] = "image"  # what the models take, for messages (video models: "clip")
     normalizes_inside: ClassVar[bool] = False  # its models normalize their inputs (`build_datasets` leaves them)
     metric: str  # the validation metric that picks the best epoch (a metrics-row key, e.g. "val_top1")
     train_accuracy: str | None  # the metrics-row key of the training accuracy (None: the task counts none)
@@ -174,6 +179,16 @@ class Task(ABC):
                        normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         """Splits with .train, .val, .classes, .mean, .std; normalization: the (mean, std) the model's inputs are
         normalized with (None: the data set's own; a task whose models normalize inside ignores it)."""
+
+    def training_splits(self, config: TrainConfig, normalization: tuple[tuple[float, ...], tuple[float, ...]] | None):
+        """The splits of a training run (default: `build_datasets` at the run's size, with its augmentation)."""
+        return self.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
+                                   normalization=normalization)
+
+    def evaluation_splits(self, data: str, restored: Restored, options: TaskOptions,
+                          normalization: tuple[tuple[float, ...], tuple[float, ...]] | None):
+        """The splits `eval` reads the validation split of, for a restored model and the eval options."""
+        return self.build_datasets(data, restored.img_size, eval_only=True, normalization=normalization)
 
     @abstractmethod
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
@@ -276,6 +291,21 @@ class Task(ABC):
     @abstractmethod
     def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
         """`biformer eval`'s text for the metrics that `evaluate` returned."""
+
+    def list_inputs(self, inputs: list[str]) -> list[str]:
+        """The files `predict` reads from the paths given: image files, named or found in folders."""
+        from ..data.images import list_images
+
+        return list_images(inputs)
+
+    def read_input(self, path: str) -> Any:
+        """One input of `predict` (an RGB image); UnreadableInput saying why it cannot be read."""
+        from ..data.images import UNREADABLE_ERRORS, open_rgb
+
+        try:
+            return open_rgb(path)
+        except UNREADABLE_ERRORS as error:
+            raise UnreadableInput(str(error)) from error
 
     def check_predict(self, options: TaskOptions, files: list[str]) -> None:
         """UserError for `predict` options that do not fit the files, before the model is loaded or anything

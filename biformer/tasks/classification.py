@@ -19,6 +19,7 @@ from ..checkpoints.loading import load_pretrained_classifier, load_weights
 from ..checkpoints.weights import read_state_dict
 from ..config import TASK_TRAIN_OPTIONS, TaskOptions, TrainConfig, flag, option
 from ..data.classification import DataSplits, build_datasets, collate_readable
+from ..data.video import MOVING_DIGITS_NAME, holds_clips
 from ..data.token_labels import TokenLabelledImages, TokenLabels, TokenTargets, image_keys
 from ..errors import UserError
 from ..runtime import DistEnv, all_reduce_sum, autocast
@@ -35,7 +36,7 @@ class ClassificationTask(Task):
     name = "classification"
     default_data = "digits"
     reference_classes = 1000  # ImageNet
-    train_options = TASK_TRAIN_OPTIONS  # every one: they are all classification's
+    train_options = TASK_TRAIN_OPTIONS - {"frames", "frame_stride", "short_clips"}  # all but the clip models' own
     PredictOptions = ClassificationPredictOptions
     metric = "val_top1"
     train_accuracy = "train_top1"
@@ -55,6 +56,9 @@ class ClassificationTask(Task):
         if data == "digit-scenes":
             raise UserError("--data digit-scenes is a segmentation and detection data set; a classifier trains on "
                             "--data digits or a folder with train/<class>/* and val/<class>/*")
+        if data == MOVING_DIGITS_NAME or holds_clips(data):
+            raise UserError(f"--data {data} holds clips, and image classifiers take images: train a clip model "
+                            "(biformer3d_tiny, or torchvision's swin3d_t, r3d_18, ...) on it")
         return build_datasets(data, img_size, auto_augment=auto_augment, random_erasing=random_erasing,
                               eval_only=eval_only, normalization=normalization)
 

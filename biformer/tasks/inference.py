@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
-from .base import Prediction, Restored, Task, UnreadableImages, val_loader
+from .base import Prediction, Restored, Task, UnreadableImages, UnreadableInput, val_loader
 
 
 def _checked_options(task: Task, options: Any, command: str) -> Any:
@@ -38,8 +38,8 @@ def evaluate(restored: Restored, data: str | None = None, options: Any = None, *
     options = _checked_options(task, options, "eval")
     env = DistEnv(device=resolve_device(device))
     recorded = "mean" in restored.metadata  # a file without statistics (a release .pth): the data set's own
-    splits = task.build_datasets(data or task.default_data, restored.img_size, eval_only=True,
-                                 normalization=(restored.mean, restored.std) if recorded else None)
+    splits = task.evaluation_splits(data or task.default_data, restored, options,
+                                    (restored.mean, restored.std) if recorded else None)
     _check_classes(splits.classes, restored.classes, restored.classes_recorded)
     unreadable = UnreadableImages()
     loader = val_loader(splits.val, batch_size, workers, env, task.collate)
@@ -84,23 +84,23 @@ def iter_predictions(restored: Restored, files: list[str], options: Any, outputs
                      device: str | None = None) -> Iterator[Prediction]:
     """A Prediction per file as each is done (options: the task's PredictOptions; outputs: `prediction_outputs`');
     an unreadable file gets one with its problem."""
-    from ..data.images import UNREADABLE_ERRORS, open_rgb
     from ..runtime import resolve_device
 
     for stem in (outputs or {}).values():  # only once a model loaded: no empty folders otherwise
         stem.parent.mkdir(parents=True, exist_ok=True)
     unreadable: list[Prediction] = []
 
+    task = restored.task
+
     def readable() -> Iterator[tuple[str, Any]]:
         for path in files:
             try:
-                image = open_rgb(path)
-            except UNREADABLE_ERRORS as error:
+                item = task.read_input(path)
+            except UnreadableInput as error:
                 unreadable.append(Prediction(path, problem=str(error), readable=False))
                 continue
-            yield path, image
+            yield path, item
 
-    task = restored.task
     for prediction in task.predict(restored, readable(), options, resolve_device(device), outputs):
         while unreadable:
             yield unreadable.pop(0)
@@ -110,13 +110,11 @@ def iter_predictions(restored: Restored, files: list[str], options: Any, outputs
 
 def predict(restored: Restored, inputs: Sequence[str | os.PathLike], options: Any = None, *,
             output: str | os.PathLike | None = None, device: str | None = None) -> list[Prediction]:
-    """The predictions of `restored` for image files or folders (searched recursively); a task that writes
-    pictures (segmentation, detection) writes them, and its files that cover every image, into `output`."""
-    from ..data.images import list_images
-
+    """The predictions of `restored` for image (or clip) files or folders (searched recursively); a task that
+    writes pictures (segmentation, detection) writes them, and its files that cover every image, into `output`."""
     task = restored.task
     options = _checked_options(task, options, "predict")
-    files = list_images([os.fspath(item) for item in inputs])
+    files = task.list_inputs([os.fspath(item) for item in inputs])
     outputs = prediction_outputs(task, files, options, output)
     predictions = list(iter_predictions(restored, files, options, outputs, device))
     if task.predicts_files and any(prediction.problem is None for prediction in predictions):

@@ -16,8 +16,10 @@ from .base import Restored, Task
 from .classification import ClassificationTask
 from .detection import DetectionTask
 from .segmentation import SegmentationTask
+from .video import VideoTask
 
-TASKS: list[type[Task]] = [SegmentationTask, DetectionTask, ClassificationTask]
+# classification claims every timm model, clip models (biformer3d_*) included: it is asked last
+TASKS: list[type[Task]] = [SegmentationTask, DetectionTask, VideoTask, ClassificationTask]
 
 
 def register_task(task: type[Task]) -> type[Task]:

@@ -311,8 +311,7 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     amp = resolve_amp(config.amp, env.device)
     state = load_run(config, env)
     normalization, normalized_by = input_normalization(config, task)
-    splits = task.build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
-                                 normalization=normalization)
+    splits = task.training_splits(config, normalization)
     stream = TrainStream(len(splits.train), config.batch_size, config.accum_steps, env.world, env.rank,
                          config.seed, config.aug_repeats)
     plan = Plan.of(config, stream.steps_per_epoch)
