@@ -112,21 +112,29 @@ class QueryView:
     boxes: dict[int, tuple[int, int, int, int]]  # region index -> box
 
 
-def query_view(record: RecordedRouting, query: tuple[int, int], stride: int, image_size: tuple[int, int]) -> QueryView:
-    """Routing and token attention (mean over heads) of the token under input pixel query = (x, y)."""
+def _query_attention(record: RecordedRouting, token: tuple[int, ...]) -> tuple[int, Tensor, Tensor]:
+    """(the region of the query token at `token` (one index per spatial axis), the key regions it routes to (K,)
+    best first, its head-averaged attention over the map's tokens (*shape), zero outside the routed regions)."""
     grid = record.routing.grid
-    x, y = query
-    row, col = y // stride, x // stride
-    region = (row // grid.region_h) * grid.cols + col // grid.region_w
+    region = 0
+    for coordinate, count, size in zip(token, grid.counts, grid.sizes):  # regions are numbered row-major
+        region = region * count + coordinate // size
     routed = record.routing.indices[0, region]  # (K,)
-    q_token = record.q[0, row, col].float()  # (M, D)
+    q_token = record.q[(0, *token)].float()  # (M, D)
     k_routed = grid.to_regions(record.k.float())[0, routed]  # (K, T, M, D)
     logits = torch.einsum("md,ktmd->mkt", q_token, k_routed) * record.scale
     valid = grid.valid_tokens(logits.device)[routed]  # (K, T)
     weights = logits.masked_fill(~valid, float("-inf")).flatten(1).softmax(-1).mean(0).view_as(valid)
     token_map = torch.zeros(grid.num_regions, grid.tokens_per_region)
     token_map[routed] = weights.cpu()
-    token_map = grid.from_regions(token_map[None, :, :, None])[0, :, :, 0]  # (H', W')
+    return region, routed, grid.from_regions(token_map[None, :, :, None])[0, ..., 0]
+
+
+def query_view(record: RecordedRouting, query: tuple[int, int], stride: int, image_size: tuple[int, int]) -> QueryView:
+    """Routing and token attention (mean over heads) of the token under input pixel query = (x, y)."""
+    grid = record.routing.grid
+    x, y = query
+    region, routed, token_map = _query_attention(record, (y // stride, x // stride))  # token_map: (H', W')
     # one token covers stride x stride pixels; the legacy padding beyond the image is cut off
     pixels = token_map.repeat_interleave(stride, 0).repeat_interleave(stride, 1)[: image_size[0], : image_size[1]]
     height, width = image_size
@@ -165,8 +173,9 @@ def _marker(draw: ImageDraw.ImageDraw, query: tuple[int, int], scale: int, radiu
     draw.point((cx, cy), fill=QUERY_COLOR)
 
 
-def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int) -> Image.Image:
-    """Routed regions in full colour with outlines, everything else dimmed; query region outlined apart."""
+def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int, mark: bool = True) -> Image.Image:
+    """Routed regions in full colour with outlines, everything else dimmed; the query region (where the view has
+    its box) outlined apart, and the query marked unless `mark` is False."""
     shown = (pixels * DIM).astype(np.uint8)
     for index in view.routed:
         x0, y0, x1, y1 = view.boxes[index]
@@ -176,8 +185,10 @@ def routed_regions_panel(pixels: np.ndarray, view: QueryView, scale: int, radius
     line = max(1, scale)
     for index in view.routed:
         _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, line)
-    _outline(draw, _scaled(view.boxes[view.query_region], scale), QUERY_COLOR, line)
-    _marker(draw, view.query, scale, radius)
+    if view.query_region in view.boxes:
+        _outline(draw, _scaled(view.boxes[view.query_region], scale), QUERY_COLOR, line)
+    if mark:
+        _marker(draw, view.query, scale, radius)
     return image
 
 
@@ -195,7 +206,7 @@ def weight_range(view: QueryView) -> tuple[float, float]:
     return float(weights.min()), float(weights.max())
 
 
-def attention_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int) -> Image.Image:
+def attention_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int, mark: bool = True) -> Image.Image:
     """The query's token attention as a heatmap over the dimmed image, routed regions outlined.
 
     Colours span the weights' range over the routed tokens (`weight_range`), so near-uniform attention (random
@@ -211,18 +222,19 @@ def attention_panel(pixels: np.ndarray, view: QueryView, scale: int, radius: int
     draw = ImageDraw.Draw(image)
     for index in view.routed:
         _outline(draw, _scaled(view.boxes[index], scale), ROUTED_COLOR, 1)
-    _marker(draw, view.query, scale, radius)
+    if mark:
+        _marker(draw, view.query, scale, radius)
     return image
 
 
-def colour_scale(width: int, low: float, high: float) -> Image.Image:
+def colour_scale(width: int, low: float, high: float, what: str = "the first query") -> Image.Image:
     """The heatmaps' colour scale: a strip from a panel's least to its largest routed weight, captioned with the
-    first query's range (each panel spans its own)."""
+    range of `what` (each panel spans its own)."""
     strip = colormaps["inferno"](np.linspace(HEAT_LOW, 1.0, width))[None, :, :3] * 255
     image = Image.new("RGB", (width, TITLE_HEIGHT + SCALE_BAR_HEIGHT), "white")
     image.paste(Image.fromarray(np.repeat(strip, SCALE_BAR_HEIGHT, 0).astype(np.uint8)), (0, TITLE_HEIGHT))
-    ImageDraw.Draw(image).text((0, 2), f"attention weight: {low:.3g} (left) .. {high:.3g} (right) for the first "
-                                        "query; each heatmap spans its own routed tokens' range", fill="black")
+    ImageDraw.Draw(image).text((0, 2), f"attention weight: {low:.3g} (left) .. {high:.3g} (right) for {what}; "
+                                        "each heatmap spans its own routed tokens' range", fill="black")
     return image
 
 
@@ -287,3 +299,76 @@ def render_figure(
 def save_png(image: Image.Image, path: str) -> None:
     with atomic_output(path) as temp:
         image.save(temp, format="PNG")
+
+
+# -- clips: where a query in one frame routes to, across frames ------------------------------------------------
+
+
+def clip_query_views(record: RecordedRouting, query: tuple[int, int, int], stride: int, tubelet: int,
+                     frame_size: tuple[int, int]) -> list[QueryView]:
+    """The routing and token attention of the token under input pixel (x, y) of frame t, query = (t, x, y), as one
+    QueryView per time step of the block's map (a step covers `tubelet` frames): the routed regions that reach into
+    that step, and the attention on its tokens. The query's own region is named in the view of its step only."""
+    grid = record.routing.grid
+    t, x, y = query
+    token = (t // tubelet, y // stride, x // stride)
+    region, routed, token_map = _query_attention(record, token)  # token_map: (T', H', W')
+    height, width = frame_size
+    views = []
+    for step in range(grid.shape[0]):
+        pixels = token_map[step].repeat_interleave(stride, 0).repeat_interleave(stride, 1)[:height, :width]
+        boxes = {}
+        for index in set(routed.tolist()) | {region}:
+            time_region, rest = divmod(index, grid.counts[1] * grid.counts[2])
+            if not time_region * grid.sizes[0] <= step < (time_region + 1) * grid.sizes[0]:
+                continue  # the region lies in other time steps
+            r, c = divmod(rest, grid.counts[2])
+            y0, x0 = r * grid.sizes[1] * stride, c * grid.sizes[2] * stride
+            boxes[index] = (min(x0, width), min(y0, height), min(x0 + grid.sizes[2] * stride, width),
+                            min(y0 + grid.sizes[1] * stride, height))
+        in_step = [index for index in routed.tolist() if index in boxes]
+        views.append(QueryView((x, y), region, in_step, pixels.numpy() / stride**2, boxes))
+    return views
+
+
+def _clip_panels(frame: np.ndarray, view: QueryView, scale: int, radius: int, mark: bool
+                 ) -> tuple[Image.Image, Image.Image]:
+    """A time step's routed-regions panel and attention panel; a step that nothing is routed into shows dimmed."""
+    if not view.routed:
+        dimmed = _upscale((frame * DIM).astype(np.uint8), scale)
+        return dimmed, dimmed.copy()
+    return routed_regions_panel(frame, view, scale, radius, mark), attention_panel(frame, view, scale, radius, mark)
+
+
+def render_clip_figure(frames: np.ndarray, record: RecordedRouting, stride: int, tubelet: int,
+                       query: tuple[int, int, int], title: str, panel_size: int = 160) -> Image.Image:
+    """Row 0: per time step of the block's map, its first frame (the query's own on its step) with the regions the
+    query routes to there in full colour (the rest dimmed) and the query marked on its own step; row 1: the query's token attention on
+    each step; a colour scale closes the figure. frames: (T, H, W, 3) uint8, the model's input frames."""
+    frame_size = frames.shape[1:3]
+    views = clip_query_views(record, query, stride, tubelet, frame_size)
+    scale = display_scale(frame_size, panel_size)
+    panel = (frame_size[1] * scale, frame_size[0] * scale)
+    columns = len(views)
+    width = MARGIN + columns * (panel[0] + MARGIN)
+    height = 2 * (TITLE_HEIGHT + panel[1] + MARGIN) + TITLE_HEIGHT + MARGIN + TITLE_HEIGHT + SCALE_BAR_HEIGHT + MARGIN
+    figure = Image.new("RGB", (max(width, 480), height), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((MARGIN, 2), f"{title}; query (x {query[1]}, y {query[2]}) in frame {query[0]}", fill="black")
+    radius = marker_radius(panel, scale)
+    query_step = query[0] // tubelet
+    for step, view in enumerate(views):
+        shown = frames[query[0]] if step == query_step else frames[step * tubelet]  # the query's own frame
+        routed_panel, attention = _clip_panels(shown, view, scale, radius, step == query_step)
+        first, last = step * tubelet, min((step + 1) * tubelet, len(frames)) - 1
+        for row, (image, caption) in enumerate(((routed_panel, f"frames {first}-{last}: {len(view.routed)} routed"),
+                                                (attention, "attention"))):
+            x, y = panel_origin(row, step, panel)
+            y += TITLE_HEIGHT  # below the figure's title
+            figure.paste(image, (x, y))
+            draw.text((x, y - TITLE_HEIGHT + 2), caption, fill="black")
+    ranges = [weight_range(view) for view in views if view.routed]  # the steps' heatmaps each span their own range
+    scale_strip = colour_scale(figure.width - 2 * MARGIN, min(low for low, _ in ranges), max(high for _, high in ranges),
+                               "the query over all steps")
+    figure.paste(scale_strip, (MARGIN, height - MARGIN - TITLE_HEIGHT - SCALE_BAR_HEIGHT))
+    return figure

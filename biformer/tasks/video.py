@@ -133,7 +133,13 @@ class VideoTask(ClassificationTask):
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         from ..checkpoints.loading import load_pretrained_classifier
 
-        model = create_clip_model(config.model, num_classes, config.drop_path or 0.0, **config.model_arguments())
+        try:
+            model = create_clip_model(config.model, num_classes, config.drop_path or 0.0, **config.model_arguments())
+        except (TypeError, ValueError) as error:
+            if not config.model_kwargs:
+                raise
+            raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: "
+                            f"{str(error).splitlines()[0]}") from error
         if config.pretrained is not None:
             if not config.model.startswith(CLIP_MODEL_PREFIX):
                 raise UserError(f"--pretrained starts biformer3d_* models (from a clip model's or an image "
