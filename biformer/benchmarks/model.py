@@ -11,7 +11,6 @@ from torch import nn
 
 from ..measure import interleaved_median_seconds, megabytes, peak_memory_bytes
 from ..ops import BiLevelRoutingAttention, use_backend
-from ..tasks.video import torchvision_video_models
 
 # BiFormer-T (2.2 GFLOPs) and -S (4.5) with timm models of about the same FLOPs.
 DEFAULT_MODELS = (
@@ -74,6 +73,8 @@ def build_models(entries: list[ModelEntry], device: torch.device) -> dict[ModelE
 def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     import timm
     import torchvision
+
+    from ..tasks.video import torchvision_video_models
 
     if timm.is_model(entry.name):
         model = timm.create_model(entry.name, pretrained=False).to(device)
