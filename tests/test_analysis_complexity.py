@@ -7,8 +7,11 @@ from PIL import Image
 from biformer.analysis.complexity import (
     bra_cost,
     complexity_table,
+    format_table,
+    optimal_regions,
     optimal_regions_per_side,
     plot_complexity,
+    region_cost,
     valid_regions_per_side,
     write_csv,
 )
@@ -41,14 +44,33 @@ def test_valid_sizes_divide_the_map_and_cover_topk():
 
 
 def test_table_plot_and_csv(tmp_path):
-    rows = complexity_table(16, 16, 32, 4, heads=2, repeats=1)
+    rows = complexity_table((16, 16), 32, 4, heads=2, repeats=1)
     assert [r.regions_per_side for r in rows] == [2, 4, 8, 16]
     assert all(r.time_ms is not None and r.time_ms > 0 for r in rows)
     assert [r.tokens_per_region for r in rows] == [64, 16, 4, 1]
-    plot_complexity(rows, 16, 16, 32, 4, str(tmp_path / "c.png"))
+    plot_complexity(rows, (16, 16), 32, 4, str(tmp_path / "c.png"))
     with Image.open(tmp_path / "c.png") as image:
         assert image.format == "PNG" and image.width > 600 and image.height > 300
     write_csv(rows, str(tmp_path / "c.csv"))
     lines = (tmp_path / "c.csv").read_text().splitlines()
-    assert lines[0].startswith("regions_per_side,") and len(lines) == 5
+    assert lines[0].startswith("regions_per_side,frame_regions,") and len(lines) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png"]  # no temporary files left
+
+
+def test_a_clip_map_counts_every_split_over_its_axes_by_eq_9_in_regions(tmp_path):
+    # 4 x 8 x 8 tokens, k = 4: frame regions 1, 2, 4 times S in 1, 2, 4, 8 with at least 4 regions
+    rows = complexity_table((4, 8, 8), 16, 4, heads=1, repeats=1)
+    assert [r.counts for r in rows] == [(1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 2, 2), (2, 4, 4), (2, 8, 8),
+                                        (4, 1, 1), (4, 2, 2), (4, 4, 4), (4, 8, 8)]
+    two_by_four = next(r for r in rows if r.counts == (2, 4, 4))
+    # by hand: N = 256 tokens, R = 32 regions, C = 16: routing 2 * 32^2 * 16, attention 2 * 256 * 4 * (256 / 32) * 16
+    assert (two_by_four.routing_flops, two_by_four.attention_flops, two_by_four.tokens_per_region) == (32_768, 262_144, 8)
+    assert all(r.time_ms > 0 for r in rows)
+    # R* minimises Eq. 9 whatever the axes: a fine grid of region counts finds it
+    optimum = optimal_regions(256, 4)
+    grid = [1 + i * 1e-2 for i in range(25_600)]
+    assert abs(min(grid, key=lambda regions: region_cost(256, 16, 4, regions).total) - optimum) <= 1e-2
+    plot_complexity(rows, (4, 8, 8), 16, 4, str(tmp_path / "clip.png"))
+    with Image.open(tmp_path / "clip.png") as image:
+        assert image.format == "PNG" and image.width > 600
+    assert "R* = (k (T H W)^2 / 2)^(1/3)" in format_table(rows, (4, 8, 8), 4)

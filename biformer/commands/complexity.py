@@ -6,7 +6,6 @@ import argparse
 from ..analysis.complexity import (
     complexity_table,
     format_table,
-    optimal_regions_per_side,
     plot_complexity,
     write_csv,
 )
@@ -23,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(regions per side) that divides the map, the analytic optimum S*, and the measured "
                     "time of bi_level_routing_attention for each S.",
     )
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(56, 56), help="map size in tokens")
+    parser.add_argument("--size", type=int, nargs="+", metavar="N", default=(56, 56),
+                        help="map size in tokens: H W for an image, T H W for a clip or volume (regions T' x S x S)")
     parser.add_argument("--dim", type=int, default=64, help="channels C")
     parser.add_argument("--topk", type=int, default=4, help="routed regions k")
     parser.add_argument("--heads", type=int, default=None, help="attention heads for the timing (default C // 32)")
@@ -37,10 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    height, width = args.size
+    size = tuple(args.size)
     heads = args.heads or max(1, args.dim // 32)
-    for name, value in (("--size H", height), ("--size W", width), ("--dim", args.dim), ("--topk", args.topk),
-                        ("--repeats", args.repeats), ("--heads", heads)):
+    if len(size) not in (2, 3):
+        raise UserError(f"--size takes H W (an image) or T H W (a clip or volume), got {len(size)} values")
+    names = ("--size T", "--size H", "--size W")[3 - len(size):]
+    for name, value in (*zip(names, size), ("--dim", args.dim), ("--topk", args.topk), ("--repeats", args.repeats),
+                        ("--heads", heads)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if args.dim % heads:
@@ -51,16 +54,18 @@ def run(args: argparse.Namespace) -> int:
         if path:
             check_writable(path, option)
     try:
-        rows = complexity_table(height, width, args.dim, args.topk, heads=heads, measure=not args.no_time,
+        rows = complexity_table(size, args.dim, args.topk, heads=heads, measure=not args.no_time,
                                 repeats=args.repeats, device=args.device, backend=args.backend)
     except ValueError as error:  # e.g. a forced backend that cannot run
         raise UserError(str(error)) from error
+    shape = "x".join(map(str, size))
     if not rows:
-        raise UserError(f"no S divides {height}x{width} with S^2 >= topk={args.topk}; lower --topk or change --size")
-    print(f"BRA on a {height}x{width} map, C={args.dim}, k={args.topk}"
+        raise UserError(f"no region count divides {shape} with at least topk={args.topk} regions; lower --topk or "
+                        "change --size")
+    print(f"BRA on a {shape} map, C={args.dim}, k={args.topk}"
           + ("" if args.no_time else f", timing {heads} heads on {args.device}"))
-    print(format_table(rows, optimal_regions_per_side(height, width, args.topk)))
-    plot_complexity(rows, height, width, args.dim, args.topk, args.output)
+    print(format_table(rows, size, args.topk))
+    plot_complexity(rows, size, args.dim, args.topk, args.output)
     print(f"wrote {args.output}")
     if args.csv:
         write_csv(rows, args.csv)
