@@ -152,4 +152,4 @@ def test_bench_model_times_clip_models_beside_torchvisions(capsys):
     assert "clips of 4 frames 32x32" in out and "biformer3d_nano" in out and "r3d_18" in out
     assert main(["bench", "model", "biformer_nano", "--frames", "4", "--img-size", "32", "--batch", "1",
                  "--repeats", "1", "--warmup", "0", "--no-memory", "--no-train"]) == 2
-    assert "time image and clip models (--frames) apart" in capsys.readouterr().err
+    assert "measure image and clip models (--frames) apart" in capsys.readouterr().err

@@ -131,3 +131,36 @@ def test_a_cat_takes_launches_as_atens_cuda_cat(pieces, form, launches):
     dimensions, else one input per kernel."""
     trace = trace_bench.trace_model(_Concatenation(pieces, form), "infer", 1, img_size=4, dtype=torch.float32)
     assert dict(trace.ops) == {"aten::cat": 1} and trace.total().launches == launches
+
+
+class _ClipLinear(nn.Module):
+    """A 1x1x1 Conv3d over a clip, then a linear head: FLOPs countable by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, kernel_size=1, bias=False)
+        self.linear = nn.Linear(8, 10, bias=False)
+
+    def forward(self, clips):  # (B, 3, T, H, W)
+        return self.linear(self.conv(clips).mean((2, 3, 4)))
+
+
+def test_a_clip_is_traced_with_its_frames():
+    batch, frames, side = 2, 4, 32
+    trace = trace_bench.trace_model(_ClipLinear(), "infer", batch, side, torch.float32, frames=frames)
+    convolution = 2 * batch * frames * side * side * 3 * 8  # a multiply and an add per weight and output voxel
+    assert trace.ops["aten::convolution"] == 1
+    assert convolution + 2 * batch * 8 * 10 <= trace.total().flops <= convolution + 2 * batch * 8 * 10 + batch * 8 * frames * side * side
+
+
+def test_a_clip_model_traces_without_host_syncs(tmp_path, capsys):
+    path = tmp_path / "trace.json"
+    assert main(["bench", "trace", "biformer3d_nano", "--frames", "4", "--img-size", "64", "--batch", "1",
+                 "--json", str(path)]) == 0
+    output = capsys.readouterr().out
+    assert "clips of 4 frames 64x64" in output and "biformer3d_nano" in output
+    for mode in ("infer", "train"):
+        trace = json.loads(path.read_text())["traces"][f"biformer3d_nano {mode}"]
+        assert trace["total"]["syncs"] == 0 and trace["categories"]["routing"]["launches"] > 0
+    assert main(["bench", "trace", "resnet18", "--frames", "4", "--img-size", "64", "--batch", "1", "--mode", "infer"]) == 2
+    assert "measure image and clip models (--frames) apart" in capsys.readouterr().err

@@ -348,8 +348,9 @@ def _autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
 
 
 def trace_model(model: nn.Module, mode: str, batch: int, img_size: int = 224, dtype: torch.dtype = torch.bfloat16,
-                backend: str | None = None, fused_sdpa: bool = True) -> Trace:
-    """The CUDA work of one inference forward (mode "infer") or training step ("train") of `model`.
+                backend: str | None = None, fused_sdpa: bool = True, frames: int | None = None) -> Trace:
+    """The CUDA work of one inference forward (mode "infer") or training step ("train") of `model` on images, or
+    on clips of `frames` frames (B, 3, T, H, W).
 
     The model's parameters are replaced by fake CUDA tensors: pass a model built for this."""
     if mode not in MODES:
@@ -358,7 +359,7 @@ def trace_model(model: nn.Module, mode: str, batch: int, img_size: int = 224, dt
     autocast = _autocast(dtype)
     with FakeTensorMode(), _as_on_a_gpu(), use_backend(model, backend):
         _to_fake_cuda(model)
-        images = torch.empty(batch, 3, img_size, img_size, device="cuda")
+        images = torch.empty(batch, 3, *(() if frames is None else (frames,)), img_size, img_size, device="cuda")
         if mode == "infer":
             model.eval()
             with torch.inference_mode(), autocast, _FunctionLevel(categories, fused_sdpa), _Counter(trace, categories):

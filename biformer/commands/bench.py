@@ -107,6 +107,9 @@ def _register_trace(kinds: argparse._SubParsersAction) -> None:
                        help="inference forward and/or training step (forward, cross-entropy, backward, SGD step)")
     trace.add_argument("--batch", type=int, default=128, help="images per traced step")
     trace.add_argument("--img-size", type=int, default=224, help="input height and width")
+    trace.add_argument("--frames", type=int, default=None,
+                       help="trace clip models (biformer3d_*, torchvision's swin3d_t, r3d_18, ...) on clips of this "
+                            "many frames")
     trace.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="autocast dtype (float32: none)")
     trace.add_argument("--unfused-sdpa", action="store_true",
                        help="count scaled_dot_product_attention as its math decomposition, not one fused kernel")
@@ -301,6 +304,17 @@ def run_op(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_frames(frames: int | None) -> None:
+    if frames is not None and frames < 2:
+        raise UserError(f"--frames must be at least 2 (clip models merge frame pairs), got {frames}")
+
+
+def _kind_mismatch(model: str, frames: int | None, error: RuntimeError) -> str:
+    """The message for a model given the other kind of input (a clip to an image model, or the reverse)."""
+    return (f"{model} cannot take {'clips' if frames else 'images'} of this size: {str(error).splitlines()[0]}; "
+            "measure image and clip models (--frames) apart")
+
+
 def run_model(args: argparse.Namespace) -> int:
     device, dtype = _setup(args)
     if args.img_size < 32:
@@ -313,8 +327,7 @@ def run_model(args: argparse.Namespace) -> int:
         models = build_models(entries, device)
     except (ValueError, OSError) as error:
         raise UserError(str(error)) from None
-    if args.frames is not None and args.frames < 2:
-        raise UserError(f"--frames must be at least 2 (clip models merge frame pairs), got {args.frames}")
+    _check_frames(args.frames)
     with _threads(args.threads):
         threads = torch.get_num_threads()
         try:
@@ -323,8 +336,7 @@ def run_model(args: argparse.Namespace) -> int:
         except RuntimeError as error:  # a clip to an image model, or an image to a clip model
             if isinstance(error, torch.OutOfMemoryError):
                 raise
-            raise UserError(f"a model cannot take {'clips' if args.frames else 'images'} of this size: "
-                            f"{str(error).splitlines()[0]}; time image and clip models (--frames) apart") from None
+            raise UserError(_kind_mismatch("a model", args.frames, error)) from None
     clip = f"clips of {args.frames} frames " if args.frames else ""
     _report(rows, MODEL_COLUMNS, args.csv,
             f"models at {clip}{args.img_size}x{args.img_size}, batch {args.batch}, {args.dtype}, {device}, "
@@ -350,6 +362,7 @@ def run_trace(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     if args.img_size < 32:
         raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    _check_frames(args.frames)
     for option in ("json", "csv"):
         if getattr(args, option):
             check_writable(getattr(args, option), f"--{option}")
@@ -361,15 +374,19 @@ def run_trace(args: argparse.Namespace) -> int:
     rows, traces = [], {}
     for entry, model in models.items():
         for mode in args.mode:
-            trace = trace_bench.trace_model(model, mode, args.batch, args.img_size, getattr(torch, args.dtype),
-                                            entry.backend, fused_sdpa=not args.unfused_sdpa)
+            try:
+                trace = trace_bench.trace_model(model, mode, args.batch, args.img_size, getattr(torch, args.dtype),
+                                                entry.backend, fused_sdpa=not args.unfused_sdpa, frames=args.frames)
+            except RuntimeError as error:  # a clip to an image model, or an image to a clip model
+                raise UserError(_kind_mismatch(entry.label, args.frames, error)) from None
             rows.append(trace_bench.summary_row(entry.label, mode, trace, trace_bench.bra_layers(model)))
             traces[f"{entry.label} {mode}"] = trace_bench.as_json(trace)
     _report(rows, trace_bench.COLUMNS, args.csv,
-            f"CUDA work traced on fake tensors (no GPU, nothing timed): {args.img_size}x{args.img_size}, batch "
+            f"CUDA work traced on fake tensors (no GPU, nothing timed): "
+            f"{f'clips of {args.frames} frames ' if args.frames else ''}{args.img_size}x{args.img_size}, batch "
             f"{args.batch}, {args.dtype} autocast; GB read+written, GFLOP = 1e9 floating-point operations")
     if args.json:
-        settings = {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype,
+        settings = {"batch": args.batch, "img_size": args.img_size, "frames": args.frames, "dtype": args.dtype,
                     "fused_sdpa": not args.unfused_sdpa}
         with atomic_output(args.json) as temp:
             temp.write_text(json.dumps({"settings": settings, "traces": traces}, indent=1))
