@@ -53,11 +53,6 @@ def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE, clip: bool = False) -> tupl
              3 + clip: torch.export.Dim("width", min=min_side, max=MAX_SIDE)},)
 
 
-def is_clip_model(model: nn.Module) -> bool:
-    """Whether `model` takes clips (B, 3, T, H, W) rather than images."""
-    return getattr(model, "spatial_dims", 2) == 3
-
-
 class _ConvolutionInputs(TorchDispatchMode):
     """Records the (H, W) of every convolution's input."""
 
@@ -71,11 +66,12 @@ class _ConvolutionInputs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def smallest_dynamic_side(model: nn.Module) -> int:
-    """The smallest input side at which every convolution of `model` sees a map of more than one pixel per side:
-    below it, torch.export's convolutions take another path for 1-pixel maps, which one graph cannot hold. For
-    BiFormer with the overlapping conv stem that is 33 px, with the patch stem (the STL layout) 64 px."""
-    frames = (MIN_DYNAMIC_FRAMES,) if is_clip_model(model) else ()
+def smallest_dynamic_side(model: nn.Module, clip: bool = False) -> int:
+    """The smallest input side at which every convolution of `model` (a clip model's, given clips) sees a map of
+    more than one pixel per side: below it, torch.export's convolutions take another path for 1-pixel maps, which
+    one graph cannot hold. For BiFormer with the overlapping conv stem that is 33 px, with the patch stem (the STL
+    layout) 64 px."""
+    frames = (MIN_DYNAMIC_FRAMES,) if clip else ()
 
     def more_than_one_pixel(side: int) -> bool:
         recorder = _ConvolutionInputs()
@@ -313,7 +309,7 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
     stage = on_stage or (lambda text: None)
     if settings.dynamic:
         stage("finding the smallest input side the model's graph holds")
-    min_side = smallest_dynamic_side(model) if settings.dynamic else MIN_SIDE
+    min_side = smallest_dynamic_side(model, frames is not None) if settings.dynamic else MIN_SIDE
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)

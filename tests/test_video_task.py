@@ -201,3 +201,12 @@ def test_visualize_draws_a_clip_checkpoint_and_refuses_what_does_not_fit(tmp_pat
         assert main([*common, *extra]) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and message in error and not output.exists()
+
+
+def test_a_clip_checkpoint_exports_at_the_frames_it_was_trained_on(tmp_path, capsys):
+    data = _clip_folder(tmp_path / "data")
+    assert _train(tmp_path, data, "--frames", "6", "--frame-stride", "1") == 0
+    capsys.readouterr()
+    output = tmp_path / "clip.pt2"
+    assert main(["export", str(output), "--checkpoint", str(tmp_path / "run" / "best.safetensors")]) == 0
+    assert "1x3x6x32x32 only" in capsys.readouterr().out and output.is_file()

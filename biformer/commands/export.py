@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="input height and width (one value: square); default: the checkpoint's training "
                              "size, else 224")
     parser.add_argument("--frames", type=positive, default=None,
-                        help="a clip model's frames (biformer3d_*; default: its reference clip's; free with --dynamic)")
+                        help="a clip model's frames (default: its checkpoint's, else its reference clip's; free with --dynamic)")
     parser.add_argument("--batch", type=positive, default=1, help="the example's batch (the file's, unless --dynamic)")
     parser.add_argument("--opset", type=positive, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--backbone", action="store_true",
@@ -64,9 +64,10 @@ def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
-def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int]:
-    """(the model to export, its default input side); UserError if its task cannot export with `settings`.
-    A model that resizes its input (a detector) is built for --img-size's shorter side."""
+def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int, int | None]:
+    """(the model to export, its default input side, a clip model's default frames (None: it takes images));
+    UserError if its task cannot export with `settings`. A model that resizes its input (a detector) is built for
+    --img-size's shorter side."""
     from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.checkpoint is None and args.model is None:
@@ -85,17 +86,17 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
         if task.name != "classification" or not name.startswith("biformer"):
             raise UserError(f"--backbone needs a BiFormer classifier (biformer_tiny, ...), got {task.name} model "
                             f"{name!r}")
-        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE
+        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE, None
+    frames = task.reference_frames(name) if task.input_noun == "clip" else None
     if args.checkpoint is not None:
         restored = task.restore(args.checkpoint, metadata, name, side)
-        return task.deployable(restored.model), restored.img_size
-    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE
+        return task.deployable(restored.model), restored.img_size, frames and metadata.get("frames", frames)
+    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path, is_clip_model
+    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
     from ..files import check_writable
-    from ..models.biformer import CLIP_FRAMES
 
     settings = ExportSettings(format_for_path(args.output, args.format), args.dynamic, args.legacy, args.opset)
     reasons = settings.not_supported_reasons()
@@ -104,15 +105,14 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size:
         check_size(*_size(args, 0), MIN_DYNAMIC_SIDE if settings.dynamic else MIN_SIDE)  # before the model is built
     check_writable(args.output, "output")
-    model, default_side = _model(args, settings)
+    model, default_side, frames = _model(args, settings)
     height, width = _size(args, default_side)
-    frames = None
-    if is_clip_model(model):
-        frames = args.frames or CLIP_FRAMES.get(getattr(model, "pretrained_cfg", {}).get("architecture"), 16)
+    if frames is not None:
+        frames = args.frames or frames
         if frames < 2:
             raise UserError(f"--frames must be at least 2 (a clip model's stem merges frame pairs), got {frames}")
     elif args.frames is not None:
-        raise UserError("--frames is for clip models (biformer3d_*); this model takes images")
+        raise UserError("--frames is for clip models (biformer3d_*, swin3d_t, ...); this model takes images")
     start = time.perf_counter()
     checks, sizes = export(model, args.output, settings, height, width, batch=args.batch,
                            on_stage=lambda text: print(f"{text} ...", flush=True), frames=frames)
