@@ -20,7 +20,7 @@ AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
 TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs", "mean",
                                 "std", "token_label", "token_label_weight", "mixtoken", "frames", "frame_stride",
-                                "short_clips"})
+                                "short_clips", "spacing", "foreground"})
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,11 @@ class TrainConfig:
     short_clips: str = option("loop", "clip models: what a clip with fewer frames than --frames x --frame-stride "
                                       "spans gets: looped, its last frame repeated (pad), or the run refused",
                               shapes_run=True, choices=("loop", "pad", "refuse"))
+    spacing: tuple[float, ...] | None = option(
+        None, "volume models: the voxel spacing (mm per axis, RAS order) volumes are resampled to; default: the "
+              "training volumes' median", shapes_run=True, nargs=3, metavar=("X", "Y", "Z"))
+    foreground: float = option(0.5, "volume models: the share of training crops centred on a foreground voxel",
+                               shapes_run=True, least=0)
     clip_grad: float | None = option(None, "gradient norm clipping", shapes_run=True, recipe=True)
     model_ema: bool = option(False, "also keep and evaluate an EMA of the weights", shapes_run=True, recipe=True)
     ema_decay: float = option(0.998, "EMA decay per step", shapes_run=True, recipe=True)

@@ -145,11 +145,15 @@ def _token_mixer(attention: str, dim: int, heads: int, n_win: int | tuple[int, .
     return MIXERS[attention](dim, heads, side_dwconv=side_dwconv, **pattern)
 
 
-def _halving_conv(spatial_dims: int, channels_in: int, channels_out: int, merge_frames: bool = False) -> nn.Module:
+def _halving_conv(spatial_dims: int, channels_in: int, channels_out: int, merge_frames: bool = False,
+                  isotropic: bool = False) -> nn.Module:
     """A 3x3 conv of stride 2 (the overlapping stem's and downsampling's); for clips in space only, but for the
-    stem's first, which merges frame pairs (with the second, a 2x4x4 tubelet, as Video Swin's)."""
+    stem's first, which merges frame pairs (with the second, a 2x4x4 tubelet, as Video Swin's); for volumes
+    (isotropic) 3x3x3 over every axis."""
     if spatial_dims == 2:
         return nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1)
+    if isotropic:
+        return nn.Conv3d(channels_in, channels_out, 3, stride=2, padding=1)
     time = 2 if merge_frames else 1
     return nn.Conv3d(channels_in, channels_out, (time, 3, 3), stride=(time, 2, 2), padding=(0, 1, 1))
 
@@ -190,6 +194,8 @@ class BiFormer(nn.Module):
             2 x 4 x 4 tubelet, downsampling in space only, the depthwise convs over T, H, W), BRA routes among
             temporal_regions x n_win x n_win regions, and the pooling is over time too (see biformer3d_*).
         temporal_regions: with spatial_dims=3, regions along time per stage (one value or four).
+        isotropic: with spatial_dims=3, a volume (B, C, D, H, W) whose axes are alike: the stem and downsampling
+            halve every axis (strides 4 to 32 on each) and every axis has n_win regions (temporal_regions unused).
     """
 
     def __init__(
@@ -210,6 +216,7 @@ class BiFormer(nn.Module):
         stripe_widths: int | tuple[int, ...] = (1, 2, 7, 7),
         spatial_dims: int = 2,
         temporal_regions: int | tuple[int, ...] = 2,
+        isotropic: bool = False,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -226,10 +233,14 @@ class BiFormer(nn.Module):
         if spatial_dims not in (2, 3) or (spatial_dims == 3 and (attention != "bra" or stem != "overlap")):
             raise ValueError(f"spatial_dims must be 2, or 3 with attention='bra' and stem='overlap', got "
                              f"spatial_dims={spatial_dims!r}, attention={attention!r}, stem={stem!r}")
-        self.spatial_dims = spatial_dims
-        if spatial_dims == 3:  # regions per axis: (time, rows, columns)
-            n_wins = tuple((t, count, count) for t, count in zip(_per_stage(temporal_regions, "temporal_regions"), n_wins))
-        norm, halving = (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d), partial(_halving_conv, spatial_dims)
+        if isotropic and spatial_dims != 3:
+            raise ValueError("isotropic is for volumes: spatial_dims=3")
+        self.spatial_dims, self.isotropic = spatial_dims, isotropic
+        if spatial_dims == 3:  # regions per axis: (time or depth, rows, columns)
+            n_wins = tuple((count if isotropic else t, count, count)
+                           for t, count in zip(_per_stage(temporal_regions, "temporal_regions"), n_wins))
+        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        halving = partial(_halving_conv, spatial_dims, isotropic=isotropic)
         self.topks = topks
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")

@@ -36,7 +36,8 @@ class ClassificationTask(Task):
     name = "classification"
     default_data = "digits"
     reference_classes = 1000  # ImageNet
-    train_options = TASK_TRAIN_OPTIONS - {"frames", "frame_stride", "short_clips"}  # all but the clip models' own
+    # all but the clip and volume models' own
+    train_options = TASK_TRAIN_OPTIONS - {"frames", "frame_stride", "short_clips", "spacing", "foreground"}
     PredictOptions = ClassificationPredictOptions
     metric = "val_top1"
     train_accuracy = "train_top1"

@@ -17,9 +17,10 @@ from .classification import ClassificationTask
 from .detection import DetectionTask
 from .segmentation import SegmentationTask
 from .video import VideoTask
+from .volumes import VolumeSegmentationTask
 
 # classification claims every timm model, clip models (biformer3d_*) included: it is asked last
-TASKS: list[type[Task]] = [SegmentationTask, DetectionTask, VideoTask, ClassificationTask]
+TASKS: list[type[Task]] = [SegmentationTask, DetectionTask, VolumeSegmentationTask, VideoTask, ClassificationTask]
 
 
 def register_task(task: type[Task]) -> type[Task]:

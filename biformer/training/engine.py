@@ -591,13 +591,15 @@ def _log_row(row: dict[str, Any], plan: Plan, writer) -> None:
     if writer is not None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, row[plan.unit])
-    percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith("_loss")]
+    percents = [key for key in scalars if key.startswith(("val_", "ema_val_")) and not key.endswith(("_loss", "_mm"))]
+    lengths = [key for key in scalars if key.startswith(("val_", "ema_val_")) and key.endswith("_mm")]
     parts = "".join(f"{key[6:]} {row[key]:.4f}  " for key in scalars
                     if key.startswith("train_") and key.endswith("_loss") and key != "train_loss")
     text = (f"{plan.unit} {row[plan.unit]}/{plan.length}  train_loss {row['train_loss']:.4f}  {parts}"
             + (f"val_loss {row['val_loss']:.4f}  " if "val_loss" in row else "")
-            + "  ".join(f"{key} {row[key]:.2f}%" for key in percents))
-    tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {row['train_images_per_s']:.0f} img/s)", file=sys.stdout)
+            + "  ".join([f"{key} {row[key]:.2f}%" for key in percents] + [f"{key} {row[key]:.2f}" for key in lengths]))
+    rate = row["train_images_per_s"]
+    tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {rate:.{0 if rate >= 10 else 2}f} img/s)", file=sys.stdout)
 
 
 def _tensorboard(output: Path):

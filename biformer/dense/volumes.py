@@ -1,0 +1,92 @@
+"""Volumetric segmentation models: `unet_<backbone>`, a U-shaped decoder of MONAI's UNETR blocks on a volume
+BiFormer (a `biformer3d_*` built with `isotropic=True`: every axis halved from stride 4 to 32), as UNETR and
+SwinUNETR put theirs on a ViT and a Swin. Needs MONAI (`pip install 'biformer[medical]'`).
+
+Shape legend: B volumes, C input channels (modalities), K classes, D/H/W depth, height and width in voxels.
+(B, C, D, H, W) in, (B, K, D, H, W) logits out, for any D/H/W: the volume is zero-padded at the end of each axis
+to a multiple of 32 and the logits cropped back, as the 2-D models do.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import timm
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .names import split_head_name
+
+VOLUME_HEADS = ("unet",)
+VOLUME_STRIDE = 32  # the encoder's deepest stride on every axis
+FEATURE_SIZE = 24  # the decoder's full-resolution width (SwinUNETR's smaller setting), doubling per level
+
+
+def is_volume_model(name: str) -> bool:
+    """Whether `name` is `<head>_biformer3d_<size>` with a head of VOLUME_HEADS."""
+    parts = split_head_name(name, VOLUME_HEADS)
+    return parts is not None and parts[1].startswith("biformer3d_") and timm.is_model(parts[1])
+
+
+def monai_blocks():
+    """MONAI's network blocks; UserError naming the extra to install without it."""
+    try:
+        from monai.networks import blocks
+    except ImportError as error:
+        raise UserError("volumetric segmentation needs MONAI: pip install 'biformer[medical]' (monai, nibabel)") from error
+    return blocks
+
+
+class VolumeSegmenter(nn.Module):
+    """The encoder's four maps (strides 4, 8, 16, 32 on every axis), each through a residual block to the
+    decoder's width at its level (2F, 4F, 8F, 16F), and a full-resolution one from the input (F); up-blocks go from
+    stride 32 to 4 (x2 each) and from 4 to 1 (x4), each joined with its skip; a 1x1x1 conv gives the logits."""
+
+    def __init__(self, backbone: str, in_channels: int, num_classes: int, feature_size: int = FEATURE_SIZE,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        blocks = monai_blocks()
+        self.encoder = timm.create_model(backbone, isotropic=True, in_chans=in_channels, num_classes=0,
+                                         drop_path_rate=drop_path_rate)
+        widths = [info["num_chs"] for info in self.encoder.feature_info]
+        size = feature_size
+        residual = partial(blocks.UnetrBasicBlock, spatial_dims=3, kernel_size=3, stride=1, norm_name="instance",
+                           res_block=True)
+        self.input_skip = residual(in_channels=in_channels, out_channels=size)
+        self.skips = nn.ModuleList(residual(in_channels=width, out_channels=size * 2 ** (level + 1))
+                                   for level, width in enumerate(widths))
+        up = partial(blocks.UnetrUpBlock, spatial_dims=3, kernel_size=3, norm_name="instance", res_block=True)
+        self.ups = nn.ModuleList([up(in_channels=size * 16, out_channels=size * 8, upsample_kernel_size=2),
+                                  up(in_channels=size * 8, out_channels=size * 4, upsample_kernel_size=2),
+                                  up(in_channels=size * 4, out_channels=size * 2, upsample_kernel_size=2),
+                                  up(in_channels=size * 2, out_channels=size, upsample_kernel_size=4)])
+        self.head = blocks.UnetOutBlock(spatial_dims=3, in_channels=size, out_channels=num_classes)
+        self.num_classes, self.in_channels = num_classes, in_channels
+
+    def forward(self, volumes: Tensor) -> Tensor:  # (B, C, D, H, W) -> (B, K, D, H, W)
+        depth, height, width = volumes.shape[2:]
+        padding = [amount for size in (width, height, depth) for amount in (0, (-size) % VOLUME_STRIDE)]
+        x = F.pad(volumes, padding)
+        features = self.encoder.forward_intermediates(x, intermediates_only=True, output_fmt="NCTHW")
+        skips = [skip(feature) for skip, feature in zip(self.skips, features)]
+        y = skips[-1]
+        for up, skip in zip(self.ups, [*reversed(skips[:-1]), self.input_skip(x)]):
+            y = up(y, skip)
+        return self.head(y)[:, :, :depth, :height, :width]
+
+
+def create_volume_model(name: str, num_classes: int, in_channels: int = 1, *, drop_path_rate: float = 0.0,
+                        backbone_checkpoint: str | os.PathLike | None = None) -> VolumeSegmenter:
+    """Model `name` (`unet_biformer3d_<size>`); backbone_checkpoint: a classifier's weights for the encoder (an
+    image model's are inflated, RGB input kernels adapted to `in_channels`); the load is reported in
+    `checkpoint_report`."""
+    if not is_volume_model(name):
+        raise UserError(f"{name!r} is no volume model: write unet_biformer3d_<size> (nano, tiny, small, base)")
+    model = VolumeSegmenter(split_head_name(name, VOLUME_HEADS)[1], in_channels, num_classes,
+                            drop_path_rate=drop_path_rate)
+    if backbone_checkpoint is not None:
+        from ..checkpoints.loading import load_pretrained_classifier
+
+        model.checkpoint_report = load_pretrained_classifier(model.encoder, backbone_checkpoint)
+    return model

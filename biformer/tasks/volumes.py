@@ -1,0 +1,313 @@
+"""Volumetric segmentation: `unet_biformer3d_<size>` on the synthetic volumes or a Decathlon folder (MONAI's
+transforms, sliding-window inference, Dice and 95th-percentile Hausdorff distance per class); `predict` writes
+NIfTI label volumes on the input's own grid (its affine and shape) and a PNG of orthogonal slices.
+
+Shape legend: B volumes, C modalities, K classes, D/H/W voxels (RAS order after MONAI's reorientation).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..config import TaskOptions, TrainConfig, option
+from ..data.volumes import (
+    IGNORE_LABEL,
+    SYNTHETIC_VOLUMES,
+    VolumeBatch,
+    VolumeSplits,
+    build_volume_datasets,
+    collate_volumes,
+    is_nifti,
+    medical,
+    plain,
+    volume_info,
+    volume_transforms,
+)
+from ..dense.volumes import VOLUME_HEADS, create_volume_model, is_volume_model
+from ..errors import UserError
+from ..runtime import DistEnv, all_reduce_sum, autocast
+from .base import Objective, Prediction, Restored, Task, UnreadableImages, UnreadableInput, eval_batches
+
+MIN_CROP = 64
+OVERLAP_HELP = "the overlap of neighbouring sliding windows (a fraction of the window; MONAI's sliding_window_inference)"
+
+
+@dataclass(frozen=True)
+class VolumeOptions(TaskOptions):
+    overlap: float = option(0.5, OVERLAP_HELP, least=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.overlap >= 1:
+            raise UserError(f"--overlap must be below 1 (windows that overlap wholly never move), got {self.overlap}")
+
+
+def sliding_window(model: nn.Module, volumes: Tensor, window: int, overlap: float) -> Tensor:
+    """Logits (B, K, D, H, W) of volumes (B, C, D, H, W) by windows of window^3 voxels (MONAI's, Gaussian-weighted
+    where they overlap)."""
+    from monai.inferers import sliding_window_inference
+
+    return plain(sliding_window_inference(volumes, (window,) * 3, 2, model, overlap=overlap, mode="gaussian"))
+
+
+class DiceCrossEntropy(nn.Module):
+    """MONAI's Dice + cross-entropy loss (softmax, every class) on labels (B, D, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(logits, labels[:, None])
+
+
+class VolumeSegmentationTask(Task):
+    """Training crops patches; validation slides a window of the training crop over each whole volume."""
+
+    name = "volume-segmentation"
+    heads = VOLUME_HEADS
+    default_data = SYNTHETIC_VOLUMES
+    reference_classes = 14  # BTCV's, SwinUNETR's reference data set
+    train_options = frozenset({"spacing", "foreground"})
+    EvalOptions = VolumeOptions
+    PredictOptions = VolumeOptions
+    predicts_files = True
+    input_noun = "volume"
+    metric = "val_dice"
+    train_accuracy = "train_vacc"
+    collate = staticmethod(collate_volumes)
+
+    def __init__(self) -> None:
+        self.in_channels = 1  # the modalities of the data a run trains on (`training_splits` reads them)
+
+    @classmethod
+    def claims(cls, model_name: str) -> bool:
+        return is_volume_model(model_name)
+
+    @classmethod
+    def model_forms(cls) -> str:
+        return "unet_biformer3d_<size>"
+
+    def check_config(self, config: TrainConfig) -> None:
+        super().check_config(config)
+        if config.img_size < MIN_CROP:
+            raise UserError(f"--img-size {config.img_size}: a volume model's training crop needs at least {MIN_CROP} "
+                            "voxels per side (its deepest map, at stride 32, must hold more than one voxel for the "
+                            "decoder's instance norms)")
+
+    def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
+                       random_erasing: float = 0.0, eval_only: bool = False,
+                       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> VolumeSplits:
+        return build_volume_datasets(data, img_size, eval_only=eval_only)
+
+    def training_splits(self, config: TrainConfig, normalization: Any) -> VolumeSplits:
+        splits = build_volume_datasets(config.data, config.img_size, spacing=config.spacing,
+                                       foreground=config.foreground)
+        self.in_channels = len(splits.modalities)
+        return splits
+
+    def evaluation_splits(self, data: str, restored: Restored, options: VolumeOptions, normalization: Any
+                          ) -> VolumeSplits:
+        return build_volume_datasets(data, restored.img_size, eval_only=True, spacing=restored.metadata["spacing"])
+
+    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
+        medical()
+        return create_volume_model(config.model, num_classes, self.in_channels, drop_path_rate=config.drop_path or 0.0,
+                                   backbone_checkpoint=config.pretrained)
+
+    def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:
+        return Objective(DiceCrossEntropy())
+
+    def loss(self, outputs: Tensor, targets: VolumeBatch, objective: Objective) -> Tensor:
+        return objective.criterion(outputs.float(), targets.labels)
+
+    def hits(self, outputs: Tensor, targets: VolumeBatch) -> tuple[float, float]:
+        counted = targets.labels != IGNORE_LABEL
+        return ((outputs.argmax(1) == targets.labels) & counted).sum().item(), counted.sum().item()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: VolumeSplits,
+                 options: VolumeOptions | None = None, amp: str = "none", desc: str = "val",
+                 unreadable: UnreadableImages | None = None) -> dict[str, Any]:
+        """Cross-entropy per voxel; per foreground class the Dice (percent) and HD95 (mm at the resampled spacing)
+        averaged over the volumes where the class is present, and their means over the classes."""
+        from monai.metrics import compute_dice, compute_hausdorff_distance
+
+        overlap = (options or VolumeOptions()).overlap
+        model.eval()
+        classes = len(splits.classes)
+        sums = [0.0, 0.0, 0.0] + [0.0] * (4 * (classes - 1))  # loss, voxels, volumes, then per class: dice, n, hd, n
+        for volumes, targets in eval_batches(loader, env, desc, unreadable):
+            with autocast(env.device, amp):
+                logits = sliding_window(model, volumes, splits.crop, overlap)
+            for sample, size in enumerate(targets.sizes):
+                crop = (sample, slice(None), *(slice(0, extent) for extent in size))
+                scores, labels = logits[crop].float()[None], targets.labels[crop[:1] + crop[2:]][None]
+                sums[0] += F.cross_entropy(scores, labels, reduction="sum").item()
+                sums[1] += labels.numel()
+                predicted = F.one_hot(scores.argmax(1), classes).movedim(-1, 1)
+                truth = F.one_hot(labels, classes).movedim(-1, 1)
+                dice = compute_dice(predicted, truth, include_background=False)[0]
+                with warnings.catch_warnings():  # a class absent from the prediction or the truth: counted below
+                    warnings.simplefilter("ignore", UserWarning)
+                    distance = compute_hausdorff_distance(predicted, truth, percentile=95,
+                                                          spacing=list(splits.spacing))[0]
+                for index in range(classes - 1):
+                    present = truth[0, index + 1].any().item()  # a class absent from a volume has no Dice or HD95
+                    if present:
+                        hd = distance[index].item()
+                        sums[3 + 4 * index: 7 + 4 * index] = [
+                            sums[3 + 4 * index] + dice[index].item(), sums[4 + 4 * index] + 1,
+                            sums[5 + 4 * index] + (hd if math.isfinite(hd) else 0.0), sums[6 + 4 * index] + math.isfinite(hd)]
+                sums[2] += 1
+        totals = all_reduce_sum(sums, env)
+        if totals[2] == 0:
+            raise UserError("no validation volume could be read")
+        per_class = [totals[3 + 4 * i: 7 + 4 * i] for i in range(classes - 1)]
+        class_dice = [100 * d / n if n else None for d, n, _, _ in per_class]
+        class_hd = [h / m if m else None for _, _, h, m in per_class]
+        return {"loss": totals[0] / totals[1], "dice": _mean(class_dice), "hd95_mm": _mean(class_hd),
+                "class_dice": class_dice, "class_hd95_mm": class_hd, "count": int(totals[2])}
+
+    def metric_columns(self) -> tuple[str, ...]:
+        return ("dice", "hd95_mm", "class_dice")
+
+    def metadata(self, splits: VolumeSplits) -> dict[str, Any]:
+        return {"spacing": list(splits.spacing), "modalities": splits.modalities, "in_channels": len(splits.modalities)}
+
+    def summary(self, row: dict[str, Any], best: dict[str, Any], classes: list[str]) -> str:
+        return (f"final validation Dice: {row['val_dice']:.2f}% (best {best['val_dice']:.2f}% at {best['at']}), "
+                f"HD95 {row['val_hd95_mm']:.2f} mm\n" + _class_table(classes, row["val_class_dice"]))
+
+    def reference_size(self, model_name: str) -> int:
+        return 96  # SwinUNETR's crop
+
+    def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
+        return create_volume_model(model_name, len(metadata["classes"]), metadata.get("in_channels", 1))
+
+    def report(self, result: dict[str, Any], restored: Restored, checkpoint: str) -> str:
+        return (f"{checkpoint}: Dice {result['dice']:.2f}%  HD95 {result['hd95_mm']:.2f} mm  val_loss {result['loss']:.4f}"
+                f"  ({result['count']} volumes)\n" + _class_table(restored.classes, result["class_dice"]))
+
+    def list_inputs(self, inputs: list[str]) -> list[str]:
+        """NIfTI files named, or found (recursively) in the folders named."""
+        files: list[str] = []
+        for item in inputs:
+            if os.path.isdir(item):
+                files += sorted(os.fspath(p) for p in Path(item).rglob("*") if is_nifti(p))
+            elif os.path.isfile(item):
+                files.append(item)
+            else:
+                raise UserError(f"{item!r} is neither a NIfTI file (.nii, .nii.gz) nor a folder")
+        if not files:
+            raise UserError(f"no NIfTI volumes (.nii, .nii.gz) found in {inputs}")
+        return files
+
+    def read_input(self, path: str) -> Any:
+        try:
+            return volume_info(Path(path))
+        except UserError as error:
+            raise UnreadableInput(str(error)) from error
+
+    @torch.no_grad()
+    def predict(self, restored: Restored, images: Iterable[tuple[str, Any]], options: VolumeOptions, device: Any,
+                outputs: dict[str, Path] | None) -> Iterator[Prediction]:
+        """Write <stem>_labels.nii.gz (class indices on the input's grid: its shape and affine) and <stem>_slices.png
+        (three orthogonal slices through the predicted foreground's centre, tinted by class) per volume; the result
+        counts the voxels of each class."""
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        _, nibabel = medical()
+        metadata = restored.metadata
+        transform = volume_transforms(metadata["modalities"], metadata["spacing"], None, 0.5, with_label=False)
+        model = restored.model.to(device)
+        for path, info in images:
+            sample = transform({"image": path})
+            image = sample["image"]
+            if image.shape[0] != metadata["in_channels"]:
+                yield Prediction(path, problem=f"{image.shape[0]} modalities, the model takes {metadata['in_channels']}")
+                continue
+            logits = sliding_window(model, image[None].to(device), restored.img_size, options.overlap)
+            sample["pred"] = MetaTensor(logits.argmax(1).cpu().float(), meta=image.meta,
+                                        applied_operations=image.applied_operations)
+            labels = Invertd("pred", transform, orig_keys="image", nearest_interp=True)(sample)["pred"]
+            labels = plain(labels)[0].round().to(torch.uint8).numpy()
+            source = nibabel.load(path)
+            stem = os.fspath(outputs[path]).removesuffix(".nii")  # x.nii.gz's stem is x
+            files = (f"{stem}_labels.nii.gz", f"{stem}_slices.png")
+            _save_nifti(nibabel.Nifti1Image(labels, source.affine), files[0])
+            _save_slices(np.asarray(source.dataobj, dtype=np.float32), labels, info.spacing, restored.classes, files[1])
+            values, counts = np.unique(labels, return_counts=True)
+            yield Prediction(path, {"voxels": {restored.classes[v]: int(n) for v, n in zip(values, counts)}}, files)
+
+    def prediction_text(self, prediction: Prediction) -> str:
+        return f"{prediction.image} -> {', '.join(prediction.files)}"
+
+
+def _mean(values: list[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else math.nan
+
+
+def _class_table(classes: list[str], dice: list[float | None]) -> str:
+    return "\n".join(f"  {name:<20} Dice {'-' if value is None else f'{value:.2f}%'}"
+                     for name, value in zip(classes[1:], dice))
+
+
+def _save_nifti(volume: Any, path: str) -> None:
+    """A NIfTI image as a .nii.gz file, atomically."""
+    import gzip
+
+    from ..files import atomic_output
+
+    with atomic_output(path) as temp:
+        temp.write_bytes(gzip.compress(volume.to_bytes()))
+
+
+def _save_slices(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], classes: list[str], path: str) -> None:
+    """Axial, coronal and sagittal slices (voxel axes 2, 1, 0 held) through the centre of the predicted foreground
+    (the volume's centre if none), each stretched to its physical aspect, side by side, tinted by class."""
+    from PIL import Image
+
+    from ..dense.drawing import overlay
+    from ..files import save_png
+
+    grey = image if image.ndim == 3 else image[..., 0]  # the first modality
+    low, high = np.percentile(grey, (0.5, 99.5))
+    grey = np.clip((grey - low) / max(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+    foreground = np.argwhere(labels > 0)
+    centre = foreground.mean(0).round().astype(int) if len(foreground) else np.array(labels.shape) // 2
+    panels_image, panels_labels = [], []
+    for held in (2, 1, 0):
+        axes = [axis for axis in range(3) if axis != held]
+        take = [slice(None)] * 3
+        take[held] = int(centre[held])
+        size = (round(labels.shape[axes[0]] * spacing[axes[0]]), round(labels.shape[axes[1]] * spacing[axes[1]]))
+        # rows: the second kept axis, top down; columns: the first
+        picture = Image.fromarray(np.flipud(grey[tuple(take)].T)).resize(size, Image.BILINEAR)
+        mask = Image.fromarray(np.flipud(labels[tuple(take)].T)).resize(size, Image.NEAREST)
+        panels_image.append(np.asarray(picture))
+        panels_labels.append(np.asarray(mask))
+    height = max(panel.shape[0] for panel in panels_image)
+    gap = 4
+    row_image = np.full((height, sum(p.shape[1] for p in panels_image) + gap * 2), 255, np.uint8)
+    row_labels = np.zeros_like(row_image)
+    left = 0
+    for picture, mask in zip(panels_image, panels_labels):
+        row_image[: picture.shape[0], left: left + picture.shape[1]] = picture
+        row_labels[: mask.shape[0], left: left + mask.shape[1]] = mask
+        left += picture.shape[1] + gap
+    save_png(overlay(Image.fromarray(row_image).convert("RGB"), row_labels, classes), path)
