@@ -5,7 +5,8 @@
 #   bash tools/video_digits.sh RUNS_DIR
 #
 # 1. trains the image model the inflated arm starts from: biformer_tiny on the bundled digits, 10 epochs at 64 px;
-# 2. trains each arm per seed with the same options (8 frames 2 apart, 32 px, 20 epochs, batch 16): biformer3d_tiny
+# 2. trains each arm per seed with the same options (8 frames 2 apart, 32 px, 20 epochs, batch 16, lr 5e-4, gradient
+#    clipping at 1): biformer3d_tiny
 #    from scratch, biformer3d_tiny inflated from step 1 (--pretrained), torchvision's swin3d_t and r3d_18;
 # 3. prints each arm's final validation top-1, median (range) over the seeds, with parameters and GFLOPs per clip;
 # 4. times the four models on clips of the same size (inference and a training step, batch 8, interleaved rounds).
@@ -14,7 +15,7 @@ set -euo pipefail
 runs=${1:?give the folder for the runs}
 python -m biformer train --data digits --model biformer_tiny --epochs 10 --img-size 64 --smoothing 0.1 --no-tensorboard \
   --resume --output "$runs/image_tiny" | tail -1
-shared="--data moving-digits --img-size 32 --frames 8 --frame-stride 2 --epochs 20 --batch-size 16 --smoothing 0.1 --no-tensorboard"
+shared="--data moving-digits --img-size 32 --frames 8 --frame-stride 2 --epochs 20 --batch-size 16 --lr 5e-4 --clip-grad 1.0 --smoothing 0.1 --no-tensorboard"
 for seed in 0 1 2; do
   for arm in biformer3d_tiny biformer3d_tiny_inflated swin3d_t r3d_18; do
     extra=(--model "${arm%_inflated}")

@@ -98,18 +98,19 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     state_dict = read_state_dict(path)
     if ORIGINAL_MARKER in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)
-    kind = "classification checkpoint"
+    kind, adapted = "classification checkpoint", ""
     first_conv = f"{getattr(model, 'pretrained_cfg', {}).get('first_conv')}.weight"
     own_first, file_first = model.state_dict().get(first_conv), state_dict.get(first_conv)
     if own_first is not None and file_first is not None and file_first.dim() == 4 and own_first.shape[1] != file_first.shape[1]:
         from timm.models import adapt_input_conv  # RGB weights for other input channels, as timm's pretrained loading
 
         state_dict = {**state_dict, first_conv: adapt_input_conv(own_first.shape[1], file_first)}
-        kind += f", input conv adapted from {file_first.shape[1]} to {own_first.shape[1]} channels"
-    if getattr(model, "spatial_dims", 2) == 3:  # a clip model from an image model's file
+        adapted = f", input conv adapted from {file_first.shape[1]} to {own_first.shape[1]} channels"
+    if getattr(model, "spatial_dims", 2) == 3:  # a clip or volume model from an image model's file
         state_dict, inflated = inflate_state_dict(state_dict, model)
         if inflated:
             kind = f"image classification checkpoint, {len(inflated)} conv kernels inflated over time"
+    kind += adapted
     own = model.state_dict()
     head = classifier_keys(model)
     refitted = [key for key in head if key not in state_dict or state_dict[key].shape != own[key].shape]

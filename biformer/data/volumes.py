@@ -139,7 +139,7 @@ def check_cases(dataset: Decathlon, cases: Sequence[Case]) -> list[VolumeInfo]:
         if label.shape != info.shape:
             raise UserError(f"label {case.label} is {label.shape} voxels but its image {case.image} is {info.shape}")
         values = np.unique(np.asarray(nibabel.load(os.fspath(case.label)).dataobj))
-        beyond = [value for value in values if not (float(value).is_integer() and 0 <= value < len(dataset.classes))]
+        beyond = [value.item() for value in values if not (float(value).is_integer() and 0 <= value < len(dataset.classes))]
         if beyond:
             raise UserError(f"label {case.label} holds value(s) {beyond[:5]} beyond dataset.json's labels "
                             f"0..{len(dataset.classes) - 1}")

@@ -1,0 +1,148 @@
+"""Volumes: a Decathlon folder (anisotropic voxels, an oblique affine) trains, evaluates and predicts on the input's
+own grid; bad volume data is refused in one line before --output exists; BRA blocks train inside a MONAI network."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+nibabel = pytest.importorskip("nibabel", reason="volumes need the medical extra: pip install 'biformer[medical]'")
+pytest.importorskip("monai", reason="volumes need the medical extra: pip install 'biformer[medical]'")
+
+from biformer.cli import main  # noqa: E402
+from biformer.tasks import registry  # noqa: E402
+
+SHAPE = (20, 24, 12)
+
+
+def _oblique_affine() -> np.ndarray:
+    """0.8 x 1.0 x 2.5 mm voxels, turned 20 degrees about the z axis and shifted: no axis-aligned grid."""
+    angle = math.radians(20)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.8, 1.0, 2.5])
+    affine[:3, 3] = [-12.0, 30.5, 7.0]
+    return affine
+
+
+def _volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    generator = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    x, y, z = (int(v) for v in generator.integers(4, 8, 3))
+    label[x:x + 8, y:y + 8, z // 2:z // 2 + 5] = 1
+    image = generator.normal(0.1, 0.05, SHAPE).astype(np.float32) + 0.8 * label
+    return image, label
+
+
+def _decathlon(root: Path, cases: int = 6, **changes) -> Path:
+    """DATA/dataset.json, imagesTr, labelsTr, imagesTs in the Decathlon layout; `changes` break one thing."""
+    for part in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / part).mkdir(parents=True)
+    affine, training = _oblique_affine(), []
+    for index in range(cases):
+        image, label = _volume(index)
+        if index == 1 and "label_shape" in changes:
+            label = label[:-2]
+        if index == 1 and "label_value" in changes:
+            label[0, 0, 0] = 7
+        if index == 1 and "flat_image" in changes:
+            image = image[:, :, 0]
+        name = f"case_{index}.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(image, affine), root / "imagesTr" / name)
+        nibabel.save(nibabel.Nifti1Image(label, affine), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    image, _ = _volume(99)
+    nibabel.save(nibabel.Nifti1Image(image, affine), root / "imagesTs" / "new_0.nii.gz")
+    if "no_json" not in changes:
+        described = {"labels": {"0": "background", "1": "lesion"}, "modality": {"0": "MRI"}, "training": training,
+                     "test": ["./imagesTs/new_0.nii.gz"]}
+        (root / "dataset.json").write_text(json.dumps(described))
+    return root
+
+
+def _train(tmp_path, data, *extra):
+    return main(["train", "--model", "unet_biformer3d_nano", "--data", str(data), "--img-size", "64", "--epochs", "1",
+                 "--batch-size", "2", "--no-tensorboard", "--output", str(tmp_path / "run"), *extra])
+
+
+def test_volume_models_belong_to_their_task():
+    assert registry.task_for_model("unet_biformer3d_tiny").name == "volume-segmentation"
+    assert registry.task_for_model("biformer3d_tiny").name == "video"
+
+
+def test_a_decathlon_folder_trains_evaluates_and_predicts_on_the_inputs_grid(tmp_path, capsys):
+    data = _decathlon(tmp_path / "data")
+    assert _train(tmp_path, data) == 0
+    output = capsys.readouterr()
+    assert "final validation Dice" in output.out and "zero-padded to it" in output.err  # 20x24x12 voxels < 64
+    checkpoint = str(tmp_path / "run" / "best.safetensors")
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(data), "--json", "--overlap", "0.25"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 2 and 0 <= result["dice"] <= 100 and len(result["class_dice"]) == 1
+    assert main(["predict", str(data / "imagesTs"), "--checkpoint", checkpoint, "--output", str(tmp_path / "out")]) == 0
+    written = nibabel.load(tmp_path / "out" / "new_0_labels.nii.gz")
+    source = nibabel.load(data / "imagesTs" / "new_0.nii.gz")
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    assert (tmp_path / "out" / "new_0_slices.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new_0_labels.nii.gz", "new_0_slices.png"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("label_shape", "is (18, 24, 12) voxels but its image"),
+    ("label_value", "holds value(s) [7] beyond dataset.json's labels 0..1"),
+    ("no_json", "has no dataset.json"),
+    ("flat_image", "3-D models take volumes"),
+])
+def test_bad_volume_data_is_refused_in_one_line(tmp_path, capsys, change, message):
+    data = _decathlon(tmp_path / "data", **{change: True})
+    assert _train(tmp_path, data) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error and not (tmp_path / "run").exists()
+
+
+def test_a_crop_below_the_decoders_least_is_refused(tmp_path, capsys):
+    assert main(["train", "--model", "unet_biformer3d_nano", "--data", "synthetic-volumes", "--img-size", "32",
+                 "--output", str(tmp_path / "run")]) == 2
+    assert "needs at least 64 voxels per side" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_volume_model_takes_any_size_and_inflates_an_image_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from biformer.dense.volumes import create_volume_model
+
+    image_model = timm.create_model("biformer_nano", num_classes=10)
+    save_file(image_model.state_dict(), tmp_path / "nano.safetensors")
+    model = create_volume_model("unet_biformer3d_nano", 3, 2, backbone_checkpoint=tmp_path / "nano.safetensors")
+    assert "adapted from 3 to 2 channels" in model.checkpoint_report.kind
+    # the oracle: timm's rule for 2 of 3 channels (the first two, scaled by 3 / 2), then inflation over depth (a
+    # 3x3x3 conv that pads depth keeps the image kernel at its centre slice, zeros elsewhere)
+    stem, rgb = model.encoder.stem[0].weight, image_model.stem[0].weight  # (16, 2, 3, 3, 3), (16, 3, 3, 3)
+    assert torch.allclose(stem[:, :, 1], rgb[:, :2] * 3 / 2)
+    assert torch.count_nonzero(stem[:, :, 0]) == 0 and torch.count_nonzero(stem[:, :, 2]) == 0
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(1, 2, 37, 50, 41))
+    assert logits.shape == (1, 3, 37, 50, 41)
+
+
+def test_a_bra_block_trains_inside_a_monai_network():
+    from monai.networks.nets import BasicUNet
+
+    from biformer.integrations.monai import BRATransformerBlock
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(8, 8, 16, 32, 64, 8))
+    block = BRATransformerBlock(64, num_heads=4, n_win=2, topk=2)
+    net.down_4 = torch.nn.Sequential(net.down_4, block)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    volumes, labels = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 2, (2, 32, 32, 32))
+    before = [p.detach().clone() for p in block.parameters()]
+    loss = torch.nn.functional.cross_entropy(net(volumes), labels)
+    loss.backward()
+    optimizer.step()
+    assert math.isfinite(loss.item())
+    assert all(not torch.equal(old, new) for old, new in zip(before, block.parameters()) if new.requires_grad)
