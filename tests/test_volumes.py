@@ -146,3 +146,17 @@ def test_a_bra_block_trains_inside_a_monai_network():
     optimizer.step()
     assert math.isfinite(loss.item())
     assert all(not torch.equal(old, new) for old, new in zip(before, block.parameters()) if new.requires_grad)
+
+
+@pytest.mark.slow
+def test_bench_volumes_measures_each_case_in_a_fresh_process(tmp_path, capsys):
+    csv = tmp_path / "volumes.csv"
+    assert main(["bench", "volumes", "unet_biformer3d_nano", "unet", "--sides", "64", "--modes", "inference",
+                 "--repeats", "1", "--csv", str(csv)]) == 0
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("model,side,mode,params_m") and len(rows) == 3
+    for row in rows[1:]:
+        model, side, mode, params, loaded, peak, rate, threads = row.split(",")
+        assert side == "64" and mode == "inference" and float(peak) >= float(loaded) > 0 and float(rate) > 0
+    assert main(["bench", "volumes", "no_such_model"]) == 2
+    assert "unknown volume model 'no_such_model'" in capsys.readouterr().err

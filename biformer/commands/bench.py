@@ -87,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_trace(kinds)
     _register_kernels(kinds)
     _register_segmentation(kinds)
+    _register_volumes(kinds)
     _register_detection(kinds)
     _register_export(kinds)
     _register_yolo(kinds)
@@ -155,6 +156,27 @@ def _register_segmentation(kinds: argparse._SubParsersAction) -> None:
                        help="batch and image size instead of the case's (with --case inference or training)")
     _threads_and_csv_options(segmentation)
     segmentation.set_defaults(run=run_segmentation)
+
+
+def _register_volumes(kinds: argparse._SubParsersAction) -> None:
+    from ..benchmarks import volumes as volumes_bench  # MONAI is imported only when a case runs
+
+    volumes = kinds.add_parser(
+        "volumes", help="peak memory (RSS) and volumes/s of 3-D segmentation models on CPU, each case in a fresh process",
+        formatter_class=HelpFormatter,
+        description="For each model, side and mode: batch 1, one input channel, 14 classes; inference (eval, no "
+                    "autograd) or a training step (cross-entropy, backward, SGD step); one untimed run, then "
+                    "--repeats timed ones (volumes/s from their median); peak RSS of the fresh process. Models: "
+                    "unet_biformer3d_<size>, MONAI's swinunetr-<feature size> and unet. Linux only; needs the "
+                    "medical extra.",
+    )
+    volumes.add_argument("models", nargs="*", metavar="MODEL",
+                         help=f"default: {', '.join(volumes_bench.DEFAULT_MODELS)}")
+    volumes.add_argument("--sides", type=int, nargs="+", default=list(volumes_bench.SIDES), help="volume sides in voxels")
+    volumes.add_argument("--modes", nargs="+", choices=volumes_bench.MODES, default=list(volumes_bench.MODES))
+    volumes.add_argument("--repeats", type=int, default=2, help="timed runs per case (median reported)")
+    _threads_and_csv_options(volumes)
+    volumes.set_defaults(run=run_volumes)
 
 
 def _register_detection(kinds: argparse._SubParsersAction) -> None:
@@ -414,6 +436,27 @@ def _check_segmentation_model(name: str, case: str) -> None:
         raise UserError(f"--model {name!r} is no segmentation model; use HEAD_BACKBONE, e.g. upernet_biformer_small")
     if case == "training" and not (name.startswith("biformer") and timm.is_model(name)):
         raise UserError(f"--model {name!r} is no BiFormer variant; use e.g. biformer_tiny or biformer_small")
+
+
+def run_volumes(args: argparse.Namespace) -> int:
+    from ..benchmarks import volumes as volumes_bench
+
+    if not sys.platform.startswith("linux"):
+        raise UserError("bench volumes reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    _check_threads_and_csv(args)
+    if args.repeats < 1 or min(args.sides) < 32:
+        raise UserError("--repeats must be at least 1 and --sides at least 32")
+    models = args.models or list(volumes_bench.DEFAULT_MODELS)
+    try:
+        for model in models:
+            volumes_bench.check_name(model)
+        rows = volumes_bench.bench_volumes(models, args.sides, args.modes, args.repeats, args.threads)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    _report(rows, volumes_bench.COLUMNS, args.csv,
+            f"3-D segmentation on CPU, batch 1, {rows[0]['threads']} threads, each case in a fresh process; "
+            "MB = 2**20 bytes")
+    return 0
 
 
 def run_segmentation(args: argparse.Namespace) -> int:
