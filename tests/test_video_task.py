@@ -1,6 +1,7 @@
 """The video task: clip models train, evaluate (several views per clip) and predict clips through the commands;
 bad clip data is refused in one line before --output exists."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,24 +59,6 @@ def test_a_clip_model_trains_evaluates_and_predicts_a_clip_folder(tmp_path, caps
         probabilities = [entry["probability"] for entry in line["predictions"]]
         assert {entry["class"] for entry in line["predictions"]} == {"left", "right"}
         assert sum(probabilities) == pytest.approx(1, abs=1e-5) and probabilities[0] >= probabilities[1]
-
-
-def test_multi_view_evaluation_averages_the_views_probabilities(tmp_path):
-    data = _clip_folder(tmp_path / "data", frames=9)
-    assert _train(tmp_path, data) == 0
-    restored = registry.restore(tmp_path / "run" / "best.safetensors")
-    result = evaluate(restored, str(data), VideoEvalOptions(views=3))
-    # the oracle: each view through the model alone, then the mean of the probabilities, by the formula
-    splits = build_clip_datasets(str(data), 32, ClipSampling(4, 1, views=3), eval_only=True,
-                                 normalization=(restored.mean, restored.std))
-    losses, hits = [], []
-    with torch.no_grad():
-        for views, label, _ in splits.val:
-            probabilities = sum(restored.model(view[None]).softmax(-1)[0] for view in views) / 3
-            losses.append(-probabilities[label].log().item())
-            hits.append(int(probabilities.argmax()) == label)
-    assert result["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
-    assert result["top1"] == pytest.approx(100 * float(np.mean(hits)))
 
 
 def test_an_unreadable_video_is_refused_before_the_output_exists(tmp_path, capsys):
@@ -191,6 +174,8 @@ def test_visualize_draws_a_clip_checkpoint_and_refuses_what_does_not_fit(tmp_pat
     common = ["visualize", "--checkpoint", checkpoint, "--block", "1.-1", "--output", str(output)]
     assert main([*common, "--clip", clip, "--query", "10", "20", "--frame", "2"]) == 0
     assert "the query routes to regions frames 0-1" in capsys.readouterr().out
+    assert main([*common, "--query", "10", "20", "--frame", "2"]) == 0  # a moving digit by default
+    assert "wrote" in capsys.readouterr().out
     with Image.open(output) as picture:
         assert picture.width > 4 * 128 and picture.height > 2 * 128  # 4 time steps, two rows
     output.unlink()
@@ -210,3 +195,36 @@ def test_a_clip_checkpoint_exports_at_the_frames_it_was_trained_on(tmp_path, cap
     output = tmp_path / "clip.pt2"
     assert main(["export", str(output), "--checkpoint", str(tmp_path / "run" / "best.safetensors")]) == 0
     assert "1x3x6x32x32 only" in capsys.readouterr().out and output.is_file()
+
+
+class _FirstFrameBrightness(torch.nn.Module):
+    """Logits (3 x the first frame's mean input, 0): a clip's prediction depends on where its view starts."""
+
+    def forward(self, clips):  # (B, 3, T, H, W)
+        first = clips[:, :, 0].mean((1, 2, 3))
+        return torch.stack([3 * first, torch.zeros_like(first)], 1)
+
+
+def test_views_start_evenly_and_their_probabilities_are_averaged(tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for label, name in enumerate(("a_dim", "b_bright")):  # class folders are sorted by name: 0, 1
+            folder = data / split / name / "clip"
+            folder.mkdir(parents=True)
+            for t in range(9):  # frame t is uniformly 20 + 25 t (+ 5 for the second class)
+                Image.fromarray(np.full((32, 32, 3), 20 + 25 * t + 5 * label, np.uint8)).save(folder / f"{t}.png")
+    assert _train(tmp_path, data) == 0
+    restored = registry.restore(tmp_path / "run" / "best.safetensors")
+    restored.model = _FirstFrameBrightness()
+    mean, std = np.array(restored.mean), np.array(restored.std)
+    # the oracle: 9 frames, views of 4 frames 1 apart (the training's sampling): 5 frames of room, so 3 views start
+    # at frames 0, 2 (round(2.5), to even) and 5
+    expected_loss = 0.0
+    for label in (0, 1):
+        probabilities = []
+        for start in (0, 2, 5):
+            brightness = float(np.mean(((20 + 25 * start + 5 * label) / 255 - mean) / std))
+            probabilities.append(torch.tensor([3 * brightness, 0.0]).softmax(0))
+        expected_loss -= math.log(float(sum(probabilities)[label] / 3)) / 2
+    result = evaluate(restored, str(data), VideoEvalOptions(views=3))
+    assert result["views"] == 3 and result["loss"] == pytest.approx(expected_loss, rel=1e-5)

@@ -160,3 +160,62 @@ def test_bench_volumes_measures_each_case_in_a_fresh_process(tmp_path, capsys):
         assert side == "64" and mode == "inference" and float(peak) >= float(loaded) > 0 and float(rate) > 0
     assert main(["bench", "volumes", "no_such_model"]) == 2
     assert "unknown volume model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_class_scores_match_a_hand_count():
+    from biformer.tasks.volumes import class_scores
+
+    truth = torch.zeros(10, 12, 8, dtype=torch.long)
+    truth[2:6, 2:6, 2:6] = 1  # a 4x4x4 cube
+    truth[7:9, 7:10, 5:7] = 2
+    predicted = truth.clone()
+    predicted[2:6, 2:6, 2] = 0  # the cube's first slice (2 mm thick) missed
+    scores = class_scores(predicted, truth, 4, (1.0, 1.0, 2.0))
+    # Dice 2 * 48 / (48 + 64); HD95 2 mm (the missed slice's surface lies one 2-mm slice from the prediction's);
+    # class 2 exact; class 3 absent from the truth
+    assert scores[0] == (pytest.approx(96 / 112), pytest.approx(2.0)) and scores[1] == (1.0, 0.0)
+    assert scores[2] == (None, None)
+    # a class the prediction misses: Dice 0 and the volume's diagonal, sqrt(10^2 + 12^2 + 16^2) mm
+    assert class_scores(torch.zeros_like(truth), truth, 3, (1.0, 1.0, 2.0))[0] == (0.0, pytest.approx(500 ** 0.5))
+
+
+class _Threshold(torch.nn.Module):
+    """Background logit 0, lesion logit the normalized intensity minus a threshold: the lesion wherever the volume
+    is brighter than the threshold, whatever the window."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, volumes):
+        return torch.cat([torch.zeros_like(volumes), volumes - self.threshold], 1)
+
+
+def test_predictions_return_to_the_inputs_grid_voxel_for_voxel(tmp_path):
+    from biformer.tasks import predict
+
+    data = _decathlon(tmp_path / "data")
+    assert _train(tmp_path, data) == 0
+    restored = registry.restore(tmp_path / "run" / "best.safetensors")
+    image, label = _volume(2)  # case_2: every voxel non-zero, so normalized by the whole volume's statistics
+    restored.model = _Threshold((0.5 - image.mean()) / image.std())  # halfway between background and lesion
+    case = data / "imagesTr" / "case_2.nii.gz"
+    [prediction] = predict(restored, [case], output=tmp_path / "out")
+    written = nibabel.load(tmp_path / "out" / "case_2_labels.nii.gz")
+    assert np.array_equal(np.asarray(written.dataobj), label) and prediction.result["voxels"]["lesion"] == label.sum()
+
+
+def test_a_perfect_model_scores_full_dice_and_no_distance(tmp_path):
+    from biformer.tasks import evaluate
+
+    data = _decathlon(tmp_path / "data")
+    assert _train(tmp_path, data) == 0
+    restored = registry.restore(tmp_path / "run" / "best.safetensors")
+    # normalized, the background lies below 1 and a lesion near 4 in every volume: 2 separates them
+    restored.model = _Threshold(2.0)
+    result = evaluate(restored, str(data))
+    assert result["count"] == 2 and result["class_dice"] == [pytest.approx(100)] and result["hd95_mm"] == 0
+    restored.model = _Threshold(1e9)  # misses every lesion: Dice 0, HD95 each volume's diagonal
+    diagonal = math.dist((0, 0, 0), (20 * 0.8, 24 * 1.0, 12 * 2.5))
+    result = evaluate(restored, str(data))
+    assert result["dice"] == 0 and result["hd95_mm"] == pytest.approx(diagonal, rel=1e-3)

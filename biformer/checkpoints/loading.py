@@ -109,7 +109,7 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     if getattr(model, "spatial_dims", 2) == 3:  # a clip or volume model from an image model's file
         state_dict, inflated = inflate_state_dict(state_dict, model)
         if inflated:
-            kind = f"image classification checkpoint, {len(inflated)} conv kernels inflated over time"
+            kind = f"image classification checkpoint, {len(inflated)} conv kernels inflated over time (or depth)"
     kind += adapted
     own = model.state_dict()
     head = classifier_keys(model)

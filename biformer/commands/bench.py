@@ -444,8 +444,12 @@ def run_volumes(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise UserError("bench volumes reads /proc/self/status and getrusage's KiB: it runs on Linux only")
     _check_threads_and_csv(args)
-    if args.repeats < 1 or min(args.sides) < 32:
-        raise UserError("--repeats must be at least 1 and --sides at least 32")
+    if args.repeats < 1 or min(args.sides) < 64 or any(side % 32 for side in args.sides):
+        raise UserError("--repeats must be at least 1, and --sides multiples of 32 of at least 64 (SwinUNETR takes "
+                        "multiples of 32; the decoders' deepest maps need more than one voxel)")
+    from ..dense.volumes import monai_blocks
+
+    monai_blocks()  # the extra's message, before any child starts
     models = args.models or list(volumes_bench.DEFAULT_MODELS)
     try:
         for model in models:
@@ -453,6 +457,9 @@ def run_volumes(args: argparse.Namespace) -> int:
         rows = volumes_bench.bench_volumes(models, args.sides, args.modes, args.repeats, args.threads)
     except ValueError as error:
         raise UserError(str(error)) from None
+    except RuntimeError as error:  # a child failed: the first line names the case, the last says why
+        lines = str(error).strip().splitlines()
+        raise UserError(f"{lines[0]} {lines[-1]}") from None
     _report(rows, volumes_bench.COLUMNS, args.csv,
             f"3-D segmentation on CPU, batch 1, {rows[0]['threads']} threads, each case in a fresh process; "
             "MB = 2**20 bytes")

@@ -53,11 +53,9 @@ def run(args: argparse.Namespace) -> int:
         default_side = task.reference_size(name)
         model = task.untrained_model(name, side or default_side, args.num_classes)
     size = tuple((args.img_size * 2)[:2]) if args.img_size else (default_side, default_side)
-    if task.input_noun == "clip":
-        size = (args.frames or task.reference_frames(name), *size)
-    elif args.frames is not None:
-        raise UserError(f"--frames is for clip models (biformer3d_*, swin3d_t, ...); {name} takes images")
-    in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+    if task.input_noun != "clip" and args.frames is not None:
+        raise UserError(f"--frames is for clip models (biformer3d_*, swin3d_t, ...); {name} takes {task.input_noun}s")
+    in_chans, size = task.input_size(model, name, size, args.frames)
     try:
         report = count_flops(model, size, args.batch, in_chans=in_chans, progress=True)
     except (ValueError, RuntimeError) as error:  # an input the model cannot take

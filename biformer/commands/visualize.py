@@ -12,6 +12,7 @@ from ._options import HelpFormatter
 
 DEFAULT_MODEL = "biformer_tiny"
 DEFAULT_IMAGE = "skimage:astronaut"
+DEFAULT_CLIP = "moving-digits:0"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"image file or bundled sample: skimage:astronaut, skimage:chelsea, skimage:coffee, ..., "
                              f"or digits:N (a digit of the main job's data set); default: {DEFAULT_IMAGE}")
     parser.add_argument("--clip", default=None,
-                        help="clip models (biformer3d_*): a video file, a folder of frames, or moving-digits:N "
-                             "(a validation clip of the moving digits); the frames sampled as the model was trained")
+                        help=f"clip models (biformer3d_*): a video file, a folder of frames, or moving-digits:N "
+                             "(a validation clip of the moving digits); the frames sampled as the model was trained; default: "
+                             f"{DEFAULT_CLIP}")
     parser.add_argument("--frame", type=int, default=None,
                         help="clip models: the frame of the --query pixel (0-based, of the sampled frames)")
     parser.add_argument("--query", type=int, nargs=2, metavar=("X", "Y"), action="append", required=True,
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.image if clip else args.clip) is not None:
         raise UserError(f"{'--image' if clip else '--clip'} is for {'image' if clip else 'clip'} models; "
                         f"{loaded['name']} takes {'clips: give --clip' if clip else 'images: give --image'}")
+    args.clip = args.clip or (DEFAULT_CLIP if clip else None)
     if clip and (len(args.query) > 1 or args.frame is None):
         raise UserError("a clip model draws one query: give one --query X Y and --frame T (the query's frame)")
     if not clip and args.frame is not None:
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     caption = f"stage {stage_index + 1} block {block % len(model.stages[stage_index].blocks) + 1}"
     title = f"{loaded['name']} {caption}" + ("" if args.checkpoint else " (random weights)")
     stride = model.feature_info[stage_index]["reduction"]
-    figure, summary = (_clip_figure if clip else _image_figure)(args, loaded, layer, size, stride, caption)
+    draw = _clip_figure if clip else _image_figure
+    figure, summary = draw(args, loaded, layer, size, stride, caption=title if clip else caption)
     vis.save_png(figure, args.output)
     print(f"{title}: {summary}")
     print(f"wrote {args.output} ({figure.width}x{figure.height})")
@@ -168,8 +172,7 @@ def _clip_figure(args: argparse.Namespace, loaded: dict, layer, size: tuple[int,
     record = vis.capture_routing(loaded["model"], inputs, layer)
     tubelet = len(frames) // record.q.shape[1]
     query = (args.frame, *args.query[0])
-    title = f"{loaded['name']} {caption}" + ("" if args.checkpoint else " (random weights)")
-    figure = vis.render_clip_figure(pixels, record, stride, tubelet, query, title, args.panel_size)
+    figure = vis.render_clip_figure(pixels, record, stride, tubelet, query, caption, args.panel_size)
     grid = record.routing.grid
     views = vis.clip_query_views(record, query, stride, tubelet, size)
     steps = "; ".join(f"frames {step * tubelet}-{(step + 1) * tubelet - 1}: {view.routed}"

@@ -105,9 +105,9 @@ def read_decathlon(data: str) -> Decathlon:
 
 @dataclass(frozen=True)
 class VolumeInfo:
-    shape: tuple[int, int, int]  # voxels of the first three axes
+    shape: tuple[int, int, int]  # voxels per axis, in RAS order
     channels: int
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # mm per axis, in RAS order
 
 
 def volume_info(path: Path, modalities: int | None = None) -> VolumeInfo:
@@ -115,17 +115,21 @@ def volume_info(path: Path, modalities: int | None = None) -> VolumeInfo:
     holds another number of modalities than `modalities`."""
     _, nibabel = medical()
     try:
-        header = nibabel.load(os.fspath(path)).header
+        volume = nibabel.load(os.fspath(path))
     except Exception as error:  # nibabel raises many kinds for a damaged file
         raise UserError(f"{path} cannot be read as NIfTI: {error}") from error
+    header = volume.header
     shape = tuple(int(size) for size in header.get_data_shape())
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise UserError(f"{path} is {'x'.join(map(str, shape))} voxels: 3-D models take volumes (x, y, z[, modality])")
     channels = shape[3] if len(shape) == 4 else 1
     if len(shape) > 4 or (modalities is not None and channels != modalities):
         raise UserError(f"{path} has {channels} modalities (shape {shape}), dataset.json names {modalities}")
-    spacing = tuple(float(value) for value in header.get_zooms()[:3])
-    return VolumeInfo(shape[:3], channels, spacing)
+    # the file's axes in RAS order (as MONAI's Orientationd leaves them), so that spacings and sizes compare with
+    # --spacing's, whatever order the file stores its axes in
+    order = [int(axis) for axis in np.argsort(nibabel.io_orientation(volume.affine)[:, 0])]
+    zooms = header.get_zooms()[:3]
+    return VolumeInfo(tuple(shape[axis] for axis in order), channels, tuple(float(zooms[axis]) for axis in order))
 
 
 def check_cases(dataset: Decathlon, cases: Sequence[Case]) -> list[VolumeInfo]:
@@ -255,9 +259,6 @@ def build_volume_datasets(data: str, crop: int, *, eval_only: bool = False,
             print(f"note: {len(smaller)} of {len(train_cases)} training volumes are smaller than the {crop}-voxel crop "
                   f"along some axis at spacing {tuple(spacing)} (e.g. {smaller[0].image.name}): zero-padded to it",
                   file=sys.stderr, flush=True)
-    foreground_ok = 0 <= foreground <= 1
-    if not foreground_ok:
-        raise UserError(f"--foreground must lie in 0..1, got {foreground}")
     train = VolumeDataset(train_cases, volume_transforms(dataset.modalities, spacing, crop, foreground))
     val = VolumeDataset(dataset.validation, volume_transforms(dataset.modalities, spacing, None, foreground))
     return VolumeSplits(train, val, dataset.classes, dataset.modalities, tuple(spacing), crop,

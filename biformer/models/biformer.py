@@ -158,6 +158,16 @@ def _halving_conv(spatial_dims: int, channels_in: int, channels_out: int, merge_
     return nn.Conv3d(channels_in, channels_out, (time, 3, 3), stride=(time, 2, 2), padding=(0, 1, 1))
 
 
+def _region_counts(n_wins: tuple, spatial_dims: int, temporal_regions: int | tuple[int, ...], isotropic: bool) -> tuple:
+    """Each stage's regions: n_win per side for images; (time or depth, rows, columns) for clips and volumes."""
+    if isotropic and spatial_dims != 3:
+        raise ValueError("isotropic is for volumes: spatial_dims=3")
+    if spatial_dims == 2:
+        return n_wins
+    return tuple((count if isotropic else t, count, count)
+                 for t, count in zip(_per_stage(temporal_regions, "temporal_regions"), n_wins))
+
+
 def _per_stage(value, name: str) -> tuple:
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 4
     if len(values) != 4:
@@ -226,19 +236,14 @@ class BiFormer(nn.Module):
         super().__init__()
         depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
         n_wins, topks = _per_stage(n_win, "n_win"), _stage_topks(topks)
-        region_sizes = _per_stage(region_size, "region_size")
-        stripe_widths = _per_stage(stripe_widths, "stripe_widths")
+        region_sizes, stripe_widths = _per_stage(region_size, "region_size"), _per_stage(stripe_widths, "stripe_widths")
         if attention != "bra" and attention not in MIXERS:
             raise ValueError(f"attention must be one of {', '.join(['bra', *MIXERS])}, got {attention!r}")
         if spatial_dims not in (2, 3) or (spatial_dims == 3 and (attention != "bra" or stem != "overlap")):
             raise ValueError(f"spatial_dims must be 2, or 3 with attention='bra' and stem='overlap', got "
                              f"spatial_dims={spatial_dims!r}, attention={attention!r}, stem={stem!r}")
-        if isotropic and spatial_dims != 3:
-            raise ValueError("isotropic is for volumes: spatial_dims=3")
         self.spatial_dims, self.isotropic = spatial_dims, isotropic
-        if spatial_dims == 3:  # regions per axis: (time or depth, rows, columns)
-            n_wins = tuple((count if isotropic else t, count, count)
-                           for t, count in zip(_per_stage(temporal_regions, "temporal_regions"), n_wins))
+        n_wins = _region_counts(n_wins, spatial_dims, temporal_regions, isotropic)
         norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
         halving = partial(_halving_conv, spatial_dims, isotropic=isotropic)
         self.topks = topks

@@ -258,6 +258,12 @@ class Task(ABC):
         classes = [str(index) for index in range(num_classes or self.reference_classes)]
         return self.restored_model(model_name, {"classes": classes}, img_size).eval()
 
+    def input_size(self, model: nn.Module, model_name: str, size: tuple[int, int], frames: int | None
+                   ) -> tuple[int, tuple[int, ...]]:
+        """(channels, spatial size) of one input of `model` at `size` (H, W), for counting its FLOPs: an image
+        (clip models: `frames` frames, None for their reference clip's; volume models: a size[0]-deep volume)."""
+        return getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0], size
+
     def reference_size(self, model_name: str) -> int:
         """The input side the model is measured at without one given: its reference data set's (ImageNet's 224
         here)."""

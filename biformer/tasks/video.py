@@ -180,6 +180,10 @@ class VideoTask(ClassificationTask):
         """The frames of the clips a model is measured on without a count given."""
         return CLIP_FRAMES.get(model_name, 16)
 
+    def input_size(self, model: nn.Module, model_name: str, size: tuple[int, int], frames: int | None
+                   ) -> tuple[int, tuple[int, ...]]:
+        return 3, (frames or self.reference_frames(model_name), *size)
+
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_clip_model(model_name, len(metadata["classes"]), **metadata.get("model_kwargs", {}))
 

@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,10 @@ class VolumeSegmentationTask(Task):
             raise UserError(f"--img-size {config.img_size}: a volume model's training crop needs at least {MIN_CROP} "
                             "voxels per side (its deepest map, at stride 32, must hold more than one voxel for the "
                             "decoder's instance norms)")
+        if config.spacing is not None and min(config.spacing) <= 0:
+            raise UserError(f"--spacing must be positive on every axis (mm), got {' '.join(map(str, config.spacing))}")
+        if not 0 <= config.foreground <= 1:
+            raise UserError(f"--foreground is a share of the crops: 0..1, got {config.foreground}")
 
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        random_erasing: float = 0.0, eval_only: bool = False,
@@ -142,42 +146,31 @@ class VolumeSegmentationTask(Task):
                  options: VolumeOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Cross-entropy per voxel; per foreground class the Dice (percent) and HD95 (mm at the resampled spacing)
-        averaged over the volumes where the class is present, and their means over the classes."""
-        from monai.metrics import compute_dice, compute_hausdorff_distance
-
+        averaged over the volumes where the class is present (`class_scores`), and their means over the classes.
+        Each volume is slid over on its own, without the batch's padding."""
         overlap = (options or VolumeOptions()).overlap
         model.eval()
         classes = len(splits.classes)
-        sums = [0.0, 0.0, 0.0] + [0.0] * (4 * (classes - 1))  # loss, voxels, volumes, then per class: dice, n, hd, n
+        sums = [0.0, 0.0, 0.0] + [0.0] * (3 * (classes - 1))  # loss, voxels, volumes; per class: dice, hd, volumes
         for volumes, targets in eval_batches(loader, env, desc, unreadable):
-            with autocast(env.device, amp):
-                logits = sliding_window(model, volumes, splits.crop, overlap)
             for sample, size in enumerate(targets.sizes):
-                crop = (sample, slice(None), *(slice(0, extent) for extent in size))
-                scores, labels = logits[crop].float()[None], targets.labels[crop[:1] + crop[2:]][None]
+                region = (slice(sample, sample + 1), slice(None), *(slice(0, extent) for extent in size))
+                with autocast(env.device, amp):
+                    scores = sliding_window(model, volumes[region], splits.crop, overlap).float()
+                labels = targets.labels[region[:1] + region[2:]]
                 sums[0] += F.cross_entropy(scores, labels, reduction="sum").item()
-                sums[1] += labels.numel()
-                predicted = F.one_hot(scores.argmax(1), classes).movedim(-1, 1)
-                truth = F.one_hot(labels, classes).movedim(-1, 1)
-                dice = compute_dice(predicted, truth, include_background=False)[0]
-                with warnings.catch_warnings():  # a class absent from the prediction or the truth: counted below
-                    warnings.simplefilter("ignore", UserWarning)
-                    distance = compute_hausdorff_distance(predicted, truth, percentile=95,
-                                                          spacing=list(splits.spacing))[0]
-                for index in range(classes - 1):
-                    present = truth[0, index + 1].any().item()  # a class absent from a volume has no Dice or HD95
-                    if present:
-                        hd = distance[index].item()
-                        sums[3 + 4 * index: 7 + 4 * index] = [
-                            sums[3 + 4 * index] + dice[index].item(), sums[4 + 4 * index] + 1,
-                            sums[5 + 4 * index] + (hd if math.isfinite(hd) else 0.0), sums[6 + 4 * index] + math.isfinite(hd)]
-                sums[2] += 1
+                sums[1], sums[2] = sums[1] + labels.numel(), sums[2] + 1
+                for index, (dice, distance) in enumerate(class_scores(scores.argmax(1)[0], labels[0], classes,
+                                                                      splits.spacing)):
+                    if dice is not None:
+                        sums[3 + 3 * index: 6 + 3 * index] = [sums[3 + 3 * index] + dice,
+                                                              sums[4 + 3 * index] + distance, sums[5 + 3 * index] + 1]
         totals = all_reduce_sum(sums, env)
         if totals[2] == 0:
             raise UserError("no validation volume could be read")
-        per_class = [totals[3 + 4 * i: 7 + 4 * i] for i in range(classes - 1)]
-        class_dice = [100 * d / n if n else None for d, n, _, _ in per_class]
-        class_hd = [h / m if m else None for _, _, h, m in per_class]
+        per_class = [totals[3 + 3 * i: 6 + 3 * i] for i in range(classes - 1)]
+        class_dice = [100 * dice / count if count else None for dice, _, count in per_class]
+        class_hd = [distance / count if count else None for _, distance, count in per_class]
         return {"loss": totals[0] / totals[1], "dice": _mean(class_dice), "hd95_mm": _mean(class_hd),
                 "class_dice": class_dice, "class_hd95_mm": class_hd, "count": int(totals[2])}
 
@@ -193,6 +186,10 @@ class VolumeSegmentationTask(Task):
 
     def reference_size(self, model_name: str) -> int:
         return 96  # SwinUNETR's crop
+
+    def input_size(self, model: nn.Module, model_name: str, size: tuple[int, int], frames: int | None
+                   ) -> tuple[int, tuple[int, ...]]:
+        return model.in_channels, (size[0], *size)
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_volume_model(model_name, len(metadata["classes"]), metadata.get("in_channels", 1))
@@ -235,11 +232,11 @@ class VolumeSegmentationTask(Task):
         transform = volume_transforms(metadata["modalities"], metadata["spacing"], None, 0.5, with_label=False)
         model = restored.model.to(device)
         for path, info in images:
+            if info.channels != metadata["in_channels"]:
+                yield Prediction(path, problem=f"{info.channels} modalities, the model takes {metadata['in_channels']}")
+                continue
             sample = transform({"image": path})
             image = sample["image"]
-            if image.shape[0] != metadata["in_channels"]:
-                yield Prediction(path, problem=f"{image.shape[0]} modalities, the model takes {metadata['in_channels']}")
-                continue
             logits = sliding_window(model, image[None].to(device), restored.img_size, options.overlap)
             sample["pred"] = MetaTensor(logits.argmax(1).cpu().float(), meta=image.meta,
                                         applied_operations=image.applied_operations)
@@ -249,12 +246,39 @@ class VolumeSegmentationTask(Task):
             stem = os.fspath(outputs[path]).removesuffix(".nii")  # x.nii.gz's stem is x
             files = (f"{stem}_labels.nii.gz", f"{stem}_slices.png")
             _save_nifti(nibabel.Nifti1Image(labels, source.affine), files[0])
-            _save_slices(np.asarray(source.dataobj, dtype=np.float32), labels, info.spacing, restored.classes, files[1])
+            zooms = tuple(float(zoom) for zoom in source.header.get_zooms()[:3])  # the file's own axis order
+            _save_slices(np.asarray(source.dataobj, dtype=np.float32), labels, zooms, restored.classes, files[1])
             values, counts = np.unique(labels, return_counts=True)
             yield Prediction(path, {"voxels": {restored.classes[v]: int(n) for v, n in zip(values, counts)}}, files)
 
     def prediction_text(self, prediction: Prediction) -> str:
         return f"{prediction.image} -> {', '.join(prediction.files)}"
+
+
+def class_scores(predicted: Tensor, truth: Tensor, classes: int, spacing: Sequence[float]
+                 ) -> list[tuple[float | None, float | None]]:
+    """(Dice as a fraction, HD95 in mm) of each foreground class of one volume's predicted and true labels (D, H, W),
+    MONAI's; (None, None) for a class absent from the truth. A class present in the truth that the prediction
+    misses scores Dice 0 and, for HD95, the volume's diagonal in mm (MONAI gives no finite distance)."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    indices = torch.arange(classes, device=truth.device).view(1, -1, 1, 1, 1)
+    predicted_masks, true_masks = (predicted[None, None] == indices), (truth[None, None] == indices)  # (1, K, D, H, W)
+    dice = compute_dice(predicted_masks, true_masks, include_background=False)[0]
+    with warnings.catch_warnings():  # a class absent from the prediction or the truth: handled below
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.6 about an argument of its own internals
+        distance = compute_hausdorff_distance(predicted_masks, true_masks, percentile=95, spacing=list(spacing))[0]
+    diagonal = math.sqrt(sum((size * step) ** 2 for size, step in zip(truth.shape, spacing)))
+    scores = []
+    for index in range(1, classes):
+        if not true_masks[0, index].any():
+            scores.append((None, None))
+        elif not predicted_masks[0, index].any():
+            scores.append((0.0, diagonal))
+        else:
+            scores.append((dice[index - 1].item(), distance[index - 1].item()))
+    return scores
 
 
 def _mean(values: list[float | None]) -> float:
