@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from biformer.cli import main
-from biformer.data.video import ClipSampling, build_clip_datasets
+from biformer.data.video import ClipSampling
 from biformer.errors import UserError
 from biformer.tasks import registry
 from biformer.tasks.inference import evaluate
