@@ -32,7 +32,7 @@ def test_flops_prints_stages_kinds_and_what_is_not_counted(capsys):
     (["flops", "no_such_model"], "is no model of any task"),
     (["flops", "biformer_nano", "--img-size", "1", "2", "3"], "--img-size"),
     (["complexity", "--output", "plot.jpg"], ".png"),
-    (["complexity", "--size", "7", "7", "--topk", "50"], "no S divides"),
+    (["complexity", "--size", "7", "7", "--topk", "50"], "no region count divides 7x7"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

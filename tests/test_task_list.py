@@ -152,7 +152,7 @@ def test_a_task_from_outside_the_package_runs_through_train_eval_and_predict(dig
     assert json.loads(capsys.readouterr().out)["close"] == 100
 
     assert main(["predict", str(images), "--checkpoint", str(weights), "--topk", "3"]) == 2  # a classifier's option
-    assert "--topk is for classification models" in capsys.readouterr().err
+    assert "--topk is for video and classification models" in capsys.readouterr().err
     for command, flag in (("eval", "--close"), ("predict", "--decimals")):  # in the help, in a group of their own
         with pytest.raises(SystemExit):
             main([command, "--help"])

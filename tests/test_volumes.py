@@ -151,7 +151,7 @@ def test_a_bra_block_trains_inside_a_monai_network():
 @pytest.mark.slow
 def test_bench_volumes_measures_each_case_in_a_fresh_process(tmp_path, capsys):
     csv = tmp_path / "volumes.csv"
-    assert main(["bench", "volumes", "unet_biformer3d_nano", "unet", "--sides", "64", "--modes", "inference",
+    assert main(["bench", "volumes", "unet_biformer3d_nano", "monai_unet", "--sides", "64", "--modes", "inference",
                  "--repeats", "1", "--csv", str(csv)]) == 0
     rows = csv.read_text().splitlines()
     assert rows[0].startswith("model,side,mode,params_m") and len(rows) == 3

@@ -1,6 +1,7 @@
 """`biformer bench volumes`: peak memory (RSS) and volumes/s of 3-D segmentation models on CPU, batch 1, one input
 channel and 14 classes (BTCV's), each (model, side, mode) in a fresh process: ours (`unet_biformer3d_*`) against
-MONAI's SwinUNETR (feature size 48, and 24) and UNet (its tutorials' 16..256 channels, residual units).
+MONAI's SwinUNETR (feature size 48, and 24: "swinunetr-48", "swinunetr-24") and UNet ("monai_unet": its tutorials'
+16..256 channels, residual units).
 
 A case: the model built, a side^3 volume made (the "loaded" RSS), one untimed run, then `repeats` timed runs
 (volumes/s from their median); the peak RSS is the process's (`getrusage`), so it includes the untimed run.
@@ -21,17 +22,17 @@ from .processes import peak_rss, run_in_child
 CLASSES = 14  # BTCV's, the data set SwinUNETR reports on
 SIDES = (96, 128)
 MODES = ("inference", "training")
-DEFAULT_MODELS = ("unet_biformer3d_tiny", "swinunetr-48", "swinunetr-24", "unet")
+DEFAULT_MODELS = ("unet_biformer3d_tiny", "swinunetr-48", "swinunetr-24", "monai_unet")
 COLUMNS = ("model", "side", "mode", "params_m", "loaded_mb", "peak_rss_mb", "volumes_per_s", "threads")
 
 
 def check_name(name: str) -> None:
-    """ValueError unless `name` is one of ours (`unet_biformer3d_*`), "swinunetr-<feature size>" or "unet"."""
-    from ..dense.volumes import is_volume_model
+    """ValueError unless `name` is one of ours, "swinunetr-<feature size>" or "monai_unet" (MONAI's)."""
+    from ..dense.volumes import VOLUME_MODEL_FORMS, is_volume_model
 
     swin = name.startswith("swinunetr-") and name.removeprefix("swinunetr-").isdigit()
-    if not (is_volume_model(name) or swin or name == "unet"):
-        raise ValueError(f"unknown volume model {name!r}: unet_biformer3d_<size>, swinunetr-<feature size> or unet")
+    if not (is_volume_model(name) or swin or name == "monai_unet"):
+        raise ValueError(f"unknown volume model {name!r}: {VOLUME_MODEL_FORMS}, swinunetr-<feature size> or monai_unet")
 
 
 def build(name: str, classes: int = CLASSES):
@@ -44,7 +45,7 @@ def build(name: str, classes: int = CLASSES):
     monai_blocks()  # the extra's message when MONAI is missing
     from monai.networks import nets
 
-    if name == "unet":
+    if name == "monai_unet":
         return nets.UNet(spatial_dims=3, in_channels=1, out_channels=classes, channels=(16, 32, 64, 128, 256),
                          strides=(2, 2, 2, 2), num_res_units=2)
     return nets.SwinUNETR(in_channels=1, out_channels=classes, feature_size=int(name.removeprefix("swinunetr-")))

@@ -166,14 +166,14 @@ def _register_volumes(kinds: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         description="For each model, side and mode: batch 1, one input channel, 14 classes; inference (eval, no "
                     "autograd) or a training step (cross-entropy, backward, SGD step); one untimed run, then "
-                    "--repeats timed ones (volumes/s from their median); peak RSS of the fresh process. Models: "
-                    "unet_biformer3d_<size>, MONAI's swinunetr-<feature size> and unet. Linux only; needs the "
-                    "medical extra.",
+                    "--repeats timed ones (volumes/s from their median); peak RSS of the fresh process. Models: ours by "
+                    "name, MONAI's swinunetr-<feature size> and monai_unet. Linux only; needs the medical extra.",
     )
     volumes.add_argument("models", nargs="*", metavar="MODEL",
                          help=f"default: {', '.join(volumes_bench.DEFAULT_MODELS)}")
     volumes.add_argument("--sides", type=int, nargs="+", default=list(volumes_bench.SIDES), help="volume sides in voxels")
-    volumes.add_argument("--modes", nargs="+", choices=volumes_bench.MODES, default=list(volumes_bench.MODES))
+    volumes.add_argument("--modes", nargs="+", choices=volumes_bench.MODES, default=list(volumes_bench.MODES),
+                         help="inference (eval, no autograd) and/or a training step")
     volumes.add_argument("--repeats", type=int, default=2, help="timed runs per case (median reported)")
     _threads_and_csv_options(volumes)
     volumes.set_defaults(run=run_volumes)

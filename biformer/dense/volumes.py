@@ -19,6 +19,7 @@ from ..errors import UserError
 from .names import split_head_name
 
 VOLUME_HEADS = ("unet",)
+VOLUME_MODEL_FORMS = "unet_biformer3d_<size>"  # for messages
 VOLUME_STRIDE = 32  # the encoder's deepest stride on every axis
 FEATURE_SIZE = 24  # the decoder's full-resolution width (SwinUNETR's smaller setting), doubling per level
 
@@ -82,7 +83,7 @@ def create_volume_model(name: str, num_classes: int, in_channels: int = 1, *, dr
     image model's are inflated, RGB input kernels adapted to `in_channels`); the load is reported in
     `checkpoint_report`."""
     if not is_volume_model(name):
-        raise UserError(f"{name!r} is no volume model: write unet_biformer3d_<size> (nano, tiny, small, base)")
+        raise UserError(f"{name!r} is no volume model: write {VOLUME_MODEL_FORMS} (nano, tiny, small, base)")
     model = VolumeSegmenter(split_head_name(name, VOLUME_HEADS)[1], in_channels, num_classes,
                             drop_path_rate=drop_path_rate)
     if backbone_checkpoint is not None:

@@ -33,7 +33,7 @@ from ..data.volumes import (
     volume_info,
     volume_transforms,
 )
-from ..dense.volumes import VOLUME_HEADS, create_volume_model, is_volume_model
+from ..dense.volumes import VOLUME_HEADS, VOLUME_MODEL_FORMS, create_volume_model, is_volume_model
 from ..errors import UserError
 from ..runtime import DistEnv, all_reduce_sum, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, UnreadableInput, eval_batches
@@ -98,7 +98,7 @@ class VolumeSegmentationTask(Task):
 
     @classmethod
     def model_forms(cls) -> str:
-        return "unet_biformer3d_<size>"
+        return VOLUME_MODEL_FORMS
 
     def check_config(self, config: TrainConfig) -> None:
         super().check_config(config)
