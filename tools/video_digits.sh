@@ -6,8 +6,8 @@
 #
 # 1. trains the image model the inflated arm starts from: biformer_tiny on the bundled digits, 10 epochs at 64 px;
 # 2. trains each arm per seed with the same options (8 frames 2 apart, 32 px, 20 epochs, batch 16, lr 5e-4, gradient
-#    clipping at 1): biformer3d_tiny
-#    from scratch, biformer3d_tiny inflated from step 1 (--pretrained), torchvision's swin3d_t and r3d_18;
+#    clipping at 1): biformer3d_tiny from scratch, biformer3d_tiny inflated from step 1 (--pretrained), torchvision's
+#    swin3d_t and r3d_18;
 # 3. prints each arm's final validation top-1, median (range) over the seeds, with parameters and GFLOPs per clip;
 # 4. times the four models on clips of the same size (inference and a training step, batch 8, interleaved rounds).
 # Every run resumes where it stopped, so the script can be restarted.
