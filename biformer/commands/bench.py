@@ -326,6 +326,12 @@ def run_op(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_linux(kind: str) -> None:
+    """UserError off Linux: the memory benchmarks read /proc/self/status and getrusage's KiB."""
+    if not sys.platform.startswith("linux"):
+        raise UserError(f"bench {kind} reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+
+
 def _check_frames(frames: int | None) -> None:
     if frames is not None and frames < 2:
         raise UserError(f"--frames must be at least 2 (clip models merge frame pairs), got {frames}")
@@ -441,8 +447,7 @@ def _check_segmentation_model(name: str, case: str) -> None:
 def run_volumes(args: argparse.Namespace) -> int:
     from ..benchmarks import volumes as volumes_bench
 
-    if not sys.platform.startswith("linux"):
-        raise UserError("bench volumes reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    _require_linux("volumes")
     _check_threads_and_csv(args)
     if args.repeats < 1 or min(args.sides) < 64 or any(side % 32 for side in args.sides):
         raise UserError("--repeats must be at least 1, and --sides multiples of 32 of at least 64 (SwinUNETR takes "
@@ -467,8 +472,7 @@ def run_volumes(args: argparse.Namespace) -> int:
 
 
 def run_segmentation(args: argparse.Namespace) -> int:
-    if not sys.platform.startswith("linux"):
-        raise UserError("bench segmentation reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    _require_linux("segmentation")
     if args.case == "all" and (args.model or args.input):
         raise UserError("--model and --input apply to one case: add --case inference or --case training")
     _check_threads_and_csv(args)
@@ -507,8 +511,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_detection(args: argparse.Namespace) -> int:
-    if not sys.platform.startswith("linux"):
-        raise UserError("bench detection reads /proc/self/status and getrusage's KiB: it runs on Linux only")
+    _require_linux("detection")
     _check_threads_and_csv(args)
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,16 +47,25 @@ def readable_image(item: Image.Image | str | os.PathLike) -> tuple[Image.Image |
         return None, f"{item}: {error}"
 
 
+def list_inputs(inputs: list[str], found: Callable[[Path], bool], what: str, plural: str,
+                named: Callable[[Path], bool] = Path.is_file) -> list[str]:
+    """The inputs a command reads: each path given that `named` accepts (default: any file), else, for a folder,
+    its members (searched recursively, sorted) that `found` accepts. UserError naming `what` an input must be for a
+    path that is neither, and the `plural` for no input at all."""
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if named(path):
+            files.append(item)
+        elif path.is_dir():
+            files += sorted(os.fspath(member) for member in path.rglob("*") if found(member))
+        else:
+            raise UserError(f"{item!r} is neither {what} nor a folder")
+    if not files:
+        raise UserError(f"no {plural} found in {inputs}")
+    return files
+
+
 def list_images(inputs: list[str]) -> list[str]:
     """Image files named directly or found (recursively) in named folders."""
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise UserError(f"{item!r} is neither an image file nor a folder")
-    if not files:
-        raise UserError(f"no images found in {inputs}")
-    return files
+    return list_inputs(inputs, lambda path: path.suffix.lower() in IMAGE_EXTENSIONS, "an image file", "images")

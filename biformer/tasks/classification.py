@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import timm
 import torch
@@ -77,13 +77,8 @@ class ClassificationTask(Task):
                             "LABELS (made by `biformer label`)" + (", or leave them out" if source == "given" else ""))
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        try:
-            model = timm.create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0,
-                                      **config.model_arguments())
-        except (TypeError, ValueError) as error:
-            if not config.model_kwargs:
-                raise
-            raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: {error}") from error
+        model = built_with_model_kwargs(config, lambda: timm.create_model(
+            config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0, **config.model_arguments()))
         if config.pretrained is not None:
             model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
         return model if config.token_label is None else TokenLabelledClassifier(model, config.model)
@@ -141,20 +136,28 @@ class ClassificationTask(Task):
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
         """Loss, top-1 and top-5 (percent)."""
         model.eval()
-        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
-        for images, targets in eval_batches(loader, env, desc, unreadable):
+
+        def run(inputs: Tensor) -> Tensor:
             with autocast(env.device, amp):
-                logits = model(images)
-            logits = logits.float()
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-            totals[0] += F.cross_entropy(logits, targets, reduction="sum").item()
+                return model(inputs)
+
+        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
+        for inputs, targets in eval_batches(loader, env, desc, unreadable):
+            log_probabilities = self.eval_log_probabilities(run, inputs)
+            hits = log_probabilities.topk(min(5, log_probabilities.shape[1]), dim=1).indices == targets[:, None]
+            totals[0] += F.nll_loss(log_probabilities, targets, reduction="sum").item()
             totals[1] += hits[:, 0].sum().item()
             totals[2] += hits.any(1).sum().item()
             totals[3] += len(targets)
         loss, top1, top5, count = all_reduce_sum(totals, env)
         if count == 0:
-            raise UserError("no validation image could be read")
+            raise UserError(f"no validation {self.input_noun} could be read")
         return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
+
+    def eval_log_probabilities(self, run: Callable[[Tensor], Tensor], inputs: Tensor) -> Tensor:
+        """(B, classes) float32 log-probabilities of a validation batch; run(x) gives the model's logits for x
+        (under the evaluation's autocast)."""
+        return run(inputs).float().log_softmax(-1)
 
     def metric_columns(self) -> tuple[str, ...]:
         return ("top1", "top5")
@@ -221,6 +224,18 @@ class ClassificationTask(Task):
         return "\n".join([prediction.image] + [
             f"  {rank}. {entry['class']:<30} {100 * entry['probability']:6.2f}%"
             for rank, entry in enumerate(prediction.result["predictions"], 1)])
+
+
+def built_with_model_kwargs(config: TrainConfig, build: Callable[[], nn.Module]) -> nn.Module:
+    """build(), a constructor's refusal (TypeError, ValueError) of the --model-kwargs given turned into a one-line
+    UserError naming them."""
+    try:
+        return build()
+    except (TypeError, ValueError) as error:
+        if not config.model_kwargs:
+            raise
+        raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: "
+                        f"{str(error).splitlines()[0]}") from error
 
 
 def _head_size(state_dict: dict[str, Tensor], model_name: str) -> int:

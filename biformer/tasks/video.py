@@ -10,12 +10,11 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import TaskOptions, TrainConfig, option
@@ -30,11 +29,12 @@ from ..data.video import (
     is_clip,
     read_frames,
 )
+from ..data.images import list_inputs
 from ..errors import UserError
 from ..models.biformer import CLIP_FRAMES
-from ..runtime import DistEnv, all_reduce_sum, autocast
-from .base import Prediction, Restored, Task, UnreadableImages, UnreadableInput, eval_batches
-from .classification import ClassificationPredictOptions, ClassificationTask
+from ..runtime import DistEnv
+from .base import Prediction, Restored, Task, UnreadableImages, UnreadableInput
+from .classification import ClassificationPredictOptions, ClassificationTask, built_with_model_kwargs
 
 CLIP_MODEL_PREFIX = "biformer3d_"
 VIEWS_HELP = "clips sampled per video, their starts spread evenly over it; the class probabilities are averaged"
@@ -133,13 +133,8 @@ class VideoTask(ClassificationTask):
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
         from ..checkpoints.loading import load_pretrained_classifier
 
-        try:
-            model = create_clip_model(config.model, num_classes, config.drop_path or 0.0, **config.model_arguments())
-        except (TypeError, ValueError) as error:
-            if not config.model_kwargs:
-                raise
-            raise UserError(f"--model-kwargs {' '.join(config.model_kwargs)}: {config.model} refused them: "
-                            f"{str(error).splitlines()[0]}") from error
+        model = built_with_model_kwargs(config, lambda: create_clip_model(
+            config.model, num_classes, config.drop_path or 0.0, **config.model_arguments()))
         if config.pretrained is not None:
             if not config.model.startswith(CLIP_MODEL_PREFIX):
                 raise UserError(f"--pretrained starts biformer3d_* models (from a clip model's or an image "
@@ -147,27 +142,17 @@ class VideoTask(ClassificationTask):
             model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
         return model
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: ClipSplits,
                  options: TaskOptions | None = None, amp: str = "none", desc: str = "val",
                  unreadable: UnreadableImages | None = None) -> dict[str, Any]:
-        """Loss (of the views' mean probabilities), top-1 and top-5 (percent)."""
-        model.eval()
-        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
-        for views, targets in eval_batches(loader, env, desc, unreadable):  # views: (B, V, 3, T, H, W)
-            with autocast(env.device, amp):
-                logits = model(views.flatten(0, 1))
-            probabilities = logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(1)  # (B, classes)
-            hits = probabilities.topk(min(5, probabilities.shape[1]), dim=1).indices == targets[:, None]
-            totals[0] += F.nll_loss(probabilities.clamp_min(1e-12).log(), targets, reduction="sum").item()
-            totals[1] += hits[:, 0].sum().item()
-            totals[2] += hits.any(1).sum().item()
-            totals[3] += len(targets)
-        loss, top1, top5, count = all_reduce_sum(totals, env)
-        if count == 0:
-            raise UserError("no validation clip could be read")
-        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count),
-                "views": splits.sampling.views}
+        """Loss (of the views' mean probabilities), top-1 and top-5 (percent), and the views per clip."""
+        return {**super().evaluate(model, loader, env, splits=splits, options=options, amp=amp, desc=desc,
+                                   unreadable=unreadable), "views": splits.sampling.views}
+
+    def eval_log_probabilities(self, run: Callable[[Tensor], Tensor], views: Tensor) -> Tensor:
+        """The log of each clip's class probabilities averaged over its views (B, V, 3, T, H, W)."""
+        probabilities = run(views.flatten(0, 1)).float().softmax(-1).unflatten(0, views.shape[:2]).mean(1)
+        return probabilities.clamp_min(1e-12).log()
 
     def metadata(self, splits: ClipSplits) -> dict[str, Any]:
         return {"crop_pct": splits.crop_pct, "frames": splits.sampling.frames, "frame_stride": splits.sampling.stride,
@@ -203,19 +188,9 @@ class VideoTask(ClassificationTask):
     def list_inputs(self, inputs: list[str]) -> list[str]:
         """Video files and folders of frames, named or found in the folders named (a folder that holds frames
         is one clip)."""
-        files: list[str] = []
-        for item in inputs:
-            path = Path(item)
-            if is_clip(path):
-                files.append(item)
-            elif path.is_dir():
-                files += sorted(os.fspath(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
-                                or (p.is_dir() and is_clip(p)))
-            else:
-                raise UserError(f"{item!r} is neither a video file ({', '.join(VIDEO_EXTENSIONS)}) nor a folder")
-        if not files:
-            raise UserError(f"no clips (video files or folders of frames) found in {inputs}")
-        return files
+        return list_inputs(inputs, lambda path: path.suffix.lower() in VIDEO_EXTENSIONS or (path.is_dir() and is_clip(path)),
+                           f"a video file ({', '.join(VIDEO_EXTENSIONS)})", "clips (video files or folders of frames)",
+                           named=is_clip)
 
     def read_input(self, path: str) -> Any:
         try:

@@ -34,6 +34,7 @@ from ..data.volumes import (
     volume_transforms,
 )
 from ..dense.volumes import VOLUME_HEADS, VOLUME_MODEL_FORMS, create_volume_model, is_volume_model
+from ..data.images import list_inputs
 from ..errors import UserError
 from ..runtime import DistEnv, all_reduce_sum, autocast
 from .base import Objective, Prediction, Restored, Task, UnreadableImages, UnreadableInput, eval_batches
@@ -200,17 +201,7 @@ class VolumeSegmentationTask(Task):
 
     def list_inputs(self, inputs: list[str]) -> list[str]:
         """NIfTI files named, or found (recursively) in the folders named."""
-        files: list[str] = []
-        for item in inputs:
-            if os.path.isdir(item):
-                files += sorted(os.fspath(p) for p in Path(item).rglob("*") if is_nifti(p))
-            elif os.path.isfile(item):
-                files.append(item)
-            else:
-                raise UserError(f"{item!r} is neither a NIfTI file (.nii, .nii.gz) nor a folder")
-        if not files:
-            raise UserError(f"no NIfTI volumes (.nii, .nii.gz) found in {inputs}")
-        return files
+        return list_inputs(inputs, is_nifti, "a NIfTI file (.nii, .nii.gz)", "NIfTI volumes (.nii, .nii.gz)")
 
     def read_input(self, path: str) -> Any:
         try:
