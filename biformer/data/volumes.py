@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -162,7 +162,7 @@ def volume_transforms(modalities: list[str], spacing: Sequence[float], crop: int
     intensities (CT: the volume's 0.5-99.5 percentiles to 0..1; other modalities: zero mean, unit variance over
     their non-zero voxels, per channel); with `crop`, training's: pad to at least crop^3, a random crop^3 centred
     on a foreground voxel with probability `foreground`, a flip per axis half the time."""
-    monai, _ = medical()
+    medical()
     from monai import transforms as T
 
     keys = ["image", "label"] if with_label else ["image"]
@@ -237,8 +237,8 @@ class VolumeSplits:
     modalities: list[str]
     spacing: tuple[float, float, float]
     crop: int
-    mean: tuple[float, ...] = field(default=(0.0,))  # inputs are normalized per volume (see volume_transforms)
-    std: tuple[float, ...] = field(default=(1.0,))
+    mean: tuple[float, ...]  # (0, ...) and (1, ...) per modality: each volume is normalized on its own
+    std: tuple[float, ...]  # (see volume_transforms)
 
 
 def build_volume_datasets(data: str, crop: int, *, eval_only: bool = False,

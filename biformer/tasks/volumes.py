@@ -128,7 +128,6 @@ class VolumeSegmentationTask(Task):
         return build_volume_datasets(data, restored.img_size, eval_only=True, spacing=restored.metadata["spacing"])
 
     def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        medical()
         return create_volume_model(config.model, num_classes, self.in_channels, drop_path_rate=config.drop_path or 0.0,
                                    backbone_checkpoint=config.pretrained)
 
