@@ -66,6 +66,29 @@ def test_a_classifier_fine_tunes_from_another_class_count(digits_classifier, tmp
     assert recorded["loaded"] == len(source) - 2 and recorded["unused"] == {"head": 2}
 
 
+def test_a_head_for_other_class_names_starts_afresh_even_at_the_same_count(tmp_path):
+    """Ten digits are no start for ten other classes: a head is kept only for the classes its file records."""
+    from biformer.checkpoints.weights import save_weights
+
+    digits = [str(digit) for digit in range(10)]
+    source = timm.create_model("biformer_nano", num_classes=10)
+    with torch.no_grad():
+        source.head.weight.fill_(0.5)  # unlike any initialization
+    save_weights(tmp_path / "digits.safetensors", source, {"model": "biformer_nano", "classes": digits})
+    moving = [f"{digit}-{direction}" for digit in range(5) for direction in ("left", "right")]
+    for classes, kept in ((digits, True), (moving, False), (None, True)):
+        model = timm.create_model("biformer_nano", num_classes=10)
+        report = load_pretrained_classifier(model, tmp_path / "digits.safetensors", classes)
+        assert torch.equal(model.head.weight, source.head.weight) is kept
+        assert report.initial == ([] if kept else ["head"])
+        assert torch.equal(model.stem[0].weight, source.stem[0].weight)
+    moved = load_pretrained_classifier(timm.create_model("biformer_nano", num_classes=10),
+                                       tmp_path / "digits.safetensors", moving)
+    assert moved.why_initial == ("the file's classifier is for other classes (0, 1, 2, ..., not 0-left, 0-right, "
+                                 "1-left, ...)")
+    assert moved.unused == {"head": 2} and moved.loaded == len(source.state_dict()) - 2
+
+
 def test_the_original_layout_and_timm_files_load_as_pretrained(tmp_path):
     """A release-layout file (as the original code saves it, wrapped in "model") and a timm classifier's
     checkpoint wrapped in "state_dict" both fill every tensor but the head."""

@@ -32,7 +32,7 @@ def weights_file(folder: Path, model_name: str) -> Path:
     img_size = 32 if task.name == "classification" else 64
     splits = task.build_datasets(task.default_data, img_size, eval_only=True)
     torch.manual_seed(0)
-    model = task.build_model(resolve(TrainConfig(model=model_name, img_size=img_size)).config, len(splits.classes))
+    model = task.build_model(resolve(TrainConfig(model=model_name, img_size=img_size)).config, splits.classes)
     path = folder / f"{model_name}.safetensors"
     save_weights(path, model, {"model": model_name, "task": task.name, "classes": splits.classes,
                                "img_size": img_size, "mean": list(splits.mean), "std": list(splits.std),
@@ -91,7 +91,7 @@ def test_python_and_the_command_line_agree(task_name, tmp_path, capsys):
 
 def test_options_of_another_task_are_refused_with_their_type(tmp_path):
     checkpoint = tmp_path / "classifier.safetensors"
-    save_weights(checkpoint, task_for_model("biformer_nano").build_model(resolve(TrainConfig()).config, 3),
+    save_weights(checkpoint, task_for_model("biformer_nano").build_model(resolve(TrainConfig()).config, ["a", "b", "c"]),
                  {"model": "biformer_nano"})
     restored = restore(checkpoint)
     digit_image(1).save(tmp_path / "one.png")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor, nn
 
@@ -90,12 +90,15 @@ def classifier_keys(model: nn.Module) -> list[str]:
     return [key for key in model.state_dict() if key.startswith(prefixes)]
 
 
-def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> CheckpointReport:
+def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike,
+                               classes: Sequence[str] | None = None) -> CheckpointReport:
     """Load a classifier's checkpoint (ours, the original release's, or timm's/PyTorch's, wrapped in "model" or
     "state_dict" or not) into a timm classifier to fine-tune it. The head keeps its initialization where the
-    file's has another class count (or none); the file's tensors the model has no place for are reported unused.
-    CheckpointError naming the keys if anything else does not fit."""
+    file's has another class count (or none), or where the file records class names other than `classes` (the
+    run's, when given): a head for the digits 0-9 is no start for ten other classes. The file's tensors the model
+    has no place for are reported unused. CheckpointError naming the keys if anything else does not fit."""
     state_dict = read_state_dict(path)
+    recorded = read_metadata(path).get("classes")
     if ORIGINAL_MARKER in state_dict:
         state_dict = checkpoint_filter_fn(state_dict, model)
     kind, adapted = "classification checkpoint", ""
@@ -113,7 +116,9 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     kind += adapted
     own = model.state_dict()
     head = classifier_keys(model)
-    refitted = [key for key in head if key not in state_dict or state_dict[key].shape != own[key].shape]
+    other_classes = classes is not None and recorded is not None and list(recorded) != list(classes)
+    refitted = [key for key in head
+                if key not in state_dict or state_dict[key].shape != own[key].shape or other_classes]
     unused = Counter(part(key) for key in state_dict if key not in own or key in refitted)
     usable = {key: value for key, value in state_dict.items() if key in own and key not in refitted}
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
@@ -121,5 +126,12 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike) -> Che
     check_no_strays(state_dict, set(usable) | set(refitted), path, f"model {name}")
     model.load_state_dict(usable, strict=False)  # strict but for the head, which check_fits let pass
     why = f"the file's classifier does not fit {own[head[0]].shape[0]} classes" if head else ""
+    if other_classes and all(key in state_dict and state_dict[key].shape == own[key].shape for key in head):
+        why = f"the file's classifier is for other classes ({_few(recorded)}, not {_few(classes)})"
     return CheckpointReport(os.fspath(path), kind, len(usable), dict(unused),
                             sorted({key.rsplit(".", 1)[0] for key in refitted}), why)
+
+
+def _few(names: Sequence[str]) -> str:
+    """'0, 1, 2, ...': the first three class names, enough to tell two class lists apart."""
+    return ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")

@@ -291,8 +291,10 @@ def check_release_source(variant: str, pretrained_cfg: Any, pretrained_cfg_overl
         cfg = cfg.to_dict()
     cfg = {**(cfg or {}), **(pretrained_cfg_overlay or {})}
     if cfg.get("file"):
-        if not os.path.isfile(cfg["file"]):
-            raise FileNotFoundError(f"pretrained file {cfg['file']!r} for {variant} does not exist")
+        folder = cfg.get("source") == "local-dir"  # timm.create_model("local-dir:FOLDER"): a hub folder's weights
+        if not (os.path.isdir if folder else os.path.isfile)(cfg["file"]):
+            raise FileNotFoundError(f"pretrained {'folder' if folder else 'file'} {cfg['file']!r} for {variant} "
+                                    f"does not exist")
         return
     hint = (
         f"download the original release file ({cfg.get('url') or 'see README'}) and pass it with "

@@ -18,8 +18,10 @@ DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's traini
 
 FORMAT_HELP = ("onnx: the dynamo exporter (--legacy: the TorchScript-based one that Ultralytics and mmdeploy use), "
                "run by ONNX Runtime to check it; torchscript: torch.jit.trace (for pnnx, coremltools); exported: "
-               "torch.export.save (for ExecuTorch, AOTInductor). Default: from the "
-               "output's suffix (.onnx, .pt or .ts, .pt2)")
+               "torch.export.save (for ExecuTorch, AOTInductor); timm: a folder in timm's hub format (config.json, "
+               "model.safetensors, a model card) that timm.create_model('local-dir:FOLDER') loads, for classifiers. "
+               "Default: from the output's suffix (.onnx, .pt or .ts, .pt2)")
+HUB_FORMAT = "timm"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                            "with --model")
     parser.add_argument("--model", default=None, help="model name (read from our checkpoints when omitted); "
                                                       "without --checkpoint: random weights")
-    parser.add_argument("--format", choices=FORMATS, default=None, help=FORMAT_HELP)
+    parser.add_argument("--format", choices=(*FORMATS, HUB_FORMAT), default=None, help=FORMAT_HELP)
+    parser.add_argument("--license", default=None,
+                        help="--format timm: the licence the model card states (default: mit, the project's; the "
+                             "weights' own licence is yours to state)")
     parser.add_argument("--legacy", action="store_true", help="ONNX: the TorchScript-based exporter (traces)")
     parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (every format)")
     parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
@@ -94,10 +99,35 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
     return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames
 
 
+def run_hub_folder(args: argparse.Namespace) -> int:
+    """--format timm: a classifier's weights file as a hub folder."""
+    from ..hub import DEFAULT_LICENSE, check_hub_target, write_hub_folder
+    from ..tasks.registry import restore
+
+    given = [flag for flag, value in (("--legacy", args.legacy), ("--dynamic", args.dynamic), ("--opset", args.opset),
+                                      ("--frames", args.frames), ("--backbone", args.backbone),
+                                      ("--batch", args.batch != 1)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)} shape a traced file; --format timm writes the weights and their "
+                        f"configuration: leave {'it' if len(given) == 1 else 'them'} out")
+    if args.checkpoint is None:
+        raise UserError("--format timm writes a trained classifier: pass --checkpoint FILE (from `biformer train`)")
+    check_hub_target(args.output)  # before the model is built
+    restored = restore(args.checkpoint, args.model, min(_size(args, 0)) if args.img_size else None)
+    card = write_hub_folder(restored, args.output, args.license or DEFAULT_LICENSE)
+    print(f"{args.output}: timm hub folder ({card.model_name}, {len(card.classes)} classes, {card.img_size} px); "
+          f"load it with timm.create_model('local-dir:{args.output}', pretrained=True) after import biformer")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
     from ..files import check_writable
 
+    if args.format == HUB_FORMAT:
+        return run_hub_folder(args)
+    if args.license is not None:
+        raise UserError("--license is for --format timm (the model card states it)")
     settings = ExportSettings(format_for_path(args.output, args.format), args.dynamic, args.legacy, args.opset)
     reasons = settings.not_supported_reasons()
     if reasons:

@@ -19,7 +19,7 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -191,8 +191,9 @@ class Task(ABC):
         return self.build_datasets(data, restored.img_size, eval_only=True, normalization=normalization)
 
     @abstractmethod
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        """The model to train, with num_classes outputs."""
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
+        """The model to train, with an output per class (a classifier's --pretrained head is kept only for the
+        same classes)."""
 
     def training_set(self, splits: Any, config: TrainConfig, model: nn.Module) -> Dataset:
         """The data set a run trains on, once its model is built (classification with --token-label pairs each

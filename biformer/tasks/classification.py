@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import timm
 import torch
@@ -76,11 +76,11 @@ class ClassificationTask(Task):
             raise UserError(f"{' and '.join(map(flag, stray))} ({source}) train with token labels: give --token-label "
                             "LABELS (made by `biformer label`)" + (", or leave them out" if source == "given" else ""))
 
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
         model = built_with_model_kwargs(config, lambda: timm.create_model(
-            config.model, num_classes=num_classes, drop_path_rate=config.drop_path or 0.0, **config.model_arguments()))
+            config.model, num_classes=len(classes), drop_path_rate=config.drop_path or 0.0, **config.model_arguments()))
         if config.pretrained is not None:
-            model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
+            model.checkpoint_report = load_pretrained_classifier(model, config.pretrained, classes)
         return model if config.token_label is None else TokenLabelledClassifier(model, config.model)
 
     def training_set(self, splits: DataSplits, config: TrainConfig, model: nn.Module) -> Dataset:

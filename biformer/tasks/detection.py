@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ class DetectionTask(Task):
                 print(f"note: {problems.summary(split)}", file=sys.stderr)
         return splits
 
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return detection_model_for_size(config.model, num_classes, config.img_size, drop_path_rate=config.drop_path,
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
+        return detection_model_for_size(config.model, len(classes), config.img_size, drop_path_rate=config.drop_path,
                                         backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:

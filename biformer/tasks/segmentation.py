@@ -9,7 +9,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,8 +97,8 @@ class SegmentationTask(Task):
                             "--data digit-scenes or a folder with images/, masks/ and classes.txt")
         return build_segmentation_datasets(data, img_size, eval_only=eval_only, normalization=normalization)
 
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return create_segmentation_model(config.model, num_classes, drop_path_rate=config.drop_path,
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
+        return create_segmentation_model(config.model, len(classes), drop_path_rate=config.drop_path,
                                          backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import timm
 import torch
@@ -130,16 +130,16 @@ class VideoTask(ClassificationTask):
         short = metadata["short_clips"] if metadata["short_clips"] != "refuse" else "loop"
         return ClipSampling(metadata["frames"], metadata["frame_stride"], views, short)
 
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
         from ..checkpoints.loading import load_pretrained_classifier
 
         model = built_with_model_kwargs(config, lambda: create_clip_model(
-            config.model, num_classes, config.drop_path or 0.0, **config.model_arguments()))
+            config.model, len(classes), config.drop_path or 0.0, **config.model_arguments()))
         if config.pretrained is not None:
             if not config.model.startswith(CLIP_MODEL_PREFIX):
                 raise UserError(f"--pretrained starts biformer3d_* models (from a clip model's or an image "
                                 f"classifier's weights, inflated); {config.model} trains from scratch here")
-            model.checkpoint_report = load_pretrained_classifier(model, config.pretrained)
+            model.checkpoint_report = load_pretrained_classifier(model, config.pretrained, classes)
         return model
 
     def evaluate(self, model: nn.Module, loader: DataLoader, env: DistEnv, *, splits: ClipSplits,

@@ -127,8 +127,8 @@ class VolumeSegmentationTask(Task):
                           ) -> VolumeSplits:
         return build_volume_datasets(data, restored.img_size, eval_only=True, spacing=restored.metadata["spacing"])
 
-    def build_model(self, config: TrainConfig, num_classes: int) -> nn.Module:
-        return create_volume_model(config.model, num_classes, self.in_channels, drop_path_rate=config.drop_path or 0.0,
+    def build_model(self, config: TrainConfig, classes: Sequence[str]) -> nn.Module:
+        return create_volume_model(config.model, len(classes), self.in_channels, drop_path_rate=config.drop_path or 0.0,
                                    backbone_checkpoint=config.pretrained)
 
     def build_objective(self, config: TrainConfig, num_classes: int, model: nn.Module) -> Objective:

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -106,11 +106,11 @@ class Plan:
         return [point for point in points if point > step]
 
 
-def build_model(config: TrainConfig, env: DistEnv, num_classes: int, task: Task) -> nn.Module:
+def build_model(config: TrainConfig, env: DistEnv, classes: Sequence[str], task: Task) -> nn.Module:
     """The task's model, with --pretrained's weights where given, on the device."""
     seed_everything(config.seed)  # the initial weights
     try:
-        model = task.build_model(config, num_classes)
+        model = task.build_model(config, classes)
     except CheckpointError as error:
         if config.pretrained is None:
             raise
@@ -317,7 +317,7 @@ def setup(resolved: ResolvedRun, env: DistEnv, callbacks: Callbacks) -> tuple[Ru
     plan = Plan.of(config, stream.steps_per_epoch)
     schedule = build_schedule(config, plan, peak_lr(config, resolved.recipe_global_batch, stream.global_batch))
     note = warmup_note(config, schedule)
-    model = build_model(config, env, len(splits.classes), task)  # before --output exists: --pretrained may not fit
+    model = build_model(config, env, splits.classes, task)  # before --output exists: --pretrained may not fit
     pretrained = pretrained_report(model)
     train_set = task.training_set(splits, config, model)  # before --output exists: token labels may not fit
     optimization = build_optimization(model, config, schedule, amp, env)
@@ -550,7 +550,7 @@ def commit(run: Run, progress: Progress) -> None:
     row = progress.history[-1]
     splits = run.splits  # what eval and predict need to rebuild the model and its inputs:
     metadata = {"model": config.model, "task": run.task.name, "model_kwargs": config.model_arguments(),
-                "classes": splits.classes,
+                "classes": splits.classes, "data": config.data,
                 "img_size": config.img_size,
                 "mean": list(splits.mean), "std": list(splits.std), **run.task.metadata(splits),
                 **({"pretrained": run.pretrained.as_metadata()} if run.pretrained is not None else {}),
