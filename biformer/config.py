@@ -20,7 +20,7 @@ AMP_MODES = ("none", "auto", "bf16", "fp16")
 # options only some tasks take (each task lists those it takes: Task.train_options)
 TASK_TRAIN_OPTIONS = frozenset({"mixup", "cutmix", "smoothing", "aa", "reprob", "aug_repeats", "model_kwargs", "mean",
                                 "std", "token_label", "token_label_weight", "mixtoken", "frames", "frame_stride",
-                                "short_clips", "spacing", "foreground"})
+                                "short_clips", "spacing", "foreground", "scale", "hflip"})
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,13 @@ class TrainConfig:
     aa: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)",
                             shapes_run=True, recipe=True)
     reprob: float = option(0.0, "random erasing probability", shapes_run=True, least=0, recipe=True)
+    scale: tuple[float, ...] | None = option(
+        None, "image classifiers: the random resized crop's area range, MIN MAX as fractions of the image (default: "
+              "0.75 1 for digits; timm's 0.08 1 for image folders, where a small object may fall outside the crop)",
+        shapes_run=True, nargs=2, metavar=("MIN", "MAX"))
+    hflip: float | None = option(None, "image classifiers: the probability of a horizontal flip (default: 0 for "
+                                       "digits, where a mirrored digit is another symbol; 0.5 for image folders)",
+                                 shapes_run=True, least=0)
     aug_repeats: int = option(1, "repeated augmentation: each image this many times per epoch, differently "
                                  "augmented (the epoch keeps its length)", shapes_run=True, least=1, recipe=True)
     mixup: float = option(0.0, "mixup alpha (0: off)", shapes_run=True, least=0, recipe=True)
@@ -256,6 +263,13 @@ class TrainConfig:
                 raise UserError(f"--pretrained {self.pretrained!r} does not exist; give the weights file to start from")
         self.model_arguments()  # a malformed KEY=VALUE fails here, before anything runs
         object.__setattr__(self, "milestones", tuple(self.milestones) if self.is_set("milestones") else self.milestones)
+        if self.scale is not None:
+            object.__setattr__(self, "scale", tuple(self.scale))
+            if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+                raise UserError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image's area), "
+                                f"got {' '.join(map(str, self.scale))}")
+        if self.hflip is not None and self.hflip > 1:
+            raise UserError(f"--hflip is a probability (0 to 1), got {self.hflip}")
         check_fields(self)
         if self.is_set("val_every") and self.is_set("iters") and self.val_every is not None and self.iters is None:
             raise UserError("--val-every counts steps of an --iters run; with --epochs the run validates after "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import UserError
 from .files import atomic_output
 
-FORMATS = ("onnx", "torchscript", "exported")
-SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported"}
+FORMATS = ("onnx", "torchscript", "exported", "openvino")
+SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported", ".xml": "openvino"}
 # The smallest side of a static export: BiFormer's stem and three downsamplings make a 32 px input a single
 # token at the last stage. A dynamic export needs maps of at least 2x2 there (see `smallest_dynamic_side`).
 MIN_SIDE, MIN_DYNAMIC_SIDE, MAX_SIDE = 32, 33, 4096
@@ -116,10 +116,11 @@ class ExportSettings:
         reasons = []
         if self.format not in FORMATS:
             reasons.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.legacy and self.format != "onnx":
-            reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx'")
-        if self.opset is not None and self.format != "onnx":
-            reasons.append("opset is for ONNX files")
+        if self.legacy and self.format not in ("onnx", "openvino"):
+            reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx' (or 'openvino', "
+                           "which converts the ONNX file)")
+        if self.opset is not None and self.format not in ("onnx", "openvino"):
+            reasons.append("opset is for ONNX files (and the ONNX file an OpenVINO model is converted from)")
         elif self.opset is not None:
             exporter = "legacy" if self.legacy else "dynamo"
             low, high = OPSETS[exporter]
@@ -202,7 +203,18 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
     with torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings name each Python value a trace keeps fixed (channel counts, checks): the file is checked
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        if settings.format == "torchscript":
+        if settings.format == "openvino":  # converted from the ONNX file our checks cover
+            import openvino
+
+            onnx_path = f"{os.path.splitext(path)[0]}.onnx"
+            try:
+                write(model, example, onnx_path, replace(settings, format="onnx"), min_side)
+                # float32 weights as exported (OpenVINO halves them to float16 by default: outside the 1e-4 check)
+                openvino.save_model(openvino.convert_model(onnx_path), path, compress_to_fp16=False)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(onnx_path)
+        elif settings.format == "torchscript":
             # check_trace runs the model again and compares: `export` checks the file itself
             torch.jit.save(torch.jit.trace(model, example, strict=False, check_trace=False), path)
         elif settings.format == "onnx" and settings.legacy:
@@ -227,6 +239,12 @@ def load(path: str | os.PathLike, format: str) -> Callable[[Tensor], list[Tensor
     """A function running the exported file at `path` (ONNX files in ONNX Runtime, on the CPU): images in, the
     flat list of outputs out."""
     path = os.fspath(path)
+    if format == "openvino":
+        import openvino
+
+        # float32 arithmetic for the check: on CPUs with bfloat16 units the plugin would otherwise choose them
+        compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return lambda images: [torch.from_numpy(compiled(images.numpy())[output]) for output in compiled.outputs]
     if format == "onnx":
         import onnxruntime
 
@@ -292,6 +310,21 @@ def compare(run: Callable[[Tensor], list[Tensor]], model: nn.Module, images: Ten
     return Check(tuple(images.shape), error, TOLERANCE * scale)
 
 
+@contextlib.contextmanager
+def _staged_output(path: str | os.PathLike) -> Iterator[Path]:
+    """`atomic_output`, for an OpenVINO model too: the weights file the converter writes beside the temporary
+    .xml (the same name, .bin) takes its final name just before the .xml does, and goes if anything fails."""
+    with atomic_output(path) as partial:
+        weights = partial.with_suffix(".bin")
+        try:
+            yield partial
+            if weights.exists():
+                os.replace(weights, Path(path).with_suffix(".bin"))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                weights.unlink()
+
+
 class ExportMismatchError(UserError):
     """An exported file whose outputs differ from eager PyTorch's beyond the tolerance."""
 
@@ -314,9 +347,10 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)
               for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames)]
-    exporter = {"onnx": "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter",
+    onnx_exporter = "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter"
+    exporter = {"onnx": onnx_exporter, "openvino": f"{onnx_exporter}, then OpenVINO's converter",
                 "torchscript": "torch.jit.trace", "exported": "torch.export"}[settings.format]
-    with atomic_output(path) as partial:
+    with _staged_output(path) as partial:
         stage(f"exporting with {exporter} at {tuple(inputs[0].shape)}" + (", sizes free" if settings.dynamic else ""))
         write(model, inputs[0], partial, settings, min_side)
         stage(f"checking the file against eager PyTorch on {len(inputs)} input(s)")

@@ -125,19 +125,40 @@ def test_unwritable_output(tmp_path, capsys, case):
     assert not folder.exists() or _files(folder) == []
 
 
-class _CountsCalls(torch.nn.Module):
-    """Output = input times the number of calls so far: a trace keeps the count it saw, eager does not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
+class _DiffersWhenExported(torch.nn.Module):
+    """Output = input, but for a trace or torch.export, which see input + 1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return x * self.calls
+        return x + 1 if torch.jit.is_tracing() or torch.compiler.is_exporting() else x
 
 
-def test_a_file_that_differs_from_eager_is_not_written(tmp_path):
+@pytest.mark.parametrize("name, settings", [("model.pt", ExportSettings("torchscript")),
+                                            ("model.xml", ExportSettings("openvino"))], ids=["trace", "openvino"])
+def test_a_file_that_differs_from_eager_is_not_written(tmp_path, name, settings):
+    if settings.format == "openvino":
+        pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
     with pytest.raises(ExportMismatchError, match="differs from eager PyTorch.*MISMATCH"):
-        export(_CountsCalls(), tmp_path / "model.pt", ExportSettings("torchscript"), 32, 32)
-    assert _files(tmp_path) == []
+        export(_DiffersWhenExported(), tmp_path / name, settings, 32, 32)
+    assert _files(tmp_path) == []  # neither the .xml nor its .bin, nor the ONNX file between
+
+
+@pytest.mark.parametrize("dynamic", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["static", "dynamic"])
+def test_an_openvino_model_equals_eager_pytorch(checkpoint, tmp_path, capsys, dynamic):
+    """Run here in OpenVINO (float32) against the checkpoint's model in eager PyTorch; with --dynamic at another
+    batch and sides not divisible by 32."""
+    openvino = pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
+    from biformer.tasks.registry import restore
+
+    rc, out, err = cli(capsys, "export", tmp_path / "nano.xml", "--checkpoint", checkpoint,
+                       *(["--dynamic"] if dynamic else []))
+    assert rc == 0, err
+    assert _files(tmp_path) == ["nano.bin", "nano.xml"]
+    compiled = openvino.Core().compile_model(str(tmp_path / "nano.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    model = restore(checkpoint).model
+    torch.manual_seed(1)
+    for shape in [(1, 3, 48, 48), *([(3, 3, 45, 70)] if dynamic else [])]:
+        images = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(images)
+        got = torch.from_numpy(compiled(images.numpy())[compiled.outputs[0]])
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4

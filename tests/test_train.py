@@ -263,6 +263,9 @@ def test_eval_of_an_original_layout_pth(trained, tmp_path, capsys):
     (["--workers", "-1"], "--workers must be at least 0, got -1"),
     (["--batch-size", "5000"], "exceeds the 1437 training images"),
     (["--model-kwargs", "attention"], "--model-kwargs 'attention': expected KEY=VALUE"),
+    (["--scale", "0.9", "0.5"], "--scale takes MIN MAX with 0 < MIN <= MAX <= 1"),
+    (["--scale", "0", "1"], "--scale takes MIN MAX with 0 < MIN <= MAX <= 1"),
+    (["--hflip", "2"], "--hflip is a probability (0 to 1), got 2.0"),
 ])
 def test_bad_options(tmp_path, capsys, argv, message):
     assert main(["train", *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), *argv]) == 2
@@ -320,3 +323,32 @@ def test_interrupted_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
         files.save_weights(target, torch.nn.Linear(2, 2), {"epoch": 1})
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+@pytest.mark.parametrize("data", ["digits", "folder"])
+def test_the_crop_scale_and_flip_reach_the_training_transform(data, tmp_path):
+    """--scale and --hflip replace the data set's own augmentation (digits: 0.75-1, no flips; folders: timm's
+    0.08-1 and flips half the time)."""
+    from torchvision import transforms
+
+    from biformer.config import TrainConfig
+    from biformer.recipes import resolve
+    from biformer.tasks.registry import task_for_model
+
+    if data == "folder":
+        for part in ("train", "val"):
+            (tmp_path / part / "a").mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(tmp_path / part / "a" / "0.png")
+        data = str(tmp_path)
+    task = task_for_model("biformer_nano")
+
+    def augmentation(**options):
+        config = resolve(TrainConfig(model="biformer_nano", data=data, **options)).config
+        steps = task.training_splits(config, None).train.transform
+        crop = next(step for step in steps.transforms if type(step).__name__.startswith("RandomResizedCrop"))
+        flips = [step.p for step in steps.transforms if isinstance(step, transforms.RandomHorizontalFlip)]
+        return crop.scale, flips
+
+    own = augmentation()
+    assert own == (((0.75, 1.0), []) if data == "digits" else ((0.08, 1.0), [0.5]))
+    assert augmentation(scale=(0.6, 1.0), hflip=0.25) == ((0.6, 1.0), [0.25])

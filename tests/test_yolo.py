@@ -250,6 +250,27 @@ def test_onnx_through_ultralytics_matches_pytorch(trained, tmp_path, dynamic):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_openvino_through_ultralytics_matches_pytorch(trained, tmp_path, dynamic):
+    """`biformer yolo export format=openvino`: ultralytics converts the PyTorch model itself (not the ONNX file);
+    run here in OpenVINO at float32."""
+    openvino = pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
+    _, best = trained
+    copy = tmp_path / "best.pt"
+    shutil.copy(best, copy)
+    folder = Path(YOLO(str(copy)).export(format="openvino", imgsz=96, dynamic=dynamic, half=False))
+    compiled = openvino.Core().compile_model(str(folder / "best.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    network = YOLO(str(copy)).model.float().eval()
+    inputs = [torch.rand(1, 3, 96, 96)] + ([torch.rand(2, 3, 64, 160)] if dynamic else [])
+    for x in inputs:
+        with torch.no_grad():
+            expected = network(x)[0].numpy()
+        got = compiled(x.numpy())[compiled.outputs[0]]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.slow
 def test_tutorial_yaml_line_builds_and_trains_unchanged(tiny_data, tmp_path):
     base = (Path(ultralytics.__file__).parent / "cfg" / "models" / "v8" / "yolov8.yaml").read_text()
     # the line the tutorials add after SPPF; later absolute layer indices move on by one, as they write them

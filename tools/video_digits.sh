@@ -6,7 +6,7 @@
 #
 # 1. trains the image model the inflated arm starts from: biformer_tiny on single frames of the training clips
 #    (4 frames a clip, labelled with the digit alone: 5 classes, no direction), 10 epochs at 32 px with the clips'
-#    batch and optimizer settings (16, lr 5e-4, gradient clipping at 1);
+#    batch, optimizer and augmentation (16, lr 5e-4, gradient clipping at 1, crops of 60-100% of the frame, no flips);
 # 2. trains each arm per seed with the same options (8 frames 2 apart, 32 px, 20 epochs, batch 16, lr 5e-4, gradient
 #    clipping at 1): biformer3d_tiny from scratch, biformer3d_tiny inflated from step 1 (--pretrained), torchvision's
 #    swin3d_t and r3d_18;
@@ -32,7 +32,8 @@ if not frames.exists():
     building.rename(frames)
 PY
 python -m biformer train --data "$runs/frames" --model biformer_tiny --epochs 10 --img-size 32 --batch-size 16 \
-  --lr 5e-4 --clip-grad 1.0 --smoothing 0.1 --no-tensorboard --resume --output "$runs/image_tiny" | tail -1
+  --lr 5e-4 --clip-grad 1.0 --smoothing 0.1 --scale 0.6 1 --hflip 0 --no-tensorboard --resume --output "$runs/image_tiny" \
+  | tail -1
 shared="--data moving-digits --img-size 32 --frames 8 --frame-stride 2 --epochs 20 --batch-size 16 --lr 5e-4 --clip-grad 1.0 --smoothing 0.1 --no-tensorboard"
 for seed in 0 1 2; do
   for arm in biformer3d_tiny biformer3d_tiny_inflated swin3d_t r3d_18; do

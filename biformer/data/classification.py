@@ -91,6 +91,8 @@ def build_datasets(
     *,
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
+    crop_scale: tuple[float, float] | None = None,
+    hflip: float | None = None,
     eval_only: bool = False,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> DataSplits:
@@ -99,12 +101,14 @@ def build_datasets(
     Digits are upscaled to img_size; their training augmentation is a mild random resized crop
     (no flips: a mirrored digit is another symbol). Folders get timm's ImageNet transforms.
     normalization: (mean, std) of the model's inputs (None: the data set's own, 0.5 for digits, else ImageNet's).
+    crop_scale, hflip: the training crop's area range and flip probability (None: the data set's own, as above).
     """
     if data == "digits":
         train_images, train_labels, val_images, val_labels = load_digits_split()
         classes, (mean, std) = [str(i) for i in range(10)], normalization or (DIGITS_MEAN, DIGITS_STD)
         train_tf = create_transform(
-            img_size, is_training=True, scale=(0.75, 1.0), ratio=(0.85, 1.18), hflip=0.0, color_jitter=None,
+            img_size, is_training=True, scale=crop_scale or (0.75, 1.0), ratio=(0.85, 1.18),
+            hflip=0.0 if hflip is None else hflip, color_jitter=None,
             auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic", mean=mean, std=std,
         )
         crop_pct = 1.0
@@ -126,8 +130,8 @@ def build_datasets(
             classes, train_images, train_labels = scan_class_folders(root / "train", None)
         classes, val_images, val_labels = scan_class_folders(root / "val", classes)
         train_tf = create_transform(
-            img_size, is_training=True, auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic",
-            mean=mean, std=std,
+            img_size, is_training=True, scale=crop_scale or (0.08, 1.0), hflip=0.5 if hflip is None else hflip,
+            auto_augment=auto_augment, re_prob=random_erasing, interpolation="bicubic", mean=mean, std=std,
         )
         crop_pct = 0.875
         val_tf = create_transform(img_size, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)

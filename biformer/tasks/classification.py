@@ -32,6 +32,16 @@ class ClassificationPredictOptions(TaskOptions):
     topk: int = option(5, "the classes shown per image, most probable first", least=1)
 
 
+def _refuse_other_data(data: str) -> None:
+    """UserError for data of another task's kind: scenes, clips."""
+    if data == "digit-scenes":
+        raise UserError("--data digit-scenes is a segmentation and detection data set; a classifier trains on "
+                        "--data digits or a folder with train/<class>/* and val/<class>/*")
+    if data == MOVING_DIGITS_NAME or holds_clips(data):
+        raise UserError(f"--data {data} holds clips, and image classifiers take images: train a clip model "
+                        "(biformer3d_tiny, or torchvision's swin3d_t, r3d_18, ...) on it")
+
+
 class ClassificationTask(Task):
     name = "classification"
     default_data = "digits"
@@ -54,14 +64,15 @@ class ClassificationTask(Task):
     def build_datasets(self, data: str, img_size: int, *, auto_augment: str | None = None,
                        random_erasing: float = 0.0, eval_only: bool = False,
                        normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataSplits:
-        if data == "digit-scenes":
-            raise UserError("--data digit-scenes is a segmentation and detection data set; a classifier trains on "
-                            "--data digits or a folder with train/<class>/* and val/<class>/*")
-        if data == MOVING_DIGITS_NAME or holds_clips(data):
-            raise UserError(f"--data {data} holds clips, and image classifiers take images: train a clip model "
-                            "(biformer3d_tiny, or torchvision's swin3d_t, r3d_18, ...) on it")
+        _refuse_other_data(data)
         return build_datasets(data, img_size, auto_augment=auto_augment, random_erasing=random_erasing,
                               eval_only=eval_only, normalization=normalization)
+
+    def training_splits(self, config: TrainConfig, normalization: tuple[tuple[float, ...], tuple[float, ...]] | None
+                        ) -> DataSplits:
+        _refuse_other_data(config.data)
+        return build_datasets(config.data, config.img_size, auto_augment=config.aa, random_erasing=config.reprob,
+                              crop_scale=config.scale, hflip=config.hflip, normalization=normalization)
 
     def check_config(self, config: TrainConfig) -> None:
         super().check_config(config)
