@@ -47,6 +47,8 @@ def test_bench_op_reports_a_backend_that_cannot_run(tmp_path, capsys, monkeypatc
     (["bench", "model", "resnet18:backend=indexed"], "BiFormer models only"),
     (["bench", "export", "no_such_model"], "unknown model"),
     (["bench", "export", "--img-size", "16"], "--img-size must be at least 32"),
+    (["bench", "deploy", "biformer_nano", "resnet18"], "--reference swin_tiny_patch4_window7_224 is not among the models"),
+    (["bench", "deploy", "--img-size", "16"], "--img-size must be at least 32"),
 ])
 def test_bench_bad_input(argv, message, capsys):
     assert main(argv) == 2
@@ -81,6 +83,26 @@ def test_bench_export_smoke(tmp_path, capsys):
         assert low <= float(row["onnxruntime_ms"]) <= high
     assert sorted(p.name for p in kept.iterdir()) == ["biformer_nano_b1.onnx", "biformer_nano_b2.onnx",
                                                       "resnet18_b1.onnx", "resnet18_b2.onnx"]
+
+
+@pytest.mark.slow
+def test_bench_deploy_times_every_runtime_against_the_reference(tmp_path, capsys):
+    pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: bench deploy not checked")
+    path = tmp_path / "deploy.csv"
+    assert main(["bench", "deploy", "biformer_nano", "resnet18", "--reference", "resnet18", "--img-size", "32",
+                 "--batches", "1", "2", "--rounds", "2", "--warmup", "1", "--threads", "1", "--csv", str(path)]) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["runtime"], r["batch"], r["model"]) for r in rows] == [
+        (runtime, batch, model) for runtime in ("eager", "compiled", "onnxruntime", "openvino")
+        for batch in ("1", "2") for model in ("biformer_nano", "resnet18")]
+    by_key = {(r["runtime"], r["batch"], r["model"]): r for r in rows}
+    for (runtime, batch, model), row in by_key.items():
+        low, high = map(float, row["range"].split("-"))  # one decimal; the median three significant digits
+        assert 0 < low <= float(row["ms"]) * 1.005 + 0.05 and float(row["ms"]) <= high * 1.005 + 0.05
+        reference_ms = float(by_key[runtime, batch, "resnet18"]["ms"])
+        assert float(row["vs_reference"]) == pytest.approx(reference_ms / float(row["ms"]), rel=0.03, abs=0.01)
+    assert all(float(by_key[runtime, batch, "resnet18"]["vs_reference"]) == 1
+               for runtime, batch, _ in by_key)
 
 
 @pytest.mark.slow

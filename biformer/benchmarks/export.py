@@ -46,7 +46,7 @@ def onnx_session(path: str | Path, threads: int, profile_prefix: str | None = No
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _model(name: str) -> torch.nn.Module:
+def seeded_model(name: str) -> torch.nn.Module:
     """timm model `name` with random weights (seed 0), in eval mode; ValueError for an unknown name."""
     torch.manual_seed(0)
     entry = ModelEntry(name)
@@ -63,7 +63,7 @@ def bench_export(names: list[str], batches: tuple[int, ...] = (1, 8), img_size: 
     with tempfile.TemporaryDirectory() if folder is None else contextlib.nullcontext(folder) as where:
         runs: dict[tuple[str, int, str], Callable[[], Any]] = {}
         for name in progress(names, desc="exporting", unit="model"):
-            model = _model(name)
+            model = seeded_model(name)
             for batch in batches:
                 images = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
                 path = Path(where) / f"{name}_b{batch}.onnx"
@@ -95,7 +95,7 @@ def profile_onnx(name: str, batch: int = 1, img_size: int = 224, threads: int = 
                  top: int = 15) -> list[dict[str, Any]]:
     """ONNX Runtime's profile of model `name` exported as `bench_export` does: per operator type, the summed
     kernel time per run (ms), its share, and the node count; the `top` types by time."""
-    model = _model(name)
+    model = seeded_model(name)
     images = torch.randn(batch, 3, img_size, img_size)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.onnx"

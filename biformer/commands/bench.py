@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from ..benchmarks import deploy as deploy_bench
 from ..benchmarks import detection as detection_bench
 from ..benchmarks import export as export_bench
 from ..benchmarks import kernels as kernels_bench
@@ -90,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_volumes(kinds)
     _register_detection(kinds)
     _register_export(kinds)
+    _register_deploy(kinds)
     _register_yolo(kinds)
 
 
@@ -220,6 +222,30 @@ def _register_export(kinds: argparse._SubParsersAction) -> None:
                         help="print ONNX Runtime's profile of MODEL (batch: the first of --batches) instead")
     export.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     export.set_defaults(run=run_export)
+
+
+def _register_deploy(kinds: argparse._SubParsersAction) -> None:
+    deploy = kinds.add_parser(
+        "deploy", help="every model in every CPU runtime (eager, torch.compile, ONNX Runtime, OpenVINO): ms per batch",
+        formatter_class=HelpFormatter,
+        description="Times each model in eager PyTorch, torch.compile (inductor, frozen weights), ONNX Runtime and "
+                    "OpenVINO (both from the dynamo ONNX file) at each batch, --threads threads each: median and "
+                    "range of --rounds rounds interleaved across the models (runtimes apart); the speed against "
+                    "--reference in the same runtime and batch; multiply-adds per second and their share of this "
+                    "machine's float32 matmul peak (measured in the run). Run it alone on the machine.",
+    )
+    deploy.add_argument("models", nargs="*", metavar="MODEL",
+                        help=f"timm model names (default: {' '.join(deploy_bench.DEFAULT_MODELS)})")
+    deploy.add_argument("--runtimes", nargs="+", choices=deploy_bench.RUNTIMES, default=list(deploy_bench.RUNTIMES),
+                        help="the runtimes timed")
+    deploy.add_argument("--reference", default=deploy_bench.REFERENCE, help="the model the others are compared to")
+    deploy.add_argument("--batches", type=positive, nargs="+", default=[1, 8], help="batch sizes timed")
+    deploy.add_argument("--img-size", type=positive, default=224, help="input height and width")
+    deploy.add_argument("--threads", type=positive, default=2, help="every runtime's CPU threads")
+    deploy.add_argument("--rounds", type=positive, default=7, help="timed rounds")
+    deploy.add_argument("--warmup", type=non_negative, default=2, help="untimed runs of each first (compiles)")
+    deploy.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    deploy.set_defaults(run=run_deploy)
 
 
 def _register_yolo(kinds: argparse._SubParsersAction) -> None:
@@ -507,6 +533,32 @@ def run_export(args: argparse.Namespace) -> int:
     _report(rows, export_bench.COLUMNS, args.csv,
             f"exported (dynamo ONNX, fixed size) at {args.img_size}x{args.img_size} on CPU, {args.threads} threads: "
             f"ms per batch, median and range of {args.rounds} interleaved rounds")
+    return 0
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    _check_threads_and_csv(args)
+    if args.img_size < 32:
+        raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    names = args.models or list(deploy_bench.DEFAULT_MODELS)
+    if args.reference not in names:
+        raise UserError(f"--reference {args.reference} is not among the models timed ({', '.join(names)}): add it "
+                        f"to them or choose one of them")
+    if "openvino" in args.runtimes:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise UserError("--runtimes openvino needs OpenVINO: pip install 'biformer[openvino]' (or leave it "
+                            "out of --runtimes)") from None
+    try:
+        with _threads(args.threads):
+            rows = deploy_bench.bench_deploy(names, tuple(args.runtimes), tuple(args.batches), args.img_size,
+                                             args.threads, args.rounds, args.warmup, args.reference)
+    except ValueError as error:
+        raise UserError(f"bench deploy: {error}") from None
+    _report(rows, deploy_bench.COLUMNS, args.csv,
+            f"{args.img_size}x{args.img_size} on CPU, {args.threads} threads: ms per batch, median and range of "
+            f"{args.rounds} interleaved rounds; vs_reference: {args.reference}'s ms over the model's")
     return 0
 
 
