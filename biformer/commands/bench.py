@@ -212,16 +212,21 @@ def _register_export(kinds: argparse._SubParsersAction) -> None:
     )
     export.add_argument("models", nargs="*", metavar="MODEL",
                         help=f"timm model names (default: {' '.join(export_bench.DEFAULT_MODELS)})")
-    export.add_argument("--batches", type=positive, nargs="+", default=[1, 8], help="batch sizes timed")
-    export.add_argument("--img-size", type=positive, default=224, help="input height and width")
-    export.add_argument("--threads", type=positive, default=2, help="ONNX Runtime and torch CPU threads")
-    export.add_argument("--rounds", type=positive, default=7, help="timed rounds")
-    export.add_argument("--warmup", type=non_negative, default=2, help="untimed runs of each first")
+    _runtime_timing_options(export, "ONNX Runtime and torch CPU threads", "untimed runs of each first")
     export.add_argument("--keep", default=None, metavar="FOLDER", help="keep the ONNX files in this folder")
     export.add_argument("--profile", default=None, metavar="MODEL",
                         help="print ONNX Runtime's profile of MODEL (batch: the first of --batches) instead")
-    export.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     export.set_defaults(run=run_export)
+
+
+def _runtime_timing_options(parser: argparse.ArgumentParser, threads_help: str, warmup_help: str) -> None:
+    """The options of the benchmarks that time exported models: batches, size, threads, rounds, CSV."""
+    parser.add_argument("--batches", type=positive, nargs="+", default=[1, 8], help="batch sizes timed")
+    parser.add_argument("--img-size", type=positive, default=224, help="input height and width")
+    parser.add_argument("--threads", type=positive, default=2, help=threads_help)
+    parser.add_argument("--rounds", type=positive, default=7, help="timed rounds")
+    parser.add_argument("--warmup", type=non_negative, default=2, help=warmup_help)
+    parser.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
 
 
 def _register_deploy(kinds: argparse._SubParsersAction) -> None:
@@ -239,12 +244,7 @@ def _register_deploy(kinds: argparse._SubParsersAction) -> None:
     deploy.add_argument("--runtimes", nargs="+", choices=deploy_bench.RUNTIMES, default=list(deploy_bench.RUNTIMES),
                         help="the runtimes timed")
     deploy.add_argument("--reference", default=deploy_bench.REFERENCE, help="the model the others are compared to")
-    deploy.add_argument("--batches", type=positive, nargs="+", default=[1, 8], help="batch sizes timed")
-    deploy.add_argument("--img-size", type=positive, default=224, help="input height and width")
-    deploy.add_argument("--threads", type=positive, default=2, help="every runtime's CPU threads")
-    deploy.add_argument("--rounds", type=positive, default=7, help="timed rounds")
-    deploy.add_argument("--warmup", type=non_negative, default=2, help="untimed runs of each first (compiles)")
-    deploy.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    _runtime_timing_options(deploy, "every runtime's CPU threads", "untimed runs of each first (compiles)")
     deploy.set_defaults(run=run_deploy)
 
 
