@@ -10,6 +10,7 @@ from PIL import Image
 from biformer.data.video import (
     MOVING_DIGIT_CLASSES,
     ClipDataset,
+    ShortClip,
     ClipSampling,
     ClipTransform,
     moving_digits_folder,
@@ -52,6 +53,44 @@ def test_a_folder_of_frames_reads_as_its_video(moving_digits, tmp_path):
         frame.save(folder / f"{index:04d}.png")
     assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(read_frames(folder), frames)] == \
         [True] * 16
+
+
+def _pixels(frames) -> list:
+    return [np.asarray(frame).tolist() for frame in frames]
+
+
+@pytest.mark.parametrize("kind", ["video", "folder"])
+def test_only_the_sampled_frames_are_read(moving_digits, tmp_path, kind):
+    """Frames at given indices (repeats, any order) are the full decode's frames there; an index past the end is
+    a ShortClip naming the frame."""
+    clip = sorted((moving_digits / "val" / "2-right").iterdir())[0]
+    every = read_frames(clip)
+    if kind == "folder":
+        clip = tmp_path / "clip"
+        clip.mkdir()
+        for index, frame in enumerate(every):
+            frame.save(clip / f"{index:04d}.png")
+    indices = [15, 0, 3, 3, 8]
+    assert _pixels(read_frames(clip, indices)) == _pixels([every[i] for i in indices])
+    with pytest.raises(ShortClip, match="before frame 16"):
+        read_frames(clip, [2, 16])
+
+
+def test_a_clip_item_is_its_views_of_the_whole_decode(moving_digits, monkeypatch):
+    """The data set's views equal the transform of the frames sampled from every decoded frame; a header that
+    counts more frames than the file holds falls back to the frames the file has."""
+    clip = sorted((moving_digits / "val" / "4-left").iterdir())[0]
+    every = read_frames(clip)
+    sampling = ClipSampling(frames=4, stride=3, views=3)
+    transform = ClipTransform(32, (0.5,) * 3, (0.5,) * 3, training=False)
+    expected = torch.stack([transform([every[i] for i in sampling.indices(16, start)])
+                            for start in sampling.view_starts(16)])
+    dataset = ClipDataset([clip], [0], sampling, transform)
+    views, label, problem = dataset[0]
+    assert problem == "" and torch.equal(views, expected)
+    monkeypatch.setattr("biformer.data.video.count_frames", lambda path: 40)  # a header that overcounts
+    views, _, problem = dataset[0]
+    assert problem == "" and torch.equal(views, expected)
 
 
 @pytest.mark.parametrize("short, expected", [("loop", [8, 11, 14, 1, 4]), ("pad", [8, 11, 14, 15, 15])])

@@ -12,7 +12,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ SHORT_CLIP_RULES = (*SHORT_CLIPS, "refuse")  # `--short-clips`: refuse stops bef
 
 class UnreadableClip(Exception):
     """A clip that cannot be decoded: the message says which file and why."""
+
+
+class ShortClip(UnreadableClip):
+    """A video that ends before a frame its header counted."""
 
 
 def _pyav():
@@ -62,26 +66,45 @@ def holds_clips(data: str) -> bool:
     return False
 
 
-def read_frames(path: str | os.PathLike) -> list[Image.Image]:
-    """Every frame of a video file or a folder of frame images, as RGB images; UnreadableClip if it cannot be
-    decoded or holds no frame."""
+def read_frames(path: str | os.PathLike, indices: Sequence[int] | None = None) -> list[Image.Image]:
+    """The frames at `indices` (repeats allowed; None: every frame) of a video file or a folder of frame images,
+    as RGB images. A video is decoded only up to the last index, and only those frames are converted, so that a
+    long video costs what its sampled frames do. UnreadableClip if it cannot be decoded, holds no frame, or ends
+    before an index (a header that counted more frames than the file holds)."""
     path = Path(path)
+    wanted = None if indices is None else set(indices)
     if path.is_dir():
         files = sorted(child for child in path.iterdir() if child.suffix.lower() in IMAGE_EXTENSIONS)
         try:
-            frames = [open_rgb(file) for file in files]
+            found = {index: open_rgb(file) for index, file in enumerate(files) if wanted is None or index in wanted}
         except UNREADABLE_ERRORS as error:
             raise UnreadableClip(f"{path}: a frame cannot be read: {error}") from error
     else:
-        av = _pyav()  # only for video files: a folder of frames needs no decoder
-        try:
-            with av.open(os.fspath(path)) as container:
-                frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
-        except (av.FFmpegError, OSError, IndexError, ValueError) as error:  # IndexError: no video stream
-            raise UnreadableClip(f"{path}: {error}") from error
-    if not frames:
+        found = _decoded_frames(path, wanted)
+    if not found:
         raise UnreadableClip(f"{path}: no frames")
-    return frames
+    if indices is None:
+        return list(found.values())
+    missing = sorted(set(indices) - set(found))
+    if missing:
+        raise ShortClip(f"{path}: ends after {len(found) and max(found) + 1} frames, before frame {missing[0]}")
+    return [found[index] for index in indices]
+
+
+def _decoded_frames(path: Path, wanted: set[int] | None) -> dict[int, Image.Image]:
+    """{index: RGB frame} of a video file for the `wanted` indices (None: all), decoding no further than needed."""
+    av = _pyav()  # only for video files: a folder of frames needs no decoder
+    found: dict[int, Image.Image] = {}
+    try:
+        with av.open(os.fspath(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if wanted is not None and index > max(wanted, default=-1):
+                    break
+                if wanted is None or index in wanted:
+                    found[index] = frame.to_image().convert("RGB")
+    except (av.FFmpegError, OSError, IndexError, ValueError) as error:  # IndexError: no video stream
+        raise UnreadableClip(f"{path}: {error}") from error
+    return found
 
 
 def count_frames(path: str | os.PathLike) -> int:
@@ -189,16 +212,24 @@ class ClipDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        clip = self.clips[index]
         try:
-            frames = read_frames(self.clips[index])
+            try:  # the header's count: then only the sampled frames are decoded
+                frames = self._sampled(clip, count_frames(clip), read_frames)
+            except ShortClip:  # the header counted frames the file lacks: sample from those it holds
+                every = read_frames(clip)
+                frames = self._sampled(clip, len(every), lambda _, indices: [every[i] for i in indices])
         except UnreadableClip as error:
             return None, self.labels[index], str(error)
-        if self.transform.training:
-            starts = [self.sampling.random_start(len(frames))]
-        else:
-            starts = self.sampling.view_starts(len(frames))
-        views = [self.transform([frames[i] for i in self.sampling.indices(len(frames), start)]) for start in starts]
+        views = [self.transform(frames[start:start + self.sampling.frames])
+                 for start in range(0, len(frames), self.sampling.frames)]
         return (views[0] if self.transform.training else torch.stack(views)), self.labels[index], ""
+
+    def _sampled(self, clip: Path, length: int, read: Callable[[Path, list[int]], list[Image.Image]]
+                 ) -> list[Image.Image]:
+        """The frames of every view (one random view in training), view after view, read by `read`."""
+        starts = [self.sampling.random_start(length)] if self.transform.training else self.sampling.view_starts(length)
+        return read(clip, [position for start in starts for position in self.sampling.indices(length, start)])
 
 
 @dataclass
