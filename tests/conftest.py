@@ -40,3 +40,22 @@ def _process_left_as_found():
         os.environ.update(environment)
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config):
+    """End the process with the session's status once pytest is done: the whole suite (OpenVINO's CPU plugin,
+    inductor, ultralytics loaded in one process) segfaulted in the interpreter's teardown after every test had
+    passed (exit 139), a crash of native libraries' destructors, not of a test."""
+    if _EXIT_STATUS:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
