@@ -30,6 +30,7 @@ from .files import atomic_output
 
 FORMATS = ("onnx", "torchscript", "exported", "openvino")
 SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported", ".xml": "openvino"}
+ONNX_BASED = ("onnx", "openvino")  # the formats written through an ONNX exporter (OpenVINO converts its file)
 # The smallest side of a static export: BiFormer's stem and three downsamplings make a 32 px input a single
 # token at the last stage. A dynamic export needs maps of at least 2x2 there (see `smallest_dynamic_side`).
 MIN_SIDE, MIN_DYNAMIC_SIDE, MAX_SIDE = 32, 33, 4096
@@ -116,10 +117,10 @@ class ExportSettings:
         reasons = []
         if self.format not in FORMATS:
             reasons.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.legacy and self.format not in ("onnx", "openvino"):
+        if self.legacy and self.format not in ONNX_BASED:
             reasons.append("legacy is the TorchScript-based ONNX exporter: it needs format 'onnx' (or 'openvino', "
                            "which converts the ONNX file)")
-        if self.opset is not None and self.format not in ("onnx", "openvino"):
+        if self.opset is not None and self.format not in ONNX_BASED:
             reasons.append("opset is for ONNX files (and the ONNX file an OpenVINO model is converted from)")
         elif self.opset is not None:
             exporter = "legacy" if self.legacy else "dynamo"

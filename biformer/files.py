@@ -29,9 +29,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private: give it the permissions of a new file
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp's file is private: give it the permissions of a new file
         os.replace(temp, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -39,6 +37,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(error, OSError) and not isinstance(error, OutputError):  # full disk, read-only target
             raise OutputError(f"cannot write {path!r}: {error.strerror or error}") from error
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def output_folder(path: str | os.PathLike, option: str) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, UserError
+from .files import check_writable, current_umask
 
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
 DEFAULT_LICENSE = "mit"  # the project's; the weights' own licence is the trainer's to state (--license)
@@ -104,11 +105,7 @@ def check_hub_target(folder: str | os.PathLike) -> Path:
     parent = target.absolute().parent
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"output {os.fspath(folder)!r} lies inside the file {os.fspath(parent)!r}; choose a folder")
-    if not parent.is_dir():
-        raise OutputError(f"output {os.fspath(folder)!r}: the folder {os.fspath(parent)!r} does not exist; create it "
-                          f"first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output {os.fspath(folder)!r} cannot be written: {os.fspath(parent)!r} is not writable")
+    check_writable(target, "output")  # its folder exists and takes new files
     return target
 
 
@@ -132,7 +129,7 @@ def write_hub_folder(restored: Any, folder: str | os.PathLike, license: str = DE
                     model_args=restored.metadata.get("model_kwargs") or None, safe_serialization=True,
                     data_config=data_config)
         (building / "README.md").write_text(card.text(target.name), encoding="utf-8")
-        umask = _umask()  # mkdtemp's folder (and the weights file written in it) are private: make them as new ones
+        umask = current_umask()  # mkdtemp's folder (and the weights file written in it) are private: make them as new
         building.chmod(0o777 & ~umask)
         for file in building.iterdir():
             file.chmod(0o666 & ~umask)
@@ -145,9 +142,3 @@ def write_hub_folder(restored: Any, folder: str | os.PathLike, license: str = DE
             raise OutputError(f"cannot write {os.fspath(folder)!r}: {error.strerror or error}") from error
         raise
     return card
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask

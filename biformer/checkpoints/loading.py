@@ -116,18 +116,19 @@ def load_pretrained_classifier(model: nn.Module, path: str | os.PathLike,
     kind += adapted
     own = model.state_dict()
     head = classifier_keys(model)
+    misfit = [key for key in head if key not in state_dict or state_dict[key].shape != own[key].shape]
     other_classes = classes is not None and recorded is not None and list(recorded) != list(classes)
-    refitted = [key for key in head
-                if key not in state_dict or state_dict[key].shape != own[key].shape or other_classes]
+    refitted = head if other_classes else misfit
     unused = Counter(part(key) for key in state_dict if key not in own or key in refitted)
     usable = {key: value for key, value in state_dict.items() if key in own and key not in refitted}
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     check_fits(usable, model, path, f"model {name}", "Is it for another model?", may_miss=lambda key: key in refitted)
     check_no_strays(state_dict, set(usable) | set(refitted), path, f"model {name}")
     model.load_state_dict(usable, strict=False)  # strict but for the head, which check_fits let pass
-    why = f"the file's classifier does not fit {own[head[0]].shape[0]} classes" if head else ""
-    if other_classes and all(key in state_dict and state_dict[key].shape == own[key].shape for key in head):
+    if other_classes and not misfit:
         why = f"the file's classifier is for other classes ({_few(recorded)}, not {_few(classes)})"
+    else:
+        why = f"the file's classifier does not fit {own[head[0]].shape[0]} classes" if head else ""
     return CheckpointReport(os.fspath(path), kind, len(usable), dict(unused),
                             sorted({key.rsplit(".", 1)[0] for key in refitted}), why)
 
