@@ -14,6 +14,7 @@ Shape legend: B batch, H/W input height/width, T a clip's frames (clip models, b
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -236,15 +237,22 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
                     onnx_program.save(path)
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one OpenVINO runtime core. OpenVINO expects one per application, and processes that created
+    a core per model crashed later (Ultralytics' test runner segfaulted after about 20 loads, each with its own)."""
+    import openvino
+
+    return openvino.Core()
+
+
 def load(path: str | os.PathLike, format: str) -> Callable[[Tensor], list[Tensor]]:
     """A function running the exported file at `path` (ONNX files in ONNX Runtime, on the CPU): images in, the
     flat list of outputs out."""
     path = os.fspath(path)
     if format == "openvino":
-        import openvino
-
         # float32 arithmetic for the check: on CPUs with bfloat16 units the plugin would otherwise choose them
-        compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = openvino_core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return lambda images: [torch.from_numpy(compiled(images.numpy())[output]) for output in compiled.outputs]
     if format == "onnx":
         import onnxruntime

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from environment import restore_environment
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
@@ -35,9 +36,7 @@ def _process_left_as_found():
     one thread against a reference on two, which differ in the last bits."""
     environment = dict(os.environ)
     yield
-    if os.environ != environment:
-        os.environ.clear()
-        os.environ.update(environment)
+    restore_environment(environment)
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)
 

@@ -11,7 +11,7 @@ from test_user_mistakes import assert_one_line_error, cli
 
 import biformer.models  # noqa: F401  (registers the models with timm)
 from biformer.checkpoints import save_weights
-from biformer.export import ExportMismatchError, ExportSettings, export
+from biformer.export import ExportMismatchError, ExportSettings, export, openvino_core
 
 pytest.importorskip("onnxruntime", reason="ONNX EXTRA NOT INSTALLED: export not checked")
 
@@ -146,14 +146,14 @@ def test_a_file_that_differs_from_eager_is_not_written(tmp_path, name, settings)
 def test_an_openvino_model_equals_eager_pytorch(checkpoint, tmp_path, capsys, dynamic):
     """Run here in OpenVINO (float32) against the checkpoint's model in eager PyTorch; with --dynamic at another
     batch and sides not divisible by 32."""
-    openvino = pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
+    pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
     from biformer.tasks.registry import restore
 
     rc, out, err = cli(capsys, "export", tmp_path / "nano.xml", "--checkpoint", checkpoint,
                        *(["--dynamic"] if dynamic else []))
     assert rc == 0, err
     assert _files(tmp_path) == ["nano.bin", "nano.xml"]
-    compiled = openvino.Core().compile_model(str(tmp_path / "nano.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(tmp_path / "nano.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     model = restore(checkpoint).model
     torch.manual_seed(1)
     for shape in [(1, 3, 48, 48), *([(3, 3, 45, 70)] if dynamic else [])]:

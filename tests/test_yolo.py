@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from environment import restore_environment
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics checks nothing online
 # importing ultralytics sets OMP_NUM_THREADS=1, KINETO_LOG_LEVEL and more in os.environ: collected with the other
@@ -23,10 +24,10 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.modules import C2f, C3k2, Detect  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
-os.environ.clear()
-os.environ.update(_ENVIRONMENT)
+restore_environment(_ENVIRONMENT)
 
 from biformer.cli import main  # noqa: E402
+from biformer.export import openvino_core  # noqa: E402
 from biformer.integrations import ultralytics as integration  # noqa: E402
 from biformer.integrations.ultralytics import (  # noqa: E402
     BRABlock, C2fBRA, C3k2BRA, IntegrationError, TutorialRoutingAttention, bra_yaml, register, write_bra_yaml,
@@ -254,12 +255,12 @@ def test_onnx_through_ultralytics_matches_pytorch(trained, tmp_path, dynamic):
 def test_openvino_through_ultralytics_matches_pytorch(trained, tmp_path, dynamic):
     """`biformer yolo export format=openvino`: ultralytics converts the PyTorch model itself (not the ONNX file);
     run here in OpenVINO at float32."""
-    openvino = pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
+    pytest.importorskip("openvino", reason="OPENVINO EXTRA NOT INSTALLED: its export not checked")
     _, best = trained
     copy = tmp_path / "best.pt"
     shutil.copy(best, copy)
     folder = Path(YOLO(str(copy)).export(format="openvino", imgsz=96, dynamic=dynamic, half=False))
-    compiled = openvino.Core().compile_model(str(folder / "best.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(folder / "best.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     network = YOLO(str(copy)).model.float().eval()
     inputs = [torch.rand(1, 3, 96, 96)] + ([torch.rand(2, 3, 64, 160)] if dynamic else [])
     for x in inputs:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..analysis.flops import total_multiply_adds
-from ..export import ExportSettings, write
+from ..export import ExportSettings, openvino_core, write
 from ..measure import interleaved_seconds, median_and_range_ms
 from ..progress import progress
 from .export import onnx_session, seeded_model
@@ -70,9 +70,7 @@ def runtime_run(runtime: str, model: torch.nn.Module, images: torch.Tensor, onnx
         session, feed = onnx_session(onnx_file, threads), {"images": images.numpy()}
         return lambda: session.run(None, feed)
     if runtime == "openvino":
-        import openvino
-
-        compiled_model = openvino.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        compiled_model = openvino_core().compile_model(str(onnx_file), "CPU", {"INFERENCE_NUM_THREADS": threads})
         request, array = compiled_model.create_infer_request(), images.numpy()
         return lambda: request.infer([array])
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
