@@ -375,11 +375,12 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="triton not installed, or this run interprets already")
 def test_triton_kernels_in_interpreter(tmp_path):
-    """The `interpreter` tests, in a child pytest under TRITON_INTERPRET=1: all must run and pass."""
+    """The `interpreter` tests (here and the N-D ones of test_ops_nd.py), in a child pytest under
+    TRITON_INTERPRET=1: all must run and pass."""
     report = tmp_path / "interpreter.xml"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpreter", f"--junitxml={report}",
-         __file__],
+         __file__, os.path.join(os.path.dirname(__file__), "test_ops_nd.py")],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

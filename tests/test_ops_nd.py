@@ -4,6 +4,7 @@ routed mask. Then: a one-frame clip equals the 2-D op, and every backend that cl
 reference."""
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -124,8 +125,9 @@ def test_a_clip_of_one_frame_is_the_image_op(padding):
     torch.testing.assert_close(clip[:, 0], image, atol=1e-12, rtol=1e-12)
 
 
+# the CPU's: the Triton kernels run on the CPU only interpreted (test_triton_region_equals_the_oracle)
 N_D_BACKENDS = [name for name in available_backends()
-                if 3 in BACKENDS[name].spatial_axes and name != "reference"]
+                if 3 in BACKENDS[name].spatial_axes and name not in ("reference", "triton_region")]
 
 
 @pytest.mark.parametrize("backend", N_D_BACKENDS)
@@ -153,6 +155,32 @@ def test_each_n_d_backend_equals_the_oracle(backend, padding, shape, n_win, topk
     grad_out = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRETING, reason="runs in a child process: test_ops_backends.py::"
+                                              "test_triton_kernels_in_interpreter")
+@pytest.mark.parametrize("padding", PADDING_MODES)
+@pytest.mark.parametrize("shape, n_win, topk", [((9,), 4, 2), ((37,), 5, 3), ((7, 4, 9), (3, 2, 4), 5),
+                                                 ((4, 5, 5), 2, 8), ((2, 24, 24), (1, 3, 3), 4)])
+def test_triton_region_equals_the_oracle(padding, shape, n_win, topk):
+    """The triton_region kernels (routing included) on 1-D and 3-D maps in float32 against the oracle in float64;
+    the last map's 8x8-token regions take the kernels' tensor-core path."""
+    q, k, v = _inputs(shape, head_dim=16, v_dim=24, seed=3)
+    expected, indices = _oracle(q, k, v, n_win, topk, 0.3, padding)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out, routing = bi_level_routing_attention(q32, k32, v32, n_win, topk, scale=0.3, padding=padding,
+                                              backend="triton_region", return_routing=True)
+    holding_tokens = _token_regions(shape, *_geometry(shape, n_win, padding)).unique()  # the others tie everywhere
+    assert torch.equal(routing.indices[:, holding_tokens].sort(-1).values, indices[:, holding_tokens].sort(-1).values)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q32, k32, v32), grad_out.float())
+    for name, a, b in zip("qkv", got, torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("n_win, message", [

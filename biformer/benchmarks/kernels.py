@@ -86,10 +86,10 @@ def _kernel_launches(backend: str, stage: Stage, dtype: torch.dtype) -> dict[str
         }
     from ..ops.backends import _triton_region_kernels as kernels
 
-    constants, tiling = triton_region._constants(q, q, indices, grid.cols, grid.region_h, grid.region_w, True)
+    geometry = triton_region.VolumeGeometry.of(grid)
+    constants, tiling = triton_region._constants(q, q, indices, geometry, True)
     warps = constants.pop("num_warps")
-    routing = triton_region.routing_constants(grid.rows, grid.cols, grid.region_h, grid.region_w, stage.heads,
-                                              stage.head_dim, stage.topk)
+    routing = triton_region.routing_constants(geometry, stage.heads, stage.head_dim, stage.topk)
     return {
         "forward": (kernels._region_attention_fwd, {**constants, **tiling.routed_key_constants()}, warps),
         "dq": (kernels._region_attention_bwd_dq, {**constants, **tiling.routed_key_constants()}, warps),

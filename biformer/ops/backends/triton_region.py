@@ -5,14 +5,16 @@ TOPK x T routed key tokens, packed back to back; regions of up to 8 tokens (with
 in registers rather than padding 4 query rows to a 16-row tensor-core tile. Against the `triton` backend's tiles, the useful share of
 computed score entries at BiFormer-S's stages (224 px) goes from 1.0 / 0.236 / 0.048 to 1.0 / 1.0 / 1.0
 (`score_tiling`). Routing (region means, affinity, top-k) and the backward's inverse routing take one launch
-each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Opt-in
-(`backend="triton_region"`) until a GPU run has measured it.
+each; the backward has no host syncs and computes delta = dO . O inside the dq kernel. Sequences, images and
+volumes or clips alike: the kernels take three spatial axes, and a map of fewer is a view with unit leading axes
+(`as_volume`). Opt-in (`backend="triton_region"`) until a GPU run has measured it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,7 +23,7 @@ from ..regions import RegionGrid, Routing
 from ..regions import route as regions_route
 from . import triton_attention
 from .inputs import RoutedAttentionInputs
-from .triton_attention import _head_dim_block, _interpreting, _strides, _unit_last
+from .triton_attention import _head_dim_block, _interpreting, _unit_last
 
 MAX_QUERY_TILE = 64  # query rows of a program (larger regions take several programs)
 MAX_KEY_TILE = 64  # routed keys per inner step: BiFormer's 64 routed keys in one step
@@ -71,37 +73,68 @@ def score_tiling(grid: RegionGrid, topk: int, head_dim: int) -> tuple[int, int]:
     return computed, grid.num_regions * tokens * topk * tokens
 
 
+class VolumeGeometry(NamedTuple):
+    """A grid as the kernels see it: three spatial axes (depth, height, width), a sequence as 1 x 1 x L and an
+    image as 1 x H x W."""
+
+    counts: tuple[int, int, int]  # regions per axis
+    sizes: tuple[int, int, int]  # tokens per region per axis
+
+    @classmethod
+    def of(cls, grid: RegionGrid) -> "VolumeGeometry":
+        missing = (1,) * (3 - grid.ndim)
+        return cls(missing + tuple(grid.counts), missing + tuple(grid.sizes))
+
+    def constants(self) -> dict:
+        """The kernels' region constants: the region counts of a depth slab and the region's size."""
+        (_, rows, cols), (depth, height, width) = self.counts, self.sizes
+        return dict(REGIONS_H=rows, REGIONS_W=cols, REGION_D=depth, REGION_H=height, REGION_W=width)
+
+
+def as_volume(x: Tensor) -> Tensor:
+    """(B, *S, M, D) with 1-3 spatial axes -> (B, depth, height, width, M, D), a view with unit leading axes."""
+    while x.dim() < 6:
+        x = x.unsqueeze(1)
+    return x
+
+
+def _volume_strides(x: Tensor) -> tuple[int, ...]:
+    """(batch, depth, row, column, head) strides; the kernels need the head dim contiguous."""
+    return x.stride()[:5]
+
+
 def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float, masked: bool) -> Routing:
     """`biformer.ops.regions.route` in one launch per call (`_route_fused`): region means read in the input's
     dtype and summed in float32, region affinity and top-k in registers; up to MAX_FUSED_REGIONS regions."""
     if grid.num_regions > MAX_FUSED_REGIONS:
         return regions_route(q, k, grid, topk, scale, masked)
+    geometry = VolumeGeometry.of(grid)
     logits, indices = torch.ops.biformer.triton_region_route(
-        q.detach(), k.detach(), grid.rows, grid.cols, grid.region_h, grid.region_w, topk, scale, masked)
+        as_volume(q.detach()), as_volume(k.detach()), list(geometry.counts), list(geometry.sizes), topk, scale, masked)
     return Routing(indices=indices, logits=logits, grid=grid)
 
 
 @torch.library.custom_op("biformer::triton_region_route", mutates_args=())
 def triton_region_route(
-    q: Tensor, k: Tensor, rows: int, cols: int, region_h: int, region_w: int, topk: int, scale: float, masked: bool,
+    q: Tensor, k: Tensor, counts: list[int], sizes: list[int], topk: int, scale: float, masked: bool,
 ) -> tuple[Tensor, Tensor]:
-    """q, k (B, H, W, M, D) -> logits (B, R, R) float32, indices (B, R, topk) int64."""
+    """q, k (B, depth, height, width, M, D) -> logits (B, R, R) float32, indices (B, R, topk) int64."""
     q, k = _unit_last(q), _unit_last(k)
-    batch, height, width, heads, dim = q.shape
-    regions = rows * cols
-    logits, indices = _route_outputs(q, regions, topk)
+    batch, depth, height, width, heads, dim = q.shape
+    geometry = VolumeGeometry(tuple(counts), tuple(sizes))
+    logits, indices = _route_outputs(q, math.prod(counts), topk)
     _kernels()._route_fused[(batch,)](
-        q, k, logits, indices, *_strides(q), *_strides(k), scale, height, width, MASKED=masked,
-        num_warps=ROUTING_WARPS, **routing_constants(rows, cols, region_h, region_w, heads, dim, topk),
+        q, k, logits, indices, *_volume_strides(q), *_volume_strides(k), scale, depth, height, width, MASKED=masked,
+        num_warps=ROUTING_WARPS, **routing_constants(geometry, heads, dim, topk),
     )
     return logits, indices
 
 
-def routing_constants(rows: int, cols: int, region_h: int, region_w: int, heads: int, dim: int, topk: int) -> dict:
+def routing_constants(geometry: VolumeGeometry, heads: int, dim: int, topk: int) -> dict:
     """The routing kernel's constants but MASKED: regions padded to a power of two of at least tl.dot's 16."""
-    regions = rows * cols
-    return dict(R=regions, R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), COLS=cols, REGION_H=region_h,
-                REGION_W=region_w, C=heads * dim, D=dim, BLOCK_C=ROUTING_CHANNELS, TOPK=topk, TOPK_P=_next_pow2(topk))
+    regions = math.prod(geometry.counts)
+    return dict(R=regions, R_P=max(MIN_DOT_ROWS, _next_pow2(regions)), C=heads * dim, D=dim,
+                BLOCK_C=ROUTING_CHANNELS, TOPK=topk, TOPK_P=_next_pow2(topk), **geometry.constants())
 
 
 def inverse_routing_constants(regions: int, topk: int) -> dict:
@@ -115,21 +148,22 @@ def _route_outputs(q: Tensor, regions: int, topk: int) -> tuple[Tensor, Tensor]:
 
 
 @triton_region_route.register_fake
-def _(q, k, rows, cols, region_h, region_w, topk, scale, masked):
-    return _route_outputs(q, rows * cols, topk)
+def _(q, k, counts, sizes, topk, scale, masked):
+    return _route_outputs(q, math.prod(counts), topk)
 
 
 def attend(inputs: RoutedAttentionInputs, indices: Tensor) -> Tensor:
     q, k, v, grid, scale, masked = inputs.q, inputs.k, inputs.v, inputs.grid, inputs.scale, inputs.masked
+    geometry = VolumeGeometry.of(grid)
     out, _ = torch.ops.biformer.triton_region_attention(
-        q, k, v, indices, grid.cols, grid.region_h, grid.region_w, scale, masked
+        as_volume(q), as_volume(k), as_volume(v), indices, list(geometry.counts), list(geometry.sizes), scale, masked
     )
-    return out
+    return out.view(v.shape)
 
 
-# runs where the triton backend runs; opt-in (auto_devices empty) until it has run on a GPU
+# runs where the triton backend runs, on 1-, 2- and 3-D maps; opt-in (auto_devices empty) until it has run on a GPU
 BACKEND = replace(triton_attention.BACKEND, name="triton_region", attend=attend, auto_devices=(), is_fast_for=None,
-                  route=route)
+                  route=route, spatial_axes=(1, 2, 3))
 
 
 def _kernels() -> ModuleType:
@@ -138,14 +172,13 @@ def _kernels() -> ModuleType:
     return _triton_region_kernels
 
 
-def _constants(q: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int,
-               masked: bool) -> tuple[dict, Tiling]:
-    heads, qk_dim, v_dim = q.shape[3], q.shape[-1], v.shape[-1]
-    tiling = Tiling(region_h * region_w, indices.shape[-1], max(qk_dim, v_dim))
+def _constants(q: Tensor, v: Tensor, indices: Tensor, geometry: VolumeGeometry, masked: bool) -> tuple[dict, Tiling]:
+    heads, qk_dim, v_dim = q.shape[-2], q.shape[-1], v.shape[-1]
+    tiling = Tiling(math.prod(geometry.sizes), indices.shape[-1], max(qk_dim, v_dim))
     wide = max(_head_dim_block(qk_dim), _head_dim_block(v_dim)) > triton_attention.MAX_TF32X3_BLOCK
     float32_precision = triton_attention.WIDE_HEAD_FLOAT32_PRECISION if wide else triton_attention.FLOAT32_PRECISION
     return dict(
-        HEADS=heads, R=indices.shape[1], COLS=cols, REGION_H=region_h, REGION_W=region_w, D=qk_dim, DV=v_dim,
+        HEADS=heads, R=indices.shape[1], D=qk_dim, DV=v_dim, **geometry.constants(),
         BLOCK_D=_head_dim_block(qk_dim), BLOCK_DV=_head_dim_block(v_dim), QUERY_TILE=tiling.query_tile,
         QUERY_CHUNKS=tiling.query_chunks, USE_DOT=tiling.use_dot, MASKED=masked,
         PRECISION=float32_precision if q.dtype == torch.float32 else "tf32",
@@ -155,52 +188,61 @@ def _constants(q: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, 
 
 @torch.library.custom_op("biformer::triton_region_attention", mutates_args=())
 def triton_region_attention(
-    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, cols: int, region_h: int, region_w: int, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: list[int], sizes: list[int], scale: float,
     masked: bool,
 ) -> tuple[Tensor, Tensor]:
-    """q, k (B, H, W, M, D), v (B, H, W, M, Dv), indices (B, R, K) -> out (B, H, W, M, Dv), lse (B, M, H, W)."""
+    """q, k (B, depth, height, width, M, D), v (..., M, Dv), indices (B, R, K) -> out shaped like v, lse (B, M,
+    depth, height, width)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    batch, height, width, heads, _ = q.shape
-    constants, tiling = _constants(q, v, indices, cols, region_h, region_w, masked)
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    lse = torch.empty(batch, heads, height, width, dtype=torch.float32, device=q.device)
+    batch, depth, height, width, heads, _ = q.shape
+    constants, tiling = _constants(q, v, indices, VolumeGeometry(tuple(counts), tuple(sizes)), masked)
+    out, lse = _forward_outputs(q, v)
     _kernels()._region_attention_fwd[(indices.shape[1] * tiling.query_chunks, batch * heads)](
-        q, k, v, out, lse, indices.contiguous(), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        scale, height, width, **tiling.routed_key_constants(), **constants,
+        q, k, v, out, lse, indices.contiguous(), *_volume_strides(q), *_volume_strides(k), *_volume_strides(v),
+        *_volume_strides(out), scale, depth, height, width, **tiling.routed_key_constants(), **constants,
     )
     return out, lse
 
 
-triton_region_attention.register_fake(triton_attention.forward_fake)
+def _forward_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    batch, depth, height, width, heads, _ = q.shape
+    return (torch.empty(v.shape, dtype=v.dtype, device=v.device),
+            torch.empty(batch, heads, depth, height, width, dtype=torch.float32, device=q.device))
+
+
+@triton_region_attention.register_fake
+def _(q, k, v, indices, counts, sizes, scale, masked):
+    return _forward_outputs(q, v)
 
 
 @torch.library.custom_op("biformer::triton_region_attention_backward", mutates_args=())
 def triton_region_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
-    routed_by: Tensor, start: Tensor, cols: int, region_h: int, region_w: int, scale: float, masked: bool,
+    routed_by: Tensor, start: Tensor, counts: list[int], sizes: list[int], scale: float, masked: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Two kernels: dq with delta (query-centric), then dk/dv (key-centric over the inverse routing)."""
     q, k, v, grad_out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(grad_out)
-    batch, height, width, heads, _ = q.shape
-    constants, tiling = _constants(q, v, indices, cols, region_h, region_w, masked)
+    batch, depth, height, width, heads, _ = q.shape
+    constants, tiling = _constants(q, v, indices, VolumeGeometry(tuple(counts), tuple(sizes)), masked)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     kernels, grid = _kernels(), (indices.shape[1] * tiling.query_chunks, batch * heads)
     kernels._region_attention_bwd_dq[grid](
         q, k, v, out, grad_out, grad_q, lse, delta, indices.contiguous(),
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(grad_q),
-        scale, height, width, **tiling.routed_key_constants(), **constants,
+        *_volume_strides(q), *_volume_strides(k), *_volume_strides(v), *_volume_strides(out),
+        *_volume_strides(grad_out), *_volume_strides(grad_q),
+        scale, depth, height, width, **tiling.routed_key_constants(), **constants,
     )
     kernels._region_attention_bwd_dkv[grid](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, routed_by, start,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_k), *_strides(grad_v),
-        scale, height, width, **constants,
+        *_volume_strides(q), *_volume_strides(k), *_volume_strides(v), *_volume_strides(grad_out),
+        *_volume_strides(grad_k), *_volume_strides(grad_v), scale, depth, height, width, **constants,
     )
     return grad_q, grad_k, grad_v
 
 
 @triton_region_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, indices, routed_by, start, cols, region_h, region_w, scale, masked):
+def _(grad_out, q, k, v, out, lse, indices, routed_by, start, counts, sizes, scale, masked):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -224,9 +266,17 @@ def _(indices):
     return _inverse_routing_outputs(indices)
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, indices, counts, sizes, scale, masked = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices)
+    ctx.geometry = (counts, sizes, scale, masked)
+    ctx.set_materialize_grads(False)  # the log-sum-exp gets no gradient
+
+
 def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     if grad_out is None:
-        return (None,) * 9
+        return (None,) * 8
     q, k, v, out, lse, indices = ctx.saved_tensors
     if indices.shape[1] > MAX_FUSED_REGIONS:
         routed_by, start = triton_attention.inverse_routing(indices)
@@ -236,4 +286,4 @@ def _backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
     return *grads, None, *(None,) * len(ctx.geometry)  # none for the indices and the geometry
 
 
-triton_region_attention.register_autograd(_backward, setup_context=triton_attention.setup_context)
+triton_region_attention.register_autograd(_backward, setup_context=_setup_context)
