@@ -219,3 +219,34 @@ def test_a_perfect_model_scores_full_dice_and_no_distance(tmp_path):
     diagonal = math.dist((0, 0, 0), (20 * 0.8, 24 * 1.0, 12 * 2.5))
     result = evaluate(restored, str(data))
     assert result["dice"] == 0 and result["hd95_mm"] == pytest.approx(diagonal, rel=1e-3)
+
+
+def test_instance_norm_by_axis_is_the_definition():
+    """The exported graph's instance norm against the formula (float64): per sample and channel, x minus its mean
+    over every voxel, over the square root of the biased variance plus eps."""
+    from biformer.layers.instance_norm import ExportableInstanceNorm, instance_norm_by_axis
+
+    x = 10 + 0.1 * torch.randn(2, 3, 5, 6, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    axes = (2, 3, 4)
+    want = (x - x.mean(axes, keepdim=True)) / torch.sqrt(x.var(axes, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(instance_norm_by_axis(x, 1e-5), want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ExportableInstanceNorm()(x), want, atol=1e-12, rtol=1e-12)  # eager: ATen's kernel
+
+
+@pytest.mark.slow
+def test_a_volume_model_in_onnx_runtime_equals_eager_pytorch(tmp_path):
+    """At a size the model pads (40x48x36 -> 64^3): ONNX Runtime's InstanceNormalization put the whole model 8e-4
+    (1e-4 of its outputs) from eager PyTorch; the decoder's norms now export as means taken axis by axis."""
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the test extra")
+    from biformer.dense.volumes import create_volume_model
+
+    torch.manual_seed(0)
+    model = create_volume_model("unet_biformer3d_nano", num_classes=3).eval()
+    volume = torch.randn(1, 1, 40, 48, 36)
+    with torch.no_grad():
+        expected = model(volume).numpy()
+    torch.onnx.export(model, (volume,), tmp_path / "unet.onnx", dynamo=True, external_data=False)
+    session = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: volume.numpy()})[0]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

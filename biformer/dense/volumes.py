@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..layers.instance_norm import make_instance_norms_exportable
 from .names import split_head_name
 
 VOLUME_HEADS = ("unet",)
@@ -63,6 +64,7 @@ class VolumeSegmenter(nn.Module):
                                   up(in_channels=size * 4, out_channels=size * 2, upsample_kernel_size=2),
                                   up(in_channels=size * 2, out_channels=size, upsample_kernel_size=4)])
         self.head = blocks.UnetOutBlock(spatial_dims=3, in_channels=size, out_channels=num_classes)
+        make_instance_norms_exportable(self)  # the decoder's norms, exported as accurately as they run
         self.num_classes, self.in_channels = num_classes, in_channels
 
     def forward(self, volumes: Tensor) -> Tensor:  # (B, C, D, H, W) -> (B, K, D, H, W)
