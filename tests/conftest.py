@@ -53,8 +53,14 @@ def pytest_unconfigure(config):
     inductor, ultralytics loaded in one process) segfaulted in the interpreter's teardown after every test had
     passed (exit 139), a crash of native libraries' destructors, not of a test."""
     if _EXIT_STATUS:
+        import multiprocessing
         import sys
 
+        # os._exit skips the atexit handlers that would shut down worker pools (inductor's compile workers):
+        # without this their processes outlive the run, holding its output open
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(5)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
