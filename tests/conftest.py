@@ -53,14 +53,29 @@ def pytest_unconfigure(config):
     inductor, ultralytics loaded in one process) segfaulted in the interpreter's teardown after every test had
     passed (exit 139), a crash of native libraries' destructors, not of a test."""
     if _EXIT_STATUS:
-        import multiprocessing
+        import signal
         import sys
 
-        # os._exit skips the atexit handlers that would shut down worker pools (inductor's compile workers):
-        # without this their processes outlive the run, holding its output open
-        for child in multiprocessing.active_children():
-            child.terminate()
-            child.join(5)
+        # os._exit skips the atexit handlers that would shut down worker pools: without this, six forked children
+        # of a CI run's pytest outlived it, asleep, holding its output open
+        for child in _child_processes():
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+def _child_processes() -> list[int]:
+    """The process ids whose parent is this process (from /proc; none where there is no /proc)."""
+    children = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == os.getpid():
+            children.append(int(entry.parent.name))
+    return children
