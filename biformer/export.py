@@ -9,7 +9,12 @@ hold for every size in range). A trace (torch.jit.trace, and the TorchScript-bas
 records sizes as they are computed from the input's: BRA and the segmentation models' padding keep every size
 they derive as a traced value, so a traced file also serves every size (`dynamic` names the ONNX file's axes).
 
-Shape legend: B batch, H/W input height/width, T a clip's frames (clip models, biformer3d_*, take (B, 3, T, H, W)).
+Volume models (`unet_biformer3d_*`, MONAI's) take (B, C, D, H, W) volumes of their C modalities; a dynamic export
+frees batch, depth, height and width as torch.export's unbounded sizes (the models pad each axis to a multiple of
+32 inside, which bounded sizes cannot express).
+
+Shape legend: B batch, H/W input height/width, T a clip's frames (clip models, biformer3d_*, take (B, 3, T, H, W)),
+C a volume's modalities, D its depth.
 """
 from __future__ import annotations
 
@@ -46,9 +51,12 @@ OPSETS = {"legacy": (14, 20), "dynamo": (18, 23)}
 TOLERANCE = 1e-4  # max abs difference from eager PyTorch, float32, relative to outputs of magnitude up to 1
 
 
-def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE, clip: bool = False) -> tuple[dict[int, torch.export.Dim], ...]:
+def dynamic_shapes(min_side: int = MIN_DYNAMIC_SIDE, clip: bool = False, volume: bool = False
+                   ) -> tuple[dict[int, torch.export.Dim], ...]:
     """Batch, height and width (from `min_side` px) of a (B, 3, H, W) input free; of a clip (B, 3, T, H, W), also
-    its frames."""
+    its frames; of a volume (B, C, D, H, W), batch and every spatial axis without bounds."""
+    if volume:
+        return ({axis: torch.export.Dim.DYNAMIC for axis in (0, 2, 3, 4)},)
     frames = {2: torch.export.Dim("frames", min=MIN_DYNAMIC_FRAMES, max=MAX_FRAMES)} if clip else {}
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH), **frames,
              2 + clip: torch.export.Dim("height", min=min_side, max=MAX_SIDE),
@@ -104,6 +112,14 @@ def one_graph_for_every_size() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """What a volume model's input holds besides its height and width: (B, channels, depth, H, W)."""
+
+    channels: int
+    depth: int
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (and checked at other
     sizes); `legacy`: ONNX through the TorchScript-based exporter (what Ultralytics and mmdeploy use);
@@ -133,8 +149,13 @@ class ExportSettings:
                                f"{other[0]}..{other[1]})")
         return reasons
 
-    def accepted_sizes(self, batch: int, height: int, width: int, min_side: int, frames: int | None = None) -> str:
+    def accepted_sizes(self, batch: int, height: int, width: int, min_side: int, frames: int | None = None,
+                       volume: Volume | None = None) -> str:
         """The input sizes the exported file takes, for the summary (frames: a clip model's)."""
+        if volume is not None and self.dynamic:
+            return f"dynamic: batch, depth, height and width free ({volume.channels} modalities)"
+        if volume is not None:
+            return f"{batch}x{volume.channels}x{volume.depth}x{height}x{width} only"
         if not self.dynamic:
             return f"{batch}x3x{f'{frames}x' if frames else ''}{height}x{width} only"
         clip = f", frames {MIN_DYNAMIC_FRAMES}..{MAX_FRAMES}" if frames else ""
@@ -194,9 +215,9 @@ def _onnx_names(model: nn.Module, example: Tensor, dynamic: bool) -> dict[str, A
 
 
 def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: ExportSettings,
-          min_side: int = MIN_DYNAMIC_SIDE) -> None:
+          min_side: int = MIN_DYNAMIC_SIDE, volume: bool = False) -> None:
     """Export `model` (in eval mode) at `example`'s size to `path` (not atomically: see `export`); a dynamic
-    export takes sides from `min_side` px (see `smallest_dynamic_side`)."""
+    export takes sides from `min_side` px (see `smallest_dynamic_side`); volume: `example` is a volume batch."""
     reasons = settings.not_supported_reasons()
     if reasons:
         raise ValueError("; ".join(reasons))
@@ -210,7 +231,7 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
 
             onnx_path = f"{os.path.splitext(path)[0]}.onnx"
             try:
-                write(model, example, onnx_path, replace(settings, format="onnx"), min_side)
+                write(model, example, onnx_path, replace(settings, format="onnx"), min_side, volume)
                 # float32 weights as exported (OpenVINO halves them to float16 by default: outside the 1e-4 check)
                 openvino.save_model(openvino.convert_model(onnx_path), path, compress_to_fp16=False)
             finally:
@@ -222,7 +243,7 @@ def write(model: nn.Module, example: Tensor, path: str | os.PathLike, settings: 
         elif settings.format == "onnx" and settings.legacy:
             torch.onnx.export(model, (example,), path, dynamo=False, opset_version=settings.opset, **names)
         else:
-            shapes = dynamic_shapes(min_side, example.dim() == 5) if settings.dynamic else None
+            shapes = dynamic_shapes(min_side, example.dim() == 5, volume) if settings.dynamic else None
             with one_graph_for_every_size():
                 if settings.format == "exported":
                     program = torch.export.export(model, (example,), dynamic_shapes=shapes,
@@ -339,34 +360,38 @@ class ExportMismatchError(UserError):
 
 
 def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, height: int, width: int,
-           batch: int = 1, seed: int = 0, on_stage: Callable[[str], None] | None = None, frames: int | None = None
-           ) -> tuple[list[Check], str]:
-    """Export `model` at (batch, 3, height, width) (a clip model: (batch, 3, frames, height, width)) to `path`,
-    then load the file and check it against eager
+           batch: int = 1, seed: int = 0, on_stage: Callable[[str], None] | None = None, frames: int | None = None,
+           volume: Volume | None = None) -> tuple[list[Check], str]:
+    """Export `model` at (batch, 3, height, width) (a clip model: (batch, 3, frames, height, width); a volume model:
+    (batch, volume.channels, volume.depth, height, width)) to `path`, then load the file and check it against eager
     PyTorch on `verification_inputs` (random images from `seed`); (the checks, the input sizes the file takes).
     The file appears only once every check passed: ExportMismatchError (listing the checks) otherwise, and no
     file. A dynamic file's smallest side is the model's (`smallest_dynamic_side`): at BiFormer's 32 px the last
     stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes. on_stage is
     told each stage as it starts (an export with free sizes takes minutes on a CPU)."""
     stage = on_stage or (lambda text: None)
-    if settings.dynamic:
+    if settings.dynamic and volume is None:
         stage("finding the smallest input side the model's graph holds")
-    min_side = smallest_dynamic_side(model, frames is not None) if settings.dynamic else MIN_SIDE
+    if volume is not None:  # padded to multiples of 32 inside: from 33 px on, the deepest map holds 2 voxels or more
+        min_side = MIN_DYNAMIC_SIDE
+    else:
+        min_side = smallest_dynamic_side(model, frames is not None) if settings.dynamic else MIN_SIDE
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(*shape[:1], 3, *shape[1:], generator=generator)
-              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames)]
+    depth = volume and volume.depth
+    inputs = [torch.randn(*shape[:1], volume.channels if volume else 3, *shape[1:], generator=generator)
+              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames or depth)]
     onnx_exporter = "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter"
     exporter = {"onnx": onnx_exporter, "openvino": f"{onnx_exporter}, then OpenVINO's converter",
                 "torchscript": "torch.jit.trace", "exported": "torch.export"}[settings.format]
     with _staged_output(path) as partial:
         stage(f"exporting with {exporter} at {tuple(inputs[0].shape)}" + (", sizes free" if settings.dynamic else ""))
-        write(model, inputs[0], partial, settings, min_side)
+        write(model, inputs[0], partial, settings, min_side, volume is not None)
         stage(f"checking the file against eager PyTorch on {len(inputs)} input(s)")
         run = load(partial, settings.format)
         checks = [compare(run, model, images) for images in inputs]
         if not all(check.passed for check in checks):
             raise ExportMismatchError(f"the exported file differs from eager PyTorch, so {os.fspath(path)!r} was not "
                                       f"written: " + "; ".join(map(str, checks)))
-    return checks, settings.accepted_sizes(batch, height, width, min_side, frames)
+    return checks, settings.accepted_sizes(batch, height, width, min_side, frames, volume)
 

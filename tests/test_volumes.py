@@ -70,6 +70,39 @@ def _train(tmp_path, data, *extra):
 def test_volume_models_belong_to_their_task():
     assert registry.task_for_model("unet_biformer3d_tiny").name == "volume-segmentation"
     assert registry.task_for_model("biformer3d_tiny").name == "video"
+    for monai_network in ("swinunetr-24", "swinunetr-48", "monai_unet"):
+        assert registry.task_for_model(monai_network).name == "volume-segmentation"
+    with pytest.raises(Exception, match="is no model of any task"):
+        registry.task_for_model("swinunetr-25")  # SwinUNETR's widths are multiples of its 12 heads
+
+
+def test_monai_networks_train_evaluate_and_export_through_the_same_commands(tmp_path, capsys):
+    """MONAI's UNet takes the commands ours take (one command compares them); its file exports at its crop and is
+    checked against eager PyTorch; --dynamic is refused in one line (it takes multiples of 16 only)."""
+    data = _decathlon(tmp_path / "data")
+    assert main(["train", "--model", "monai_unet", "--data", str(data), "--img-size", "64", "--epochs", "1",
+                 "--batch-size", "2", "--no-tensorboard", "--output", str(tmp_path / "run")]) == 0
+    assert "final validation Dice" in capsys.readouterr().out
+    checkpoint = str(tmp_path / "run" / "best.safetensors")
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+    assert main(["export", str(tmp_path / "unet.onnx"), "--checkpoint", checkpoint]) == 0
+    output = capsys.readouterr().out
+    assert "input (1, 1, 64, 64, 64): max abs error" in output and "1x1x64x64x64 only" in output
+    assert main(["export", str(tmp_path / "free.onnx"), "--checkpoint", checkpoint, "--dynamic"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "without --dynamic" in error and not (tmp_path / "free.onnx").exists()
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("swinunetr-24", ["--img-size", "80"], "takes only crops that are multiples of 32"),
+    ("monai_unet", ["--drop-path", "0.1"], "MONAI's UNet has no stochastic depth"),
+])
+def test_what_a_monai_network_cannot_take_is_refused_in_one_line(tmp_path, capsys, model, extra, message):
+    assert main(["train", "--model", model, "--data", "synthetic-volumes", "--img-size", "64", "--epochs", "1",
+                 "--output", str(tmp_path / "run"), *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error and not (tmp_path / "run").exists()
 
 
 def test_a_decathlon_folder_trains_evaluates_and_predicts_on_the_inputs_grid(tmp_path, capsys):
@@ -234,23 +267,25 @@ def test_instance_norm_by_axis_is_the_definition():
 
 
 @pytest.mark.slow
-def test_a_volume_model_in_onnx_runtime_equals_eager_pytorch(tmp_path):
-    """Exported once with dynamic batch, depth, height and width, run at sizes the model pads (to multiples of 32):
-    ONNX Runtime's InstanceNormalization put the whole model 8e-4 (1e-4 of its outputs) from eager PyTorch; the
-    decoder's norms now export as means taken axis by axis."""
+def test_a_volume_model_in_onnx_runtime_equals_eager_pytorch(tmp_path, capsys):
+    """`biformer export --dynamic` of a trained volume checkpoint: one ONNX file for every batch, depth, height and
+    width, checked by the command at three sizes and here, in ONNX Runtime, at a fourth that the model pads on every
+    axis. ONNX Runtime's InstanceNormalization had put the whole model 8e-4 (1e-4 of its outputs) from eager PyTorch;
+    the decoder's norms now export as means taken axis by axis."""
     ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the test extra")
-    from biformer.dense.volumes import create_volume_model
+    from biformer.tasks.registry import restore
 
-    torch.manual_seed(0)
-    model = create_volume_model("unet_biformer3d_nano", num_classes=3).eval()
-    any_size = {axis: torch.export.Dim.DYNAMIC for axis in (0, 2, 3, 4)}
-    torch.onnx.export(model, (torch.randn(1, 1, 40, 48, 36),), tmp_path / "unet.onnx", dynamo=True,
-                      external_data=False, dynamic_shapes={"volumes": any_size})
+    assert _train(tmp_path, _decathlon(tmp_path / "data")) == 0
+    checkpoint = tmp_path / "run" / "best.safetensors"
+    assert main(["export", str(tmp_path / "unet.onnx"), "--checkpoint", str(checkpoint), "--img-size", "40", "48",
+                 "36", "--dynamic"]) == 0
+    output = capsys.readouterr().out
+    assert output.count(" ok") == 3 and "batch, depth, height and width free (1 modalities)" in output
     session = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
-    for shape in [(1, 1, 40, 48, 36), (2, 1, 35, 64, 70)]:
-        volume = torch.randn(shape)
-        with torch.no_grad():
-            expected = model(volume).numpy()
-        got = session.run(None, {session.get_inputs()[0].name: volume.numpy()})[0]
-        assert got.shape == expected.shape
-        assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), shape
+    model = restore(checkpoint).model.eval()
+    volume = torch.randn(2, 1, 35, 64, 70, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(volume).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: volume.numpy()})[0]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

@@ -27,28 +27,19 @@ COLUMNS = ("model", "side", "mode", "params_m", "loaded_mb", "peak_rss_mb", "vol
 
 
 def check_name(name: str) -> None:
-    """ValueError unless `name` is one of ours, "swinunetr-<feature size>" or "monai_unet" (MONAI's)."""
+    """ValueError unless `name` is a volume model (`biformer.dense.volumes.is_volume_model`)."""
     from ..dense.volumes import VOLUME_MODEL_FORMS, is_volume_model
 
-    swin = name.startswith("swinunetr-") and name.removeprefix("swinunetr-").isdigit()
-    if not (is_volume_model(name) or swin or name == "monai_unet"):
-        raise ValueError(f"unknown volume model {name!r}: {VOLUME_MODEL_FORMS}, swinunetr-<feature size> or monai_unet")
+    if not is_volume_model(name):
+        raise ValueError(f"unknown volume model {name!r}: {VOLUME_MODEL_FORMS}")
 
 
 def build(name: str, classes: int = CLASSES):
     """Model `name` (see `check_name`): ours, or MONAI's SwinUNETR or UNet."""
-    from ..dense.volumes import create_volume_model, is_volume_model, monai_blocks
+    from ..dense.volumes import create_volume_model
 
     check_name(name)
-    if is_volume_model(name):
-        return create_volume_model(name, classes, 1)
-    monai_blocks()  # the extra's message when MONAI is missing
-    from monai.networks import nets
-
-    if name == "monai_unet":
-        return nets.UNet(spatial_dims=3, in_channels=1, out_channels=classes, channels=(16, 32, 64, 128, 256),
-                         strides=(2, 2, 2, 2), num_res_units=2)
-    return nets.SwinUNETR(in_channels=1, out_channels=classes, feature_size=int(name.removeprefix("swinunetr-")))
+    return create_volume_model(name, classes, 1)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..export import ExportSettings
+    from ..tasks.base import Task
 
 DEFAULT_SIDE = 224  # the input side without --img-size or a checkpoint's training size
 
@@ -50,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--legacy", action="store_true", help="ONNX: the TorchScript-based exporter (traces)")
     parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (every format)")
     parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
-                        help="input height and width (one value: square); default: the checkpoint's training "
-                             "size, else 224")
+                        help="input height and width (one value: square; a volume model's: D H W, or one value for "
+                             "a cube); default: the checkpoint's training size (crop), else 224 (volumes: 96)")
     parser.add_argument("--frames", type=positive, default=None,
                         help="a clip model's frames (default: its checkpoint's, else its reference clip's; free with --dynamic)")
     parser.add_argument("--batch", type=positive, default=1, help="the example's batch (the file's, unless --dynamic)")
@@ -69,10 +70,19 @@ def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
-def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int, int | None]:
-    """(the model to export, its default input side, a clip model's default frames (None: it takes images));
+def _volume_size(args: argparse.Namespace, default: int) -> tuple[int, int, int]:
+    sizes = args.img_size or [default]
+    if len(sizes) not in (1, 3):
+        raise UserError(f"--img-size of a volume model takes D H W (or one value for a cube), got {len(sizes)} values")
+    return sizes[0], sizes[len(sizes) // 2], sizes[-1]
+
+
+def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int, int | None, int | None]:
+    """(the model to export, its default input side, a clip model's default frames (None: it takes images or
+    volumes), for a volume model (B, C, D, H, W) what its sides must be multiples of (None: no volume model));
     UserError if its task cannot export with `settings`. A model that resizes its input (a detector) is built for
     --img-size's shorter side."""
+    from ..dense.volumes import is_monai_volume_model, monai_side_multiple
     from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.checkpoint is None and args.model is None:
@@ -84,6 +94,9 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
     reasons = [] if args.backbone else task.export_not_supported_reasons(settings)
     if reasons:
         raise UserError("; ".join(reasons))
+    if task.input_noun == "volume":
+        model, side = _volume_model(args, settings, task, name, metadata if args.checkpoint else None)
+        return model, side, None, monai_side_multiple(name) if is_monai_volume_model(name) else 1
     side = min(_size(args, 0)) if args.img_size else None
     if args.backbone:
         from ..dense import create_backbone
@@ -91,12 +104,30 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
         if task.name != "classification" or not name.startswith("biformer"):
             raise UserError(f"--backbone needs a BiFormer classifier (biformer_tiny, ...), got {task.name} model "
                             f"{name!r}")
-        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE, None
+        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE, None, None
     frames = task.reference_frames(name) if task.input_noun == "clip" else None
     if args.checkpoint is not None:
         restored = task.restore(args.checkpoint, metadata, name, side)
-        return task.deployable(restored.model), restored.img_size, frames and metadata.get("frames", frames)
-    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames
+        return task.deployable(restored.model), restored.img_size, frames and metadata.get("frames", frames), None
+    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames, None
+
+
+def _volume_model(args: argparse.Namespace, settings: ExportSettings, task: Task, name: str,
+                  metadata: dict | None) -> tuple[nn.Module, int]:
+    """`_model` for a volume model (its default side: its checkpoint's crop, else the task's reference)."""
+    from ..dense.volumes import is_monai_volume_model, monai_side_multiple
+
+
+    if args.backbone or args.frames is not None:
+        raise UserError(f"{'--backbone' if args.backbone else '--frames'} is for image and clip models; {name} is a "
+                        "volume model (size it with --img-size D H W)")
+    if settings.dynamic and is_monai_volume_model(name):
+        raise UserError(f"MONAI's {name} takes only sides that are multiples of {monai_side_multiple(name)} (ours "
+                        "pad): export it at a fixed size, without --dynamic")
+    if metadata is not None:
+        restored = task.restore(args.checkpoint, metadata, name)
+        return task.deployable(restored.model), restored.img_size
+    return task.deployable(task.untrained_model(name, task.reference_size(name))), task.reference_size(name)
 
 
 def run_hub_folder(args: argparse.Namespace) -> int:
@@ -121,7 +152,7 @@ def run_hub_folder(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, check_size, export, format_for_path
+    from ..export import MIN_DYNAMIC_SIDE, MIN_SIDE, ExportSettings, Volume, check_size, export, format_for_path
     from ..files import check_writable
 
     if args.format == HUB_FORMAT:
@@ -132,11 +163,20 @@ def run(args: argparse.Namespace) -> int:
     reasons = settings.not_supported_reasons()
     if reasons:
         raise UserError("; ".join(reasons))
-    if args.img_size:
+    if args.img_size and len(args.img_size) <= 2:  # three are a volume's, checked once the model says it takes one
         check_size(*_size(args, 0), MIN_DYNAMIC_SIDE if settings.dynamic else MIN_SIDE)  # before the model is built
     check_writable(args.output, "output")
-    model, default_side, frames = _model(args, settings)
-    height, width = _size(args, default_side)
+    model, default_side, frames, side_multiple = _model(args, settings)
+    volume = None
+    if side_multiple is not None:
+        depth, height, width = _volume_size(args, default_side)
+        check_size(height, width, MIN_DYNAMIC_SIDE)  # a volume padded to 32^3 has one voxel where its norms need two
+        if any(side % side_multiple for side in (depth, height, width)):
+            raise UserError(f"--img-size {depth} {height} {width}: this MONAI network takes sides that are multiples of "
+                            f"{side_multiple} only")
+        volume = Volume(model.in_channels, depth)
+    else:
+        height, width = _size(args, default_side)
     if frames is not None:
         frames = args.frames or frames
         if frames < 2:
@@ -145,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--frames is for clip models (biformer3d_*, swin3d_t, ...); this model takes images")
     start = time.perf_counter()
     checks, sizes = export(model, args.output, settings, height, width, batch=args.batch,
-                           on_stage=lambda text: print(f"{text} ...", flush=True), frames=frames)
+                           on_stage=lambda text: print(f"{text} ...", flush=True), frames=frames, volume=volume)
     for check in checks:
         print(f"  {check}")
     print(f"{args.output}: {settings.format}{' (legacy exporter)' if settings.legacy else ''}, {sizes}, written in "

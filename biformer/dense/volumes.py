@@ -1,6 +1,8 @@
 """Volumetric segmentation models: `unet_<backbone>`, a U-shaped decoder of MONAI's UNETR blocks on a volume
 BiFormer (a `biformer3d_*` built with `isotropic=True`: every axis halved from stride 4 to 32), as UNETR and
-SwinUNETR put theirs on a ViT and a Swin. Needs MONAI (`pip install 'biformer[medical]'`).
+SwinUNETR put theirs on a ViT and a Swin; and MONAI's own networks by name, so that one command trains and compares
+them: `swinunetr-<feature size>` (SwinUNETR; 24 and 48 are its papers' settings) and `monai_unet` (UNet with its
+tutorials' 16..256 channels and residual units). Needs MONAI (`pip install 'biformer[medical]'`).
 
 Shape legend: B volumes, C input channels (modalities), K classes, D/H/W depth, height and width in voxels.
 (B, C, D, H, W) in, (B, K, D, H, W) logits out, for any D/H/W: the volume is zero-padded at the end of each axis
@@ -20,15 +22,29 @@ from ..layers.instance_norm import make_instance_norms_exportable
 from .names import split_head_name
 
 VOLUME_HEADS = ("unet",)
-VOLUME_MODEL_FORMS = "unet_biformer3d_<size>"  # for messages
+VOLUME_MODEL_FORMS = "unet_biformer3d_<size>, MONAI's swinunetr-<feature size> or monai_unet"  # for messages
+MONAI_UNET = "monai_unet"
+SWINUNETR_PREFIX = "swinunetr-"
 VOLUME_STRIDE = 32  # the encoder's deepest stride on every axis
 FEATURE_SIZE = 24  # the decoder's full-resolution width (SwinUNETR's smaller setting), doubling per level
 
 
 def is_volume_model(name: str) -> bool:
+    """Whether `name` is a volume segmentation model: ours or MONAI's (`is_monai_volume_model`)."""
+    return is_biformer_volume_model(name) or is_monai_volume_model(name)
+
+
+def is_biformer_volume_model(name: str) -> bool:
     """Whether `name` is `<head>_biformer3d_<size>` with a head of VOLUME_HEADS."""
     parts = split_head_name(name, VOLUME_HEADS)
     return parts is not None and parts[1].startswith("biformer3d_") and timm.is_model(parts[1])
+
+
+def is_monai_volume_model(name: str) -> bool:
+    """Whether `name` is one of MONAI's networks: `swinunetr-<feature size>` (a multiple of 12) or `monai_unet`."""
+    size = name.removeprefix(SWINUNETR_PREFIX)
+    return name == MONAI_UNET or (name.startswith(SWINUNETR_PREFIX) and size.isdigit() and int(size) % 12 == 0
+                                  and int(size) > 0)
 
 
 def monai_blocks():
@@ -80,16 +96,53 @@ class VolumeSegmenter(nn.Module):
 
 
 def create_volume_model(name: str, num_classes: int, in_channels: int = 1, *, drop_path_rate: float = 0.0,
-                        backbone_checkpoint: str | os.PathLike | None = None) -> VolumeSegmenter:
-    """Model `name` (`unet_biformer3d_<size>`); backbone_checkpoint: a classifier's weights for the encoder (an
+                        backbone_checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """Model `name` (see `is_volume_model`); backbone_checkpoint: a classifier's weights for our encoder (an
     image model's are inflated, RGB input kernels adapted to `in_channels`); the load is reported in
-    `checkpoint_report`."""
+    `checkpoint_report`. Every model has `in_channels` and `num_classes`."""
     if not is_volume_model(name):
-        raise UserError(f"{name!r} is no volume model: write {VOLUME_MODEL_FORMS} (nano, tiny, small, base)")
+        raise UserError(f"{name!r} is no volume model: write {VOLUME_MODEL_FORMS} (sizes nano, tiny, small, base)")
+    if is_monai_volume_model(name):
+        return _create_monai_model(name, num_classes, in_channels, drop_path_rate, backbone_checkpoint)
     model = VolumeSegmenter(split_head_name(name, VOLUME_HEADS)[1], in_channels, num_classes,
                             drop_path_rate=drop_path_rate)
     if backbone_checkpoint is not None:
         from ..checkpoints.loading import load_pretrained_classifier
 
         model.checkpoint_report = load_pretrained_classifier(model.encoder, backbone_checkpoint)
+    return model
+
+
+def monai_side_multiple(name: str) -> int:
+    """What every side of a MONAI network's input must be a multiple of: its downsamplings' product (UNet: four
+    strides of 2; SwinUNETR: a stride-2 patch embedding and four patch mergings). Ours pad any size."""
+    return 16 if name == MONAI_UNET else 32
+
+
+def monai_not_supported_reasons(name: str, drop_path_rate: float, pretrained: bool) -> list[str]:
+    """Why MONAI's network `name` cannot be built with these training options (empty: it can)."""
+    reasons = []
+    if pretrained:
+        reasons.append(f"--pretrained starts the encoder of a unet_biformer3d_* model; MONAI's {name} has none of ours "
+                       "(train it from scratch)")
+    if name == MONAI_UNET and drop_path_rate:
+        reasons.append(f"--drop-path {drop_path_rate}: MONAI's UNet has no stochastic depth (leave it at 0)")
+    return reasons
+
+
+def _create_monai_model(name: str, num_classes: int, in_channels: int, drop_path_rate: float,
+                        backbone_checkpoint: str | os.PathLike | None) -> nn.Module:
+    monai_blocks()  # the extra's message when MONAI is missing
+    from monai.networks import nets
+
+    reasons = monai_not_supported_reasons(name, drop_path_rate, backbone_checkpoint is not None)
+    if reasons:
+        raise UserError("; ".join(reasons))
+    if name == MONAI_UNET:
+        model = nets.UNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                          channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    else:
+        model = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, dropout_path_rate=drop_path_rate,
+                               feature_size=int(name.removeprefix(SWINUNETR_PREFIX)))
+    model.in_channels, model.num_classes = in_channels, num_classes
     return model

@@ -33,7 +33,15 @@ from ..data.volumes import (
     volume_info,
     volume_transforms,
 )
-from ..dense.volumes import VOLUME_HEADS, VOLUME_MODEL_FORMS, create_volume_model, is_volume_model
+from ..dense.volumes import (
+    VOLUME_HEADS,
+    VOLUME_MODEL_FORMS,
+    create_volume_model,
+    is_monai_volume_model,
+    is_volume_model,
+    monai_not_supported_reasons,
+    monai_side_multiple,
+)
 from ..data.images import list_inputs
 from ..errors import UserError
 from ..runtime import DistEnv, all_reduce_sum, autocast
@@ -107,6 +115,14 @@ class VolumeSegmentationTask(Task):
             raise UserError(f"--img-size {config.img_size}: a volume model's training crop needs at least {MIN_CROP} "
                             "voxels per side (its deepest map, at stride 32, must hold more than one voxel for the "
                             "decoder's instance norms)")
+        if is_monai_volume_model(config.model):  # before the data are read
+            reasons = monai_not_supported_reasons(config.model, config.drop_path or 0.0, config.pretrained is not None)
+            if reasons:
+                raise UserError("; ".join(reasons))
+        multiple = monai_side_multiple(config.model) if is_monai_volume_model(config.model) else 1
+        if config.img_size % multiple:
+            raise UserError(f"--img-size {config.img_size}: MONAI's {config.model} takes only crops that are multiples of "
+                            f"{multiple} voxels per side (ours pad); choose e.g. {config.img_size - config.img_size % multiple}")
         if config.spacing is not None and min(config.spacing) <= 0:
             raise UserError(f"--spacing must be positive on every axis (mm), got {' '.join(map(str, config.spacing))}")
         if not 0 <= config.foreground <= 1:
