@@ -9,9 +9,10 @@ hold for every size in range). A trace (torch.jit.trace, and the TorchScript-bas
 records sizes as they are computed from the input's: BRA and the segmentation models' padding keep every size
 they derive as a traced value, so a traced file also serves every size (`dynamic` names the ONNX file's axes).
 
-Volume models (`unet_biformer3d_*`, MONAI's) take (B, C, D, H, W) volumes of their C modalities; a dynamic export
-frees batch, depth, height and width as torch.export's unbounded sizes (the models pad each axis to a multiple of
-32 inside, which bounded sizes cannot express).
+Volume models (`unet_biformer3d_*`, MONAI's) take (B, C, D, H, W) volumes of their C modalities. A dynamic export
+of ours frees batch, depth, height and width, through torch.export as unbounded sizes (the models pad each axis to
+a multiple of 32 inside, which bounded sizes cannot express); MONAI's take multiples of their downsampling only and
+export at a fixed size.
 
 Shape legend: B batch, H/W input height/width, T a clip's frames (clip models, biformer3d_*, take (B, 3, T, H, W)),
 C a volume's modalities, D its depth.
@@ -121,9 +122,9 @@ class Volume:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (and checked at other
-    sizes); `legacy`: ONNX through the TorchScript-based exporter (what Ultralytics and mmdeploy use);
-    `opset`: the ONNX opset (None: the exporter's default)."""
+    """How to export: `format` one of FORMATS; `dynamic`: batch, height and width free (a clip's frames and a
+    volume's depth too; checked at other sizes); `legacy`: ONNX through the TorchScript-based exporter (what
+    Ultralytics and mmdeploy use); `opset`: the ONNX opset (None: the exporter's default)."""
 
     format: str = "onnx"
     dynamic: bool = False
@@ -153,7 +154,8 @@ class ExportSettings:
                        volume: Volume | None = None) -> str:
         """The input sizes the exported file takes, for the summary (frames: a clip model's)."""
         if volume is not None and self.dynamic:
-            return f"dynamic: batch, depth, height and width free ({volume.channels} modalities)"
+            modalities = "1 modality" if volume.channels == 1 else f"{volume.channels} modalities"
+            return f"dynamic: batch, depth, height and width free ({modalities})"
         if volume is not None:
             return f"{batch}x{volume.channels}x{volume.depth}x{height}x{width} only"
         if not self.dynamic:
@@ -290,26 +292,30 @@ def load(path: str | os.PathLike, format: str) -> Callable[[Tensor], list[Tensor
 
 
 def verification_inputs(batch: int, height: int, width: int, dynamic: bool, min_side: int = MIN_DYNAMIC_SIDE,
-                        frames: int | None = None) -> list[tuple[int, ...]]:
-    """(B, H, W), or a clip's (B, T, H, W), of the example an export traces (the first) and of the inputs it is
-    checked on: the example; with `dynamic`, also batch 1 at sides not divisible by 32 (nor BiFormer's maps by the
-    7 regions per side) and another number of frames, and batch 3 of a small input whose third-stage map is
-    smaller than 7x7 (regions of one token, fewer regions than n_win) of the fewest frames. A dynamic export's
-    example has a batch of at least 2: at batch 1 torch.export would fix it (CPU convolutions choose their memory
-    format by whether the batch is 1)."""
-    clip = (lambda count: (count,)) if frames else (lambda count: ())  # noqa: E731
+                        frames: int | None = None, depth: int | None = None) -> list[tuple[int, ...]]:
+    """(B, H, W), a clip's (B, T, H, W) or a volume's (B, D, H, W), of the example an export traces (the first) and
+    of the inputs it is checked on: the example; with `dynamic`, also batch 1 at sides not divisible by 32 (nor
+    BiFormer's maps by the 7 regions per side) and 3 more frames or slices, and batch 3 of a small input whose
+    third-stage map is smaller than 7x7 (regions of one token, fewer regions than n_win) of the fewest frames
+    (MIN_DYNAMIC_FRAMES) or a third of the depth. A dynamic export's example has a batch of at least 2 (and a clip
+    at least the fewest frames): at batch 1 torch.export would fix it (CPU convolutions choose their memory format
+    by whether the batch is 1)."""
+    axis = frames or depth
+    extra = (lambda count: (count,)) if axis else (lambda count: ())  # noqa: E731
     if not dynamic:
-        return [(batch, *clip(frames), height, width)]
-    return [(max(batch, 2), *clip(max(frames or 0, MIN_DYNAMIC_FRAMES)), height, width),
-            (1, *clip(max(frames or 0, MIN_DYNAMIC_FRAMES) + 3), height * 7 // 8 // 8 * 8 + 4, width * 4 // 3 // 8 * 8 + 4),
-            (3, *clip(MIN_DYNAMIC_FRAMES), max(min_side, height * 3 // 7), max(min_side, width * 4 // 7))]
+        return [(batch, *extra(axis), height, width)]
+    first = max(axis or 0, MIN_DYNAMIC_FRAMES) if frames else axis
+    fewest = MIN_DYNAMIC_FRAMES if frames else max(1, (axis or 0) // 3)
+    return [(max(batch, 2), *extra(first), height, width),
+            (1, *extra((first or 0) + 3), height * 7 // 8 // 8 * 8 + 4, width * 4 // 3 // 8 * 8 + 4),
+            (3, *extra(fewest), max(min_side, height * 3 // 7), max(min_side, width * 4 // 7))]
 
 
 @dataclass(frozen=True)
 class Check:
     """An exported file run on one input beside eager PyTorch."""
 
-    input_shape: tuple[int, ...]  # (B, 3, H, W), or (B, 3, T, H, W)
+    input_shape: tuple[int, ...]  # (B, 3, H, W), (B, 3, T, H, W) or (B, C, D, H, W)
     max_error: float  # max abs difference over all outputs
     tolerance: float
 
@@ -367,7 +373,8 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
     PyTorch on `verification_inputs` (random images from `seed`); (the checks, the input sizes the file takes).
     The file appears only once every check passed: ExportMismatchError (listing the checks) otherwise, and no
     file. A dynamic file's smallest side is the model's (`smallest_dynamic_side`): at BiFormer's 32 px the last
-    stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes. on_stage is
+    stage is one pixel, whose convolutions torch.export cannot hold in the graph of the larger sizes (a volume
+    model's height and width start at 33: padded to 32 voxels, its deepest norm would see one). on_stage is
     told each stage as it starts (an export with free sizes takes minutes on a CPU)."""
     stage = on_stage or (lambda text: None)
     if settings.dynamic and volume is None:
@@ -378,9 +385,9 @@ def export(model: nn.Module, path: str | os.PathLike, settings: ExportSettings, 
         min_side = smallest_dynamic_side(model, frames is not None) if settings.dynamic else MIN_SIDE
     check_size(height, width, min_side)
     generator = torch.Generator().manual_seed(seed)
-    depth = volume and volume.depth
     inputs = [torch.randn(*shape[:1], volume.channels if volume else 3, *shape[1:], generator=generator)
-              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames or depth)]
+              for shape in verification_inputs(batch, height, width, settings.dynamic, min_side, frames,
+                                               volume and volume.depth)]
     onnx_exporter = "the legacy ONNX exporter" if settings.legacy else "the dynamo ONNX exporter"
     exporter = {"onnx": onnx_exporter, "openvino": f"{onnx_exporter}, then OpenVINO's converter",
                 "torchscript": "torch.jit.trace", "exported": "torch.export"}[settings.format]

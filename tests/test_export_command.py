@@ -85,6 +85,11 @@ def test_a_detector_through_the_legacy_onnx_exporter(tmp_path, capsys):
     (["--model", "sfpn_biformer_nano", "--backbone"], ["--backbone needs a BiFormer classifier"]),
     (["--model", "retinanet_biformer_nano"], ["detection models export with --format onnx --legacy only"]),
     (["--model", "fcos_biformer_nano", "--format", "onnx", "--legacy", "--dynamic"], ["detection models export at a fixed size"]),
+    (["--model", "unet_biformer3d_nano", "--img-size", "64", "48"], ["--img-size of a volume model takes D H W"]),
+    (["--model", "unet_biformer3d_nano", "--img-size", "16", "64", "20"], ["--img-size 16 64 20", "within 33..4096"]),
+    (["--model", "unet_biformer3d_nano", "--frames", "8"], ["--frames: not for volume models"]),
+    (["--model", "monai_unet", "--img-size", "40"], ["--img-size 40 40 40", "multiples of 16", "choose e.g. 32 32 32"]),
+    (["--model", "monai_unet", "--dynamic", "--format", "onnx"], ["MONAI's monai_unet", "without --dynamic"]),
 ])
 def test_bad_options(tmp_path, capsys, argv, fragments):
     rc, _, err = cli(capsys, "export", tmp_path / ("model.onnx" if "onnx" in argv else "model.pt"), *argv)

@@ -12,6 +12,7 @@ nibabel = pytest.importorskip("nibabel", reason="volumes need the medical extra:
 pytest.importorskip("monai", reason="volumes need the medical extra: pip install 'biformer[medical]'")
 
 from biformer.cli import main  # noqa: E402
+from biformer.errors import UserError  # noqa: E402
 from biformer.tasks import registry  # noqa: E402
 
 SHAPE = (20, 24, 12)
@@ -72,13 +73,28 @@ def test_volume_models_belong_to_their_task():
     assert registry.task_for_model("biformer3d_tiny").name == "video"
     for monai_network in ("swinunetr-24", "swinunetr-48", "monai_unet"):
         assert registry.task_for_model(monai_network).name == "volume-segmentation"
-    with pytest.raises(Exception, match="is no model of any task"):
+    with pytest.raises(UserError, match="is no model of any task"):
         registry.task_for_model("swinunetr-25")  # SwinUNETR's widths are multiples of its 12 heads
+
+
+def test_the_sides_a_monai_network_takes_are_the_ones_monai_runs():
+    """volume_side_multiple against MONAI itself: UNet runs at a multiple of 16 that is no multiple of 32,
+    SwinUNETR refuses one."""
+    from biformer.dense.volumes import create_volume_model, volume_side_multiple
+
+    assert volume_side_multiple("unet_biformer3d_nano") == 1
+    assert volume_side_multiple("monai_unet") == 16 and volume_side_multiple("swinunetr-24") == 32
+    with torch.no_grad():
+        assert create_volume_model("monai_unet", 3).eval()(torch.zeros(1, 1, 48, 32, 16)).shape == (1, 3, 48, 32, 16)
+        with pytest.raises(ValueError):
+            create_volume_model("swinunetr-24", 3).eval()(torch.zeros(1, 1, 48, 32, 32))
 
 
 def test_monai_networks_train_evaluate_and_export_through_the_same_commands(tmp_path, capsys):
     """MONAI's UNet takes the commands ours take (one command compares them); its file exports at its crop and is
-    checked against eager PyTorch; --dynamic is refused in one line (it takes multiples of 16 only)."""
+    checked against eager PyTorch; --dynamic, and a window it cannot take, are refused in one line (it takes
+    multiples of 16 only)."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the test extra")
     data = _decathlon(tmp_path / "data")
     assert main(["train", "--model", "monai_unet", "--data", str(data), "--img-size", "64", "--epochs", "1",
                  "--batch-size", "2", "--no-tensorboard", "--output", str(tmp_path / "run")]) == 0
@@ -86,6 +102,9 @@ def test_monai_networks_train_evaluate_and_export_through_the_same_commands(tmp_
     checkpoint = str(tmp_path / "run" / "best.safetensors")
     assert main(["eval", "--checkpoint", checkpoint, "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 2
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(data), "--img-size", "72"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "multiples of 16" in error and "choose e.g. 64" in error
     assert main(["export", str(tmp_path / "unet.onnx"), "--checkpoint", checkpoint]) == 0
     output = capsys.readouterr().out
     assert "input (1, 1, 64, 64, 64): max abs error" in output and "1x1x64x64x64 only" in output
@@ -94,12 +113,19 @@ def test_monai_networks_train_evaluate_and_export_through_the_same_commands(tmp_
     assert len(error.splitlines()) == 1 and "without --dynamic" in error and not (tmp_path / "free.onnx").exists()
 
 
-@pytest.mark.parametrize("model, extra, message", [
-    ("swinunetr-24", ["--img-size", "80"], "takes only crops that are multiples of 32"),
-    ("monai_unet", ["--drop-path", "0.1"], "MONAI's UNet has no stochastic depth"),
+@pytest.mark.parametrize("model, crop, extra, message", [
+    ("swinunetr-24", "80", [], "takes only sides that are multiples of 32 (ours pad any size); choose e.g. 64"),
+    ("monai_unet", "64", ["--drop-path", "0.1"], "MONAI's UNet has no stochastic depth"),
+    ("monai_unet", "64", ["--pretrained", "PRETRAINED"], "MONAI's monai_unet has none of ours"),
 ])
-def test_what_a_monai_network_cannot_take_is_refused_in_one_line(tmp_path, capsys, model, extra, message):
-    assert main(["train", "--model", model, "--data", "synthetic-volumes", "--img-size", "64", "--epochs", "1",
+def test_what_a_monai_network_cannot_take_is_refused_in_one_line(tmp_path, capsys, model, crop, extra, message):
+    import timm
+    from safetensors.torch import save_file
+
+    if "PRETRAINED" in extra:
+        save_file(timm.create_model("biformer_nano", num_classes=10).state_dict(), tmp_path / "nano.safetensors")
+        extra = [str(tmp_path / "nano.safetensors") if item == "PRETRAINED" else item for item in extra]
+    assert main(["train", "--model", model, "--data", "synthetic-volumes", "--img-size", crop, "--epochs", "1",
                  "--output", str(tmp_path / "run"), *extra]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error and not (tmp_path / "run").exists()
@@ -276,11 +302,12 @@ def test_a_volume_model_in_onnx_runtime_equals_eager_pytorch(tmp_path, capsys):
     from biformer.tasks.registry import restore
 
     assert _train(tmp_path, _decathlon(tmp_path / "data")) == 0
+    capsys.readouterr()  # the training's lines
     checkpoint = tmp_path / "run" / "best.safetensors"
     assert main(["export", str(tmp_path / "unet.onnx"), "--checkpoint", str(checkpoint), "--img-size", "40", "48",
                  "36", "--dynamic"]) == 0
     output = capsys.readouterr().out
-    assert output.count(" ok") == 3 and "batch, depth, height and width free (1 modalities)" in output
+    assert output.count(" ok") == 3 and "batch, depth, height and width free (1 modality)" in output
     session = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
     model = restore(checkpoint).model.eval()
     volume = torch.randn(2, 1, 35, 64, 70, generator=torch.Generator().manual_seed(0))

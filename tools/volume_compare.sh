@@ -11,13 +11,18 @@
 #    SwinUNETR (feature size 24) and UNet;
 # 3. prints each arm's final validation Dice (mean over the foreground classes), median (range) over the seeds, with
 #    parameters and GFLOPs (multiply-adds) of one 96^3 volume.
-# Speed is measured apart, alone: python -m biformer bench volumes unet_biformer3d_tiny swinunetr-24 monai_unet --sides 96
+# Speed is measured apart, alone:
+#   python -m biformer bench volumes unet_biformer3d_tiny swinunetr-24 monai_unet --sides 96
 # Every run resumes where it stopped, so the script can be restarted.
 set -euo pipefail
 runs=${1:?give the folder for the runs}
-[ -d "$runs/slices" ] || python tools/volume_slices.py "$runs/slices"
+if [ ! -d "$runs/slices" ]; then  # written aside, then renamed: an interrupted run leaves no half folder behind
+  rm -rf "$runs/slices.partial"
+  python tools/volume_slices.py "$runs/slices.partial"
+  mv "$runs/slices.partial" "$runs/slices"
+fi
 python -m biformer train --data "$runs/slices" --model biformer_tiny --epochs 10 --img-size 64 --smoothing 0.1 \
-  --no-tensorboard --resume --output "$runs/slices_tiny" | tail -1
+  --no-tensorboard --resume --output "$runs/slices_tiny" | grep "^final"
 shared="--data synthetic-volumes --img-size 64 --epochs 10 --batch-size 2 --lr 1e-3 --clip-grad 1.0 --no-tensorboard"
 for seed in 0 1 2; do
   for arm in unet_biformer3d_tiny unet_biformer3d_tiny_inflated swinunetr-24 monai_unet; do

@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export a model to ONNX, TorchScript or torch.export",
         formatter_class=HelpFormatter,
         description="Export a model (from a checkpoint, or a bare --model with random weights) for deployment. The "
-                    "file takes normalised images (B, 3, H, W), as the model in PyTorch does. Before it appears, it "
+                    "file takes normalised images (B, 3, H, W), as the model in PyTorch does (clip models (B, 3, T, H, "
+                    "W), volume models (B, C, D, H, W); MONAI's volume networks at a fixed size only). Before it "
+                    "appears, it "
                     "is loaded back and run beside eager PyTorch on the export size and, with --dynamic, on another "
                     "batch at sides not divisible by 32 and on a small input (maps smaller than the 7x7 regions); "
                     "a difference beyond 1e-4 (max abs, scaled by outputs above 1) is an error and leaves no file. "
@@ -49,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="--format timm: the licence the model card states (default: mit, the project's; the "
                              "weights' own licence is yours to state)")
     parser.add_argument("--legacy", action="store_true", help="ONNX: the TorchScript-based exporter (traces)")
-    parser.add_argument("--dynamic", action="store_true", help="batch, height and width free (every format)")
-    parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar=("H", "W"),
+    parser.add_argument("--dynamic", action="store_true",
+                        help="batch, height and width free (a clip's frames and a volume's depth too; every format)")
+    parser.add_argument("--img-size", type=positive, nargs="+", default=None, metavar="SIDE",
                         help="input height and width (one value: square; a volume model's: D H W, or one value for "
                              "a cube); default: the checkpoint's training size (crop), else 224 (volumes: 96)")
     parser.add_argument("--frames", type=positive, default=None,
@@ -70,33 +73,48 @@ def _size(args: argparse.Namespace, default: int) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
-def _volume_size(args: argparse.Namespace, default: int) -> tuple[int, int, int]:
-    sizes = args.img_size or [default]
-    if len(sizes) not in (1, 3):
-        raise UserError(f"--img-size of a volume model takes D H W (or one value for a cube), got {len(sizes)} values")
-    return sizes[0], sizes[len(sizes) // 2], sizes[-1]
-
-
-def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Module, int, int | None, int | None]:
-    """(the model to export, its default input side, a clip model's default frames (None: it takes images or
-    volumes), for a volume model (B, C, D, H, W) what its sides must be multiples of (None: no volume model));
-    UserError if its task cannot export with `settings`. A model that resizes its input (a detector) is built for
-    --img-size's shorter side."""
-    from ..dense.volumes import is_monai_volume_model, monai_side_multiple
+def _resolve(args: argparse.Namespace) -> tuple[Task, str, dict | None]:
+    """(task, model name, the checkpoint's metadata or None) of the model to export."""
     from ..tasks.registry import task_for_checkpoint, task_for_model
 
     if args.checkpoint is None and args.model is None:
         raise UserError("pass --checkpoint FILE (and --model for a release file) or --model NAME")
     if args.checkpoint is not None:
-        task, metadata, name = task_for_checkpoint(args.checkpoint, args.model)
-    else:
-        task, name = task_for_model(args.model), args.model
+        return task_for_checkpoint(args.checkpoint, args.model)
+    return task_for_model(args.model), args.model, None
+
+
+def _volume_sides(args: argparse.Namespace, task: Task, name: str, metadata: dict | None) -> tuple[int, int, int]:
+    """(D, H, W) of a volume model's export: --img-size's D H W or cube side, else its checkpoint's crop, else the
+    task's reference; UserError before the model is built for sizes it cannot take."""
+    from ..dense.volumes import check_volume_sides
+    from ..export import MAX_SIDE, MIN_DYNAMIC_SIDE
+
+    sizes = args.img_size or [metadata["img_size"] if metadata else task.reference_size(name)]
+    if len(sizes) not in (1, 3):
+        raise UserError(f"--img-size of a volume model takes D H W (or one value for a cube), got {len(sizes)} values")
+    sides = (sizes[0], sizes[len(sizes) // 2], sizes[-1])
+    # a volume padded to 32 voxels per side leaves the decoder's deepest norm one voxel, where it needs two
+    if min(sides[1:]) < MIN_DYNAMIC_SIDE or max(sides) > MAX_SIDE:
+        raise UserError(f"--img-size {' '.join(map(str, sides))}: a volume's height and width must be within "
+                        f"{MIN_DYNAMIC_SIDE}..{MAX_SIDE} voxels and its depth at most {MAX_SIDE}; choose a size in "
+                        "range")
+    check_volume_sides(name, sides, "--img-size")
+    return sides
+
+
+def _model(args: argparse.Namespace, settings: ExportSettings, task: Task, name: str, metadata: dict | None
+           ) -> tuple[nn.Module, int, int | None]:
+    """(the model to export, its default input side, a clip model's default frames (None: it takes images or
+    volumes)); UserError if its task cannot export with `settings`. A model that resizes its input (a detector) is
+    built for --img-size's shorter side."""
     reasons = [] if args.backbone else task.export_not_supported_reasons(settings)
     if reasons:
         raise UserError("; ".join(reasons))
     if task.input_noun == "volume":
-        model, side = _volume_model(args, settings, task, name, metadata if args.checkpoint else None)
-        return model, side, None, monai_side_multiple(name) if is_monai_volume_model(name) else 1
+        model = (task.restore(args.checkpoint, metadata, name).model if metadata is not None
+                 else task.untrained_model(name, task.reference_size(name)))
+        return task.deployable(model), task.reference_size(name), None
     side = min(_size(args, 0)) if args.img_size else None
     if args.backbone:
         from ..dense import create_backbone
@@ -104,30 +122,25 @@ def _model(args: argparse.Namespace, settings: ExportSettings) -> tuple[nn.Modul
         if task.name != "classification" or not name.startswith("biformer"):
             raise UserError(f"--backbone needs a BiFormer classifier (biformer_tiny, ...), got {task.name} model "
                             f"{name!r}")
-        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE, None, None
+        return create_backbone(name, checkpoint=args.checkpoint).eval(), DEFAULT_SIDE, None
     frames = task.reference_frames(name) if task.input_noun == "clip" else None
-    if args.checkpoint is not None:
-        restored = task.restore(args.checkpoint, metadata, name, side)
-        return task.deployable(restored.model), restored.img_size, frames and metadata.get("frames", frames), None
-    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames, None
-
-
-def _volume_model(args: argparse.Namespace, settings: ExportSettings, task: Task, name: str,
-                  metadata: dict | None) -> tuple[nn.Module, int]:
-    """`_model` for a volume model (its default side: its checkpoint's crop, else the task's reference)."""
-    from ..dense.volumes import is_monai_volume_model, monai_side_multiple
-
-
-    if args.backbone or args.frames is not None:
-        raise UserError(f"{'--backbone' if args.backbone else '--frames'} is for image and clip models; {name} is a "
-                        "volume model (size it with --img-size D H W)")
-    if settings.dynamic and is_monai_volume_model(name):
-        raise UserError(f"MONAI's {name} takes only sides that are multiples of {monai_side_multiple(name)} (ours "
-                        "pad): export it at a fixed size, without --dynamic")
     if metadata is not None:
-        restored = task.restore(args.checkpoint, metadata, name)
-        return task.deployable(restored.model), restored.img_size
-    return task.deployable(task.untrained_model(name, task.reference_size(name))), task.reference_size(name)
+        restored = task.restore(args.checkpoint, metadata, name, side)
+        return task.deployable(restored.model), restored.img_size, frames and metadata.get("frames", frames)
+    return task.deployable(task.untrained_model(name, side or DEFAULT_SIDE)), DEFAULT_SIDE, frames
+
+
+def _check_volume_options(args: argparse.Namespace, settings: ExportSettings, name: str) -> None:
+    """UserError for what a volume model's export cannot take."""
+    from ..dense.volumes import is_monai_volume_model, volume_side_multiple
+
+    given = [flag for flag, value in (("--backbone", args.backbone), ("--frames", args.frames is not None)) if value]
+    if given:
+        raise UserError(f"{' and '.join(given)}: not for volume models ({name}); leave "
+                        f"{'it' if len(given) == 1 else 'them'} out (--img-size D H W sizes a volume)")
+    if settings.dynamic and is_monai_volume_model(name):
+        raise UserError(f"MONAI's {name} takes only sides that are multiples of {volume_side_multiple(name)} (ours "
+                        "pad): export it at a fixed size, without --dynamic")
 
 
 def run_hub_folder(args: argparse.Namespace) -> int:
@@ -163,20 +176,20 @@ def run(args: argparse.Namespace) -> int:
     reasons = settings.not_supported_reasons()
     if reasons:
         raise UserError("; ".join(reasons))
-    if args.img_size and len(args.img_size) <= 2:  # three are a volume's, checked once the model says it takes one
+    task, name, metadata = _resolve(args)
+    volume_sides = None
+    if task.input_noun == "volume":
+        _check_volume_options(args, settings, name)
+        volume_sides = _volume_sides(args, task, name, metadata)  # before the model is built
+    elif args.img_size:
         check_size(*_size(args, 0), MIN_DYNAMIC_SIDE if settings.dynamic else MIN_SIDE)  # before the model is built
     check_writable(args.output, "output")
-    model, default_side, frames, side_multiple = _model(args, settings)
-    volume = None
-    if side_multiple is not None:
-        depth, height, width = _volume_size(args, default_side)
-        check_size(height, width, MIN_DYNAMIC_SIDE)  # a volume padded to 32^3 has one voxel where its norms need two
-        if any(side % side_multiple for side in (depth, height, width)):
-            raise UserError(f"--img-size {depth} {height} {width}: this MONAI network takes sides that are multiples of "
-                            f"{side_multiple} only")
+    model, default_side, frames = _model(args, settings, task, name, metadata)
+    if volume_sides is not None:
+        depth, height, width = volume_sides
         volume = Volume(model.in_channels, depth)
     else:
-        height, width = _size(args, default_side)
+        (height, width), volume = _size(args, default_side), None
     if frames is not None:
         frames = args.frames or frames
         if frames < 2:

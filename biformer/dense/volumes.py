@@ -5,13 +5,15 @@ them: `swinunetr-<feature size>` (SwinUNETR; 24 and 48 are its papers' settings)
 tutorials' 16..256 channels and residual units). Needs MONAI (`pip install 'biformer[medical]'`).
 
 Shape legend: B volumes, C input channels (modalities), K classes, D/H/W depth, height and width in voxels.
-(B, C, D, H, W) in, (B, K, D, H, W) logits out, for any D/H/W: the volume is zero-padded at the end of each axis
-to a multiple of 32 and the logits cropped back, as the 2-D models do.
+(B, C, D, H, W) in, (B, K, D, H, W) logits out; ours take any D/H/W (the volume is zero-padded at the end of each
+axis to a multiple of 32 and the logits cropped back, as the 2-D models do), MONAI's multiples of their
+downsampling (`volume_side_multiple`).
 """
 from __future__ import annotations
 
 import os
 from functools import partial
+from typing import Sequence
 
 import timm
 import torch.nn.functional as F
@@ -22,7 +24,8 @@ from ..layers.instance_norm import make_instance_norms_exportable
 from .names import split_head_name
 
 VOLUME_HEADS = ("unet",)
-VOLUME_MODEL_FORMS = "unet_biformer3d_<size>, MONAI's swinunetr-<feature size> or monai_unet"  # for messages
+VOLUME_MODEL_FORMS = ("unet_biformer3d_<nano|tiny|small|base>, MONAI's swinunetr-<feature size, a multiple of 12> "
+                      "or monai_unet")  # for messages
 MONAI_UNET = "monai_unet"
 SWINUNETR_PREFIX = "swinunetr-"
 VOLUME_STRIDE = 32  # the encoder's deepest stride on every axis
@@ -101,7 +104,7 @@ def create_volume_model(name: str, num_classes: int, in_channels: int = 1, *, dr
     image model's are inflated, RGB input kernels adapted to `in_channels`); the load is reported in
     `checkpoint_report`. Every model has `in_channels` and `num_classes`."""
     if not is_volume_model(name):
-        raise UserError(f"{name!r} is no volume model: write {VOLUME_MODEL_FORMS} (sizes nano, tiny, small, base)")
+        raise UserError(f"{name!r} is no volume model: write {VOLUME_MODEL_FORMS}")
     if is_monai_volume_model(name):
         return _create_monai_model(name, num_classes, in_channels, drop_path_rate, backbone_checkpoint)
     model = VolumeSegmenter(split_head_name(name, VOLUME_HEADS)[1], in_channels, num_classes,
@@ -113,10 +116,22 @@ def create_volume_model(name: str, num_classes: int, in_channels: int = 1, *, dr
     return model
 
 
-def monai_side_multiple(name: str) -> int:
-    """What every side of a MONAI network's input must be a multiple of: its downsamplings' product (UNet: four
-    strides of 2; SwinUNETR: a stride-2 patch embedding and four patch mergings). Ours pad any size."""
+def volume_side_multiple(name: str) -> int:
+    """What every side of volume model `name`'s input must be a multiple of: 1 for ours (they pad), the product of
+    the downsamplings for MONAI's (UNet: four strides of 2; SwinUNETR: a stride-2 patch embedding and four patch
+    mergings)."""
+    if not is_monai_volume_model(name):
+        return 1
     return 16 if name == MONAI_UNET else 32
+
+
+def check_volume_sides(name: str, sides: Sequence[int], option: str) -> None:
+    """UserError naming `option` unless volume model `name` takes inputs (or sliding windows) of these sides."""
+    multiple = volume_side_multiple(name)
+    if any(side % multiple for side in sides):
+        fitting = " ".join(str(max(multiple, side - side % multiple)) for side in sides)
+        raise UserError(f"{option} {' '.join(map(str, sides))}: MONAI's {name} takes only sides that are multiples of "
+                        f"{multiple} (ours pad any size); choose e.g. {fitting}")
 
 
 def monai_not_supported_reasons(name: str, drop_path_rate: float, pretrained: bool) -> list[str]:

@@ -1,6 +1,7 @@
-"""Volumetric segmentation: `unet_biformer3d_<size>` on the synthetic volumes or a Decathlon folder (MONAI's
-transforms, sliding-window inference, Dice and 95th-percentile Hausdorff distance per class); `predict` writes
-NIfTI label volumes on the input's own grid (its affine and shape) and a PNG of orthogonal slices.
+"""Volumetric segmentation: `unet_biformer3d_<size>` and MONAI's networks by name (`biformer.dense.volumes`) on the
+synthetic volumes or a Decathlon folder (MONAI's transforms, sliding-window inference, Dice and 95th-percentile
+Hausdorff distance per class); `predict` writes NIfTI label volumes on the input's own grid (its affine and shape)
+and a PNG of orthogonal slices.
 
 Shape legend: B volumes, C modalities, K classes, D/H/W voxels (RAS order after MONAI's reorientation).
 """
@@ -36,11 +37,11 @@ from ..data.volumes import (
 from ..dense.volumes import (
     VOLUME_HEADS,
     VOLUME_MODEL_FORMS,
+    check_volume_sides,
     create_volume_model,
     is_monai_volume_model,
     is_volume_model,
     monai_not_supported_reasons,
-    monai_side_multiple,
 )
 from ..data.images import list_inputs
 from ..errors import UserError
@@ -113,16 +114,13 @@ class VolumeSegmentationTask(Task):
         super().check_config(config)
         if config.img_size < MIN_CROP:
             raise UserError(f"--img-size {config.img_size}: a volume model's training crop needs at least {MIN_CROP} "
-                            "voxels per side (its deepest map, at stride 32, must hold more than one voxel for the "
-                            "decoder's instance norms)")
+                            "voxels per side (our models' deepest map, at stride 32, must hold more than one voxel for "
+                            "the decoder's instance norms)")
         if is_monai_volume_model(config.model):  # before the data are read
             reasons = monai_not_supported_reasons(config.model, config.drop_path or 0.0, config.pretrained is not None)
             if reasons:
                 raise UserError("; ".join(reasons))
-        multiple = monai_side_multiple(config.model) if is_monai_volume_model(config.model) else 1
-        if config.img_size % multiple:
-            raise UserError(f"--img-size {config.img_size}: MONAI's {config.model} takes only crops that are multiples of "
-                            f"{multiple} voxels per side (ours pad); choose e.g. {config.img_size - config.img_size % multiple}")
+        check_volume_sides(config.model, (config.img_size,), "--img-size")
         if config.spacing is not None and min(config.spacing) <= 0:
             raise UserError(f"--spacing must be positive on every axis (mm), got {' '.join(map(str, config.spacing))}")
         if not 0 <= config.foreground <= 1:
@@ -206,6 +204,12 @@ class VolumeSegmentationTask(Task):
     def input_size(self, model: nn.Module, model_name: str, size: tuple[int, int], frames: int | None
                    ) -> tuple[int, tuple[int, ...]]:
         return model.in_channels, (size[0], *size)
+
+    def restore(self, checkpoint: str | os.PathLike, metadata: dict[str, Any], model_name: str,
+                img_size: int | None = None) -> Restored:
+        if img_size is not None:  # eval's and predict's --img-size: the sliding window's side
+            check_volume_sides(model_name, (img_size,), "--img-size")
+        return super().restore(checkpoint, metadata, model_name, img_size)
 
     def restored_model(self, model_name: str, metadata: dict[str, Any], img_size: int) -> nn.Module:
         return create_volume_model(model_name, len(metadata["classes"]), metadata.get("in_channels", 1))
