@@ -80,7 +80,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Task, str, dict | None]:
     if args.checkpoint is None and args.model is None:
         raise UserError("pass --checkpoint FILE (and --model for a release file) or --model NAME")
     if args.checkpoint is not None:
-        return task_for_checkpoint(args.checkpoint, args.model)
+        task, metadata, name = task_for_checkpoint(args.checkpoint, args.model)
+        return task, name, metadata
     return task_for_model(args.model), args.model, None
 
 
