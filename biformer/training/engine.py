@@ -294,7 +294,7 @@ def train(config: TrainConfig | ResolvedRun, callbacks: Callbacks | None = None,
             progress.add(run_round(run, progress.step, end), end)
             if env.main:
                 commit(run, progress)
-                _log_row(progress.history[-1], run.plan, writer)
+                _log_row(progress.history[-1], run.plan, writer, run.task.input_noun)
         if writer is not None:
             writer.close()
         run.callbacks.on_train_end(run.model, env)
@@ -538,7 +538,7 @@ def train_steps(run: Run, start: int, end: int) -> tuple[list[float], dict[str, 
         speed = f"{sums[3] * env.world / (time.perf_counter() - clock):.0f}"
         bar.set_postfix(loss=f"{sums[0] / max(sums[3], 1):.3f}", **accuracy, img_s=speed)
         heartbeat(lambda: f"{label}: step {step + 1}/{plan.total_steps}, loss {sums[0] / max(sums[3], 1):.4f}, "
-                          f"{speed} img/s")
+                          f"{speed} {task.input_noun}s/s")
     names = sorted(part_sums)
     totals = all_reduce_sum(sums + [part_sums[name] for name in names], env)
     return totals[:4], dict(zip(names, totals[4:]))
@@ -586,7 +586,7 @@ def report(run: Run, progress: Progress, wall_time_s: float) -> None:
         print(f"{skipped} unreadable image(s) were skipped", file=sys.stderr)
 
 
-def _log_row(row: dict[str, Any], plan: Plan, writer) -> None:
+def _log_row(row: dict[str, Any], plan: Plan, writer, noun: str) -> None:
     scalars = {key: value for key, value in row.items() if isinstance(value, (int, float))}
     if writer is not None:
         for key, value in scalars.items():
@@ -599,7 +599,7 @@ def _log_row(row: dict[str, Any], plan: Plan, writer) -> None:
             + (f"val_loss {row['val_loss']:.4f}  " if "val_loss" in row else "")
             + "  ".join([f"{key} {row[key]:.2f}%" for key in percents] + [f"{key} {row[key]:.2f}" for key in lengths]))
     rate = row["train_images_per_s"]
-    tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {rate:.{0 if rate >= 10 else 2}f} img/s)", file=sys.stdout)
+    tqdm.write(text + f"  ({row['round_time_s']:.1f} s, {rate:.{0 if rate >= 10 else 2}f} {noun}s/s)", file=sys.stdout)
 
 
 def _tensorboard(output: Path):
