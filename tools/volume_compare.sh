@@ -24,8 +24,8 @@ fi
 python -m biformer train --data "$runs/slices" --model biformer_tiny --epochs 10 --img-size 64 --smoothing 0.1 \
   --no-tensorboard --resume --output "$runs/slices_tiny" | grep "^final"
 shared="--data synthetic-volumes --img-size 64 --epochs 10 --batch-size 2 --lr 1e-3 --clip-grad 1.0 --no-tensorboard"
-for seed in 0 1 2; do
-  for arm in unet_biformer3d_tiny unet_biformer3d_tiny_inflated swinunetr-24 monai_unet; do
+for arm in monai_unet unet_biformer3d_tiny unet_biformer3d_tiny_inflated swinunetr-24; do  # the cheapest first
+  for seed in 0 1 2; do
     extra=(--model "${arm%_inflated}")
     [ "$arm" = unet_biformer3d_tiny_inflated ] && extra+=(--pretrained "$runs/slices_tiny/best.safetensors")
     python -m biformer train $shared --seed "$seed" "${extra[@]}" --resume --output "$runs/${arm}_seed$seed" \
