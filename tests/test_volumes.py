@@ -316,3 +316,30 @@ def test_a_volume_model_in_onnx_runtime_equals_eager_pytorch(tmp_path, capsys):
     got = session.run(None, {session.get_inputs()[0].name: volume.numpy()})[0]
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_volume_slices_come_from_training_volumes_only(tmp_path):
+    """tools/volume_slices.py (the inflated arm's 2-D data): every slice is of a training case, never of a case the
+    3-D models validate on, in the class folders `biformer train --data` reads, classed by the labels it cuts."""
+    import subprocess
+    import sys
+
+    from biformer.data.volumes import read_decathlon, synthetic_volumes_folder
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "tools" / "volume_slices.py"), str(tmp_path / "slices"),
+                             "--every", "8"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    dataset = read_decathlon(str(synthetic_volumes_folder()))
+    validating = {case.image.name.removesuffix(".nii.gz") for case in dataset.validation}
+    written = list((tmp_path / "slices").glob("*/*/*.png"))
+    assert {path.parts[-3] for path in written} == {"train", "val"}
+    assert {path.parts[-2] for path in written} <= {"empty", "ball", "box", "ball_and_box"}
+    assert not {path.name.rsplit("_", 1)[0] for path in written} & validating
+    # every 8th slice of 64 + 64 + 48 per case: 8 + 8 + 6
+    assert len(written) == 22 * len(dataset.training)
+    some = next(path for path in written if path.parts[-2] == "ball")
+    stem, place = some.name.removesuffix(".png").rsplit("_", 1)
+    labels = np.asarray(nibabel.load(next(c.label for c in dataset.training if c.image.name.startswith(stem))).dataobj)
+    cut = np.take(labels, int(place[1:]), axis="xyz".index(place[0]))
+    assert (cut == 1).sum() >= 20 and (cut == 2).sum() < 20
